@@ -1,0 +1,232 @@
+"""Whole-archive operations built on the reader: info, verify, unpack.
+
+They live apart from the CLI so tests and scripts can call them and get results,
+not printed text.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+import posixpath
+import stat as st
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from tqdm import tqdm
+
+from .errors import CorruptValue, DestinationExists, LmdbfsError, UnsafePath
+from .format import KIND_NAMES
+from .reader import Archive
+from .store import locate
+
+log = logging.getLogger(__name__)
+
+
+def info(archive: Archive) -> dict[str, Any]:
+    """Format, counts and sizes: what `lmdbfs info` shows."""
+    meta = archive.meta
+    env = archive._h().env  # noqa: SLF001 - same package
+    stat = env.stat()
+    size = os.path.getsize(locate(archive.path).data_file)
+    return {
+        "path": archive.path,
+        "format": f"{meta.format} v{meta.format_version}",
+        "complete": meta.complete,
+        "files": meta.files,
+        "dirs": meta.dirs,
+        "symlinks": meta.symlinks,
+        "content_bytes": meta.bytes,
+        "db_bytes": size,
+        "overhead": f"{(size / meta.bytes - 1) * 100:.1f}%" if meta.bytes else "n/a",
+        "key_scheme": meta.key_scheme,
+        "key_prefix": meta.key_prefix,
+        "key_sep": meta.key_sep,
+        "checksum": meta.checksum,
+        "source": meta.source,
+        "created": meta.created,
+        "tool_version": meta.tool_version,
+        "page_size": stat["psize"],
+        "btree_depth": stat["depth"],
+        "excludes": meta.extra.get("excludes", []),
+    }
+
+
+def iter_files(archive: Archive, top: str = "") -> Iterator[str]:
+    for dirpath, _dirs, files in archive.walk(top):
+        for name in files:
+            yield posixpath.join(dirpath, name)
+
+
+@dataclass
+class VerifyReport:
+    checked: int = 0
+    bytes: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify(archive: Archive, against: str | None = None, progress: bool = False) -> VerifyReport:
+    """Checksum every stored value; with ``against``, also compare with a source tree."""
+    report = VerifyReport()
+    bar = tqdm(total=archive.meta.files, unit="file", desc="verify", disable=not progress)
+    for rel in iter_files(archive):
+        entry = archive.lstat(rel)
+        if not entry.is_file:
+            continue
+        try:
+            ok = archive.check(rel)
+        except CorruptValue as exc:
+            report.problems.append(exc.message)
+            ok = True
+        if not ok:
+            report.problems.append(f"{rel}: checksum mismatch")
+        report.checked += 1
+        report.bytes += entry.size
+        bar.update(1)
+    bar.close()
+    if against is not None:
+        _compare_tree(archive, against, report)
+    return report
+
+
+def _compare_tree(archive: Archive, src: str, report: VerifyReport) -> None:
+    """Same names, kinds, sizes, modes, mtimes, link targets and bytes as ``src``."""
+    excludes = archive.meta.extra.get("excludes", [])
+    root = os.path.abspath(src)
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel_dir = os.path.relpath(dirpath, root).replace(os.sep, "/")
+        rel_dir = "" if rel_dir == "." else rel_dir
+        for name in list(dirnames) + filenames:
+            rel = posixpath.join(rel_dir, name)
+            if _excluded(name, rel, excludes):
+                if name in dirnames:
+                    dirnames.remove(name)
+                continue
+            seen.add(rel)
+            _compare_entry(archive, os.path.join(dirpath, name), rel, report)
+    for rel in _all_paths(archive):
+        if rel not in seen:
+            report.problems.append(f"{rel}: in the DB but not in {src}")
+
+
+def _excluded(name: str, rel: str, patterns: list[str]) -> bool:
+    return any(fnmatch.fnmatchcase(rel if "/" in p.strip("/") else name, p.strip("/")) for p in patterns)
+
+
+def _all_paths(archive: Archive) -> Iterator[str]:
+    for dirpath, dirs, files in archive.walk():
+        for name in dirs + files:
+            yield posixpath.join(dirpath, name)
+
+
+def _compare_entry(archive: Archive, path: str, rel: str, report: VerifyReport) -> None:
+    try:
+        info = os.lstat(path)
+    except OSError as exc:
+        report.problems.append(f"{rel}: cannot read the source ({exc.strerror})")
+        return
+    if not (st.S_ISREG(info.st_mode) or st.S_ISDIR(info.st_mode) or st.S_ISLNK(info.st_mode)):
+        return  # special files are never packed
+    try:
+        entry = archive.lstat(rel)
+    except LmdbfsError:
+        report.problems.append(f"{rel}: in the source but not in the DB")
+        return
+    if st.S_IFMT(info.st_mode) != st.S_IFMT(entry.st_mode):
+        report.problems.append(f"{rel}: kind differs ({KIND_NAMES[entry.kind]} in the DB)")
+        return
+    if st.S_IMODE(info.st_mode) != entry.mode:
+        report.problems.append(f"{rel}: mode {oct(entry.mode)} in the DB, {oct(st.S_IMODE(info.st_mode))} in the source")
+    if info.st_mtime_ns != entry.mtime_ns and not entry.is_dir:
+        report.problems.append(f"{rel}: mtime differs")
+    if entry.is_symlink and os.readlink(path) != entry.target:
+        report.problems.append(f"{rel}: symlink target differs")
+    if entry.is_file:
+        with open(path, "rb") as fh:
+            if fh.read() != archive.read_bytes(rel, verify=False):
+                report.problems.append(f"{rel}: contents differ")
+
+
+@dataclass
+class UnpackResult:
+    files: int = 0
+    dirs: int = 0
+    symlinks: int = 0
+    bytes: int = 0
+
+
+def _safe_name(name: str, where: str) -> str:
+    """A single path component, or refuse: a crafted index must not escape DST."""
+    if name in ("", ".", "..") or "/" in name or "\0" in name:
+        raise UnsafePath(f"refusing entry {name!r} in {where or '/'}: it would land outside the destination", "the DB is damaged or crafted; do not unpack it")
+    return name
+
+
+def unpack(archive: Archive, dst: str, force: bool = False, progress: bool = False) -> UnpackResult:
+    """Restore names, bytes, symlinks, permission bits and mtimes under ``dst``.
+
+    Nothing is ever written through a symlink: every entry is created fresh
+    (O_EXCL / mkdir), so a crafted duplicate name fails instead of escaping.
+    """
+    if os.path.lexists(dst):
+        if not os.path.isdir(dst) or os.path.islink(dst):
+            raise DestinationExists(f"{dst} exists and is not a directory", "choose a new destination")
+        if os.listdir(dst) and not force:
+            raise DestinationExists(f"{dst} is not empty", "choose an empty or new directory (or --force to add to it)")
+    else:
+        os.makedirs(dst)
+    result = UnpackResult()
+    bar = tqdm(total=archive.meta.bytes, unit="B", unit_scale=True, desc="unpack", disable=not progress)
+    finish_dirs: list[tuple[str, int, int]] = []
+    for rel_dir, _dirs, _files in archive.walk():
+        base = os.path.join(dst, *rel_dir.split("/")) if rel_dir else dst
+        for entry in archive.scandir(rel_dir):
+            name = _safe_name(entry.name, rel_dir)
+            rel = posixpath.join(rel_dir, name)
+            path = os.path.join(base, name)
+            try:
+                if entry.is_dir:
+                    os.mkdir(path, 0o700)
+                    finish_dirs.append((path, entry.mode, entry.mtime_ns))
+                    result.dirs += 1
+                elif entry.is_symlink:
+                    os.symlink(entry.target or "", path)
+                    os.utime(path, ns=(entry.mtime_ns, entry.mtime_ns), follow_symlinks=False)
+                    result.symlinks += 1
+                else:
+                    _write_file(path, archive.read_bytes(rel), entry.mode, entry.mtime_ns)
+                    result.files += 1
+                    result.bytes += entry.size
+                    bar.update(entry.size)
+            except FileExistsError:
+                raise UnsafePath(f"{rel}: listed twice in the DB, refusing to overwrite", "the DB is damaged or crafted") from None
+    bar.close()
+    # Directories last and deepest first: a read-only mode must not block their contents.
+    for path, mode, mtime_ns in reversed(finish_dirs):
+        os.chmod(path, mode)
+        os.utime(path, ns=(mtime_ns, mtime_ns))
+    meta = archive.meta
+    os.chmod(dst, meta.root_mode)
+    os.utime(dst, ns=(meta.root_mtime_ns, meta.root_mtime_ns))
+    return result
+
+
+def _write_file(path: str, data: bytes, mode: int, mtime_ns: int) -> None:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        os.fchmod(fd, mode)
+        os.utime(fd, ns=(mtime_ns, mtime_ns))
+    finally:
+        os.close(fd)

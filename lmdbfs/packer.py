@@ -1,0 +1,336 @@
+"""`lmdbfs pack`: copy a tree's exact bytes into one LMDB file, with a path index.
+
+How it avoids the original converter's failures:
+* bytes are stored as read, never re-encoded; every value gets an xxh3 checksum;
+* it writes ``DB.partial`` and renames it to ``DB`` only after the final commit, which
+  also writes the meta record: an interrupted pack is never mistaken for a whole one,
+  and an existing DB is replaced only by a complete new one;
+* commits are batched (bounded memory) and ``--resume`` continues an interrupted pack;
+* the map grows as needed instead of a hard-coded size, and without writemap the file
+  is only as big as its data;
+* md5 keys are sorted first and appended in order, so B-tree pages stay full.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+import shutil
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import lmdb
+import numpy as np
+from tqdm import tqdm
+
+from . import __version__
+from .errors import DestinationExists, SourceError
+from .format import INDEX_DB, META_DB, META_KEY, PARTIAL_SUFFIX, Meta, checksum, content_key, dir_key, encode_dir
+from .scan import Scan, scan_tree
+from .store import MAX_DBS
+
+log = logging.getLogger(__name__)
+
+BATCH_BYTES = 64 << 20  # dirty pages held per write transaction
+WINDOW_BYTES = 64 << 20  # file contents read ahead of the writer
+_PAGE = 4096
+
+
+@dataclass
+class PackOptions:
+    workers: int = 4
+    excludes: list[str] = field(default_factory=list)
+    force: bool = False
+    resume: bool = False
+    skip_errors: bool = False
+    key_prefix: str = ""
+    key_sep: str = "/"
+    progress: bool = True
+
+
+@dataclass
+class PackResult:
+    db: str
+    files: int
+    dirs: int
+    symlinks: int
+    bytes: int
+    db_bytes: int
+    seconds: float
+    resumed_files: int = 0
+    skipped: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+def pack(src: str, db: str, opts: PackOptions | None = None) -> PackResult:
+    """Pack the tree at ``src`` into the single-file DB ``db``."""
+    opts = opts or PackOptions()
+    started = time.monotonic()
+    partial = db + PARTIAL_SUFFIX
+    _check_destination(db, partial, opts)
+    out_abs = os.fsencode(os.path.abspath(db))
+    skip = [out_abs + s for s in (b"", b"-lock", PARTIAL_SUFFIX.encode(), PARTIAL_SUFFIX.encode() + b"-lock")]
+    log.info("scanning %s", src)
+    scan = scan_tree(src, opts.excludes, skip, opts.skip_errors)
+    log.info("found %d files, %d dirs, %d symlinks, %.1f MB", scan.files, len(scan.dirs), scan.symlinks, scan.bytes / 1e6)
+    keys, order = _sorted_keys(scan, opts)
+    if opts.force or not opts.resume:
+        _remove_db_files(partial)
+    writer = _Writer(partial, _map_size_for(scan))
+    try:
+        resumed = writer.resume_point(keys, order, scan)
+        _copy_contents(src, scan, keys, order[resumed:], writer, opts)
+        writer.finish(scan, _meta_for(src, scan, opts))
+    finally:
+        writer.close()
+    _publish(partial, db)
+    return PackResult(
+        db=db,
+        files=scan.files,
+        dirs=len(scan.dirs),
+        symlinks=scan.symlinks,
+        bytes=scan.bytes,
+        db_bytes=os.path.getsize(db),
+        seconds=time.monotonic() - started,
+        resumed_files=resumed,
+        skipped=scan.skipped,
+        errors=scan.errors,
+    )
+
+
+def _check_destination(db: str, partial: str, opts: PackOptions) -> None:
+    if os.path.exists(db) and not opts.force and not (opts.resume and os.path.exists(partial)):
+        raise DestinationExists(f"{db} already exists", "pass --force to replace it (it is kept until the new one is complete)")
+    if os.path.exists(partial) and not (opts.force or opts.resume):
+        raise DestinationExists(
+            f"{partial} holds an unfinished pack", "pass --resume to finish it, or --force to start over"
+        )
+    parent = os.path.dirname(os.path.abspath(db))
+    if not os.path.isdir(parent):
+        raise DestinationExists(f"{parent}: no such directory for the DB", "create it first")
+
+
+def _sorted_keys(scan: Scan, opts: PackOptions) -> tuple[bytes, np.ndarray]:
+    """md5 keys of all files (16 bytes each, scan order) and the order that visits them
+    ascending, as LMDB sorts them.
+
+    numpy's 'S16' ordering agrees with memcmp for equal-length keys (trailing NULs are
+    stripped from both sides alike), so it sorts and searches them correctly.
+    """
+    raw = b"".join(content_key(scan.file_relpath(i), opts.key_prefix, opts.key_sep) for i in range(scan.files))
+    keys = np.frombuffer(raw, dtype="S16")
+    order = np.argsort(keys, kind="stable")
+    ordered = keys[order]
+    same = np.flatnonzero(ordered[1:] == ordered[:-1])
+    if len(same):
+        a, b = scan.file_relpath(int(order[same[0]])), scan.file_relpath(int(order[same[0] + 1]))
+        raise SourceError(f"{a} and {b} have the same md5 key", "change --key-prefix/--key-sep")
+    return raw, order
+
+
+def _key_bytes(keys: bytes, i: int) -> bytes:
+    return keys[16 * i : 16 * i + 16]
+
+
+def _map_size_for(scan: Scan) -> int:
+    """A first map size from the scan: every value rounded up to pages, plus the index.
+
+    Only address space is reserved (no writemap), so generous is free; it still grows
+    on demand if files grow while being packed.
+    """
+    sizes = np.concatenate([d.rows["size"][d.rows["kind"] == 1] for d in scan.dirs]) if scan.dirs else np.zeros(0)
+    value_pages = int(np.sum((sizes.astype(np.int64) + 16 + _PAGE - 1) // _PAGE)) + scan.files
+    index_bytes = sum(len(d.blob) + d.rows.nbytes + 64 for d in scan.dirs)
+    return max(64 << 20, int((value_pages * _PAGE + 2 * index_bytes) * 1.25) + (64 << 20))
+
+
+class _Writer:
+    """Owns the partial LMDB: batched appends, map growth, resume, the final commit."""
+
+    def __init__(self, path: str, map_size: int) -> None:
+        self.path = path
+        try:
+            self.env = lmdb.open(
+                path, subdir=False, map_size=map_size, max_dbs=MAX_DBS, sync=False, metasync=False,
+                readahead=False, writemap=False, meminit=False, lock=True,
+            )
+        except lmdb.Error as exc:
+            raise SourceError(f"cannot create {path}: {exc}", "check the destination is writable") from None
+        self.main = self.env.open_db()
+        self.batch: list[tuple[bytes, bytes]] = []
+        self.batch_bytes = 0
+
+    def resume_point(self, keys: bytes, order: np.ndarray, scan: Scan) -> int:
+        """How many files (in key order) a previous run already committed; checksums them."""
+        with self.env.begin(buffers=True) as txn:
+            cur = txn.cursor(self.main)
+            if not cur.last():
+                return 0
+            last = bytes(cur.key())
+            ordered = np.frombuffer(keys, dtype="S16")[order]
+            done = int(np.searchsorted(ordered, np.frombuffer(last, dtype="S16"), side="right")[0])
+            log.info("resuming: %d of %d files already packed", done, scan.files)
+            for n in range(done):
+                i = int(order[n])
+                value = txn.get(_key_bytes(keys, i), db=self.main)
+                row = _row_of(scan, i)
+                if value is None or len(value) != int(row["size"]):
+                    raise SourceError(
+                        f"{scan.file_relpath(i)} changed since the interrupted pack",
+                        "start over with --force",
+                    )
+                row["checksum"] = checksum(value)
+        return done
+
+    def put(self, key: bytes, value: bytes) -> None:
+        self.batch.append((key, value))
+        self.batch_bytes += len(value)
+        if self.batch_bytes >= BATCH_BYTES:
+            self.commit()
+
+    def commit(self) -> None:
+        """Write the batch in one transaction, growing the map and retrying if it is full."""
+        while True:
+            try:
+                with self.env.begin(write=True, db=self.main) as txn:
+                    cur = txn.cursor()
+                    cur.putmulti(self.batch, append=True)
+                break
+            except lmdb.MapFullError:
+                new = int(self.env.info()["map_size"] * 1.5) + 2 * self.batch_bytes
+                log.info("growing the map to %.1f GB", new / 1e9)
+                self.env.set_mapsize(new)
+        self.batch.clear()
+        self.batch_bytes = 0
+
+    def finish(self, scan: Scan, meta: Meta) -> None:
+        """The final commit: index and meta together, so 'complete' is atomic."""
+        self.commit()
+        index_bytes = sum(len(d.blob) + d.rows.nbytes + 256 for d in scan.dirs)
+        info = self.env.info()
+        need = (info["last_pgno"] + 1) * _PAGE + 3 * index_bytes + (16 << 20)
+        if need > info["map_size"]:
+            self.env.set_mapsize(need)
+        index = self.env.open_db(INDEX_DB, create=True)
+        meta_db = self.env.open_db(META_DB, create=True)
+        with self.env.begin(write=True) as txn:
+            for d in scan.dirs:
+                txn.put(dir_key(d.path), encode_dir(d.path, d.rows, d.blob), db=index)
+            txn.put(META_KEY, meta.encode(), db=meta_db)
+        self.env.sync(True)
+
+    def close(self) -> None:
+        self.env.close()
+
+
+def _row_of(scan: Scan, i: int) -> np.void:
+    return scan.dirs[int(scan.file_dir[i])].rows[int(scan.file_row[i])]
+
+
+def _copy_contents(src: str, scan: Scan, keys: bytes, order: np.ndarray, writer: _Writer, opts: PackOptions) -> None:
+    """Read files in key order on worker threads; append them in that order."""
+    root = scan.root
+    bar = tqdm(
+        total=scan.bytes,
+        initial=scan.bytes - int(sum(int(_row_of(scan, i)["size"]) for i in order.tolist())),
+        unit="B", unit_scale=True, unit_divisor=1024, desc="pack", disable=not opts.progress, smoothing=0.1,
+    )
+    files_done = 0
+    unreadable: list[int] = []
+
+    def read_one(i: int) -> tuple[int, bytes | None]:
+        path = os.path.join(root, os.fsencode(scan.file_relpath(i)))
+        try:
+            with open(path, "rb", buffering=0) as fh:
+                data = fh.read()
+                info = os.fstat(fh.fileno())
+        except OSError as exc:
+            if not opts.skip_errors:
+                raise SourceError(
+                    f"cannot read {scan.file_relpath(i)}: {exc.strerror}",
+                    "fix its permissions, or pass --skip-errors to store it empty and list it",
+                ) from None
+            log.warning("skipping %s: %s", scan.file_relpath(i), exc.strerror)
+            scan.errors.append(f"{scan.file_relpath(i)}: {exc.strerror}")
+            return i, None
+        row = _row_of(scan, i)
+        if len(data) != int(row["size"]):
+            log.warning("%s changed while being packed; storing what was read", scan.file_relpath(i))
+            row["size"] = len(data)
+            row["mtime_ns"] = info.st_mtime_ns
+        row["checksum"] = checksum(data)
+        return i, data
+
+    window: deque[Future[tuple[int, bytes | None]]] = deque()
+    in_flight = 0
+    with ThreadPoolExecutor(max_workers=max(1, opts.workers), thread_name_prefix="pack-read") as pool:
+        it = iter(order.tolist())
+        exhausted = False
+        while True:
+            while not exhausted and (in_flight < WINDOW_BYTES or not window) and len(window) < 64 * max(1, opts.workers):
+                nxt = next(it, None)
+                if nxt is None:
+                    exhausted = True
+                    break
+                in_flight += int(_row_of(scan, nxt)["size"])
+                window.append(pool.submit(read_one, nxt))
+            if not window:
+                break
+            i, data = window.popleft().result()
+            in_flight -= int(_row_of(scan, i)["size"])
+            if data is None:
+                unreadable.append(i)
+                continue
+            writer.put(_key_bytes(keys, i), data)
+            files_done += 1
+            bar.update(len(data))
+            if files_done % 1000 == 0:
+                bar.set_postfix(files=files_done, refresh=False)
+    bar.set_postfix(files=files_done)
+    bar.close()
+    scan.drop_files(unreadable)
+
+
+def _meta_for(src: str, scan: Scan, opts: PackOptions) -> Meta:
+    return Meta(
+        key_prefix=opts.key_prefix,
+        key_sep=opts.key_sep,
+        files=scan.files,
+        dirs=len(scan.dirs),
+        symlinks=scan.symlinks,
+        bytes=int(sum(int(d.rows["size"][d.rows["kind"] == 1].sum()) for d in scan.dirs)),
+        tool_version=__version__,
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        source=os.path.basename(os.path.abspath(src)),
+        root_mode=scan.root_mode,
+        root_mtime_ns=scan.root_mtime_ns,
+        complete=True,
+        extra={"excludes": list(opts.excludes), "skipped": len(scan.skipped), "unreadable": len(scan.errors)},
+    )
+
+
+def _remove_db_files(path: str) -> None:
+    for p in (path, path + "-lock"):
+        if os.path.isdir(p):
+            shutil.rmtree(p)
+        elif os.path.lexists(p):
+            os.unlink(p)
+
+
+def _publish(partial: str, db: str) -> None:
+    """Atomically put the finished DB in place, then make the rename durable."""
+    if os.path.isdir(db):
+        shutil.rmtree(db)
+    os.replace(partial, db)
+    if os.path.lexists(partial + "-lock"):
+        os.unlink(partial + "-lock")
+    if os.path.lexists(db + "-lock"):
+        os.unlink(db + "-lock")
+    dfd = os.open(os.path.dirname(os.path.abspath(db)), os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)

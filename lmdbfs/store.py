@@ -1,0 +1,116 @@
+"""Opening LMDB environments safely: the one place that touches lmdb.open.
+
+A damaged file must become a clear `BadDatabase`, never a crash: a truncated LMDB
+file would otherwise fault (SIGBUS) on the first read past its end.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import lmdb
+
+from .errors import BadDatabase, IncompleteDatabase
+from .format import INDEX_DB, META_DB, META_KEY, PARTIAL_SUFFIX, Meta
+
+MAX_DBS = 4
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where the data of a DB lives: a single file, or an LMDB directory's data.mdb."""
+
+    path: str
+    subdir: bool
+
+    @property
+    def data_file(self) -> str:
+        return os.path.join(self.path, "data.mdb") if self.subdir else self.path
+
+
+def locate(path: str) -> Location:
+    """Accept both the default single file and an LMDB directory."""
+    if not os.path.exists(path):
+        partial = path + PARTIAL_SUFFIX
+        if os.path.exists(partial):
+            raise IncompleteDatabase(
+                f"{path}: no such DB, but {partial} is an unfinished pack",
+                "run `lmdbfs pack --resume` to finish it, or `--force` to start over",
+            )
+        raise BadDatabase(f"{path}: no such DB", "check the path, or create it with `lmdbfs pack SRC DB`")
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "data.mdb")):
+            raise BadDatabase(f"{path}: a directory without data.mdb is not an LMDB DB", "pass the DB file")
+        return Location(path, True)
+    if not os.path.isfile(path):
+        raise BadDatabase(f"{path}: not a regular file", "pass the DB file written by `lmdbfs pack`")
+    return Location(path, False)
+
+
+def open_readonly(path: str) -> tuple[lmdb.Environment, Location]:
+    """Open for reading without a lock file: the DB is immutable once packed, and this
+    also works on read-only media and shared filesystems."""
+    loc = locate(path)
+    try:
+        env = lmdb.open(
+            loc.path,
+            subdir=loc.subdir,
+            readonly=True,
+            lock=False,
+            max_dbs=MAX_DBS,
+            readahead=False,
+            map_size=max(os.path.getsize(loc.data_file), 1 << 20),
+        )
+    except lmdb.InvalidError:
+        raise BadDatabase(f"{path}: not an LMDB file", "pass a DB written by `lmdbfs pack`") from None
+    except lmdb.Error as exc:
+        raise BadDatabase(f"{path}: cannot open as LMDB ({_lmdb_reason(exc)})", "re-pack the DB") from None
+    try:
+        _check_not_truncated(env, loc, path)
+    except BaseException:
+        env.close()
+        raise
+    return env, loc
+
+
+def _lmdb_reason(exc: lmdb.Error) -> str:
+    return str(exc).split(":", 1)[-1].strip() or type(exc).__name__
+
+
+def _check_not_truncated(env: lmdb.Environment, loc: Location, shown: str) -> None:
+    need = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    have = os.path.getsize(loc.data_file)
+    if have < need:
+        raise BadDatabase(
+            f"{shown}: truncated ({have} of {need} bytes)", "copy the DB again or re-pack it"
+        )
+
+
+def read_meta(env: lmdb.Environment, shown: str) -> Meta:
+    """The meta record, or a clear reason why this is not a finished lmdbfs DB."""
+    try:
+        meta_db = env.open_db(META_DB, create=False)
+    except lmdb.NotFoundError:
+        with env.begin() as txn:
+            empty = txn.stat(env.open_db())["entries"] == 0
+        if empty:
+            raise BadDatabase(f"{shown}: an empty LMDB, not an lmdbfs DB", "pack one with `lmdbfs pack SRC DB`") from None
+        raise IncompleteDatabase(
+            f"{shown}: no lmdbfs meta record (an interrupted pack, or not made by lmdbfs)",
+            "re-run `lmdbfs pack` (`--resume` finishes an interrupted one)",
+        ) from None
+    except lmdb.Error as exc:
+        raise BadDatabase(f"{shown}: unreadable ({_lmdb_reason(exc)})", "re-pack the DB") from None
+    with env.begin(db=meta_db) as txn:
+        raw = txn.get(META_KEY)
+    if raw is None:
+        raise IncompleteDatabase(f"{shown}: meta record missing", "re-run `lmdbfs pack`")
+    return Meta.decode(raw, shown)
+
+
+def open_index(env: lmdb.Environment, shown: str):
+    try:
+        return env.open_db(INDEX_DB, create=False)
+    except lmdb.Error:
+        raise BadDatabase(f"{shown}: the path index is missing", "re-pack the DB") from None
