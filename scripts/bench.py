@@ -258,7 +258,11 @@ def run_measured(
 def run(cmd: list[str], timeout: float = 600, check: bool = True, **kw: Any) -> subprocess.CompletedProcess:
     """Plain subprocess.run with logging and a timeout."""
     log.debug("run: %s", " ".join(map(str, cmd)))
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=check, **kw)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False, **kw)
+    if check and r.returncode != 0:
+        tail = (r.stderr or r.stdout or "").strip()[-1500:]
+        raise RuntimeError(f"{' '.join(map(str, cmd))} exited {r.returncode}: {tail}")
+    return r
 
 
 def path_bytes(p: Path) -> int:
@@ -972,15 +976,15 @@ def machine_info(workdir: Path, ctx_rat: Callable[[], str] | None) -> dict[str, 
             "liblmdb": liblmdb,
             "mfusepy": _dist_version("mfusepy"),
             "Pillow": _dist_version("Pillow"),
-            "fuse3": _first_line(["fusermount3", "-V"]),
+            "fuse3": _first_line(["fusermount3", "-V"]).replace("fusermount3 version: ", ""),
             "squashfuse": _first_line(["dpkg-query", "-W", "-f", "${Version}", "squashfuse"]),
-            "mksquashfs": _first_line(["mksquashfs", "-version"]),
-            "tar": _first_line(["tar", "--version"]),
+            "mksquashfs": _first_line(["mksquashfs", "-version"]).replace("mksquashfs version ", ""),
+            "tar": _first_line(["tar", "--version"]).replace("tar (GNU tar) ", "GNU "),
         },
     }
     if ctx_rat is not None:
         try:
-            info["versions"]["ratarmount"] = _first_line([ctx_rat(), "--version"])
+            info["versions"]["ratarmount"] = _first_line([ctx_rat(), "--version"]).replace("ratarmount ", "")
         except Exception as e:
             info["versions"]["ratarmount"] = f"unavailable ({e})"
     return info
@@ -1176,6 +1180,9 @@ def render_size(res: dict[str, Any], chart: str | None) -> str:
         L.append("")
     L.append("### Targets")
     L.append("")
+    if not any(r["applies"] for r in compute_ratios(res)):
+        L.append("_No target applies at this size; ratios are informational._")
+        L.append("")
     for r in compute_ratios(res):
         if r["verdict"] == "n/a" and not r["applies"]:
             continue
@@ -1320,7 +1327,8 @@ def make_chart(res: dict[str, Any], path: Path) -> bool:
             ax.bar([j + i * width for j in range(len(PHASES))], vals, width, label=n, color=colors[n])
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(PHASES))], PHASES)
         ax.legend(fontsize=8)
-    ax.set_title(f"epoch files/s, {rsel} readers (higher is better)")
+        ax.set_yscale("log")
+    ax.set_title(f"epoch files/s, {rsel} readers (log scale, higher is better)")
     ax = axes[1][0]
     walk = res.get("walk", {})
     names = [n for n in ALL_SYSTEMS if n in walk]
@@ -1339,8 +1347,10 @@ def make_chart(res: dict[str, Any], path: Path) -> bool:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=n, color=colors[n])
     ax.set_xticks(readers or [1])
     ax.set_xlabel("reader processes")
-    ax.set_title("steady epoch files/s vs readers")
-    ax.legend(fontsize=8)
+    if ax.get_lines():
+        ax.set_yscale("log")
+        ax.legend(fontsize=8)
+    ax.set_title("steady epoch files/s vs readers (log scale)")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

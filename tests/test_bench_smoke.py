@@ -1,0 +1,61 @@
+"""The benchmark harness must not rot: run `scripts/bench.py --size smoke` end to end.
+
+This checks that the script runs and writes its table, not any number: the
+smoke tree is a few dozen tiny files.  ratarmount is left out (it would need a
+venv install); lmdbfs, mksquashfs and squashfuse are expected to be installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "scripts" / "bench.py"
+SYSTEMS = ("native", "lmdbfs", "squashfuse", "seed")
+
+
+def _missing() -> list[str]:
+    missing = [t for t in ("mksquashfs", "squashfuse", "fusermount3") if shutil.which(t) is None]
+    if not os.path.exists("/dev/fuse"):
+        missing.append("/dev/fuse")
+    return missing
+
+
+@pytest.mark.skipif(bool(_missing()), reason=f"needs FUSE tools: {_missing()}")
+def test_bench_smoke_runs_and_writes_table(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable, str(BENCH), "--size", "smoke",
+        "--workdir", str(tmp_path / "work"), "--out-dir", str(out),
+        "--systems", ",".join(SYSTEMS), "--readers", "1,2", "--no-drop-caches",
+    ]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert r.returncode == 0, f"bench failed:\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
+
+    md = (out / "benchmarks.md").read_text()
+    assert "## smoke" in md
+    assert "| system |" in md
+    for name in SYSTEMS:
+        assert f"| {name} |" in md, f"{name} missing from the table"
+    assert "ratios" in r.stdout
+
+    res = json.loads((out / "bench-smoke.json").read_text())
+    assert not res["errors"]
+    assert res["tree"]["files"] > 10
+    assert {"lmdbfs", "squashfuse", "seed"} <= set(res["pack"])
+    assert all(v["ok"] for v in res["verify"].values())
+    assert all(w["listing_ok"] for w in res["walk"].values())
+    systems_read = {e["system"] for e in res["epochs"]}
+    assert systems_read == set(SYSTEMS)
+    assert all(e["files"] == res["epoch_files"] for e in res["epochs"])
+    # nothing is left mounted under the work dir
+    mnt = tmp_path / "work" / "mnt"
+    for d in mnt.rglob("*") if mnt.exists() else []:
+        assert not os.path.ismount(d), f"{d} still mounted"
