@@ -106,6 +106,11 @@ class Entry:
         return type_bits(self.kind) | self.mode
 
     @property
+    def nlink(self) -> int:
+        """Directories: 2 + subdirectories (kept in the checksum field); others: 1."""
+        return 2 + self.checksum if self.kind == KIND_DIR else 1
+
+    @property
     def is_dir(self) -> bool:
         return self.kind == KIND_DIR
 

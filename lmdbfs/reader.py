@@ -181,7 +181,9 @@ class Archive:
 
     def _root_entry(self) -> Entry:
         meta = self.meta
-        return Entry("", KIND_DIR, meta.root_mode, 0, meta.root_mtime_ns)
+        root = self._dir("")
+        subdirs = root.subdir_count if root is not None else 0
+        return Entry("", KIND_DIR, meta.root_mode, 0, meta.root_mtime_ns, checksum=subdirs)
 
     def lstat(self, path: str) -> Entry:
         """The index entry of ``path`` itself (a symlink is not followed)."""

@@ -107,22 +107,27 @@ def scan_tree(
     excluded = _Excluder(excludes or [], skip_abs or [])
     file_dirs: list[np.ndarray] = []
     file_rows: list[np.ndarray] = []
-    stack: list[str] = [""]
+    # (relpath, index of the parent's ScannedDir, row of this dir in the parent)
+    stack: list[tuple[str, int, int]] = [("", -1, -1)]
     while stack:
-        rel = stack.pop()
+        rel, parent, parent_row = stack.pop()
         listing = _list_dir(root, rel, scan, skip_errors, excluded)
         if listing is None:
             continue
         names, targets, rows, subdirs = listing
         dir_index = len(scan.dirs)
         scan.dirs.append(ScannedDir(rel, rows, pack_names(rows, names, targets)))
+        if parent >= 0:
+            # A directory row's checksum field holds its subdirectory count (st_nlink - 2),
+            # so stat never has to open the child's own record.
+            scan.dirs[parent].rows[parent_row]["checksum"] = len(subdirs)
         file_idx = np.flatnonzero(rows["kind"] == KIND_FILE).astype(np.uint32)
         file_rows.append(file_idx)
         file_dirs.append(np.full(len(file_idx), dir_index, np.uint32))
         scan.files += len(file_idx)
         scan.bytes += int(rows["size"][file_idx].sum())
         scan.symlinks += int(np.count_nonzero(rows["kind"] == KIND_SYMLINK))
-        stack.extend(reversed(subdirs))
+        stack.extend((child, dir_index, row) for child, row in reversed(subdirs))
     if file_rows:
         scan.file_dir = np.concatenate(file_dirs)
         scan.file_row = np.concatenate(file_rows)
@@ -131,7 +136,7 @@ def scan_tree(
 
 def _list_dir(
     root: bytes, rel: str, scan: Scan, skip_errors: bool, excluded: _Excluder
-) -> tuple[list[bytes], list[bytes], np.ndarray, list[str]] | None:
+) -> tuple[list[bytes], list[bytes], np.ndarray, list[tuple[str, int]]] | None:
     """One directory's entries, sorted by name bytes, with their lstat fields."""
     abs_dir = os.path.join(root, os.fsencode(rel)) if rel else root
     try:
@@ -140,7 +145,7 @@ def _list_dir(
     except OSError as exc:
         return _source_problem(scan, rel or ".", exc, skip_errors)
     kept: list[tuple[bytes, int, os.stat_result, bytes]] = []
-    subdirs: list[str] = []
+    subdirs: list[tuple[str, int]] = []
     for entry in found:
         name = entry.name
         child = f"{rel}/{decode_path(name)}" if rel else decode_path(name)
@@ -158,7 +163,7 @@ def _list_dir(
             scan.skipped.append(child)
             continue
         if kind == KIND_DIR:
-            subdirs.append(child)
+            subdirs.append((child, len(kept)))
         kept.append((name, kind, info, target))
     rows = new_rows(len(kept))
     if kept:

@@ -1,0 +1,176 @@
+"""The FUSE adapter: translates kernel requests into reader-API calls, nothing more.
+
+Data never changes, so the adapter lets the kernel cache everything (kernel_cache,
+long entry/attr/negative timeouts) and refuses `open` with ENOSYS, which libfuse3 and
+the kernel treat as "no open needed": OPEN/RELEASE round trips disappear.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat as st
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from typing import Any
+
+import mfusepy
+
+from .errors import CorruptValue, LmdbfsError, errno_of
+from .format import Entry, checksum
+from .reader import Archive, normpath
+
+log = logging.getLogger(__name__)
+
+CACHE_SECONDS = 365 * 24 * 3600.0  # immutable data: the kernel may keep every answer
+_WRITE_BITS = 0o222
+_VERIFIED_MAX = 200_000  # remembered checked files (~20 MB); bounded on purpose
+
+
+class _Verified:
+    """Keys whose stored bytes already matched their checksum in this daemon."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._keys: OrderedDict[str, None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __contains__(self, rel: str) -> bool:
+        with self._lock:
+            return rel in self._keys
+
+    def add(self, rel: str) -> None:
+        with self._lock:
+            self._keys[rel] = None
+            if len(self._keys) > self._limit:
+                self._keys.popitem(last=False)
+
+
+def _fuse_errors(func):
+    """Map lmdbfs errors to errno at the adapter's edge (one mapping: errors.errno_of)."""
+
+    def wrapper(self: "LmdbfsOperations", *args: Any) -> Any:
+        try:
+            return func(self, *args)
+        except LmdbfsError as exc:
+            if isinstance(exc, CorruptValue):
+                log.error("EIO for %s: %s", args[0] if args else "?", exc.message)
+            raise mfusepy.FuseOSError(errno_of(exc)) from None
+
+    wrapper.__name__ = func.__name__
+    wrapper.__doc__ = func.__doc__
+    return wrapper
+
+
+class LmdbfsOperations(mfusepy.Operations):
+    """Read-only filesystem over an `Archive`, opened in the daemon after it forks."""
+
+    use_ns = True
+
+    def __init__(self, db: str, on_ready: Any = None, verify: bool = True) -> None:
+        self.db = db
+        self.on_ready = on_ready
+        self.verify = verify
+        self.archive: Archive | None = None
+        self.uid = os.getuid()
+        self.gid = os.getgid()
+        self._verified = _Verified(_VERIFIED_MAX)
+        self._db_bytes = 0
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def init_with_config(self, conn_info: Any, config: Any) -> None:
+        self.archive = Archive(self.db, verify=self.verify)
+        self._db_bytes = os.path.getsize(self.archive._h().loc.data_file)  # noqa: SLF001
+        if config is not None:
+            config.kernel_cache = 1
+            config.entry_timeout = CACHE_SECONDS
+            config.attr_timeout = CACHE_SECONDS
+            config.negative_timeout = CACHE_SECONDS
+        log.info("serving %s (%d files)", self.db, self.archive.meta.files)
+        if self.on_ready is not None:
+            self.on_ready()
+
+    def destroy(self, path: str) -> None:
+        if self.archive is not None:
+            self.archive.close()
+
+    # -- metadata -------------------------------------------------------------------------
+    def _attrs(self, entry: Entry) -> dict[str, Any]:
+        return {
+            "st_mode": entry.st_mode & ~_WRITE_BITS,
+            "st_nlink": entry.nlink,
+            "st_size": entry.size,
+            "st_mtime": entry.mtime_ns,
+            "st_ctime": entry.mtime_ns,
+            "st_atime": entry.mtime_ns,
+            "st_uid": self.uid,
+            "st_gid": self.gid,
+            "st_blocks": (entry.size + 511) // 512,
+            "st_blksize": 1 << 20,
+        }
+
+    @_fuse_errors
+    def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
+        return self._attrs(self.archive.lstat(path))
+
+    @_fuse_errors
+    def readdir(self, path: str, fh: int) -> Iterator[Any]:
+        rec = self.archive.dir_record(path)
+        yield ".", st.S_IFDIR, 0
+        yield "..", st.S_IFDIR, 0
+        modes = rec.rows["kind"].tolist()
+        for name, kind in zip(rec.names, modes):
+            yield name, _DT_MODES[kind], 0
+
+    @_fuse_errors
+    def readlink(self, path: str) -> str:
+        return self.archive.readlink(path)
+
+    def statfs(self, path: str) -> dict[str, int]:
+        meta = self.archive.meta
+        blocks = (self._db_bytes + 4095) // 4096
+        return {
+            "f_bsize": 4096,
+            "f_frsize": 4096,
+            "f_blocks": blocks,
+            "f_bfree": 0,
+            "f_bavail": 0,
+            "f_files": meta.files + meta.dirs + meta.symlinks,
+            "f_ffree": 0,
+            "f_favail": 0,
+            "f_namemax": 255,
+        }
+
+    # -- contents -------------------------------------------------------------------------
+    def open(self, path: str, flags: int) -> int:
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_CREAT):
+            raise mfusepy.FuseOSError(errno.EROFS)
+        # ENOSYS tells libfuse3/the kernel that opens need no round trip at all.
+        raise mfusepy.FuseOSError(errno.ENOSYS)
+
+    @_fuse_errors
+    def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
+        archive = self.archive
+        rel = normpath(path)
+        entry = archive.lstat(rel)
+        if not entry.is_file:
+            raise mfusepy.FuseOSError(errno.EISDIR if entry.is_dir else errno.EINVAL)
+        if self.verify and rel not in self._verified:
+            whole = archive.read_entry(rel, entry, 0, entry.size)
+            if checksum(whole) != entry.checksum:
+                raise CorruptValue(f"{rel}: checksum mismatch (the DB file is damaged)")
+            self._verified.add(rel)
+            return whole[offset : offset + size]
+        return archive.read_entry(rel, entry, offset, size)
+
+    # -- everything that would change the tree --------------------------------------------
+    def _read_only(self, *args: Any) -> None:
+        raise mfusepy.FuseOSError(errno.EROFS)
+
+    chmod = chown = create = link = mkdir = mknod = rename = rmdir = _read_only
+    symlink = truncate = unlink = utimens = write = setxattr = removexattr = _read_only
+
+
+_DT_MODES = {1: st.S_IFREG, 2: st.S_IFDIR, 3: st.S_IFLNK}

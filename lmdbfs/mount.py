@@ -1,0 +1,256 @@
+"""`lmdbfs mount` / `lmdbfs umount`: checks, the background daemon, clean unmounting.
+
+`mount` checks the DB and the mount point in the calling process (so mistakes are
+one clear line and nothing gets mounted), then starts the daemon as a fresh process
+(`python -m lmdbfs mount -f …`). The daemon opens LMDB itself — never across a fork —
+and reports through a pipe once the kernel has the mount; only then does `mount`
+return.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+from .errors import MountError
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT = 60.0
+# mfusepy loads libfuse2 when both are installed; libfuse3 gives 1 MiB reads and no-open.
+os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
+
+
+@dataclass
+class MountOptions:
+    foreground: bool = False
+    fuse_options: list[str] = field(default_factory=list)
+    log_file: str | None = None
+    debug: bool = False
+    threads: bool = True
+    ready_fd: int | None = None
+
+
+def _fuse_kwargs(options: list[str]) -> dict[str, object]:
+    """-o a,b=c (repeatable) as mfusepy keyword options."""
+    kwargs: dict[str, object] = {}
+    for group in options:
+        for item in filter(None, (part.strip() for part in group.split(","))):
+            key, sep, value = item.partition("=")
+            kwargs[key] = value if sep else True
+    return kwargs
+
+
+def check_mountpoint(mnt: str) -> None:
+    """Refuse a missing, non-directory, non-empty, mounted or dead mount point."""
+    try:
+        info = os.stat(mnt)
+    except FileNotFoundError:
+        raise MountError(f"{mnt}: no such directory", f"create it first: mkdir -p {mnt}") from None
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            raise MountError(f"{mnt}: a previous mount's daemon died", f"run `lmdbfs umount {mnt}` first") from None
+        raise MountError(f"{mnt}: {exc.strerror}", "pick another mount point") from None
+    if not os.path.isdir(mnt) or not (info.st_mode & 0o040000):
+        raise MountError(f"{mnt}: not a directory", "mount on an empty directory")
+    if os.path.ismount(mnt):
+        if _is_dead(mnt):
+            raise MountError(f"{mnt}: a previous mount's daemon died", f"run `lmdbfs umount {mnt}` first")
+        raise MountError(f"{mnt}: already a mount point", f"run `lmdbfs umount {mnt}` first, or pick another directory")
+    if os.listdir(mnt):
+        raise MountError(f"{mnt}: directory is not empty", "mount on an empty directory so nothing is hidden")
+
+
+def _is_dead(mnt: str) -> bool:
+    """A FUSE mount whose daemon is gone: the kernel answers ENOTCONN."""
+    try:
+        os.listdir(mnt)
+    except OSError as exc:
+        return exc.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+    return False
+
+
+def _check_fuse_available() -> None:
+    if not os.path.exists("/dev/fuse"):
+        raise MountError("/dev/fuse is missing", "load the fuse module (modprobe fuse) or run where FUSE is available")
+    if shutil.which("fusermount3") is None and os.geteuid() != 0:
+        raise MountError("fusermount3 not found", "install FUSE 3: apt-get install fuse3 libfuse3-3")
+
+
+def mount(db: str, mnt: str, opts: MountOptions) -> None:
+    from .reader import Archive
+
+    Archive(db).close()  # a bad DB fails here, in the caller, with its own message
+    check_mountpoint(mnt)
+    _check_fuse_available()
+    if opts.foreground:
+        serve(db, mnt, opts)
+    else:
+        _spawn_daemon(db, mnt, opts)
+
+
+def _spawn_daemon(db: str, mnt: str, opts: MountOptions) -> None:
+    read_end, write_end = os.pipe()
+    cmd = [sys.executable, "-m", "lmdbfs", "mount", "-f", "--ready-fd", str(write_end)]
+    for group in opts.fuse_options:
+        cmd += ["-o", group]
+    if opts.log_file:
+        cmd += ["--log-file", os.path.abspath(opts.log_file)]
+    if opts.debug:
+        cmd.append("--debug")
+    if not opts.threads:
+        cmd.append("--no-threads")
+    cmd += [os.path.abspath(db), os.path.abspath(mnt)]
+    with tempfile.TemporaryFile() as errors:
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors,
+            pass_fds=(write_end,), start_new_session=True, cwd="/",
+        )
+        os.close(write_end)
+        answer = _wait_ready(read_end, proc)
+        if answer == "ok":
+            log.info("mounted %s at %s (daemon pid %d)", db, mnt, proc.pid)
+            return
+        errors.seek(0)
+        lines = [line for line in errors.read().decode(errors="replace").splitlines() if line.strip()]
+    detail = answer or (lines[-1] if lines else f"daemon exited with status {proc.returncode}")
+    if os.path.ismount(mnt):
+        _fusermount(mnt, lazy=True)
+    raise MountError(f"mounting {mnt} failed: {detail.removeprefix('lmdbfs: error: ')}", "see --log-file for details")
+
+
+def _wait_ready(fd: int, proc: subprocess.Popen) -> str:
+    """The daemon's first line on the pipe: 'ok', or its error; '' if it died silently."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    chunks = b""
+    with os.fdopen(fd, "rb", buffering=0) as pipe:
+        os.set_blocking(fd, False)
+        while time.monotonic() < deadline:
+            try:
+                data = pipe.read(4096)
+            except BlockingIOError:
+                data = None
+            if data:
+                chunks += data
+                if b"\n" in chunks:
+                    return chunks.split(b"\n", 1)[0].decode(errors="replace")
+            elif data == b"" or proc.poll() is not None:
+                proc.wait()
+                return chunks.decode(errors="replace").strip()
+            time.sleep(0.005)
+    proc.kill()
+    return f"the daemon did not become ready within {READY_TIMEOUT:.0f} s"
+
+
+def serve(db: str, mnt: str, opts: MountOptions) -> None:
+    """Run the filesystem in this process until it is unmounted (or SIGTERM/SIGINT)."""
+    _setup_daemon_logging(opts)
+    ready_fd = opts.ready_fd
+
+    def report(text: str) -> None:
+        nonlocal ready_fd
+        if ready_fd is not None:
+            try:
+                os.write(ready_fd, (text + "\n").encode())
+                os.close(ready_fd)
+            except OSError:
+                pass
+            ready_fd = None
+
+    try:
+        import mfusepy
+
+        from .fuse_ops import LmdbfsOperations
+    except OSError as exc:  # libfuse missing: mfusepy raises at import
+        report(f"cannot load libfuse3 ({exc}); install it: apt-get install fuse3 libfuse3-3")
+        raise MountError("cannot load libfuse3", "install it: apt-get install fuse3 libfuse3-3") from None
+
+    ops = LmdbfsOperations(os.path.abspath(db), on_ready=lambda: report("ok"))
+    kwargs = {"ro": True, "default_permissions": True, "fsname": f"lmdbfs:{os.path.basename(db)}", "subtype": "lmdbfs"}
+    kwargs.update(_fuse_kwargs(opts.fuse_options))
+    try:
+        mfusepy.FUSE(ops, mnt, foreground=True, nothreads=not opts.threads, debug=opts.debug, **kwargs)
+    except RuntimeError as exc:
+        report(f"libfuse refused the mount (status {exc})")
+        raise MountError(f"libfuse refused to mount {mnt}", "see the messages above, or --log-file") from None
+    finally:
+        report("the daemon stopped before the mount was ready")
+
+
+def _setup_daemon_logging(opts: MountOptions) -> None:
+    root = logging.getLogger()
+    if opts.log_file:
+        handler = logging.FileHandler(opts.log_file)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.handlers[:] = [handler]
+        os.dup2(handler.stream.fileno(), 2)  # libfuse's own messages land there too
+    root.setLevel(logging.DEBUG if opts.debug else logging.INFO)
+
+
+def _fusermount(mnt: str, lazy: bool = False) -> subprocess.CompletedProcess:
+    tool = shutil.which("fusermount3") or shutil.which("fusermount")
+    if tool is None:
+        cmd = ["umount"] + (["-l"] if lazy else []) + [mnt]
+    else:
+        cmd = [tool, "-u"] + (["-z"] if lazy else []) + [mnt]
+    return subprocess.run(cmd, capture_output=True, text=True)
+
+
+def _daemon_pids(mnt: str) -> list[int]:
+    """Daemons serving ``mnt`` (ours run as `python -m lmdbfs mount -f … MNT`)."""
+    target = os.path.abspath(mnt).encode()
+    pids = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as fh:
+                args = fh.read().split(b"\0")
+        except OSError:
+            continue
+        if b"lmdbfs" in args and b"mount" in args and args[-2:-1] == [target]:
+            pids.append(int(name))
+    return pids
+
+
+def umount(mnt: str) -> None:
+    """Unmount cleanly; also recover a mount point whose daemon died (ENOTCONN)."""
+    dead = False
+    try:
+        os.stat(mnt)
+    except FileNotFoundError:
+        raise MountError(f"{mnt}: no such directory", "check the mount point") from None
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTCONN, errno.ECONNABORTED):
+            raise MountError(f"{mnt}: {exc.strerror}", "check the mount point") from None
+        dead = True
+    dead = dead or (os.path.ismount(mnt) and _is_dead(mnt))
+    if not dead and not os.path.ismount(mnt):
+        raise MountError(f"{mnt}: not mounted", "nothing to do")
+    pids = _daemon_pids(mnt)
+    result = _fusermount(mnt, lazy=dead)
+    if result.returncode != 0:
+        message = (result.stderr or result.stdout).strip().splitlines()
+        reason = message[-1] if message else f"exit status {result.returncode}"
+        if "busy" in reason.lower():
+            raise MountError(f"{mnt} is busy", f"close the programs using it (fuser -vm {mnt}), then retry")
+        raise MountError(f"cannot unmount {mnt}: {reason}", "retry as root, or `umount -l`")
+    _wait_gone(pids, 10.0)
+
+
+def _wait_gone(pids: list[int], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.02)
