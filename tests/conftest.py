@@ -1,0 +1,169 @@
+"""Shared fixtures: real trees on disk, packed DBs, and real FUSE mounts.
+
+FUSE fixtures never skip: where a mount is impossible the tests fail, so a machine
+that cannot mount is noticed instead of passing quietly.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BIG_FILE_BYTES = 70 * 1000 * 1000
+FIXED_MTIME_NS = 1_600_000_000_123_456_789
+
+
+def run_cli(*args: str | os.PathLike, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the real `lmdbfs` command (as users do), capturing its output."""
+    cmd = [sys.executable, "-m", "lmdbfs", *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, errors="surrogateescape")
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def load_script(name: str):
+    """Import a file from scripts/ (they are standalone, not part of the package)."""
+    path = ROOT / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _write(path: Path, data: bytes, mode: int = 0o644, mtime_ns: int | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    os.chmod(path, mode)
+    if mtime_ns is not None:
+        os.utime(path, ns=(mtime_ns, mtime_ns))
+
+
+def build_edge_tree(root: Path) -> dict[str, object]:
+    """Every awkward thing a real tree can hold. Returns what should be absent after packing."""
+    root.mkdir(parents=True)
+    _write(root / "plain.txt", b"hello\n")
+    _write(root / "données" / "日本語 ファイル.txt", "unicode ✓\n".encode())
+    _write(root / "with space" / "a file with spaces.txt", b"spaces\n")
+    _write(root / ("n" * 250), b"long name\n")
+    deep = root.joinpath(*[f"d{i:02d}" for i in range(40)])
+    _write(deep / "bottom.bin", os.urandom(1000))
+    _write(root / "empty.bin", b"")
+    (root / "empty_dir").mkdir()
+    (root / "empty_dir" / "nested_empty").mkdir()
+    _write(root / "exec.sh", b"#!/bin/sh\necho hi\n", mode=0o755)
+    _write(root / "private.key", b"secret\n", mode=0o600)
+    _write(root / "readonly.txt", b"ro\n", mode=0o444, mtime_ns=FIXED_MTIME_NS)
+    _write(root / "big" / "seventy_mb.bin", os.urandom(BIG_FILE_BYTES))
+    _write(root / "small" / "many_000.txt", b"0")
+    for i in range(1, 300):
+        _write(root / "small" / f"many_{i:03d}.txt", f"{i}\n".encode() * (i % 7))
+    # Names that are not valid UTF-8 must round-trip byte for byte.
+    raw_dir = os.fsencode(root / "raw")
+    os.mkdir(raw_dir)
+    with open(os.path.join(raw_dir, b"latin1-\xe9t\xe9.txt"), "wb") as fh:
+        fh.write(b"latin-1 name\n")
+    os.symlink("plain.txt", root / "link_relative")
+    os.symlink("/etc/hostname", root / "link_absolute")
+    os.symlink("does/not/exist", root / "link_dangling")
+    os.symlink("données", root / "link_to_dir")
+    os.symlink("../plain.txt", root / "small" / "link_up")
+    # Excluded and special files: none of them may appear in the DB.
+    _write(root / "backup.bak", b"excluded\n")
+    _write(root / "small" / "old.bak", b"excluded\n")
+    os.mkfifo(root / "a_fifo")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(root / "a_socket"))
+    sock.close()
+    os.utime(root / "données", ns=(FIXED_MTIME_NS, FIXED_MTIME_NS))
+    return {"absent": ["backup.bak", "small/old.bak", "a_fifo", "a_socket"]}
+
+
+@pytest.fixture(scope="session")
+def edge_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("edge") / "src"
+    build_edge_tree(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def edge_db(edge_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    db = tmp_path_factory.mktemp("edgedb") / "edge.lmdb"
+    run_cli("pack", edge_tree, db, "--exclude", "*.bak", "--no-progress")
+    return db
+
+
+@pytest.fixture(scope="session")
+def got10k_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small GOT-10k-shaped tree: train, val and test splits with real JPEGs."""
+    root = tmp_path_factory.mktemp("got10k") / "GOT-10k"
+    make = load_script("make_fake_got10k")
+    make.make_tree(str(root), seqs=3, frames=6, splits=("train", "val", "test"), seed=7)
+    return root
+
+
+@pytest.fixture(scope="session")
+def got10k_db(got10k_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    db = tmp_path_factory.mktemp("gotdb") / "got10k.lmdb"
+    run_cli("pack", got10k_tree, db, "--no-progress")
+    return db
+
+
+def is_mounted(path: Path) -> bool:
+    with open("/proc/self/mountinfo") as fh:
+        return any(line.split()[4] == str(path) for line in fh)
+
+
+class Mount:
+    """A real `lmdbfs mount`; unmounted (and checked gone) at exit."""
+
+    def __init__(self, db: Path, mnt: Path, *extra: str) -> None:
+        self.db, self.mnt = db, mnt
+        mnt.mkdir(parents=True, exist_ok=True)
+        proc = run_cli("mount", db, mnt, *extra, check=False, timeout=60)
+        if proc.returncode != 0:
+            pytest.fail(f"lmdbfs mount failed (CI must be able to mount /dev/fuse): {proc.stderr.strip()}")
+        assert is_mounted(mnt), "mount returned but the kernel has no such mount"
+
+    def daemon_pid(self) -> int:
+        for name in os.listdir("/proc"):
+            if name.isdigit():
+                try:
+                    args = Path(f"/proc/{name}/cmdline").read_bytes().split(b"\0")
+                except OSError:
+                    continue
+                if b"lmdbfs" in args and b"-f" in args and str(self.mnt).encode() in args:
+                    return int(name)
+        raise AssertionError("no daemon process found for the mount")
+
+    def close(self) -> None:
+        if is_mounted(self.mnt):
+            run_cli("umount", self.mnt, check=False)
+            deadline = time.monotonic() + 10
+            while is_mounted(self.mnt) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        assert not is_mounted(self.mnt), f"{self.mnt} still mounted"
+
+
+@pytest.fixture
+def mount_db(tmp_path: Path) -> Iterator:
+    mounts: list[Mount] = []
+
+    def _mount(db: Path, *extra: str, name: str = "mnt") -> Mount:
+        m = Mount(db, tmp_path / name, *extra)
+        mounts.append(m)
+        return m
+
+    yield _mount
+    for m in reversed(mounts):
+        m.close()
