@@ -8,6 +8,7 @@ their own (LMDB must not be used across fork). It also pickles as just its path.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -73,14 +74,14 @@ class _Handle:
     """Per-process LMDB state: env, databases, and a descriptor for direct reads."""
 
     def __init__(self, path: str) -> None:
-        self.env, self.loc = store.open_readonly(path)
+        self.env, self.loc = store.acquire_readonly(path)
         try:
             self.meta = store.read_meta(self.env, path)
             self.index_db = store.open_index(self.env, path)
             self.main_db = self.env.open_db()
             self.fd = os.open(self.loc.data_file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         except BaseException:
-            self.env.close()
+            store.release_readonly(self.env)
             raise
         self.map_base = _map_base(self.loc.data_file)
         self.local = threading.local()
@@ -96,7 +97,7 @@ class _Handle:
         try:
             os.close(self.fd)
         finally:
-            self.env.close()
+            store.release_readonly(self.env)
 
 
 def _map_base(data_file: str) -> int | None:
@@ -137,8 +138,11 @@ class Archive:
             return handle
         with self._lock:
             if self._handle is None or self._pid != os.getpid():
-                # After fork the inherited env must not be used; drop it without closing
-                # the parent's transactions, and open our own.
+                # After fork the inherited env must not be used: the store closes this
+                # child's copy, and we open our own.
+                if self._handle is not None:
+                    with contextlib.suppress(OSError):
+                        os.close(self._handle.fd)
                 self._handle = _Handle(self.path)
                 self._pid = os.getpid()
                 self._dirs = _DirCache(self._dir_cache_bytes)

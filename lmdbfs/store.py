@@ -7,6 +7,7 @@ file would otherwise fault (SIGBUS) on the first read past its end.
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 
 import lmdb
@@ -48,10 +49,63 @@ def locate(path: str) -> Location:
     return Location(path, False)
 
 
-def open_readonly(path: str) -> tuple[lmdb.Environment, Location]:
+class _Shared:
+    """Read-only environments of this process, shared and reference-counted.
+
+    py-lmdb refuses to open one file twice per process, and an environment inherited
+    through fork must not be used; so every Archive of a file shares one env, and a
+    forked child closes what it inherited before opening its own.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.pid = os.getpid()
+        self.envs: dict[tuple[int, int], list] = {}  # (dev, ino) -> [env, loc, refs]
+
+    def acquire(self, path: str) -> tuple[lmdb.Environment, Location]:
+        loc = locate(path)
+        info = os.stat(loc.data_file)
+        key = (info.st_dev, info.st_ino)
+        with self.lock:
+            if self.pid != os.getpid():
+                self._drop_inherited()
+            slot = self.envs.get(key)
+            if slot is None:
+                slot = self.envs[key] = [_open_readonly(loc, path), loc, 0]
+            slot[2] += 1
+            return slot[0], slot[1]
+
+    def release(self, env: lmdb.Environment) -> None:
+        with self.lock:
+            if self.pid != os.getpid():
+                self._drop_inherited()
+                return
+            for key, slot in list(self.envs.items()):
+                if slot[0] is env:
+                    slot[2] -= 1
+                    if slot[2] <= 0:
+                        del self.envs[key]
+                        env.close()
+                    return
+
+    def _drop_inherited(self) -> None:
+        for env, _loc, _refs in self.envs.values():
+            try:
+                env.close()  # only unmaps this child's copy
+            except lmdb.Error:
+                pass
+        self.envs.clear()
+        self.pid = os.getpid()
+
+
+_SHARED = _Shared()
+acquire_readonly = _SHARED.acquire
+release_readonly = _SHARED.release
+
+
+def _open_readonly(loc: Location, path: str) -> lmdb.Environment:
     """Open for reading without a lock file: the DB is immutable once packed, and this
     also works on read-only media and shared filesystems."""
-    loc = locate(path)
     try:
         env = lmdb.open(
             loc.path,
@@ -71,7 +125,7 @@ def open_readonly(path: str) -> tuple[lmdb.Environment, Location]:
     except BaseException:
         env.close()
         raise
-    return env, loc
+    return env
 
 
 def _lmdb_reason(exc: lmdb.Error) -> str:
@@ -92,6 +146,11 @@ def read_meta(env: lmdb.Environment, shown: str) -> Meta:
     try:
         meta_db = env.open_db(META_DB, create=False)
     except lmdb.NotFoundError:
+        if shown.endswith(PARTIAL_SUFFIX):
+            raise IncompleteDatabase(
+                f"{shown}: an unfinished pack (interrupted or still running)",
+                "finish it with `lmdbfs pack --resume SRC DB`, or start over with --force",
+            ) from None
         with env.begin() as txn:
             empty = txn.stat(env.open_db())["entries"] == 0
         if empty:
