@@ -172,16 +172,29 @@ def serve(db: str, mnt: str, opts: MountOptions) -> None:
         report(f"cannot load libfuse3 ({exc}); install it: apt-get install fuse3 libfuse3-3")
         raise MountError("cannot load libfuse3", "install it: apt-get install fuse3 libfuse3-3") from None
 
-    ops = LmdbfsOperations(os.path.abspath(db), on_ready=lambda: report("ok"))
-    kwargs = {"ro": True, "default_permissions": True, "fsname": f"lmdbfs:{os.path.basename(db)}", "subtype": "lmdbfs"}
+    ready = False
+
+    def on_ready() -> None:
+        nonlocal ready
+        ready = True
+        report("ok")
+
+    ops = LmdbfsOperations(os.path.abspath(db), on_ready=on_ready)
+    kwargs: dict[str, object] = {
+        "ro": True, "default_permissions": True, "fsname": f"lmdbfs:{os.path.basename(db)}", "subtype": "lmdbfs",
+    }
     kwargs.update(_fuse_kwargs(opts.fuse_options))
     try:
         mfusepy.FUSE(ops, mnt, foreground=True, nothreads=not opts.threads, debug=opts.debug, **kwargs)
     except RuntimeError as exc:
+        if ready:  # libfuse3 reports the signal that ended a healthy session as a status
+            log.info("unmounted %s (libfuse status %s)", mnt, exc)
+            return
         report(f"libfuse refused the mount (status {exc})")
         raise MountError(f"libfuse refused to mount {mnt}", "see the messages above, or --log-file") from None
     finally:
         report("the daemon stopped before the mount was ready")
+    log.info("unmounted %s", mnt)
 
 
 def _setup_daemon_logging(opts: MountOptions) -> None:
