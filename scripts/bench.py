@@ -962,7 +962,10 @@ def machine_info(workdir: Path, ctx_rat: Callable[[], str] | None) -> dict[str, 
         liblmdb = ".".join(map(str, lmdb.version()))
     except Exception:
         liblmdb = "?"
+    rev = _first_line(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
+    dirty = _first_line(["git", "-C", str(REPO), "status", "--porcelain", "--", "lmdbfs"])
     info: dict[str, Any] = {
+        "commit": rev + (" (lmdbfs/ modified)" if dirty not in ("?", "", "not found") else ""),
         "cpu": cpu,
         "cores": os.cpu_count(),
         "ram_gb": round(mem / 1024**3, 1),
@@ -1229,6 +1232,8 @@ def render_doc(out_dir: Path) -> str:
         L.append(f"- CPU: {m['cpu']}, {m['cores']} cores; RAM {m['ram_gb']} GB; no swap assumed")
         L.append(f"- OS: {m['os']}, kernel {m['kernel']}; work dir on {m['workdir_fs']}")
         L.append(f"- Python {m['python']}; " + "; ".join(f"{k} {v}" for k, v in m["versions"].items()))
+        commits = ", ".join(f"{r['size']}: {r['machine'].get('commit', '?')}" for r in results)
+        L.append(f"- lmdbfs source at commit {commits}")
         L.append("")
     L.append("## Method")
     L.append("")
