@@ -14,8 +14,9 @@ measures all of them in one run on one machine so the ratios are comparable:
    random order with 1/2/4 reader processes: first epoch (backing file in page
    cache, fresh mount), steady epoch, cold cache; ``os.walk`` + ``stat``,
    mount time and daemon RSS; every mount's bytes checked against the source;
-4. write ``bench-<size>.json``, ``bench-<size>.png`` and ``benchmarks.md`` to
-   ``--out-dir`` (default ``docs/``) and print the ratios against the targets.
+4. write ``bench-<size>.png`` and ``benchmarks.md`` (raw results embedded, so
+   sizes run separately accumulate) to ``--out-dir`` (default ``docs/``), a
+   JSON copy to ``--workdir``, and print the ratios against the targets.
 
 It is not a unit test.  ``--size smoke`` (a few dozen files) exists so that a
 test can check the harness does not crash.
@@ -1205,14 +1206,32 @@ PROFILE_PLACEHOLDER = (
 )
 
 
-def render_doc(out_dir: Path) -> str:
-    """The whole benchmarks.md from every bench-<size>.json in out_dir."""
-    results = []
-    for size in SIZE_ORDER:
-        p = out_dir / f"bench-{size}.json"
-        if p.exists():
-            results.append(json.loads(p.read_text()))
-    old = (out_dir / "benchmarks.md").read_text() if (out_dir / "benchmarks.md").exists() else ""
+DATA_BEGIN = "<!-- bench-results "
+DATA_END = " -->"
+
+
+def stored_results(md_path: Path) -> dict[str, dict[str, Any]]:
+    """Results embedded in an existing benchmarks.md, by size (so sizes run separately add up)."""
+    out: dict[str, dict[str, Any]] = {}
+    if not md_path.exists():
+        return out
+    for line in md_path.read_text().splitlines():
+        if line.startswith(DATA_BEGIN) and line.endswith(DATA_END):
+            try:
+                res = json.loads(line[len(DATA_BEGIN) : -len(DATA_END)])
+                out[res["size"]] = res
+            except (ValueError, KeyError):
+                log.warning("ignoring unreadable stored results in %s", md_path)
+    return out
+
+
+def render_doc(out_dir: Path, new: dict[str, Any]) -> str:
+    """The whole benchmarks.md: this run's results plus other sizes' stored in the old file."""
+    md_path = out_dir / "benchmarks.md"
+    by_size = stored_results(md_path)
+    by_size[new["size"]] = new
+    results = [by_size[s] for s in SIZE_ORDER if s in by_size]
+    old = md_path.read_text() if md_path.exists() else ""
     profile = PROFILE_PLACEHOLDER
     if PROFILE_BEGIN in old and PROFILE_END in old:
         profile = old.split(PROFILE_BEGIN, 1)[1].split(PROFILE_END, 1)[0].strip() or PROFILE_PLACEHOLDER
@@ -1251,6 +1270,10 @@ def render_doc(out_dir: Path) -> str:
     L.append(PROFILE_BEGIN)
     L.append(profile)
     L.append(PROFILE_END)
+    L.append("")
+    L.append("<!-- Raw results, read back by scripts/bench.py when another size is run: -->")
+    for res in results:
+        L.append(DATA_BEGIN + json.dumps(res, separators=(",", ":")).replace("--", "-\\u002d") + DATA_END)
     L.append("")
     return "\n".join(L)
 
@@ -1294,7 +1317,7 @@ python scripts/bench.py --size full            # 1.44M tiny files; epochs on a 1
 python scripts/bench.py --size medium --skip-pack --systems native,lmdbfs --readers 2
 ```
 Run as root so caches can be dropped (otherwise 'cold' numbers are marked not cold). Results go to
-`docs/bench-<size>.json`, `docs/bench-<size>.png` and this file (`--out-dir` to write elsewhere);
+`docs/bench-<size>.png` and this file (raw numbers are embedded at its end) (`--out-dir` to write elsewhere);
 the tree and artifacts stay in `--workdir` (default `/var/tmp/lmdbfs-bench`, or
 `$LMDBFS_BENCH_WORKDIR`) and are reused by later runs."""
 
@@ -1371,7 +1394,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
                     help="trees, artifacts, mount points and the ratarmount venv (default %(default)s)")
     ap.add_argument("--out-dir", type=Path, default=REPO / "docs",
-                    help="where benchmarks.md, bench-<size>.json/.png go (default docs/)")
+                    help="where benchmarks.md and bench-<size>.png go (default docs/)")
     ap.add_argument("--systems", default=",".join(ALL_SYSTEMS),
                     help="comma list of %s (default all)" % ",".join(ALL_SYSTEMS))
     ap.add_argument("--readers", default=None, help="comma list of reader process counts (default per size)")
@@ -1430,8 +1453,10 @@ def main(argv: list[str] | None = None) -> int:
     epoch_files = sorted(rng.sample(all_files, sample)) if sample and sample < len(all_files) else all_files
     verify_files = sorted(rng.sample(all_files, vsample)) if vsample and vsample < len(all_files) else all_files
 
-    json_path = a.out_dir / f"bench-{a.size}.json"
-    prev = json.loads(json_path.read_text()) if json_path.exists() else {}
+    json_path = a.workdir / f"results-{a.size}.json"
+    prev = stored_results(a.out_dir / "benchmarks.md").get(a.size) or (
+        json.loads(json_path.read_text()) if json_path.exists() else {}
+    )
     ctx = Ctx(args=a, size=a.size, workdir=a.workdir, tree=tree, epoch_files=epoch_files,
               verify_files=verify_files, cold_ok=cold_ok)
     ctx.res = {
@@ -1473,7 +1498,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx.res["elapsed_s"] = now() - t_start
     json_path.write_text(json.dumps(ctx.res, indent=1))
     make_chart(ctx.res, a.out_dir / f"bench-{a.size}.png")
-    (a.out_dir / "benchmarks.md").write_text(render_doc(a.out_dir))
+    (a.out_dir / "benchmarks.md").write_text(render_doc(a.out_dir, ctx.res))
     print(f"\n== {a.size}: ratios (see {a.out_dir / 'benchmarks.md'}) ==")
     for r in compute_ratios(ctx.res):
         if r["verdict"] != "n/a":

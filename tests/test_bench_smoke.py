@@ -46,7 +46,7 @@ def test_bench_smoke_runs_and_writes_table(tmp_path: Path) -> None:
         assert f"| {name} |" in md, f"{name} missing from the table"
     assert "ratios" in r.stdout
 
-    res = json.loads((out / "bench-smoke.json").read_text())
+    res = json.loads((tmp_path / "work" / "results-smoke.json").read_text())
     assert not res["errors"]
     assert res["tree"]["files"] > 10
     assert {"lmdbfs", "squashfuse", "seed"} <= set(res["pack"])
