@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -24,6 +25,7 @@ from .errors import MountError
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT = 60.0
+READAHEAD_KB = 1024  # matches libfuse3's largest READ (max_pages = 256)
 # mfusepy loads libfuse2 when both are installed; libfuse3 gives 1 MiB reads and no-open.
 os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
 
@@ -177,6 +179,7 @@ def serve(db: str, mnt: str, opts: MountOptions) -> None:
     def on_ready() -> None:
         nonlocal ready
         ready = True
+        threading.Thread(target=_raise_readahead, args=(mnt,), daemon=True).start()
         report("ok")
 
     ops = LmdbfsOperations(os.path.abspath(db), on_ready=on_ready)
@@ -195,6 +198,22 @@ def serve(db: str, mnt: str, opts: MountOptions) -> None:
     finally:
         report("the daemon stopped before the mount was ready")
     log.info("unmounted %s", mnt)
+
+
+def _raise_readahead(mnt: str) -> None:
+    """Let the kernel ask for up to 1 MiB per READ instead of 128 KiB.
+
+    FUSE can only lower the kernel's offer at INIT, but root may raise the mount's
+    own readahead in sysfs: a 300 KB frame then arrives in one request, not three.
+    Files are clamped to their size, so small files cost nothing extra.
+    """
+    try:
+        dev = os.stat(mnt).st_dev
+        with open(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb", "w") as fh:
+            fh.write(str(READAHEAD_KB))
+        log.debug("readahead of %s set to %d KiB", mnt, READAHEAD_KB)
+    except OSError as exc:
+        log.debug("readahead of %s left as it is: %s", mnt, exc)
 
 
 def _setup_daemon_logging(opts: MountOptions) -> None:

@@ -168,6 +168,11 @@ class Archive:
         self.close()
 
     @property
+    def data_fd(self) -> int:
+        """A descriptor of the DB's data file, for reads at `value_location` offsets."""
+        return self._h().fd
+
+    @property
     def meta(self) -> Meta:
         return self._h().meta
 
