@@ -71,11 +71,10 @@ class LmdbfsOperations(mfusepy.Operations):
 
     use_ns = True
 
-    def __init__(self, db: str, on_ready: Any = None, verify: bool = True) -> None:
-        self.db = db
+    def __init__(self, archive: Archive, on_ready: Any = None, verify: bool = True) -> None:
+        self.archive = archive
         self.on_ready = on_ready
         self.verify = verify
-        self.archive: Archive | None = None
         self.uid = os.getuid()
         self.gid = os.getgid()
         self._verified = _Verified(_VERIFIED_MAX)
@@ -83,14 +82,13 @@ class LmdbfsOperations(mfusepy.Operations):
 
     # -- lifecycle ------------------------------------------------------------------------
     def init_with_config(self, conn_info: Any, config: Any) -> None:
-        self.archive = Archive(self.db, verify=self.verify)
         self._db_bytes = os.path.getsize(self.archive._h().loc.data_file)  # noqa: SLF001
         if config is not None:
             config.kernel_cache = 1
             config.entry_timeout = CACHE_SECONDS
             config.attr_timeout = CACHE_SECONDS
             config.negative_timeout = CACHE_SECONDS
-        log.info("serving %s (%d files)", self.db, self.archive.meta.files)
+        log.info("serving %s (%d files)", self.archive.path, self.archive.meta.files)
         if self.on_ready is not None:
             self.on_ready()
 

@@ -20,7 +20,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from .errors import MountError
+from .errors import LmdbfsError, MountError
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +87,12 @@ def _check_fuse_available() -> None:
 
 
 def mount(db: str, mnt: str, opts: MountOptions) -> None:
-    from .reader import Archive
+    """Check, then serve (foreground) or start the daemon and wait until it serves.
 
-    Archive(db).close()  # a bad DB fails here, in the caller, with its own message
+    The DB itself is opened only by the process that serves it; its errors come back
+    through the readiness pipe, so the caller stays light (no numpy, no LMDB) and the
+    mount is ready sooner.
+    """
     check_mountpoint(mnt)
     _check_fuse_available()
     if opts.foreground:
@@ -122,10 +125,23 @@ def _spawn_daemon(db: str, mnt: str, opts: MountOptions) -> None:
             return
         errors.seek(0)
         lines = [line for line in errors.read().decode(errors="replace").splitlines() if line.strip()]
-    detail = answer or (lines[-1] if lines else f"daemon exited with status {proc.returncode}")
     if os.path.ismount(mnt):
         _fusermount(mnt, lazy=True)
+    code, sep, text = answer.partition(" ")
+    if answer.startswith("error") and sep:
+        # The daemon's own error (a bad DB, say), with its exit code: pass it on as is.
+        exit_code, _, message = text.partition(" ")
+        raise _DaemonError(message, exit_code=int(exit_code))
+    detail = answer or (lines[-1] if lines else f"daemon exited with status {proc.returncode}")
     raise MountError(f"mounting {mnt} failed: {detail.removeprefix('lmdbfs: error: ')}", "see --log-file for details")
+
+
+class _DaemonError(LmdbfsError):
+    """An error the daemon reported before serving; its line already names the fix."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def _wait_ready(fd: int, proc: subprocess.Popen) -> str:
@@ -170,9 +186,15 @@ def serve(db: str, mnt: str, opts: MountOptions) -> None:
         import mfusepy
 
         from .fuse_ops import LmdbfsOperations
+        from .reader import Archive
+
+        archive = Archive(db)
     except OSError as exc:  # libfuse missing: mfusepy raises at import
         report(f"cannot load libfuse3 ({exc}); install it: apt-get install fuse3 libfuse3-3")
         raise MountError("cannot load libfuse3", "install it: apt-get install fuse3 libfuse3-3") from None
+    except LmdbfsError as exc:
+        report(f"error {exc.exit_code} {exc.one_line()}")
+        raise
 
     ready = False
 
@@ -182,7 +204,7 @@ def serve(db: str, mnt: str, opts: MountOptions) -> None:
         threading.Thread(target=_raise_readahead, args=(mnt,), daemon=True).start()
         report("ok")
 
-    ops = LmdbfsOperations(os.path.abspath(db), on_ready=on_ready)
+    ops = LmdbfsOperations(archive, on_ready=on_ready)
     kwargs: dict[str, object] = {
         "ro": True, "default_permissions": True, "fsname": f"lmdbfs:{os.path.basename(db)}", "subtype": "lmdbfs",
     }
