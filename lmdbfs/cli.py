@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("pack", cmd_pack, "store every file of SRC (exact bytes) and a path index in the DB file")
     p.add_argument("src", metavar="SRC")
     p.add_argument("db", metavar="DB")
-    p.add_argument("-j", "--workers", type=_positive, default=4, help="files read in parallel (default 4)")
+    p.add_argument("-j", "--workers", type=_positive, default=8, help="threads reading files in parallel (default 8)")
     p.add_argument("--exclude", action="append", metavar="GLOB", help="leave out names (or relative paths, if GLOB has '/') matching GLOB; repeatable")
     p.add_argument("--force", action="store_true", help="replace an existing DB (kept until the new one is complete)")
     p.add_argument("--resume", action="store_true", help="finish an interrupted pack (DB.partial) instead of starting over")

@@ -47,6 +47,7 @@ class Scan:
     dirs: list[ScannedDir] = field(default_factory=list)
     file_dir: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint32))
     file_row: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint32))
+    file_size: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
     files: int = 0
     symlinks: int = 0
     bytes: int = 0
@@ -107,6 +108,7 @@ def scan_tree(
     excluded = _Excluder(excludes or [], skip_abs or [])
     file_dirs: list[np.ndarray] = []
     file_rows: list[np.ndarray] = []
+    file_sizes: list[np.ndarray] = []
     # (relpath, index of the parent's ScannedDir, row of this dir in the parent)
     stack: list[tuple[str, int, int]] = [("", -1, -1)]
     while stack:
@@ -123,6 +125,7 @@ def scan_tree(
             scan.dirs[parent].rows[parent_row]["checksum"] = len(subdirs)
         file_idx = np.flatnonzero(rows["kind"] == KIND_FILE).astype(np.uint32)
         file_rows.append(file_idx)
+        file_sizes.append(rows["size"][file_idx])
         file_dirs.append(np.full(len(file_idx), dir_index, np.uint32))
         scan.files += len(file_idx)
         scan.bytes += int(rows["size"][file_idx].sum())
@@ -131,6 +134,7 @@ def scan_tree(
     if file_rows:
         scan.file_dir = np.concatenate(file_dirs)
         scan.file_row = np.concatenate(file_rows)
+        scan.file_size = np.concatenate(file_sizes)
     return scan
 
 

@@ -329,3 +329,34 @@ def test_unreadable_files_stop_the_pack_or_are_skipped(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "1 unreadable, left out: secret.txt" in proc.stdout
     assert run_cli("ls", out / "b.lmdb").stdout.split() == ["good.txt"]
+
+
+def test_map_grows_when_the_first_estimate_is_too_small(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The packer never needs a hard-coded map size: a full map grows and the batch is redone."""
+    from lmdbfs import packer
+
+    caplog.set_level("INFO", logger="lmdbfs.packer")
+    src = tmp_path / "src"
+    _slow_tree(src, files=100, size=300_000)  # 30 MB
+    monkeypatch.setattr(packer, "_map_size_for", lambda scan: 2 << 20)
+    monkeypatch.setattr(packer, "BATCH_BYTES", 8 << 20)
+    result = packer.pack(str(src), str(tmp_path / "grown.lmdb"), packer.PackOptions(progress=False))
+    assert result.files == 100
+    assert any("growing the map" in r.message for r in caplog.records)
+    run_cli("verify", tmp_path / "grown.lmdb", "--against", src)
+    assert result.db_bytes < 1.1 * 30_000_000, "the file holds data, not a sparse map"
+
+
+def test_pack_memory_does_not_grow_with_the_data(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    _slow_tree(src, files=1000, size=400_000)  # 400 MB of file contents
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lmdbfs", "pack", str(src), str(tmp_path / "m.lmdb"), "--no-progress"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    _, status, usage = os.wait4(proc.pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    peak_mb = usage.ru_maxrss / 1024
+    assert peak_mb < 250, f"peak RSS {peak_mb:.0f} MB for 400 MB of data"
