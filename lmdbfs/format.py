@@ -14,6 +14,7 @@ Layout of one LMDB environment (a single file by default):
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import stat as _stat
@@ -124,35 +125,55 @@ class Entry:
 
 
 class DirRecord:
-    """A decoded directory record: rows in a numpy array plus a name -> row map."""
+    """A decoded directory record: the numpy rows and the name blob, nothing more.
 
-    __slots__ = ("path", "rows", "names", "_blob", "_by_name", "nbytes")
+    Names are found by binary search over the sorted rows instead of a dict, so a
+    cached record costs what it weighs on disk (~50 bytes an entry, not ~250): the
+    daemon's directory cache can then be bounded by bytes honestly.
+    """
+
+    __slots__ = ("path", "rows", "_blob", "nbytes", "_offs", "_lens")
 
     def __init__(self, path: str, rows: np.ndarray, blob: bytes, nbytes: int) -> None:
         self.path = path
         self.rows = rows
         self._blob = blob
         self.nbytes = nbytes
-        offs = rows["name_off"].tolist()
-        lens = rows["name_len"].tolist()
-        self.names = [decode_path(blob[o : o + n]) for o, n in zip(offs, lens)]
-        self._by_name = {name: i for i, name in enumerate(self.names)}
+        self._offs = rows["name_off"]
+        self._lens = rows["name_len"]
 
     def __len__(self) -> int:
-        return len(self.names)
+        return len(self.rows)
+
+    def _name_bytes(self, i: int) -> bytes:
+        off = int(self._offs[i])
+        return self._blob[off : off + int(self._lens[i])]
+
+    def raw_names(self) -> list[bytes]:
+        blob = self._blob
+        return [blob[o : o + n] for o, n in zip(self._offs.tolist(), self._lens.tolist())]
+
+    @property
+    def names(self) -> list[str]:
+        blob = self._blob
+        return [decode_path(blob[o : o + n]) for o, n in zip(self._offs.tolist(), self._lens.tolist())]
 
     def index_of(self, name: str) -> int | None:
-        return self._by_name.get(name)
+        target = encode_path(name)
+        i = bisect.bisect_left(range(len(self.rows)), target, key=self._name_bytes)
+        if i < len(self.rows) and self._name_bytes(i) == target:
+            return i
+        return None
 
     def entry(self, i: int) -> Entry:
         row = self.rows[i]
         kind = int(row["kind"])
+        off, n = int(row["name_off"]), int(row["name_len"])
         target = None
         if kind == KIND_SYMLINK:
-            start = int(row["name_off"]) + int(row["name_len"])
-            target = decode_path(self._blob[start : start + int(row["target_len"])])
+            target = decode_path(self._blob[off + n : off + n + int(row["target_len"])])
         return Entry(
-            name=self.names[i],
+            name=decode_path(self._blob[off : off + n]),
             kind=kind,
             mode=int(row["mode"]),
             size=int(row["size"]),
@@ -162,11 +183,11 @@ class DirRecord:
         )
 
     def lookup(self, name: str) -> Entry | None:
-        i = self._by_name.get(name)
+        i = self.index_of(name)
         return None if i is None else self.entry(i)
 
     def entries(self) -> list[Entry]:
-        return [self.entry(i) for i in range(len(self.names))]
+        return [self.entry(i) for i in range(len(self.rows))]
 
     @property
     def subdir_count(self) -> int:

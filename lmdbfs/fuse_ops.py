@@ -21,7 +21,7 @@ from typing import Any
 import mfusepy
 
 from .errors import CorruptValue, LmdbfsError, errno_of
-from .format import Entry, checksum
+from .format import KIND_DIR, Entry, checksum
 from .reader import Archive, normpath
 
 log = logging.getLogger(__name__)
@@ -115,6 +115,50 @@ class LmdbfsOperations(mfusepy.Operations):
     def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
         return self._attrs(self.archive.lstat(path))
 
+    def fill_directory(self, path: str, buf: Any, filler: Any, offset: int, plus: bool) -> int:
+        """readdir, answering READDIRPLUS with every entry's full attributes.
+
+        The kernel then caches each child's entry and attributes from the listing, so
+        `os.walk` + `stat` or `ls -l` needs a request per directory instead of one
+        LOOKUP per file. Entries carry offsets (libfuse only passes attributes on in
+        that mode); a large directory arrives over several calls, resuming at
+        ``offset``: '.' is 1, '..' is 2, row i is i + 3.
+        """
+        try:
+            rec = self.archive.dir_record(path)
+        except LmdbfsError as exc:
+            return -errno_of(exc)
+        st_buf = mfusepy.c_stat()
+        st_buf.st_mode = st.S_IFDIR | 0o555
+        for off, dot in ((1, b"."), (2, b"..")):
+            if offset < off and filler(buf, dot, st_buf, off, 0):
+                return 0
+        first = max(0, offset - 2)
+        rows = rec.rows[first:]
+        names = rec.raw_names()[first:]
+        kinds = rows["kind"].tolist()
+        modes = rows["mode"].tolist()
+        flags = _FUSE_FILL_DIR_PLUS if plus else 0
+        if plus:
+            st_buf.st_uid, st_buf.st_gid, st_buf.st_blksize = self.uid, self.gid, 1 << 20
+            sizes = rows["size"].tolist()
+            mtimes = rows["mtime_ns"].tolist()
+            extra = rows["checksum"].tolist()
+        for n, (name, kind, mode) in enumerate(zip(names, kinds, modes), start=first + 3):
+            st_buf.st_mode = _DT_MODES[kind] | (mode & ~_WRITE_BITS)
+            if plus:
+                i = n - first - 3
+                size = sizes[i]
+                st_buf.st_nlink = 2 + extra[i] if kind == KIND_DIR else 1
+                st_buf.st_size = size
+                st_buf.st_blocks = (size + 511) // 512
+                sec, nsec = divmod(mtimes[i], 1_000_000_000)
+                for ts in (st_buf.st_mtimespec, st_buf.st_ctimespec, st_buf.st_atimespec):
+                    ts.tv_sec, ts.tv_nsec = sec, nsec
+            if filler(buf, name, st_buf, n, flags):
+                break
+        return 0
+
     @_fuse_errors
     def readdir(self, path: str, fh: int) -> Iterator[Any]:
         rec = self.archive.dir_record(path)
@@ -197,6 +241,17 @@ class LmdbfsOperations(mfusepy.Operations):
 
 
 _DT_MODES = {1: st.S_IFREG, 2: st.S_IFDIR, 3: st.S_IFLNK}
+_FUSE_READDIR_PLUS = 1 << 0
+_FUSE_FILL_DIR_PLUS = 1 << 1
+
+
+class LmdbfsFUSE(mfusepy.FUSE):
+    """mfusepy's FUSE, but readdir passes READDIRPLUS through (mfusepy fills names and
+    types only, which leaves the kernel to LOOKUP every file afterwards)."""
+
+    def readdir_fuse_3(self, path: bytes | None, buf: Any, filler: Any, offset: int, fip: Any, flags: int) -> int:
+        decoded = "/" if path is None else path.decode(self.encoding, self.errors)
+        return self.operations.fill_directory(decoded, buf, filler, offset, bool(flags & _FUSE_READDIR_PLUS))
 
 # -- libfuse buffers ----------------------------------------------------------------------
 # mfusepy declares fuse_bufvec.buf as a pointer; libfuse has it inline (buf[1]), so the

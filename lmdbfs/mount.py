@@ -183,9 +183,7 @@ def serve(db: str, mnt: str, opts: MountOptions) -> None:
             ready_fd = None
 
     try:
-        import mfusepy
-
-        from .fuse_ops import LmdbfsOperations
+        from .fuse_ops import LmdbfsFUSE, LmdbfsOperations
         from .reader import Archive
 
         archive = Archive(db)
@@ -210,7 +208,7 @@ def serve(db: str, mnt: str, opts: MountOptions) -> None:
     }
     kwargs.update(_fuse_kwargs(opts.fuse_options))
     try:
-        mfusepy.FUSE(ops, mnt, foreground=True, nothreads=not opts.threads, debug=opts.debug, **kwargs)
+        LmdbfsFUSE(ops, mnt, foreground=True, nothreads=not opts.threads, debug=opts.debug, **kwargs)
     except RuntimeError as exc:
         if ready:  # libfuse3 reports the signal that ended a healthy session as a status
             log.info("unmounted %s (libfuse status %s)", mnt, exc)

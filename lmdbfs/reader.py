@@ -27,7 +27,7 @@ from .format import KIND_DIR, KIND_FILE, DirRecord, Entry, Meta, checksum, conte
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DIR_CACHE_BYTES = 64 << 20
+DEFAULT_DIR_CACHE_BYTES = 32 << 20  # decoded records weigh what they do on disk
 _MAX_SYMLINK_HOPS = 40
 
 
@@ -299,9 +299,9 @@ class Archive:
             if rec is None:
                 self.lstat(rel)
                 raise NotADirectory(f"{rel or '/'}: not a directory")
-            kinds = rec.rows["kind"]
-            dirs = [n for n, k in zip(rec.names, kinds.tolist()) if k == KIND_DIR]
-            files = [n for n, k in zip(rec.names, kinds.tolist()) if k != KIND_DIR]
+            named = list(zip(rec.names, rec.rows["kind"].tolist()))
+            dirs = [n for n, k in named if k == KIND_DIR]
+            files = [n for n, k in named if k != KIND_DIR]
             yield rel, dirs, files
             stack.extend(posixpath.join(rel, d) for d in reversed(dirs))
 
