@@ -22,7 +22,7 @@ import mfusepy
 
 from .errors import CorruptValue, LmdbfsError, errno_of
 from .format import KIND_DIR, Entry, checksum
-from .reader import Archive, normpath
+from .reader import Archive
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ class LmdbfsOperations(mfusepy.Operations):
 
     @_fuse_errors
     def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
-        return self._attrs(self.archive.lstat(path))
+        return self._attrs(self.archive.lstat_rel(path.strip("/")))
 
     def fill_directory(self, path: str, buf: Any, filler: Any, offset: int, plus: bool) -> int:
         """readdir, answering READDIRPLUS with every entry's full attributes.
@@ -201,8 +201,8 @@ class LmdbfsOperations(mfusepy.Operations):
         one large read instead of 4 KiB page faults.
         """
         archive = self.archive
-        rel = normpath(path)
-        entry = archive.lstat(rel)
+        rel = path.strip("/")
+        entry = archive.lstat_rel(rel)
         if not entry.is_file:
             raise mfusepy.FuseOSError(errno.EISDIR if entry.is_dir else errno.EINVAL)
         view, file_off = archive.value_location(rel, entry)

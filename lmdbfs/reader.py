@@ -206,7 +206,10 @@ class Archive:
 
     def lstat(self, path: str) -> Entry:
         """The index entry of ``path`` itself (a symlink is not followed)."""
-        rel = normpath(path)
+        return self.lstat_rel(normpath(path))
+
+    def lstat_rel(self, rel: str) -> Entry:
+        """`lstat` for a path already in archive-relative form (as FUSE passes them)."""
         if not rel:
             return self._root_entry()
         parent, name = posixpath.split(rel)
