@@ -31,6 +31,16 @@ def run_cli(*args: str | os.PathLike, check: bool = True, timeout: float = 300) 
     return proc
 
 
+def one_error_line(proc: subprocess.CompletedProcess) -> str:
+    """A failed command must say one line, `lmdbfs: error: …`, and no traceback."""
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("lmdbfs: error: "), lines[0]
+    return lines[0]
+
+
 def load_script(name: str):
     """Import a file from scripts/ (they are standalone, not part of the package)."""
     path = ROOT / "scripts" / f"{name}.py"

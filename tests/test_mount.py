@@ -21,7 +21,7 @@ import pytest
 
 import lmdbfs
 
-from .conftest import is_mounted, run_cli
+from .conftest import is_mounted, one_error_line, run_cli
 from .treecmp import differences, snapshot
 
 ABSENT = {b"backup.bak", b"small/old.bak", b"a_fifo", b"a_socket"}
@@ -243,33 +243,25 @@ def test_corrupted_value_is_eio_for_that_file_only(edge_tree: Path, edge_db: Pat
     assert victim in log.read_text() and "checksum" in log.read_text()
 
 
-def _clean_failure(proc: subprocess.CompletedProcess) -> str:
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    return lines[0]
-
-
 def test_mount_refuses_bad_mountpoints_and_dbs(edge_db: Path, mount_db, tmp_path: Path) -> None:
     missing = tmp_path / "missing"
-    assert "no such directory" in _clean_failure(run_cli("mount", edge_db, missing, check=False))
+    assert "no such directory" in one_error_line(run_cli("mount", edge_db, missing, check=False))
     full = tmp_path / "full"
     full.mkdir()
     (full / "x").write_text("x")
-    assert "not empty" in _clean_failure(run_cli("mount", edge_db, full, check=False))
+    assert "not empty" in one_error_line(run_cli("mount", edge_db, full, check=False))
     afile = tmp_path / "afile"
     afile.write_text("x")
-    assert "not a directory" in _clean_failure(run_cli("mount", edge_db, afile, check=False))
+    assert "not a directory" in one_error_line(run_cli("mount", edge_db, afile, check=False))
     garbage = tmp_path / "garbage.lmdb"
     garbage.write_bytes(os.urandom(50_000))
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert "not an LMDB" in _clean_failure(run_cli("mount", garbage, empty, check=False))
+    assert "not an LMDB" in one_error_line(run_cli("mount", garbage, empty, check=False))
     assert not is_mounted(empty)
     m = mount_db(edge_db)
-    assert "already a mount point" in _clean_failure(run_cli("mount", edge_db, m.mnt, check=False))
-    assert "not mounted" in _clean_failure(run_cli("umount", empty, check=False))
+    assert "already a mount point" in one_error_line(run_cli("mount", edge_db, m.mnt, check=False))
+    assert "not mounted" in one_error_line(run_cli("umount", empty, check=False))
 
 
 def test_foreground_mount_stays_attached_and_unmounts_on_ctrl_c(edge_db: Path, tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ import pytest
 import lmdbfs
 from lmdbfs.format import INDEX_DB, META_DB, META_KEY, content_key, dir_key, encode_dir, new_rows, pack_names
 
-from .conftest import BIG_FILE_BYTES, run_cli
+from .conftest import BIG_FILE_BYTES, one_error_line, run_cli
 from .treecmp import differences, snapshot
 
 
@@ -153,15 +153,6 @@ def test_db_inside_the_source_is_not_packed_into_itself(tmp_path: Path) -> None:
     assert run_cli("ls", src / "self.lmdb").stdout.split() == ["f.txt"]
 
 
-def _one_clean_line(proc: subprocess.CompletedProcess) -> str:
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("lmdbfs: error: ")
-    return lines[0]
-
-
 def _bad_inputs(tmp_path: Path, good: Path) -> dict[str, Path]:
     bad = {}
     bad["missing"] = tmp_path / "missing.lmdb"
@@ -194,7 +185,7 @@ def _bad_inputs(tmp_path: Path, good: Path) -> dict[str, Path]:
 def test_bad_databases_give_one_clear_line(command: str, tmp_path: Path, edge_db: Path) -> None:
     for name, path in _bad_inputs(tmp_path, edge_db).items():
         args = {"cat": [path, "plain.txt"], "unpack": [path, tmp_path / f"out-{name}"]}.get(command, [path])
-        line = _one_clean_line(run_cli(command, *args, check=False))
+        line = one_error_line(run_cli(command, *args, check=False))
         expect = {
             "missing": "no such DB",
             "garbage": "not an LMDB",
@@ -242,11 +233,11 @@ def test_a_killed_pack_is_refused_then_resumed(tmp_path: Path, kill_at_bytes: in
     if db.exists():
         pytest.fail("the pack finished before it could be killed; make the tree bigger")
     for target in (db, partial):
-        line = _one_clean_line(run_cli("info", target, check=False))
+        line = one_error_line(run_cli("info", target, check=False))
         assert "unfinished pack" in line or "interrupted" in line, line
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    line = _one_clean_line(run_cli("mount", partial, mnt, check=False))
+    line = one_error_line(run_cli("mount", partial, mnt, check=False))
     assert "unfinished pack" in line
     refused = run_cli("pack", src, db, "--no-progress", check=False)
     assert refused.returncode == 5 and "--resume" in refused.stderr
@@ -273,7 +264,7 @@ def test_verify_finds_a_corrupted_value(edge_db: Path, tmp_path: Path) -> None:
     assert proc.returncode == 6
     assert "small/many_123.txt: checksum mismatch" in proc.stdout
     assert proc.stdout.count("mismatch") == 1
-    line = _one_clean_line(run_cli("cat", broken, "small/many_123.txt", check=False))
+    line = one_error_line(run_cli("cat", broken, "small/many_123.txt", check=False))
     assert "checksum mismatch" in line
 
 
@@ -303,7 +294,7 @@ def _crafted_db(tmp_path: Path, bad_name: bytes) -> Path:
 def test_unpack_refuses_entries_outside_the_destination(tmp_path: Path, bad_name: bytes) -> None:
     db = _crafted_db(tmp_path, bad_name)
     dst = tmp_path / "out" / "dst"
-    line = _one_clean_line(run_cli("unpack", db, dst, check=False))
+    line = one_error_line(run_cli("unpack", db, dst, check=False))
     assert "outside the destination" in line
     assert not (tmp_path / "out" / "escape.txt").exists()
     assert not (tmp_path / "escape.txt").exists()
@@ -322,7 +313,7 @@ def test_unreadable_files_stop_the_pack_or_are_skipped(tmp_path: Path) -> None:
     out = tmp_path / "outdir"
     out.mkdir()
     proc = subprocess.run([*cmd, str(out / "a.lmdb"), "--no-progress"], capture_output=True, text=True)
-    line = _one_clean_line(proc)
+    line = one_error_line(proc)
     assert "secret.txt" in line and "--skip-errors" in line
     assert not (out / "a.lmdb").exists()
     proc = subprocess.run([*cmd, str(out / "b.lmdb"), "--no-progress", "--skip-errors"], capture_output=True, text=True)
