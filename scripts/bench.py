@@ -932,6 +932,13 @@ def _first_line(cmd: list[str]) -> str:
         return "not found"
 
 
+def _git_rev() -> str:
+    """HEAD of the repo, flagged when lmdbfs/ has uncommitted changes (the numbers depend on them)."""
+    rev = _first_line(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
+    dirty = _first_line(["git", "-C", str(REPO), "status", "--porcelain", "--", "lmdbfs"])
+    return rev + (" (lmdbfs/ modified)" if dirty not in ("?", "", "not found") else "")
+
+
 def _dist_version(name: str) -> str:
     try:
         return importlib.metadata.version(name)
@@ -963,10 +970,8 @@ def machine_info(workdir: Path, ctx_rat: Callable[[], str] | None) -> dict[str, 
         liblmdb = ".".join(map(str, lmdb.version()))
     except Exception:
         liblmdb = "?"
-    rev = _first_line(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
-    dirty = _first_line(["git", "-C", str(REPO), "status", "--porcelain", "--", "lmdbfs"])
     info: dict[str, Any] = {
-        "commit": rev + (" (lmdbfs/ modified)" if dirty not in ("?", "", "not found") else ""),
+        "commit": _git_rev(),
         "cpu": cpu,
         "cores": os.cpu_count(),
         "ram_gb": round(mem / 1024**3, 1),
@@ -1251,7 +1256,12 @@ def render_doc(out_dir: Path, new: dict[str, Any]) -> str:
         L.append(f"- CPU: {m['cpu']}, {m['cores']} cores; RAM {m['ram_gb']} GB; no swap assumed")
         L.append(f"- OS: {m['os']}, kernel {m['kernel']}; work dir on {m['workdir_fs']}")
         L.append(f"- Python {m['python']}; " + "; ".join(f"{k} {v}" for k, v in m["versions"].items()))
-        commits = ", ".join(f"{r['size']}: {r['machine'].get('commit', '?')}" for r in results)
+        commits = ", ".join(
+            f"{r['size']}: {r.get('commit_at_start', r['machine'].get('commit', '?'))}"
+            + (f" → {r['machine']['commit']}" if r.get("commit_at_start", r['machine'].get('commit'))
+               != r["machine"].get("commit") else "")
+            for r in results
+        )
         L.append(f"- lmdbfs source at commit {commits}")
         L.append("")
     L.append("## Method")
@@ -1303,7 +1313,10 @@ METHOD = """\
   pages of the backing file that the epoch touched.
 - **Bytes check**: once per mounted system, every (or, at full size, a seeded sample of) file
   compared byte for byte with the source; the seed DB, which re-encodes, is checked for keys only.
-- The machine is shared with other work; numbers from a quiet machine may differ."""
+- 'Cold' means the guest's page cache was dropped. On a VM the host may still cache the disk image,
+  so cold reads can be faster than the physical disk; every system gets the same treatment.
+- The machine is shared with other work; numbers from a quiet machine may differ, and small
+  differences (±20 %) between runs are noise, not findings."""
 
 REPRODUCE = """\
 ```sh
@@ -1320,6 +1333,23 @@ Run as root so caches can be dropped (otherwise 'cold' numbers are marked not co
 `docs/bench-<size>.png` and this file (raw numbers are embedded at its end) (`--out-dir` to write elsewhere);
 the tree and artifacts stay in `--workdir` (default `/var/tmp/lmdbfs-bench`, or
 `$LMDBFS_BENCH_WORKDIR`) and are reused by later runs."""
+
+
+def _rss_panel(ax: Any, res: dict[str, Any], colors: dict[str, str]) -> None:
+    """Daemon memory after the epochs (used when there is a single reader count)."""
+    names, rss, anon = [], [], []
+    for n, by_r in res.get("daemon_rss", {}).items():
+        last = by_r[max(by_r, key=int)]
+        after = last.get("after_steady") or last.get("after_first") or {}
+        if after:
+            names.append(n)
+            rss.append(after.get("rss_mb", 0))
+            anon.append(after.get("anon_mb", 0))
+    xs = range(len(names))
+    ax.bar([x - 0.2 for x in xs], rss, 0.4, label="VmRSS", color=[colors[n] for n in names])
+    ax.bar([x + 0.2 for x in xs], anon, 0.4, label="RssAnon", color=[colors[n] for n in names], alpha=0.5)
+    ax.set_xticks(list(xs), names)
+    ax.set_title("daemon RSS after the epochs (MB; solid VmRSS, light anon)")
 
 
 def make_chart(res: dict[str, Any], path: Path) -> bool:
@@ -1368,6 +1398,12 @@ def make_chart(res: dict[str, Any], path: Path) -> bool:
     ax.set_xticks([i + width / 2 for i in range(len(names))], names)
     ax.set_title("os.walk + stat of everything (s; solid cold, light warm)")
     ax = axes[1][1]
+    if len(readers) < 2:
+        _rss_panel(ax, res, colors)
+        fig.tight_layout()
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        return True
     for n in ALL_SYSTEMS:
         pts = [(r, epoch_rate(res, n, r, "steady")) for r in readers]
         pts = [(r, v) for r, v in pts if v]
@@ -1386,6 +1422,22 @@ def make_chart(res: dict[str, Any], path: Path) -> bool:
 
 
 # --------------------------------------------------------------------------- main
+
+
+def render_only(out_dir: Path) -> int:
+    """Rebuild the doc and charts (e.g. after editing the hand-written sections)."""
+    stored = stored_results(out_dir / "benchmarks.md")
+    if not stored:
+        log.error("no stored results in %s", out_dir / "benchmarks.md")
+        return 1
+    for size, res in stored.items():
+        make_chart(res, out_dir / f"bench-{size}.png")
+        (out_dir / "benchmarks.md").write_text(render_doc(out_dir, res))
+        print(f"\n== {size}: ratios ==")
+        for r in compute_ratios(res):
+            if r["verdict"] != "n/a":
+                print("  " + fmt_ratio(r))
+    return 0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -1417,6 +1469,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--ratarmount-bin", default=None, help="use this ratarmount instead of the work-dir venv")
     ap.add_argument("--ratarmount-spec", default="ratarmount", help="pip spec for the ratarmount venv")
     ap.add_argument("--timeout", type=float, default=4 * 3600, help="per command / epoch timeout (s)")
+    ap.add_argument("--render-only", action="store_true",
+                    help="only rebuild benchmarks.md and the charts from the results stored in it")
     ap.add_argument("-v", "--verbose", action="store_true")
     a = ap.parse_args(argv)
     a.systems = [s for s in a.systems.split(",") if s]
@@ -1438,6 +1492,8 @@ def main(argv: list[str] | None = None) -> int:
     started = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
     a.workdir = a.workdir.resolve()
     a.out_dir = a.out_dir.resolve()
+    if a.render_only:
+        return render_only(a.out_dir)
     a.workdir.mkdir(parents=True, exist_ok=True)
     a.out_dir.mkdir(parents=True, exist_ok=True)
     cold_ok = not a.no_drop_caches and os.geteuid() == 0
@@ -1467,6 +1523,7 @@ def main(argv: list[str] | None = None) -> int:
         "verify_files": len(verify_files),
         "pack": {}, "walk": {}, "mount": {}, "epochs": [], "daemon_rss": {}, "verify": {}, "errors": {},
     }
+    ctx.res["commit_at_start"] = _git_rev()
     systems = [SYSTEM_CLASSES[n](ctx) for n in ALL_SYSTEMS if n in a.systems]
     try:
         if not a.no_pack:
