@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 __all__ = ["Archive", "LmdbfsError", "open", "__version__"]
 
 
-def open(path: Any, **kwargs: Any) -> "Archive":  # noqa: A001 - the API's name
+def open(path: Any, **kwargs: Any) -> Archive:  # noqa: A001 - the API's name
     """Open a packed DB for reading (see `lmdbfs.reader.Archive`)."""
     from .reader import Archive
 

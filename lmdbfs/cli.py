@@ -106,7 +106,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(problem)
     if report.problems:
         more = len(report.problems) - 50
-        print(f"verify: {len(report.problems)} problems" + (f" ({more} not shown)" if more > 0 else ""), file=sys.stderr)
+        print(
+            f"verify: {len(report.problems)} problems" + (f" ({more} not shown)" if more > 0 else ""), file=sys.stderr
+        )
         return 6
     where = f" and match {args.against}" if args.against else ""
     print(f"ok: {report.checked} files, {report.bytes / 1e6:.1f} MB checksummed{where}")
@@ -118,7 +120,9 @@ def cmd_unpack(args: argparse.Namespace) -> int:
 
     with _archive(args) as archive:
         result = unpack(archive, args.dst, force=args.force, progress=sys.stderr.isatty())
-    print(f"unpacked {result.files} files, {result.dirs} dirs, {result.symlinks} symlinks, {result.bytes / 1e6:.1f} MB into {args.dst}")
+    print(
+        f"unpacked {result.files} files, {result.dirs} dirs, {result.symlinks} symlinks, {result.bytes / 1e6:.1f} MB into {args.dst}"
+    )
     return 0
 
 
@@ -145,7 +149,9 @@ def cmd_umount(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lmdbfs", description="Pack a file tree into one LMDB file; read or mount it read-only.")
+    parser = argparse.ArgumentParser(
+        prog="lmdbfs", description="Pack a file tree into one LMDB file; read or mount it read-only."
+    )
     parser.add_argument("--version", action="version", version=f"lmdbfs {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more (library logging at INFO)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -159,12 +165,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", metavar="SRC")
     p.add_argument("db", metavar="DB")
     p.add_argument("-j", "--workers", type=_positive, default=8, help="threads reading files in parallel (default 8)")
-    p.add_argument("--exclude", action="append", metavar="GLOB", help="leave out names (or relative paths, if GLOB has '/') matching GLOB; repeatable")
+    p.add_argument(
+        "--exclude",
+        action="append",
+        metavar="GLOB",
+        help="leave out names (or relative paths, if GLOB has '/') matching GLOB; repeatable",
+    )
     p.add_argument("--force", action="store_true", help="replace an existing DB (kept until the new one is complete)")
-    p.add_argument("--resume", action="store_true", help="finish an interrupted pack (DB.partial) instead of starting over")
-    p.add_argument("--skip-errors", action="store_true", help="leave out unreadable files and list them, instead of stopping")
-    p.add_argument("--key-prefix", default="", metavar="P", help="prepend P to each path before hashing (reproduces other key naming)")
-    p.add_argument("--key-sep", default="/", metavar="S", help="path separator used in keys (e.g. '\\' for keys made on Windows)")
+    p.add_argument(
+        "--resume", action="store_true", help="finish an interrupted pack (DB.partial) instead of starting over"
+    )
+    p.add_argument(
+        "--skip-errors", action="store_true", help="leave out unreadable files and list them, instead of stopping"
+    )
+    p.add_argument(
+        "--key-prefix",
+        default="",
+        metavar="P",
+        help="prepend P to each path before hashing (reproduces other key naming)",
+    )
+    p.add_argument(
+        "--key-sep", default="/", metavar="S", help="path separator used in keys (e.g. '\\' for keys made on Windows)"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--progress", action="store_true", help="progress bar even when stderr is not a terminal")
 
@@ -195,10 +217,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("db", metavar="DB")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.add_argument("-f", "--foreground", action="store_true", help="stay attached (Ctrl-C unmounts)")
-    p.add_argument("-o", dest="options", action="append", metavar="OPTS", help="FUSE options, e.g. -o allow_other (needs user_allow_other in /etc/fuse.conf for non-root)")
+    p.add_argument(
+        "-o",
+        dest="options",
+        action="append",
+        metavar="OPTS",
+        help="FUSE options, e.g. -o allow_other (needs user_allow_other in /etc/fuse.conf for non-root)",
+    )
     p.add_argument("--log-file", metavar="FILE", help="daemon log (default: syslog-free, errors only to FILE if given)")
     p.add_argument("-d", "--debug", action="store_true", help="log every request")
-    p.add_argument("--threads", action=argparse.BooleanOptionalAction, default=True, help="multi-threaded FUSE loop (default on)")
+    p.add_argument(
+        "--threads", action=argparse.BooleanOptionalAction, default=True, help="multi-threaded FUSE loop (default on)"
+    )
     p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
 
     p = add("umount", cmd_umount, "unmount (also cleans up after a daemon that died)")

@@ -263,7 +263,7 @@ class Meta:
         return json.dumps(asdict(self), sort_keys=True).encode()
 
     @classmethod
-    def decode(cls, raw: bytes | memoryview, where: str) -> "Meta":
+    def decode(cls, raw: bytes | memoryview, where: str) -> Meta:
         try:
             data = json.loads(bytes(raw))
         except ValueError:
@@ -279,7 +279,5 @@ class Meta:
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         meta = cls(**known)
         if not meta.complete:
-            raise IncompleteDatabase(
-                f"{where}: the pack that wrote this DB never finished", "re-run `lmdbfs pack`"
-            )
+            raise IncompleteDatabase(f"{where}: the pack that wrote this DB never finished", "re-run `lmdbfs pack`")
         return meta

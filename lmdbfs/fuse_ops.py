@@ -21,7 +21,7 @@ from typing import Any
 import mfusepy
 
 from .errors import CorruptValue, LmdbfsError, errno_of
-from .format import KIND_DIR, Entry, checksum
+from .format import KIND_DIR, Entry
 from .reader import Archive
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ class _Verified:
 def _fuse_errors(func):
     """Map lmdbfs errors to errno at the adapter's edge (one mapping: errors.errno_of)."""
 
-    def wrapper(self: "LmdbfsOperations", *args: Any) -> Any:
+    def wrapper(self: LmdbfsOperations, *args: Any) -> Any:
         try:
             return func(self, *args)
         except LmdbfsError as exc:
@@ -195,23 +195,17 @@ class LmdbfsOperations(mfusepy.Operations):
         raise mfusepy.FuseOSError(errno.ENOSYS)
 
     def _checked(self, path: str) -> tuple[str, Entry, memoryview, int | None]:
-        """Look up a file and, the first time, verify its stored bytes in place.
-
-        Hashing the map in place costs no copy; WILLNEED first turns a cold value into
-        one large read instead of 4 KiB page faults.
-        """
+        """Look up a file and, the first time it is read, verify its stored bytes."""
         archive = self.archive
         rel = path.strip("/")
         entry = archive.lstat_rel(rel)
         if not entry.is_file:
             raise mfusepy.FuseOSError(errno.EISDIR if entry.is_dir else errno.EINVAL)
-        view, file_off = archive.value_location(rel, entry)
         if self.verify and rel not in self._verified:
-            if file_off is not None and entry.size > 65536:
-                os.posix_fadvise(archive.data_fd, file_off, entry.size, os.POSIX_FADV_WILLNEED)
-            if checksum(view) != entry.checksum:
+            if archive.stored_checksum(rel, entry) != entry.checksum:
                 raise CorruptValue(f"{rel}: checksum mismatch (the DB file is damaged)")
             self._verified.add(rel)
+        view, file_off = archive.value_location(rel, entry)
         return rel, entry, view, file_off
 
     @_fuse_errors
@@ -252,6 +246,7 @@ class LmdbfsFUSE(mfusepy.FUSE):
     def readdir_fuse_3(self, path: bytes | None, buf: Any, filler: Any, offset: int, fip: Any, flags: int) -> int:
         decoded = "/" if path is None else path.decode(self.encoding, self.errors)
         return self.operations.fill_directory(decoded, buf, filler, offset, bool(flags & _FUSE_READDIR_PLUS))
+
 
 # -- libfuse buffers ----------------------------------------------------------------------
 # mfusepy declares fuse_bufvec.buf as a pointer; libfuse has it inline (buf[1]), so the

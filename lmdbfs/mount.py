@@ -115,8 +115,13 @@ def _spawn_daemon(db: str, mnt: str, opts: MountOptions) -> None:
     cmd += [os.path.abspath(db), os.path.abspath(mnt)]
     with tempfile.TemporaryFile() as errors:
         proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors,
-            pass_fds=(write_end,), start_new_session=True, cwd="/",
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=errors,
+            pass_fds=(write_end,),
+            start_new_session=True,
+            cwd="/",
         )
         os.close(write_end)
         answer = _wait_ready(read_end, proc)
@@ -204,7 +209,10 @@ def serve(db: str, mnt: str, opts: MountOptions) -> None:
 
     ops = LmdbfsOperations(archive, on_ready=on_ready)
     kwargs: dict[str, object] = {
-        "ro": True, "default_permissions": True, "fsname": f"lmdbfs:{os.path.basename(db)}", "subtype": "lmdbfs",
+        "ro": True,
+        "default_permissions": True,
+        "fsname": f"lmdbfs:{os.path.basename(db)}",
+        "subtype": "lmdbfs",
     }
     kwargs.update(_fuse_kwargs(opts.fuse_options))
     try:

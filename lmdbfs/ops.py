@@ -143,7 +143,9 @@ def _compare_entry(archive: Archive, path: str, rel: str, report: VerifyReport) 
         report.problems.append(f"{rel}: kind differs ({KIND_NAMES[entry.kind]} in the DB)")
         return
     if st.S_IMODE(info.st_mode) != entry.mode:
-        report.problems.append(f"{rel}: mode {oct(entry.mode)} in the DB, {oct(st.S_IMODE(info.st_mode))} in the source")
+        report.problems.append(
+            f"{rel}: mode {oct(entry.mode)} in the DB, {oct(st.S_IMODE(info.st_mode))} in the source"
+        )
     if info.st_mtime_ns != entry.mtime_ns and not entry.is_dir:
         report.problems.append(f"{rel}: mtime differs")
     if entry.is_symlink and os.readlink(path) != entry.target:
@@ -165,7 +167,10 @@ class UnpackResult:
 def _safe_name(name: str, where: str) -> str:
     """A single path component, or refuse: a crafted index must not escape DST."""
     if name in ("", ".", "..") or "/" in name or "\0" in name:
-        raise UnsafePath(f"refusing entry {name!r} in {where or '/'}: it would land outside the destination", "the DB is damaged or crafted; do not unpack it")
+        raise UnsafePath(
+            f"refusing entry {name!r} in {where or '/'}: it would land outside the destination",
+            "the DB is damaged or crafted; do not unpack it",
+        )
     return name
 
 
@@ -206,7 +211,9 @@ def unpack(archive: Archive, dst: str, force: bool = False, progress: bool = Fal
                     result.bytes += entry.size
                     bar.update(entry.size)
             except FileExistsError:
-                raise UnsafePath(f"{rel}: listed twice in the DB, refusing to overwrite", "the DB is damaged or crafted") from None
+                raise UnsafePath(
+                    f"{rel}: listed twice in the DB, refusing to overwrite", "the DB is damaged or crafted"
+                ) from None
     bar.close()
     # Directories last and deepest first: a read-only mode must not block their contents.
     for path, mode, mtime_ns in reversed(finish_dirs):

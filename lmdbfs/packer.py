@@ -82,7 +82,9 @@ def pack(src: str, db: str, opts: PackOptions | None = None) -> PackResult:
     skip = [out_abs + s for s in (b"", b"-lock", PARTIAL_SUFFIX.encode(), PARTIAL_SUFFIX.encode() + b"-lock")]
     log.info("scanning %s", src)
     scan = scan_tree(src, opts.excludes, skip, opts.skip_errors)
-    log.info("found %d files, %d dirs, %d symlinks, %.1f MB", scan.files, len(scan.dirs), scan.symlinks, scan.bytes / 1e6)
+    log.info(
+        "found %d files, %d dirs, %d symlinks, %.1f MB", scan.files, len(scan.dirs), scan.symlinks, scan.bytes / 1e6
+    )
     keys, order = _sorted_keys(scan, opts)
     if opts.force or not opts.resume:
         _remove_db_files(partial)
@@ -110,7 +112,9 @@ def pack(src: str, db: str, opts: PackOptions | None = None) -> PackResult:
 
 def _check_destination(db: str, partial: str, opts: PackOptions) -> None:
     if os.path.exists(db) and not opts.force and not (opts.resume and os.path.exists(partial)):
-        raise DestinationExists(f"{db} already exists", "pass --force to replace it (it is kept until the new one is complete)")
+        raise DestinationExists(
+            f"{db} already exists", "pass --force to replace it (it is kept until the new one is complete)"
+        )
     if os.path.exists(partial) and not (opts.force or opts.resume):
         raise DestinationExists(
             f"{partial} holds an unfinished pack", "pass --resume to finish it, or --force to start over"
@@ -161,8 +165,16 @@ class _Writer:
         self.path = path
         try:
             self.env = lmdb.open(
-                path, subdir=False, map_size=map_size, max_dbs=MAX_DBS, sync=False, metasync=False,
-                readahead=False, writemap=False, meminit=False, lock=True,
+                path,
+                subdir=False,
+                map_size=map_size,
+                max_dbs=MAX_DBS,
+                sync=False,
+                metasync=False,
+                readahead=False,
+                writemap=False,
+                meminit=False,
+                lock=True,
             )
         except lmdb.Error as exc:
             raise SourceError(f"cannot create {path}: {exc}", "check the destination is writable") from None
@@ -279,8 +291,14 @@ def _copy_contents(scan: Scan, keys: bytes, order: np.ndarray, writer: _Writer, 
     sizes = scan.file_size
     todo = int(sizes[order].sum()) if len(order) else 0
     bar = tqdm(
-        total=scan.bytes, initial=scan.bytes - todo, unit="B", unit_scale=True, unit_divisor=1024,
-        desc="pack", disable=not opts.progress, smoothing=0.1,
+        total=scan.bytes,
+        initial=scan.bytes - todo,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc="pack",
+        disable=not opts.progress,
+        smoothing=0.1,
     )
     unreadable: list[int] = []
 
@@ -349,7 +367,7 @@ def _meta_for(src: str, scan: Scan, opts: PackOptions) -> Meta:
         symlinks=scan.symlinks,
         bytes=int(sum(int(d.rows["size"][d.rows["kind"] == 1].sum()) for d in scan.dirs)),
         tool_version=__version__,
-        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         source=os.path.basename(os.path.abspath(src)),
         root_mode=scan.root_mode,
         root_mtime_ns=scan.root_mtime_ns,

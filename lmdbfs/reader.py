@@ -8,6 +8,7 @@ their own (LMDB must not be used across fork). It also pickles as just its path.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import io
 import logging
@@ -20,6 +21,7 @@ from typing import Any
 
 import lmdb
 import numpy as np
+import xxhash
 
 from . import store
 from .errors import CorruptValue, IsADirectory, NotADirectory, NotASymlink, PathNotFound
@@ -29,6 +31,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_DIR_CACHE_BYTES = 32 << 20  # decoded records weigh what they do on disk
 _MAX_SYMLINK_HOPS = 40
+_HASH_CHUNK = 1 << 20
 
 
 def normpath(path: str) -> str:
@@ -108,7 +111,7 @@ def _map_base(data_file: str) -> int | None:
     """
     try:
         ino = os.stat(data_file).st_ino
-        with io.open("/proc/self/maps") as maps:
+        with builtins.open("/proc/self/maps") as maps:
             for line in maps:
                 parts = line.split(None, 5)
                 if len(parts) >= 5 and parts[4] == str(ino) and int(parts[2], 16) == 0:
@@ -161,7 +164,7 @@ class Archive:
             self._handle = None
             self._dirs.clear()
 
-    def __enter__(self) -> "Archive":
+    def __enter__(self) -> Archive:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -378,8 +381,30 @@ class Archive:
     def check(self, path: str) -> bool:
         """True when the stored bytes of ``path`` match the indexed checksum."""
         rel, entry = self._file_entry(path)
-        view, _ = self.value_location(rel, entry)
-        return checksum(view) == entry.checksum
+        return self.stored_checksum(rel, entry) == entry.checksum
+
+    def stored_checksum(self, rel: str, entry: Entry) -> int:
+        """xxh3 of the stored value, read with pread in 1 MiB steps into a reused
+        per-thread buffer: no allocation, no page faults, large reads when cold."""
+        view, file_off = self.value_location(rel, entry)
+        if file_off is None or entry.size == 0:
+            return checksum(view)
+        h = self._h()
+        buf = getattr(h.local, "buf", None)
+        if buf is None:
+            buf = h.local.buf = memoryview(bytearray(_HASH_CHUNK))
+        hasher = None if entry.size <= _HASH_CHUNK else xxhash.xxh3_64()
+        done = 0
+        while done < entry.size:
+            want = min(_HASH_CHUNK, entry.size - done)
+            got = os.preadv(h.fd, [buf[:want]], file_off + done)
+            if got != want:
+                raise CorruptValue(f"{rel}: short read from the DB file", "the DB file is truncated; copy it again")
+            if hasher is None:
+                return checksum(buf[:want])
+            hasher.update(buf[:want])
+            done += want
+        return hasher.intdigest()
 
 
 def open(path: str | os.PathLike[str], **kwargs: Any) -> Archive:  # noqa: A001 - the API name

@@ -32,7 +32,7 @@ class ScannedDir:
         off, n, t = int(row["name_off"]), int(row["name_len"]), int(row["target_len"])
         return self.blob[off : off + n], self.blob[off + n : off + n + t]
 
-    def without(self, drop: set[int]) -> "ScannedDir":
+    def without(self, drop: set[int]) -> ScannedDir:
         keep = [r for r in range(len(self.rows)) if r not in drop]
         pairs = [self.name_and_target(r) for r in keep]
         rows = self.rows[keep].copy()

@@ -136,9 +136,7 @@ def _check_not_truncated(env: lmdb.Environment, loc: Location, shown: str) -> No
     need = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
     have = os.path.getsize(loc.data_file)
     if have < need:
-        raise BadDatabase(
-            f"{shown}: truncated ({have} of {need} bytes)", "copy the DB again or re-pack it"
-        )
+        raise BadDatabase(f"{shown}: truncated ({have} of {need} bytes)", "copy the DB again or re-pack it")
 
 
 def read_meta(env: lmdb.Environment, shown: str) -> Meta:
@@ -154,7 +152,9 @@ def read_meta(env: lmdb.Environment, shown: str) -> Meta:
         with env.begin() as txn:
             empty = txn.stat(env.open_db())["entries"] == 0
         if empty:
-            raise BadDatabase(f"{shown}: an empty LMDB, not an lmdbfs DB", "pack one with `lmdbfs pack SRC DB`") from None
+            raise BadDatabase(
+                f"{shown}: an empty LMDB, not an lmdbfs DB", "pack one with `lmdbfs pack SRC DB`"
+            ) from None
         raise IncompleteDatabase(
             f"{shown}: no lmdbfs meta record (an interrupted pack, or not made by lmdbfs)",
             "re-run `lmdbfs pack` (`--resume` finishes an interrupted one)",

@@ -32,9 +32,19 @@ def _missing() -> list[str]:
 def test_bench_smoke_runs_and_writes_table(tmp_path: Path) -> None:
     out = tmp_path / "out"
     cmd = [
-        sys.executable, str(BENCH), "--size", "smoke",
-        "--workdir", str(tmp_path / "work"), "--out-dir", str(out),
-        "--systems", ",".join(SYSTEMS), "--readers", "1,2", "--no-drop-caches",
+        sys.executable,
+        str(BENCH),
+        "--size",
+        "smoke",
+        "--workdir",
+        str(tmp_path / "work"),
+        "--out-dir",
+        str(out),
+        "--systems",
+        ",".join(SYSTEMS),
+        "--readers",
+        "1,2",
+        "--no-drop-caches",
     ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert r.returncode == 0, f"bench failed:\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"

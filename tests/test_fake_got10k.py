@@ -17,8 +17,16 @@ SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "make_fake_got10k.
 SEQS, FRAMES = 4, 5  # 4 sequences: every default resolution appears once per split
 GT_LINE = re.compile(r"^\d+\.\d{4},\d+\.\d{4},\d+\.\d{4},\d+\.\d{4}$")
 META_KEYS = [
-    "url", "begin", "end", "anno_fps", "object_class", "motion_class",
-    "major_class", "root_class", "motion_adverb", "resolution",
+    "url",
+    "begin",
+    "end",
+    "anno_fps",
+    "object_class",
+    "motion_class",
+    "major_class",
+    "root_class",
+    "motion_adverb",
+    "resolution",
 ]
 LABELLED_FILES = {"groundtruth.txt", "absence.label", "cut_by_image.label", "cover.label", "meta_info.ini"}
 
@@ -154,7 +162,7 @@ def test_frames_decode_at_announced_resolution(tree):
 def test_frames_decode_with_opencv(tree):
     cv2 = pytest.importorskip("cv2")
     root, _ = tree
-    for jpg in _jpegs(root)[:: FRAMES]:
+    for jpg in _jpegs(root)[::FRAMES]:
         image = cv2.imread(str(jpg))
         assert image is not None and image.ndim == 3
 
@@ -216,7 +224,7 @@ def test_tiny_tree_loads_in_toolkit(tiny_tree):
 def test_same_seed_same_bytes_regardless_of_workers(tmp_path):
     a = fake.make_tree(tmp_path / "a", 2, 3, splits=("val",), seed=3, workers=1, min_kb=40, max_kb=60)
     b = fake.make_tree(tmp_path / "b", 2, 3, splits=("val",), seed=3, workers=2, min_kb=40, max_kb=60)
-    c = fake.make_tree(tmp_path / "c", 2, 3, splits=("val",), seed=4, workers=1, min_kb=40, max_kb=60)
+    fake.make_tree(tmp_path / "c", 2, 3, splits=("val",), seed=4, workers=1, min_kb=40, max_kb=60)
     files_a = {p.relative_to(tmp_path / "a"): p.read_bytes() for p in _all_files(tmp_path / "a")}
     files_b = {p.relative_to(tmp_path / "b"): p.read_bytes() for p in _all_files(tmp_path / "b")}
     files_c = {p.relative_to(tmp_path / "c"): p.read_bytes() for p in _all_files(tmp_path / "c")}
@@ -260,8 +268,7 @@ def test_refuses_non_empty_root_unless_forced(tmp_path):
     ],
 )
 def test_cli_bad_args_one_line_exit_2(tmp_path, args):
-    proc = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "out"), *args],
-                          capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "out"), *args], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "error:" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()

@@ -80,7 +80,11 @@ def test_got10k_toolkit_sees_the_same_dataset(got10k_tree: Path, got10k_db: Path
             if subset != "test":
                 assert a[2].keys() == b[2].keys()
                 for key in a[2]:
-                    assert np.array_equal(a[2][key], b[2][key]) if isinstance(a[2][key], np.ndarray) else a[2][key] == b[2][key]
+                    assert (
+                        np.array_equal(a[2][key], b[2][key])
+                        if isinstance(a[2][key], np.ndarray)
+                        else a[2][key] == b[2][key]
+                    )
             for p, q in zip(a[0], b[0]):
                 assert Path(p).read_bytes() == Path(q).read_bytes()
 
@@ -93,7 +97,10 @@ class _FrameDataset:
         train = os.path.join(root, "train")
         seqs = open(os.path.join(train, "list.txt")).read().split()
         self.items = [
-            (os.path.join(train, s, f), s) for s in seqs for f in sorted(os.listdir(os.path.join(train, s))) if f.endswith(".jpg")
+            (os.path.join(train, s, f), s)
+            for s in seqs
+            for f in sorted(os.listdir(os.path.join(train, s)))
+            if f.endswith(".jpg")
         ]
 
     def __len__(self) -> int:
@@ -113,7 +120,11 @@ class _FrameDataset:
             image = cv2.cvtColor(cv2.imread(path, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
         gt = pandas.read_csv(
             os.path.join(self.root, "train", seq, "groundtruth.txt"),
-            delimiter=",", header=None, dtype=np.float32, na_filter=False, low_memory=False,
+            delimiter=",",
+            header=None,
+            dtype=np.float32,
+            na_filter=False,
+            low_memory=False,
         ).values
         frame = int(os.path.basename(path)[:8]) - 1
         return os.path.relpath(path, self.root), int(image.astype(np.int64).sum()), image.shape, gt[frame]
@@ -129,7 +140,9 @@ def _load_all(root: str, decoder: str) -> dict:
 
 
 @pytest.mark.parametrize("decoder", ["pil", "cv2"])
-def test_dataloader_with_4_workers_decodes_the_same_frames(got10k_tree: Path, got10k_db: Path, mount_db, decoder: str) -> None:
+def test_dataloader_with_4_workers_decodes_the_same_frames(
+    got10k_tree: Path, got10k_db: Path, mount_db, decoder: str
+) -> None:
     m = mount_db(got10k_db)
     from_mount = _load_all(str(m.mnt), decoder)
     from_source = _load_all(str(got10k_tree), decoder)
@@ -267,7 +280,9 @@ def test_mount_refuses_bad_mountpoints_and_dbs(edge_db: Path, mount_db, tmp_path
 def test_foreground_mount_stays_attached_and_unmounts_on_ctrl_c(edge_db: Path, tmp_path: Path) -> None:
     mnt = tmp_path / "fg"
     mnt.mkdir()
-    proc = subprocess.Popen([sys.executable, "-m", "lmdbfs", "mount", "-f", str(edge_db), str(mnt)], stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lmdbfs", "mount", "-f", str(edge_db), str(mnt)], stderr=subprocess.PIPE
+    )
     try:
         deadline = time.monotonic() + 30
         while not is_mounted(mnt) and time.monotonic() < deadline:

@@ -77,7 +77,9 @@ def test_reader_api(edge_tree: Path, edge_db: Path) -> None:
         assert archive.read_bytes("small/link_up") == b"hello\n"
         assert archive.listdir("link_to_dir") == ["日本語 ファイル.txt"]
         assert sorted(archive.listdir("")) == sorted(
-            os.fsdecode(n) for n in os.listdir(os.fsencode(edge_tree)) if n not in (b"backup.bak", b"a_fifo", b"a_socket")
+            os.fsdecode(n)
+            for n in os.listdir(os.fsencode(edge_tree))
+            if n not in (b"backup.bak", b"a_fifo", b"a_socket")
         )
         walked = {d: (sorted(ds), sorted(fs)) for d, ds, fs in archive.walk()}
         assert walked["empty_dir"] == (["nested_empty"], [])
@@ -94,7 +96,7 @@ def test_reader_api(edge_tree: Path, edge_db: Path) -> None:
         assert archive.open("plain.txt").read() == b"hello\n"
 
 
-def _read_in_child(archive: lmdbfs.Archive, path: str, out: "object") -> None:
+def _read_in_child(archive: lmdbfs.Archive, path: str, out: object) -> None:
     out.put(archive.read_bytes(path))
 
 
@@ -211,7 +213,8 @@ def _slow_tree(root: Path, files: int = 400, size: int = 400_000) -> None:
 def _start_pack(src: Path, db: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "lmdbfs", "pack", str(src), str(db), "--no-progress", "-j", "1", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
 
 
@@ -351,7 +354,9 @@ def test_pack_memory_does_not_grow_with_the_data(tmp_path: Path) -> None:
     )
     proc = subprocess.run(
         [sys.executable, "-c", code, "pack", str(src), str(tmp_path / "m.lmdb"), "--no-progress"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     peak_mb = int(proc.stdout.split("VmHWM:")[1].split()[0]) / 1024
     assert peak_mb < 250, f"peak RSS {peak_mb:.0f} MB for 400 MB of data"
