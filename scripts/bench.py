@@ -41,9 +41,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 log = logging.getLogger("bench")
 
@@ -58,18 +59,33 @@ SIZE_ORDER = ("smoke", "medium", "full")
 # Tree shapes.  ``seqs`` is per split as make_fake_got10k understands it.
 SIZES: dict[str, dict[str, Any]] = {
     "smoke": dict(
-        seqs=2, frames=6, splits=("train", "val"), tiny=True,
-        readers=(1, 2), sample=None, verify_sample=None,
+        seqs=2,
+        frames=6,
+        splits=("train", "val"),
+        tiny=True,
+        readers=(1, 2),
+        sample=None,
+        verify_sample=None,
         note="a few dozen tiny files: checks the harness, numbers mean nothing",
     ),
     "medium": dict(
-        seqs=44, frames=150, splits=("train", "val", "test"), tiny=False,
-        readers=(1, 2, 4), sample=None, verify_sample=None,
+        seqs=44,
+        frames=150,
+        splits=("train", "val", "test"),
+        tiny=False,
+        readers=(1, 2, 4),
+        sample=None,
+        verify_sample=None,
         note="~20k files, ~3.5 GB, frames 35-400 KB",
     ),
     "full": dict(
-        seqs=9335, frames=150, splits=("train",), tiny=True,
-        readers=(2,), sample=100_000, verify_sample=20_000,
+        seqs=9335,
+        frames=150,
+        splits=("train",),
+        tiny=True,
+        readers=(2,),
+        sample=100_000,
+        verify_sample=20_000,
         note="9,335 sequences x 150 tiny frames: the real GOT-10k train file count",
     ),
 }
@@ -204,9 +220,7 @@ def run_measured(
     actually has to fit in RAM for pool-based packers.
     """
     log.debug("run: %s", " ".join(cmd))
-    p = subprocess.Popen(
-        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True
-    )
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True)
     t0 = now()
     result: dict[str, Any] = {}
     stderr_chunks: list[bytes] = []
@@ -354,9 +368,7 @@ def ensure_tree(workdir: Path, size: str, seed: int, workers: int, regen: bool) 
         marker.unlink(missing_ok=True)
         root.parent.mkdir(parents=True, exist_ok=True)
         mk = load_script("make_fake_got10k")
-        kw: dict[str, Any] = dict(
-            splits=tuple(shape["splits"]), tiny=shape["tiny"], seed=seed, workers=workers
-        )
+        kw: dict[str, Any] = dict(splits=tuple(shape["splits"]), tiny=shape["tiny"], seed=seed, workers=workers)
         sig = inspect.signature(mk.make_tree).parameters
         if "force" in sig:
             kw["force"] = True
@@ -432,7 +444,7 @@ class System:
     pack_tool = "?"
     mountable = True
 
-    def __init__(self, ctx: "Ctx") -> None:
+    def __init__(self, ctx: Ctx) -> None:
         self.ctx = ctx
         self.art = ctx.art_dir
         self.mnt = ctx.mnt_dir / self.name
@@ -559,8 +571,16 @@ class Squashfuse(System):
     def pack(self) -> dict[str, Any]:
         self.img.unlink(missing_ok=True)
         cmd = [
-            "mksquashfs", str(self.ctx.tree.root), str(self.img),
-            "-noI", "-noD", "-noF", "-noX", "-noappend", "-no-progress", "-quiet",
+            "mksquashfs",
+            str(self.ctx.tree.root),
+            str(self.img),
+            "-noI",
+            "-noD",
+            "-noF",
+            "-noX",
+            "-noappend",
+            "-no-progress",
+            "-quiet",
         ]
         cold = drop_caches(self.ctx.cold_ok)
         m = run_measured(cmd, timeout=self.ctx.args.timeout)
@@ -638,7 +658,13 @@ class Seed(System):
     def pack(self) -> dict[str, Any]:
         if self.dbdir.exists():
             shutil.rmtree(self.dbdir)
-        cmd = [sys.executable, str(SCRIPTS / "seed_convert.py"), str(self.ctx.tree.root), str(self.dbdir), "--no-progress"]
+        cmd = [
+            sys.executable,
+            str(SCRIPTS / "seed_convert.py"),
+            str(self.ctx.tree.root),
+            str(self.dbdir),
+            "--no-progress",
+        ]
         cold = drop_caches(self.ctx.cold_ok)
         m = run_measured(cmd, timeout=self.ctx.args.timeout)
         return {"tool": "seed_convert.py", "cold": cold, **measured_dict(m), "out_bytes": path_bytes(self.dbdir)}
@@ -664,16 +690,18 @@ def measured_dict(*ms: Measured) -> dict[str, Any]:
 
 
 SYSTEM_CLASSES: dict[str, type[System]] = {
-    "native": Native, "lmdbfs": Lmdbfs, "squashfuse": Squashfuse, "ratarmount": Ratarmount, "seed": Seed,
+    "native": Native,
+    "lmdbfs": Lmdbfs,
+    "squashfuse": Squashfuse,
+    "ratarmount": Ratarmount,
+    "seed": Seed,
 }
 
 
 # --------------------------------------------------------------------------- readers
 
 
-def _reader(
-    mode: str, root: str, rels: list[str], barrier: Any, q: Any
-) -> None:
+def _reader(mode: str, root: str, rels: list[str], barrier: Any, q: Any) -> None:
     """One reader process: read its share of the files, report count/bytes/times."""
     try:
         if mode == "seed":
@@ -720,10 +748,7 @@ def read_epoch(mode: str, root: Path, files: list[str], readers: int, seed: int,
     ctx = mp.get_context("fork")
     barrier = ctx.Barrier(readers)
     q = ctx.Queue()
-    procs = [
-        ctx.Process(target=_reader, args=(mode, str(root), order[i::readers], barrier, q))
-        for i in range(readers)
-    ]
+    procs = [ctx.Process(target=_reader, args=(mode, str(root), order[i::readers], barrier, q)) for i in range(readers)]
     for p in procs:
         p.start()
     outs = []
@@ -742,7 +767,9 @@ def read_epoch(mode: str, root: Path, files: list[str], readers: int, seed: int,
     nb = sum(o[1] for o in outs)
     secs = max(o[3] for o in outs) - min(o[2] for o in outs)
     return {
-        "files": n, "bytes": nb, "seconds": secs,
+        "files": n,
+        "bytes": nb,
+        "seconds": secs,
         "files_per_s": n / secs if secs > 0 else 0.0,
         "mb_per_s": nb / 1e6 / secs if secs > 0 else 0.0,
     }
@@ -818,7 +845,11 @@ def do_pack(ctx: Ctx, sysobj: System, prev: dict[str, Any]) -> None:
     ctx.res["pack"][name] = r
     log.info(
         "%s: packed in %.2f s, max RSS %.0f MB, tree anon %.0f MB, %.2f GB",
-        name, r["seconds"], r["max_rss_mb"], r["tree_anon_mb"], r["out_bytes"] / 1e9,
+        name,
+        r["seconds"],
+        r["max_rss_mb"],
+        r["tree_anon_mb"],
+        r["out_bytes"] / 1e9,
     )
 
 
@@ -847,14 +878,31 @@ def do_reads(ctx: Ctx, s: System) -> None:
         if not same:
             missing = set(ctx.tree.sizes) - set(listing)
             extra = set(listing) - set(ctx.tree.sizes)
-            log.error("%s: listing differs: %d missing, %d extra, %d size mismatches", name, len(missing), len(extra),
-                      sum(1 for k in set(listing) & set(ctx.tree.sizes) if listing[k] != ctx.tree.sizes[k]))
-        ctx.res["walk"][name] = {"cold_s": t_cold, "warm_s": t_warm, "cold": cold, "listing_ok": same,
-                                 "files": len(listing)}
+            log.error(
+                "%s: listing differs: %d missing, %d extra, %d size mismatches",
+                name,
+                len(missing),
+                len(extra),
+                sum(1 for k in set(listing) & set(ctx.tree.sizes) if listing[k] != ctx.tree.sizes[k]),
+            )
+        ctx.res["walk"][name] = {
+            "cold_s": t_cold,
+            "warm_s": t_warm,
+            "cold": cold,
+            "listing_ok": same,
+            "files": len(listing),
+        }
         if s.mountable:
             ctx.res["mount"][name] = {"cold_s": mount_cold, "warm_s": mount_warm, "cold": cold}
-        log.info("%s: walk+stat cold %.2f s, warm %.2f s; mount cold %.3f s, warm %.3f s; listing %s",
-                 name, t_cold, t_warm, mount_cold, mount_warm, "ok" if same else "DIFFERS")
+        log.info(
+            "%s: walk+stat cold %.2f s, warm %.2f s; mount cold %.3f s, warm %.3f s; listing %s",
+            name,
+            t_cold,
+            t_warm,
+            mount_cold,
+            mount_warm,
+            "ok" if same else "DIFFERS",
+        )
 
     for r in a.readers:
         base = a.seed * 1000 + r * 10
@@ -881,7 +929,9 @@ def do_reads(ctx: Ctx, s: System) -> None:
                 rss2 = s.daemon_rss()
                 if s.mountable:
                     ctx.res["daemon_rss"].setdefault(name, {})[str(r)] = {
-                        "after_mount": rss0, "after_first": rss1, "after_steady": rss2,
+                        "after_mount": rss0,
+                        "after_first": rss1,
+                        "after_steady": rss2,
                     }
                 if name not in ctx.res["verify"] and not a.no_verify:
                     ctx.res["verify"][name] = check_bytes(ctx, s)
@@ -903,22 +953,39 @@ def check_bytes(ctx: Ctx, s: System) -> dict[str, Any]:
             missing = [f for f in files if txn.get(hashlib.md5(f.encode()).digest()) is None]
         entries = env.stat()["entries"]
         env.close()
-        return {"files_checked": len(files), "ok": not missing, "sampled": sampled, "entries": entries,
-                "note": "keys only (values are re-encoded)"}
+        return {
+            "files_checked": len(files),
+            "ok": not missing,
+            "sampled": sampled,
+            "entries": entries,
+            "note": "keys only (values are re-encoded)",
+        }
     t0 = now()
     v = verify_bytes(ctx.tree.root, s.read_root(), files)
     v["sampled"] = sampled
-    log.info("%s: bytes check of %d files: %s (%.1f s)", s.name, len(files),
-             "ok" if v["ok"] else f"{v['mismatches']} MISMATCHES", now() - t0)
+    log.info(
+        "%s: bytes check of %d files: %s (%.1f s)",
+        s.name,
+        len(files),
+        "ok" if v["ok"] else f"{v['mismatches']} MISMATCHES",
+        now() - t0,
+    )
     return v
 
 
 def add_epoch(ctx: Ctx, name: str, readers: int, phase: str, e: dict[str, Any], cold: bool, sampled: bool) -> None:
     e.update(system=name, readers=readers, phase=phase, cold=cold, sampled=sampled)
     ctx.res["epochs"].append(e)
-    log.info("%s: %d readers, %-6s epoch: %8.0f files/s %7.1f MB/s (%.2f s%s)", name, readers, phase,
-             e["files_per_s"], e["mb_per_s"], e["seconds"],
-             "" if phase != "cold" or cold else ", NOT cold")
+    log.info(
+        "%s: %d readers, %-6s epoch: %8.0f files/s %7.1f MB/s (%.2f s%s)",
+        name,
+        readers,
+        phase,
+        e["files_per_s"],
+        e["mb_per_s"],
+        e["seconds"],
+        "" if phase != "cold" or cold else ", NOT cold",
+    )
 
 
 # --------------------------------------------------------------------------- machine
@@ -933,7 +1000,19 @@ def _first_line(cmd: list[str]) -> str:
 
 
 def _git_rev() -> str:
-    """HEAD of the repo, flagged when lmdbfs/ has uncommitted changes (the numbers depend on them)."""
+    """Which lmdbfs code the numbers belong to.
+
+    The repo's HEAD (flagged when lmdbfs/ has uncommitted changes), unless the
+    lmdbfs that child processes import lives elsewhere, e.g. a snapshot put
+    first on PYTHONPATH so that a long run is not measured on code edited
+    mid-run; such a snapshot may carry a REVISION file naming its commit.
+    """
+    where = _first_line([sys.executable, "-c", "import lmdbfs; print(lmdbfs.__file__)"])
+    pkg = Path(where).resolve().parent if where.endswith(".py") else None
+    if pkg is not None and REPO not in pkg.parents:
+        rev_file = pkg.parent / "REVISION"
+        rev = rev_file.read_text().strip() if rev_file.exists() else "unknown commit"
+        return f"{rev} (snapshot on PYTHONPATH)"
     rev = _first_line(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
     dirty = _first_line(["git", "-C", str(REPO), "status", "--porcelain", "--", "lmdbfs"])
     return rev + (" (lmdbfs/ modified)" if dirty not in ("?", "", "not found") else "")
@@ -1047,10 +1126,18 @@ def compute_ratios(res: dict[str, Any]) -> list[dict[str, Any]]:
         "pack_vs_tar": _div(ps("lmdbfs"), ps("ratarmount", "tar cf")),
         "seed_vs_pack": _div(ps("seed"), ps("lmdbfs")),
         "pack_rss": pack.get("lmdbfs", {}).get("tree_anon_mb"),
-        "first_vs_squashfuse": _div(epoch_rate(res, "lmdbfs", 2, "first"), epoch_rate(res, "squashfuse", 2, "first")) if r2 else None,
-        "first_vs_ratarmount": _div(epoch_rate(res, "lmdbfs", 2, "first"), epoch_rate(res, "ratarmount", 2, "first")) if r2 else None,
-        "steady_vs_native": _div(epoch_rate(res, "lmdbfs", 2, "steady"), epoch_rate(res, "native", 2, "steady")) if r2 else None,
-        "cold_vs_native": _div(epoch_rate(res, "lmdbfs", 2, "cold"), epoch_rate(res, "native", 2, "cold")) if r2 else None,
+        "first_vs_squashfuse": _div(epoch_rate(res, "lmdbfs", 2, "first"), epoch_rate(res, "squashfuse", 2, "first"))
+        if r2
+        else None,
+        "first_vs_ratarmount": _div(epoch_rate(res, "lmdbfs", 2, "first"), epoch_rate(res, "ratarmount", 2, "first"))
+        if r2
+        else None,
+        "steady_vs_native": _div(epoch_rate(res, "lmdbfs", 2, "steady"), epoch_rate(res, "native", 2, "steady"))
+        if r2
+        else None,
+        "cold_vs_native": _div(epoch_rate(res, "lmdbfs", 2, "cold"), epoch_rate(res, "native", 2, "cold"))
+        if r2
+        else None,
         "walk_cold_vs_native": _div(walk.get("lmdbfs", {}).get("cold_s"), walk.get("native", {}).get("cold_s")),
         "walk_warm_vs_native": _div(walk.get("lmdbfs", {}).get("warm_s"), walk.get("native", {}).get("warm_s")),
         "mount_s": res.get("mount", {}).get("lmdbfs", {}).get("cold_s"),
@@ -1067,8 +1154,9 @@ def compute_ratios(res: dict[str, Any]) -> list[dict[str, Any]]:
         else:
             ok = {"<=": v <= thr, ">=": v >= thr, "<": v < thr}[op]
             verdict = "PASS" if ok else "MISS"
-        out.append({"key": key, "desc": desc, "value": v, "op": op, "target": thr, "applies": applies,
-                    "verdict": verdict})
+        out.append(
+            {"key": key, "desc": desc, "value": v, "op": op, "target": thr, "applies": applies, "verdict": verdict}
+        )
     return out
 
 
@@ -1116,8 +1204,10 @@ def render_size(res: dict[str, Any], chart: str | None) -> str:
     if pack:
         L.append("### Pack")
         L.append("")
-        L.append("| system | tool | time (s) | peak RSS, largest process (MB) | peak RSS, all processes (MB) | "
-                 "peak anon RSS, all processes (MB) | output (GB) |")
+        L.append(
+            "| system | tool | time (s) | peak RSS, largest process (MB) | peak RSS, all processes (MB) | "
+            "peak anon RSS, all processes (MB) | output (GB) |"
+        )
         L.append("|---|---|---:|---:|---:|---:|---:|")
         for name in ALL_SYSTEMS:
             p = pack.get(name)
@@ -1128,15 +1218,19 @@ def render_size(res: dict[str, Any], chart: str | None) -> str:
                 extra = " (" + ", ".join(f"{k} {v['seconds']:.1f} s" for k, v in p["parts"].items()) + ")"
             if p.get("reused"):
                 extra += " (from an earlier run)"
-            L.append(f"| {name} | {p['tool']}{extra} | {_f(p['seconds'])} | {_f(p['max_rss_mb'], 0)} | "
-                     f"{_f(p['tree_rss_mb'], 0)} | {_f(p['tree_anon_mb'], 0)} | {p['out_bytes'] / 1e9:.3f} |")
+            L.append(
+                f"| {name} | {p['tool']}{extra} | {_f(p['seconds'])} | {_f(p['max_rss_mb'], 0)} | "
+                f"{_f(p['tree_rss_mb'], 0)} | {_f(p['tree_anon_mb'], 0)} | {p['out_bytes'] / 1e9:.3f} |"
+            )
         L.append("")
     walk, mount, drss, ver = res.get("walk", {}), res.get("mount", {}), res.get("daemon_rss", {}), res.get("verify", {})
     if walk or mount:
         L.append("### Metadata, mount, memory, correctness")
         L.append("")
-        L.append("| system | walk+stat cold (s) | walk+stat warm (s) | mount cold (s) | mount warm (s) | "
-                 "daemon RSS after mount (MB) | daemon RSS after epochs (MB, anon) | bytes check |")
+        L.append(
+            "| system | walk+stat cold (s) | walk+stat warm (s) | mount cold (s) | mount warm (s) | "
+            "daemon RSS after mount (MB) | daemon RSS after epochs (MB, anon) | bytes check |"
+        )
         L.append("|---|---:|---:|---:|---:|---:|---:|---|")
         for name in ALL_SYSTEMS:
             if name not in walk and name not in mount and name not in ver:
@@ -1258,11 +1352,14 @@ def render_doc(out_dir: Path, new: dict[str, Any]) -> str:
         L.append(f"- Python {m['python']}; " + "; ".join(f"{k} {v}" for k, v in m["versions"].items()))
         commits = ", ".join(
             f"{r['size']}: {r.get('commit_at_start', r['machine'].get('commit', '?'))}"
-            + (f" → {r['machine']['commit']}" if r.get("commit_at_start", r['machine'].get('commit'))
-               != r["machine"].get("commit") else "")
+            + (
+                f" → {r['machine']['commit']}"
+                if r.get("commit_at_start", r["machine"].get("commit")) != r["machine"].get("commit")
+                else ""
+            )
             for r in results
         )
-        L.append(f"- lmdbfs source at commit {commits}")
+        L.append(f"- lmdbfs code measured: {commits}")
         L.append("")
     L.append("## Method")
     L.append("")
@@ -1362,11 +1459,18 @@ def make_chart(res: dict[str, Any], path: Path) -> bool:
     except ImportError:
         log.warning("matplotlib not installed: no chart (pip install matplotlib)")
         return False
-    colors = {"native": "#777777", "lmdbfs": "#1f77b4", "squashfuse": "#ff7f0e", "ratarmount": "#2ca02c",
-              "seed": "#9467bd"}
+    colors = {
+        "native": "#777777",
+        "lmdbfs": "#1f77b4",
+        "squashfuse": "#ff7f0e",
+        "ratarmount": "#2ca02c",
+        "seed": "#9467bd",
+    }
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
-    fig.suptitle(f"lmdbfs benchmark, size {res['size']} ({res['tree']['files']:,} files, "
-                 f"{res['tree']['bytes'] / 1e9:.2f} GB)" + (", epochs on a sample" if res.get("sampled") else ""))
+    fig.suptitle(
+        f"lmdbfs benchmark, size {res['size']} ({res['tree']['files']:,} files, "
+        f"{res['tree']['bytes'] / 1e9:.2f} GB)" + (", epochs on a sample" if res.get("sampled") else "")
+    )
     ax = axes[0][0]
     pack = res.get("pack", {})
     names = [n for n in ALL_SYSTEMS if n in pack]
@@ -1391,10 +1495,21 @@ def make_chart(res: dict[str, Any], path: Path) -> bool:
     walk = res.get("walk", {})
     names = [n for n in ALL_SYSTEMS if n in walk]
     width = 0.4
-    ax.bar([i for i in range(len(names))], [walk[n]["cold_s"] for n in names], width, label="cold",
-           color=[colors[n] for n in names])
-    ax.bar([i + width for i in range(len(names))], [walk[n]["warm_s"] for n in names], width, label="warm",
-           color=[colors[n] for n in names], alpha=0.5)
+    ax.bar(
+        [i for i in range(len(names))],
+        [walk[n]["cold_s"] for n in names],
+        width,
+        label="cold",
+        color=[colors[n] for n in names],
+    )
+    ax.bar(
+        [i + width for i in range(len(names))],
+        [walk[n]["warm_s"] for n in names],
+        width,
+        label="warm",
+        color=[colors[n] for n in names],
+        alpha=0.5,
+    )
     ax.set_xticks([i + width / 2 for i in range(len(names))], names)
     ax.set_title("os.walk + stat of everything (s; solid cold, light warm)")
     ax = axes[1][1]
@@ -1443,20 +1558,37 @@ def render_only(out_dir: Path) -> int:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", choices=list(SIZES), default="medium")
-    ap.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
-                    help="trees, artifacts, mount points and the ratarmount venv (default %(default)s)")
-    ap.add_argument("--out-dir", type=Path, default=REPO / "docs",
-                    help="where benchmarks.md and bench-<size>.png go (default docs/)")
-    ap.add_argument("--systems", default=",".join(ALL_SYSTEMS),
-                    help="comma list of %s (default all)" % ",".join(ALL_SYSTEMS))
+    ap.add_argument(
+        "--workdir",
+        type=Path,
+        default=DEFAULT_WORKDIR,
+        help="trees, artifacts, mount points and the ratarmount venv (default %(default)s)",
+    )
+    ap.add_argument(
+        "--out-dir",
+        type=Path,
+        default=REPO / "docs",
+        help="where benchmarks.md and bench-<size>.png go (default docs/)",
+    )
+    ap.add_argument(
+        "--systems", default=",".join(ALL_SYSTEMS), help=f"comma list of {','.join(ALL_SYSTEMS)} (default all)"
+    )
     ap.add_argument("--readers", default=None, help="comma list of reader process counts (default per size)")
     ap.add_argument("--phases", default=",".join(PHASES), help="comma list of first,steady,cold")
-    ap.add_argument("--sample", type=int, default=None,
-                    help="epochs read a seeded random sample of N files (default: all; full: 100000; 0 = all)")
-    ap.add_argument("--verify-sample", type=int, default=None,
-                    help="bytes check on N files (default: all; full: 20000; 0 = all)")
-    ap.add_argument("--skip-pack", action="store_true",
-                    help="reuse packed artifacts in --workdir when present (their earlier pack numbers are kept)")
+    ap.add_argument(
+        "--sample",
+        type=int,
+        default=None,
+        help="epochs read a seeded random sample of N files (default: all; full: 100000; 0 = all)",
+    )
+    ap.add_argument(
+        "--verify-sample", type=int, default=None, help="bytes check on N files (default: all; full: 20000; 0 = all)"
+    )
+    ap.add_argument(
+        "--skip-pack",
+        action="store_true",
+        help="reuse packed artifacts in --workdir when present (their earlier pack numbers are kept)",
+    )
     ap.add_argument("--no-pack", action="store_true", help="do not pack or report packing at all")
     ap.add_argument("--no-reads", action="store_true", help="pack only")
     ap.add_argument("--no-verify", action="store_true", help="skip the bytes check")
@@ -1469,8 +1601,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--ratarmount-bin", default=None, help="use this ratarmount instead of the work-dir venv")
     ap.add_argument("--ratarmount-spec", default="ratarmount", help="pip spec for the ratarmount venv")
     ap.add_argument("--timeout", type=float, default=4 * 3600, help="per command / epoch timeout (s)")
-    ap.add_argument("--render-only", action="store_true",
-                    help="only rebuild benchmarks.md and the charts from the results stored in it")
+    ap.add_argument(
+        "--render-only",
+        action="store_true",
+        help="only rebuild benchmarks.md and the charts from the results stored in it",
+    )
     ap.add_argument("-v", "--verbose", action="store_true")
     a = ap.parse_args(argv)
     a.systems = [s for s in a.systems.split(",") if s]
@@ -1486,10 +1621,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.DEBUG if a.verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+    )
     t_start = now()
-    started = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
+    started = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M")
     a.workdir = a.workdir.resolve()
     a.out_dir = a.out_dir.resolve()
     if a.render_only:
@@ -1513,15 +1651,34 @@ def main(argv: list[str] | None = None) -> int:
     prev = stored_results(a.out_dir / "benchmarks.md").get(a.size) or (
         json.loads(json_path.read_text()) if json_path.exists() else {}
     )
-    ctx = Ctx(args=a, size=a.size, workdir=a.workdir, tree=tree, epoch_files=epoch_files,
-              verify_files=verify_files, cold_ok=cold_ok)
+    ctx = Ctx(
+        args=a,
+        size=a.size,
+        workdir=a.workdir,
+        tree=tree,
+        epoch_files=epoch_files,
+        verify_files=verify_files,
+        cold_ok=cold_ok,
+    )
     ctx.res = {
-        "size": a.size, "started": started, "systems": a.systems, "readers": a.readers, "phases": a.phases,
-        "cold_ok": cold_ok, "seed": a.seed,
+        "size": a.size,
+        "started": started,
+        "systems": a.systems,
+        "readers": a.readers,
+        "phases": a.phases,
+        "cold_ok": cold_ok,
+        "seed": a.seed,
         "tree": {"files": len(tree.sizes), "bytes": tree.nbytes, "dirs": tree.dirs, "gen_s": tree.gen_seconds},
-        "sampled": len(epoch_files) < len(all_files), "epoch_files": len(epoch_files),
+        "sampled": len(epoch_files) < len(all_files),
+        "epoch_files": len(epoch_files),
         "verify_files": len(verify_files),
-        "pack": {}, "walk": {}, "mount": {}, "epochs": [], "daemon_rss": {}, "verify": {}, "errors": {},
+        "pack": {},
+        "walk": {},
+        "mount": {},
+        "epochs": [],
+        "daemon_rss": {},
+        "verify": {},
+        "errors": {},
     }
     ctx.res["commit_at_start"] = _git_rev()
     systems = [SYSTEM_CLASSES[n](ctx) for n in ALL_SYSTEMS if n in a.systems]

@@ -120,9 +120,7 @@ def convert(
     nbytes = 0
     txn = env.begin(write=True)
     with Pool(workers or cpu_count()) as pool:
-        for key, value in tqdm(
-            pool.imap_unordered(_work, files), total=len(files), disable=not progress
-        ):
+        for key, value in tqdm(pool.imap_unordered(_work, files), total=len(files), disable=not progress):
             txn.put(key, value)
             n += 1
             nbytes += len(value)
@@ -148,8 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         "--map-size",
         type=int,
         default=None,
-        help="LMDB map size in bytes (default: 2x tree size; the seed used %d)"
-        % ORIGINAL_MAP_SIZE,
+        help=f"LMDB map size in bytes (default: 2x tree size; the seed used {ORIGINAL_MAP_SIZE})",
     )
     ap.add_argument("--workers", type=int, default=None, help="pool size (default: cpu_count())")
     ap.add_argument("--no-progress", action="store_true", help="hide the tqdm bar")
