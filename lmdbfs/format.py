@@ -41,7 +41,7 @@ KIND_SYMLINK = 3
 KIND_NAMES = {KIND_FILE: "file", KIND_DIR: "dir", KIND_SYMLINK: "symlink"}
 _KIND_TYPE_BITS = {KIND_FILE: _stat.S_IFREG, KIND_DIR: _stat.S_IFDIR, KIND_SYMLINK: _stat.S_IFLNK}
 
-# One fixed-size row per directory entry; names and link targets live in a blob after
+# One fixed-size row per directory entry (44 bytes); names and link targets live in a blob after
 # the rows. Fixed rows decode with one numpy call, which keeps a 9,335-entry directory
 # (GOT-10k's train/) cheap to open.
 ENTRY_DTYPE = np.dtype(
@@ -55,6 +55,7 @@ ENTRY_DTYPE = np.dtype(
         ("size", "<u8"),
         ("mtime_ns", "<i8"),
         ("checksum", "<u8"),
+        ("data_off", "<u8"),
     ]
 )
 _DIR_HEADER = struct.Struct("<4sIII")  # magic, entry count, own-path length, blob length
@@ -101,6 +102,7 @@ class Entry:
     mtime_ns: int
     checksum: int = 0
     target: str | None = None
+    data_off: int = 0  # file offset of the value in the DB's data file (files only)
 
     @property
     def st_mode(self) -> int:
@@ -180,6 +182,7 @@ class DirRecord:
             mtime_ns=int(row["mtime_ns"]),
             checksum=int(row["checksum"]),
             target=target,
+            data_off=int(row["data_off"]),
         )
 
     def lookup(self, name: str) -> Entry | None:
@@ -256,6 +259,10 @@ class Meta:
     source: str = ""
     root_mode: int = 0o755
     root_mtime_ns: int = 0
+    # The rows' data_off fields hold for the file as committed in this transaction; a
+    # later write (or a compacting copy) changes last_txnid and readers fall back to
+    # looking values up by key.
+    offsets_txnid: int = 0
     complete: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 

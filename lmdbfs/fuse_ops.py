@@ -194,7 +194,7 @@ class LmdbfsOperations(mfusepy.Operations):
         # ENOSYS tells libfuse3/the kernel that opens need no round trip at all.
         raise mfusepy.FuseOSError(errno.ENOSYS)
 
-    def _checked(self, path: str) -> tuple[str, Entry, memoryview, int | None]:
+    def _checked(self, path: str) -> tuple[str, Entry, int | None]:
         """Look up a file and, the first time it is read, verify its stored bytes."""
         archive = self.archive
         rel = path.strip("/")
@@ -205,26 +205,25 @@ class LmdbfsOperations(mfusepy.Operations):
             if archive.stored_checksum(rel, entry) != entry.checksum:
                 raise CorruptValue(f"{rel}: checksum mismatch (the DB file is damaged)")
             self._verified.add(rel)
-        view, file_off = archive.value_location(rel, entry)
-        return rel, entry, view, file_off
+        return rel, entry, archive.value_offset(rel, entry)
 
     @_fuse_errors
     def read_buf(self, path: str, bufpp: Any, size: int, offset: int, fh: int) -> int:
         """Answer a read with (fd, position) instead of bytes: libfuse then copies the
         value from the DB file in C, without Python copying it or holding the GIL."""
-        _rel, entry, view, file_off = self._checked(path)
+        rel, entry, file_off = self._checked(path)
         size = max(0, min(size, entry.size - offset))
         if file_off is not None:
             bufpp[0] = _fd_bufvec(self.archive.data_fd, file_off + offset, size)
         else:
-            bufpp[0] = _mem_bufvec(view[offset : offset + size])
+            bufpp[0] = _mem_bufvec(self.archive.value_view(rel, entry)[offset : offset + size])
         return 0
 
     @_fuse_errors
     def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
         """Plain read, used where read_buf is not (kept for other FUSE libraries)."""
-        _rel, entry, view, _off = self._checked(path)
-        return bytes(view[offset : offset + size])
+        rel, entry, _off = self._checked(path)
+        return self.archive.read_entry(rel, entry, offset, size)
 
     # -- everything that would change the tree --------------------------------------------
     def _read_only(self, *args: Any) -> None:

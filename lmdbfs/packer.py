@@ -33,7 +33,7 @@ from . import __version__
 from .errors import DestinationExists, SourceError
 from .format import INDEX_DB, META_DB, META_KEY, PARTIAL_SUFFIX, Meta, checksum, content_key, dir_key, encode_dir
 from .scan import Scan, scan_tree
-from .store import MAX_DBS
+from .store import MAX_DBS, map_base
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,8 @@ CHUNK_BYTES = 1 << 20  # one read task: up to this many bytes ...
 CHUNK_FILES = 256  # ... or this many files
 _PAGE = 4096
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+_MADV_DONTNEED = 4
+_PAGE_HEADER = 16  # LMDB's PAGEHDRSZ
 
 
 @dataclass
@@ -91,8 +93,10 @@ def pack(src: str, db: str, opts: PackOptions | None = None) -> PackResult:
     writer = _Writer(partial, _map_size_for(scan))
     try:
         resumed = writer.resume_point(keys, order, scan)
-        _copy_contents(scan, keys, order[resumed:], writer, opts)
-        writer.finish(scan, _meta_for(src, scan, opts))
+        unreadable = _copy_contents(scan, keys, order[resumed:], writer, opts)
+        with_offsets = writer.record_offsets(scan, keys, order, set(unreadable))
+        scan.drop_files(unreadable)
+        writer.finish(scan, _meta_for(src, scan, opts), with_offsets)
     finally:
         writer.close()
     _publish(partial, db)
@@ -171,7 +175,7 @@ class _Writer:
                 max_dbs=MAX_DBS,
                 sync=False,
                 metasync=False,
-                readahead=False,
+                readahead=True,  # record_offsets maps cached pages 16 at a time
                 writemap=False,
                 meminit=False,
                 lock=True,
@@ -245,7 +249,44 @@ class _Writer:
             key, value = reread(j)
             self.txn.put(key, value, append=True)
 
-    def finish(self, scan: Scan, meta: Meta) -> None:
+    def record_offsets(self, scan: Scan, keys: bytes, order: np.ndarray, skip: set[int]) -> bool:
+        """Note in each file's row where its value landed in the file.
+
+        Readers then pread values directly, with no LMDB call: LMDB touches every page
+        of a value it returns, which on a cold cache means 4 KiB faults. Here the pages
+        were just written and are cached; they are unmapped again as we go so the
+        packer's memory stays flat. False if the map cannot be located.
+        """
+        base = map_base(self.path)
+        if base is None:
+            return False
+        map_size = self.env.info()["map_size"]
+        touched = 0
+        with self.env.begin(buffers=True, db=self.main) as txn:
+            for i in order.tolist():
+                if i in skip:
+                    continue
+                view = txn.get(_key_bytes(keys, i))
+                row = _row_of(scan, i)
+                if view is None or len(view) != int(row["size"]):
+                    raise SourceError(
+                        f"{scan.file_relpath(i)}: stored value does not match what was read", "pack again"
+                    )
+                if len(view):
+                    offset = np.frombuffer(view, np.uint8).ctypes.data - base
+                    # Only values in overflow pages (they start right after a 16-byte
+                    # page header) stay put; small values live in leaf pages, which
+                    # later commits may copy elsewhere. Those are looked up by key.
+                    if offset % _PAGE == _PAGE_HEADER:
+                        row["data_off"] = offset
+                    touched += len(view)
+                if touched >= BATCH_BYTES:
+                    _drop_mapped_pages(base, map_size)
+                    touched = 0
+        _drop_mapped_pages(base, map_size)
+        return True
+
+    def finish(self, scan: Scan, meta: Meta, with_offsets: bool) -> None:
         """The final commit: index and meta together, so 'complete' is atomic."""
         self.commit()
         index_bytes = sum(len(d.blob) + d.rows.nbytes + 256 for d in scan.dirs)
@@ -258,6 +299,7 @@ class _Writer:
         with self.env.begin(write=True) as txn:
             for d in scan.dirs:
                 txn.put(dir_key(d.path), encode_dir(d.path, d.rows, d.blob), db=index)
+            meta.offsets_txnid = txn.id() if with_offsets else 0
             txn.put(META_KEY, meta.encode(), db=meta_db)
         self.env.sync(True)
 
@@ -285,8 +327,9 @@ def _chunks(order: np.ndarray, sizes: np.ndarray) -> Iterator[np.ndarray]:
         start = stop
 
 
-def _copy_contents(scan: Scan, keys: bytes, order: np.ndarray, writer: _Writer, opts: PackOptions) -> None:
-    """Read files in key order on worker threads; append them in that order."""
+def _copy_contents(scan: Scan, keys: bytes, order: np.ndarray, writer: _Writer, opts: PackOptions) -> list[int]:
+    """Read files in key order on worker threads; append them in that order.
+    Returns the files that could not be read (with --skip-errors)."""
     root = scan.root
     sizes = scan.file_size
     todo = int(sizes[order].sum()) if len(order) else 0
@@ -355,7 +398,7 @@ def _copy_contents(scan: Scan, keys: bytes, order: np.ndarray, writer: _Writer, 
             bar.update(nbytes)
     writer.commit(reread)
     bar.close()
-    scan.drop_files(unreadable)
+    return unreadable
 
 
 def _meta_for(src: str, scan: Scan, opts: PackOptions) -> Meta:
@@ -374,6 +417,15 @@ def _meta_for(src: str, scan: Scan, opts: PackOptions) -> Meta:
         complete=True,
         extra={"excludes": list(opts.excludes), "skipped": len(scan.skipped), "unreadable": len(scan.errors)},
     )
+
+
+def _drop_mapped_pages(base: int, length: int) -> None:
+    """Unmap cached file pages from this process (they stay in the page cache)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
+        libc.madvise(ctypes.c_void_p(base), ctypes.c_size_t(length), _MADV_DONTNEED)
+    except (OSError, AttributeError):
+        pass
 
 
 def _fixed_mmap_threshold() -> None:

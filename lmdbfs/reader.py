@@ -8,7 +8,6 @@ their own (LMDB must not be used across fork). It also pickles as just its path.
 
 from __future__ import annotations
 
-import builtins
 import contextlib
 import io
 import logging
@@ -86,7 +85,9 @@ class _Handle:
         except BaseException:
             store.release_readonly(self.env)
             raise
-        self.map_base = _map_base(self.loc.data_file)
+        self.map_base = store.map_base(self.loc.data_file)
+        # Value offsets in the index hold only for the file exactly as packed.
+        self.offsets_ok = self.meta.offsets_txnid != 0 and self.env.info()["last_txnid"] == self.meta.offsets_txnid
         self.local = threading.local()
 
     def txn(self) -> lmdb.Transaction:
@@ -101,24 +102,6 @@ class _Handle:
             os.close(self.fd)
         finally:
             store.release_readonly(self.env)
-
-
-def _map_base(data_file: str) -> int | None:
-    """Start address of LMDB's mapping of ``data_file``, read from /proc/self/maps.
-
-    Knowing it turns a value's memoryview into a file offset, so values can be read
-    with pread: one large read instead of 4 KiB page faults on a cold cache.
-    """
-    try:
-        ino = os.stat(data_file).st_ino
-        with builtins.open("/proc/self/maps") as maps:
-            for line in maps:
-                parts = line.split(None, 5)
-                if len(parts) >= 5 and parts[4] == str(ino) and int(parts[2], 16) == 0:
-                    return int(parts[0].split("-", 1)[0], 16)
-    except (OSError, ValueError):
-        pass
-    return None
 
 
 class Archive:
@@ -172,7 +155,7 @@ class Archive:
 
     @property
     def data_fd(self) -> int:
-        """A descriptor of the DB's data file, for reads at `value_location` offsets."""
+        """A descriptor of the DB's data file, for reads at `value_offset` offsets."""
         return self._h().fd
 
     @property
@@ -332,18 +315,32 @@ class Archive:
         meta = self.meta
         return content_key(normpath(path), meta.key_prefix, meta.key_sep)
 
-    def value_location(self, rel: str, entry: Entry) -> tuple[memoryview, int | None]:
-        """The stored value as a memoryview into the map, and its offset in the file."""
+    def value_view(self, rel: str, entry: Entry) -> memoryview:
+        """The stored value looked up by key: a memoryview into LMDB's map.
+
+        LMDB touches every page of a value it returns, so on a cold cache this faults
+        4 KiB at a time; the read paths use `value_offset` and pread instead.
+        """
         h = self._h()
         view = h.txn().get(self.key_of(rel), db=h.main_db)
         if view is None:
             raise CorruptValue(f"{rel}: listed in the index but its contents are missing", "re-pack the DB")
         if len(view) != entry.size:
             raise CorruptValue(f"{rel}: stored size {len(view)} != indexed size {entry.size}", "re-pack the DB")
-        offset = None
-        if h.map_base is not None and len(view):
-            offset = np.frombuffer(view, np.uint8).ctypes.data - h.map_base
-        return view, offset
+        return view
+
+    def value_offset(self, rel: str, entry: Entry) -> int | None:
+        """Where the value starts in the data file: from the index when it recorded one
+        (values in overflow pages, i.e. all but the smallest files: no LMDB call at all),
+        else from the map address of a key lookup; None if neither is known (then read
+        through `value_view`)."""
+        h = self._h()
+        if h.offsets_ok and entry.data_off:
+            return entry.data_off
+        if h.map_base is None:
+            return None
+        view = self.value_view(rel, entry)
+        return np.frombuffer(view, np.uint8).ctypes.data - h.map_base if len(view) else 0
 
     def read_bytes(self, path: str, verify: bool | None = None) -> bytes:
         """The file's exact bytes, checked against its checksum unless verify=False."""
@@ -366,9 +363,9 @@ class Archive:
         if offset >= entry.size or size <= 0:
             return b""
         size = min(size, entry.size - offset)
-        view, file_off = self.value_location(rel, entry)
+        file_off = self.value_offset(rel, entry)
         if file_off is None:
-            return bytes(view[offset : offset + size])
+            return bytes(self.value_view(rel, entry)[offset : offset + size])
         data = os.pread(self._h().fd, size, file_off + offset)
         if len(data) != size:
             raise CorruptValue(f"{rel}: short read from the DB file", "the DB file is truncated; copy it again")
@@ -386,9 +383,11 @@ class Archive:
     def stored_checksum(self, rel: str, entry: Entry) -> int:
         """xxh3 of the stored value, read with pread in 1 MiB steps into a reused
         per-thread buffer: no allocation, no page faults, large reads when cold."""
-        view, file_off = self.value_location(rel, entry)
-        if file_off is None or entry.size == 0:
-            return checksum(view)
+        if entry.size == 0:
+            return checksum(b"")
+        file_off = self.value_offset(rel, entry)
+        if file_off is None:
+            return checksum(self.value_view(rel, entry))
         h = self._h()
         buf = getattr(h.local, "buf", None)
         if buf is None:

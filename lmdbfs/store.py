@@ -128,6 +128,24 @@ def _open_readonly(loc: Location, path: str) -> lmdb.Environment:
     return env
 
 
+def map_base(data_file: str) -> int | None:
+    """Start address of this process's LMDB mapping of ``data_file`` (/proc/self/maps).
+
+    Knowing it turns a value's memoryview into a file offset, so values can be read
+    with pread instead of through the map.
+    """
+    try:
+        ino = os.stat(data_file).st_ino
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                parts = line.split(None, 5)
+                if len(parts) >= 5 and parts[4] == str(ino) and int(parts[2], 16) == 0:
+                    return int(parts[0].split("-", 1)[0], 16)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def _lmdb_reason(exc: lmdb.Error) -> str:
     return str(exc).split(":", 1)[-1].strip() or type(exc).__name__
 

@@ -240,7 +240,7 @@ def test_corrupted_value_is_eio_for_that_file_only(edge_tree: Path, edge_db: Pat
     shutil.copy(edge_db, broken)
     victim = "small/many_200.txt"
     with lmdbfs.open(broken) as archive:
-        _, offset = archive.value_location(victim, archive.lstat(victim))
+        offset = archive.value_offset(victim, archive.lstat(victim))
     with open(broken, "r+b") as fh:
         fh.seek(offset)
         first = fh.read(1)

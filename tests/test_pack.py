@@ -257,7 +257,7 @@ def test_verify_finds_a_corrupted_value(edge_db: Path, tmp_path: Path) -> None:
     shutil.copy(edge_db, broken)
     with lmdbfs.open(broken) as archive:
         entry = archive.lstat("small/many_123.txt")
-        _, offset = archive.value_location("small/many_123.txt", entry)
+        offset = archive.value_offset("small/many_123.txt", entry)
     with open(broken, "r+b") as fh:
         fh.seek(offset + 1)
         byte = fh.read(1)
@@ -360,3 +360,22 @@ def test_pack_memory_does_not_grow_with_the_data(tmp_path: Path) -> None:
     )
     peak_mb = int(proc.stdout.split("VmHWM:")[1].split()[0]) / 1024
     assert peak_mb < 250, f"peak RSS {peak_mb:.0f} MB for 400 MB of data"
+
+
+def test_value_offsets_in_the_index_and_the_fallback_after_a_write(edge_db: Path, tmp_path: Path) -> None:
+    """Reads use the offsets recorded at pack time; once anything writes to the file
+    they are no longer trusted and values are found by key, still byte-exact."""
+    with lmdbfs.open(edge_db) as archive:
+        big = archive.lstat("big/seventy_mb.bin")
+        assert archive._h().offsets_ok and big.data_off % 4096 == 16
+        assert archive.value_offset("big/seventy_mb.bin", big) == big.data_off
+    touched = tmp_path / "touched.lmdb"
+    shutil.copy(edge_db, touched)
+    env = lmdb.open(str(touched), subdir=False, map_size=2 * touched.stat().st_size)
+    with env.begin(write=True) as txn:
+        txn.put(b"an unrelated key", b"written after packing")
+    env.close()
+    with lmdbfs.open(touched) as archive:
+        assert not archive._h().offsets_ok
+        assert archive.read_bytes("plain.txt") == b"hello\n"
+    run_cli("verify", touched)
