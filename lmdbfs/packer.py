@@ -344,6 +344,7 @@ def _copy_contents(scan: Scan, keys: bytes, order: np.ndarray, writer: _Writer, 
         smoothing=0.1,
     )
     unreadable: list[int] = []
+    files_done = 0
 
     def read_one(i: int) -> bytes | None:
         rel = scan.file_relpath(i)
@@ -390,11 +391,14 @@ def _copy_contents(scan: Scan, keys: bytes, order: np.ndarray, writer: _Writer, 
                 break
             nbytes, future = window.popleft()
             in_flight -= nbytes
-            for i, data in future.result():
+            results = future.result()
+            for i, data in results:
                 if data is None:
                     unreadable.append(i)
                     continue
                 writer.put(i, _key_bytes(keys, i), data, reread)
+            files_done += len(results)
+            bar.set_postfix(files=f"{files_done}/{len(order)}", refresh=False)
             bar.update(nbytes)
     writer.commit(reread)
     bar.close()

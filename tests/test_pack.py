@@ -379,3 +379,12 @@ def test_value_offsets_in_the_index_and_the_fallback_after_a_write(edge_db: Path
         assert not archive._h().offsets_ok
         assert archive.read_bytes("plain.txt") == b"hello\n"
     run_cli("verify", touched)
+
+
+def test_an_lmdb_directory_is_read_too(edge_db: Path, tmp_path: Path) -> None:
+    """Readers accept the classic LMDB layout (a folder holding data.mdb) as well."""
+    folder = tmp_path / "as_dir.lmdb"
+    folder.mkdir()
+    shutil.copy(edge_db, folder / "data.mdb")
+    assert run_cli("cat", folder, "plain.txt").stdout == "hello\n"
+    run_cli("verify", folder)
