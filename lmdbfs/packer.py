@@ -83,7 +83,7 @@ def pack(src: str, db: str, opts: PackOptions | None = None) -> PackResult:
     out_abs = os.fsencode(os.path.abspath(db))
     skip = [out_abs + s for s in (b"", b"-lock", PARTIAL_SUFFIX.encode(), PARTIAL_SUFFIX.encode() + b"-lock")]
     log.info("scanning %s", src)
-    scan = scan_tree(src, opts.excludes, skip, opts.skip_errors)
+    scan = scan_tree(src, opts.excludes, skip, opts.skip_errors, progress=opts.progress)
     log.info(
         "found %d files, %d dirs, %d symlinks, %.1f MB", scan.files, len(scan.dirs), scan.symlinks, scan.bytes / 1e6
     )

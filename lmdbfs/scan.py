@@ -14,6 +14,7 @@ import stat as st
 from dataclasses import dataclass, field
 
 import numpy as np
+from tqdm import tqdm
 
 from .errors import SourceError
 from .format import KIND_DIR, KIND_FILE, KIND_SYMLINK, decode_path, new_rows, pack_names
@@ -95,6 +96,7 @@ def scan_tree(
     excludes: list[str] | None = None,
     skip_abs: list[bytes] | None = None,
     skip_errors: bool = False,
+    progress: bool = False,
 ) -> Scan:
     """lstat every entry below ``src`` (symlinks are recorded, never followed)."""
     root = os.fsencode(os.path.abspath(src))
@@ -111,6 +113,7 @@ def scan_tree(
     file_sizes: list[np.ndarray] = []
     # (relpath, index of the parent's ScannedDir, row of this dir in the parent)
     stack: list[tuple[str, int, int]] = [("", -1, -1)]
+    bar = tqdm(desc="scan", unit=" entries", disable=not progress, smoothing=0.1)
     while stack:
         rel, parent, parent_row = stack.pop()
         listing = _list_dir(root, rel, scan, skip_errors, excluded)
@@ -131,6 +134,8 @@ def scan_tree(
         scan.bytes += int(rows["size"][file_idx].sum())
         scan.symlinks += int(np.count_nonzero(rows["kind"] == KIND_SYMLINK))
         stack.extend((child, dir_index, row) for child, row in reversed(subdirs))
+        bar.update(len(rows))
+    bar.close()
     if file_rows:
         scan.file_dir = np.concatenate(file_dirs)
         scan.file_row = np.concatenate(file_rows)
