@@ -115,6 +115,17 @@ class LmdbfsOperations(mfusepy.Operations):
     def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
         return self._attrs(self.archive.lstat_rel(path.strip("/")))
 
+    def stat_into(self, path: str, buf: Any) -> int:
+        """getattr written straight into libfuse's struct stat (no dict in between):
+        after a mount, every file opened costs one of these."""
+        try:
+            entry = self.archive.lstat_rel(path.strip("/"))
+        except LmdbfsError as exc:
+            return -errno_of(exc)
+        ctypes.memset(buf, 0, _STAT_SIZE)
+        _fill_stat(buf.contents, entry.st_mode, entry.nlink, entry.size, entry.mtime_ns, self.uid, self.gid)
+        return 0
+
     def fill_directory(self, path: str, buf: Any, filler: Any, offset: int, plus: bool) -> int:
         """readdir, answering READDIRPLUS with every entry's full attributes.
 
@@ -140,7 +151,6 @@ class LmdbfsOperations(mfusepy.Operations):
         modes = rows["mode"].tolist()
         flags = _FUSE_FILL_DIR_PLUS if plus else 0
         if plus:
-            st_buf.st_uid, st_buf.st_gid, st_buf.st_blksize = self.uid, self.gid, 1 << 20
             sizes = rows["size"].tolist()
             mtimes = rows["mtime_ns"].tolist()
             extra = rows["checksum"].tolist()
@@ -148,13 +158,8 @@ class LmdbfsOperations(mfusepy.Operations):
             st_buf.st_mode = _DT_MODES[kind] | (mode & ~_WRITE_BITS)
             if plus:
                 i = n - first - 3
-                size = sizes[i]
-                st_buf.st_nlink = 2 + extra[i] if kind == KIND_DIR else 1
-                st_buf.st_size = size
-                st_buf.st_blocks = (size + 511) // 512
-                sec, nsec = divmod(mtimes[i], 1_000_000_000)
-                for ts in (st_buf.st_mtimespec, st_buf.st_ctimespec, st_buf.st_atimespec):
-                    ts.tv_sec, ts.tv_nsec = sec, nsec
+                nlink = 2 + extra[i] if kind == KIND_DIR else 1
+                _fill_stat(st_buf, st_buf.st_mode, nlink, sizes[i], mtimes[i], self.uid, self.gid)
             if filler(buf, name, st_buf, n, flags):
                 break
         return 0
@@ -238,9 +243,30 @@ _FUSE_READDIR_PLUS = 1 << 0
 _FUSE_FILL_DIR_PLUS = 1 << 1
 
 
+_STAT_SIZE = ctypes.sizeof(mfusepy.c_stat)
+
+
+def _fill_stat(out: Any, mode: int, nlink: int, size: int, mtime_ns: int, uid: int, gid: int) -> None:
+    """The attributes every entry reports: read-only mode, one mtime for all three times."""
+    out.st_mode = mode & ~_WRITE_BITS
+    out.st_nlink = nlink
+    out.st_size = size
+    out.st_blocks = (size + 511) // 512
+    out.st_blksize = 1 << 20
+    out.st_uid, out.st_gid = uid, gid
+    sec, nsec = divmod(mtime_ns, 1_000_000_000)
+    for ts in (out.st_mtimespec, out.st_ctimespec, out.st_atimespec):
+        ts.tv_sec, ts.tv_nsec = sec, nsec
+
+
 class LmdbfsFUSE(mfusepy.FUSE):
     """mfusepy's FUSE, but readdir passes READDIRPLUS through (mfusepy fills names and
     types only, which leaves the kernel to LOOKUP every file afterwards)."""
+
+    def getattr_fuse_3(self, path: bytes | None, buf: Any, fip: Any) -> int:
+        if path is None:
+            return super().getattr_fuse_3(path, buf, fip)
+        return self.operations.stat_into(path.decode(self.encoding, self.errors), buf)
 
     def readdir_fuse_3(self, path: bytes | None, buf: Any, filler: Any, offset: int, fip: Any, flags: int) -> int:
         decoded = "/" if path is None else path.decode(self.encoding, self.errors)
