@@ -97,23 +97,9 @@ class LmdbfsOperations(mfusepy.Operations):
             self.archive.close()
 
     # -- metadata -------------------------------------------------------------------------
-    def _attrs(self, entry: Entry) -> dict[str, Any]:
-        return {
-            "st_mode": entry.st_mode & ~_WRITE_BITS,
-            "st_nlink": entry.nlink,
-            "st_size": entry.size,
-            "st_mtime": entry.mtime_ns,
-            "st_ctime": entry.mtime_ns,
-            "st_atime": entry.mtime_ns,
-            "st_uid": self.uid,
-            "st_gid": self.gid,
-            "st_blocks": (entry.size + 511) // 512,
-            "st_blksize": 1 << 20,
-        }
-
-    @_fuse_errors
     def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
-        return self._attrs(self.archive.lstat_rel(path.strip("/")))
+        # Present so mfusepy registers the callback; LmdbfsFUSE answers it via stat_into.
+        raise mfusepy.FuseOSError(errno.ENOSYS)
 
     def stat_into(self, path: str, buf: Any) -> int:
         """getattr written straight into libfuse's struct stat (no dict in between):
@@ -264,8 +250,8 @@ class LmdbfsFUSE(mfusepy.FUSE):
     types only, which leaves the kernel to LOOKUP every file afterwards)."""
 
     def getattr_fuse_3(self, path: bytes | None, buf: Any, fip: Any) -> int:
-        if path is None:
-            return super().getattr_fuse_3(path, buf, fip)
+        if path is None:  # only with nullpath_ok, which is never set
+            return -errno.ENOENT
         return self.operations.stat_into(path.decode(self.encoding, self.errors), buf)
 
     def readdir_fuse_3(self, path: bytes | None, buf: Any, filler: Any, offset: int, fip: Any, flags: int) -> int:
