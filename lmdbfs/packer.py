@@ -90,13 +90,12 @@ def pack(src: str, db: str, opts: PackOptions | None = None) -> PackResult:
     keys, order = _sorted_keys(scan, opts)
     if opts.force or not opts.resume:
         _remove_db_files(partial)
-    writer = _Writer(partial, _map_size_for(scan))
+    writer = _Writer(partial, _map_size_for(scan), scan, keys)
     try:
         resumed = writer.resume_point(keys, order, scan)
         unreadable = _copy_contents(scan, keys, order[resumed:], writer, opts)
-        with_offsets = writer.record_offsets(scan, keys, order, set(unreadable))
         scan.drop_files(unreadable)
-        writer.finish(scan, _meta_for(src, scan, opts), with_offsets)
+        writer.finish(scan, _meta_for(src, scan, opts))
     finally:
         writer.close()
     _publish(partial, db)
@@ -165,8 +164,11 @@ def _map_size_for(scan: Scan) -> int:
 class _Writer:
     """Owns the partial LMDB: batched appends, map growth, resume, the final commit."""
 
-    def __init__(self, path: str, map_size: int) -> None:
+    def __init__(self, path: str, map_size: int, scan: Scan, keys: bytes) -> None:
         self.path = path
+        self.scan = scan
+        self.keys = keys
+        self.offsets_ok = True  # every overflow value's offset has been recorded
         try:
             self.env = lmdb.open(
                 path,
@@ -175,7 +177,7 @@ class _Writer:
                 max_dbs=MAX_DBS,
                 sync=False,
                 metasync=False,
-                readahead=True,  # record_offsets maps cached pages 16 at a time
+                readahead=True,  # _record_offsets maps cached pages 16 at a time
                 writemap=False,
                 meminit=False,
                 lock=True,
@@ -197,6 +199,7 @@ class _Writer:
             ordered = np.frombuffer(keys, dtype="S16")[order]
             done = int(np.searchsorted(ordered, np.frombuffer(last, dtype="S16"), side="right")[0])
             log.info("resuming: %d of %d files already packed", done, scan.files)
+            base = map_base(self.path)
             for n in range(done):
                 i = int(order[n])
                 value = txn.get(_key_bytes(keys, i), db=self.main)
@@ -207,6 +210,10 @@ class _Writer:
                         "start over with --force",
                     )
                 row["checksum"] = checksum(value)
+                self._note_offset(row, value, base)
+                if n % 1024 == 1023:
+                    self._unmap(base)
+            self._unmap(base)
         return done
 
     def put(self, i: int, key: bytes, value: bytes, reread: Callable[[int], tuple[bytes, bytes]]) -> None:
@@ -234,8 +241,43 @@ class _Writer:
                 if reread is None:
                     raise
                 self._grow_and_replay(reread)
+        self._record_offsets(self.pending)
         self.pending.clear()
         self.pending_bytes = 0
+
+    def _record_offsets(self, files: list[int]) -> None:
+        """Note in each just-committed file's row where its value landed in the file.
+
+        Readers then pread values directly, with no LMDB call: LMDB touches every page
+        of a value it returns, which on a cold cache means 4 KiB faults. Done right
+        after each commit, while the batch is still in the page cache; the pages are
+        unmapped again so the packer's memory stays flat.
+        """
+        if not files:
+            return
+        base = map_base(self.path)
+        with self.env.begin(buffers=True, db=self.main) as txn:
+            for i in files:
+                view = txn.get(_key_bytes(self.keys, i))
+                if view is None:
+                    raise SourceError(f"{self.scan.file_relpath(i)}: value missing after commit", "pack again")
+                self._note_offset(_row_of(self.scan, i), view, base)
+        self._unmap(base)
+
+    def _note_offset(self, row: np.void, view: memoryview, base: int | None) -> None:
+        if base is None:
+            self.offsets_ok = False
+        elif len(view):
+            offset = np.frombuffer(view, np.uint8).ctypes.data - base
+            # Only values in overflow pages (they start right after a 16-byte page
+            # header) stay put; small values live in leaf pages, which later commits
+            # may copy elsewhere. Those are looked up by key.
+            if offset % _PAGE == _PAGE_HEADER:
+                row["data_off"] = offset
+
+    def _unmap(self, base: int | None) -> None:
+        if base is not None:
+            _drop_mapped_pages(base, self.env.info()["map_size"])
 
     def _grow_and_replay(self, reread: Callable[[int], tuple[bytes, bytes]]) -> None:
         """Abort the open batch, grow the map, and write the batch again."""
@@ -249,44 +291,7 @@ class _Writer:
             key, value = reread(j)
             self.txn.put(key, value, append=True)
 
-    def record_offsets(self, scan: Scan, keys: bytes, order: np.ndarray, skip: set[int]) -> bool:
-        """Note in each file's row where its value landed in the file.
-
-        Readers then pread values directly, with no LMDB call: LMDB touches every page
-        of a value it returns, which on a cold cache means 4 KiB faults. Here the pages
-        were just written and are cached; they are unmapped again as we go so the
-        packer's memory stays flat. False if the map cannot be located.
-        """
-        base = map_base(self.path)
-        if base is None:
-            return False
-        map_size = self.env.info()["map_size"]
-        touched = 0
-        with self.env.begin(buffers=True, db=self.main) as txn:
-            for i in order.tolist():
-                if i in skip:
-                    continue
-                view = txn.get(_key_bytes(keys, i))
-                row = _row_of(scan, i)
-                if view is None or len(view) != int(row["size"]):
-                    raise SourceError(
-                        f"{scan.file_relpath(i)}: stored value does not match what was read", "pack again"
-                    )
-                if len(view):
-                    offset = np.frombuffer(view, np.uint8).ctypes.data - base
-                    # Only values in overflow pages (they start right after a 16-byte
-                    # page header) stay put; small values live in leaf pages, which
-                    # later commits may copy elsewhere. Those are looked up by key.
-                    if offset % _PAGE == _PAGE_HEADER:
-                        row["data_off"] = offset
-                    touched += len(view)
-                if touched >= BATCH_BYTES:
-                    _drop_mapped_pages(base, map_size)
-                    touched = 0
-        _drop_mapped_pages(base, map_size)
-        return True
-
-    def finish(self, scan: Scan, meta: Meta, with_offsets: bool) -> None:
+    def finish(self, scan: Scan, meta: Meta) -> None:
         """The final commit: index and meta together, so 'complete' is atomic."""
         self.commit()
         index_bytes = sum(len(d.blob) + d.rows.nbytes + 256 for d in scan.dirs)
@@ -299,7 +304,7 @@ class _Writer:
         with self.env.begin(write=True) as txn:
             for d in scan.dirs:
                 txn.put(dir_key(d.path), encode_dir(d.path, d.rows, d.blob), db=index)
-            meta.offsets_txnid = txn.id() if with_offsets else 0
+            meta.offsets_txnid = txn.id() if self.offsets_ok else 0
             txn.put(META_KEY, meta.encode(), db=meta_db)
         self.env.sync(True)
 
