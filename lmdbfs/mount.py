@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from .errors import LmdbfsError, MountError
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT = 60.0
+_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")  # mountinfo writes ' ' as \040
 READAHEAD_KB = 1024  # matches libfuse3's largest READ (max_pages = 256)
 # mfusepy loads libfuse2 when both are installed; libfuse3 gives 1 MiB reads and no-open.
 os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
@@ -280,20 +282,33 @@ def _daemon_pids(mnt: str) -> list[int]:
     return pids
 
 
+def _in_mount_table(mnt: str) -> bool:
+    """Whether the kernel lists ``mnt`` as a mount point. Unlike stat, this works
+    however broken the filesystem behind it is."""
+    target = os.path.realpath(mnt)
+    try:
+        with open("/proc/self/mountinfo") as table:
+            for line in table:
+                fields = line.split()
+                if len(fields) > 4 and _OCTAL_ESCAPE.sub(lambda m: chr(int(m[1], 8)), fields[4]) == target:
+                    return True
+    except OSError:
+        return os.path.ismount(mnt)
+    return False
+
+
 def umount(mnt: str) -> None:
-    """Unmount cleanly; also recover a mount point whose daemon died (ENOTCONN)."""
-    dead = False
+    """Unmount cleanly; also recover a mount point whose daemon died (ENOTCONN) or
+    that answers with errors."""
+    if not os.path.lexists(mnt):
+        raise MountError(f"{mnt}: no such directory", "check the mount point")
+    if not _in_mount_table(mnt):
+        raise MountError(f"{mnt}: not mounted", "nothing to do")
     try:
         os.stat(mnt)
-    except FileNotFoundError:
-        raise MountError(f"{mnt}: no such directory", "check the mount point") from None
-    except OSError as exc:
-        if exc.errno not in (errno.ENOTCONN, errno.ECONNABORTED):
-            raise MountError(f"{mnt}: {exc.strerror}", "check the mount point") from None
-        dead = True
-    dead = dead or (os.path.ismount(mnt) and _is_dead(mnt))
-    if not dead and not os.path.ismount(mnt):
-        raise MountError(f"{mnt}: not mounted", "nothing to do")
+        dead = _is_dead(mnt)
+    except OSError:
+        dead = True  # ENOTCONN, or a daemon answering EIO: detach it lazily
     pids = _daemon_pids(mnt)
     result = _fusermount(mnt, lazy=dead)
     if result.returncode != 0:
