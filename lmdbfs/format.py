@@ -28,7 +28,7 @@ import xxhash
 from .errors import BadDatabase, CorruptValue, FormatVersionError, IncompleteDatabase
 
 FORMAT_NAME = "lmdbfs"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: rows gained data_off (44 bytes); 1 had 36-byte rows
 INDEX_DB = b"lmdbfs.index"
 META_DB = b"lmdbfs.meta"
 META_KEY = b"meta"

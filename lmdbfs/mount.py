@@ -300,9 +300,9 @@ def _in_mount_table(mnt: str) -> bool:
 def umount(mnt: str) -> None:
     """Unmount cleanly; also recover a mount point whose daemon died (ENOTCONN) or
     that answers with errors."""
-    if not os.path.lexists(mnt):
-        raise MountError(f"{mnt}: no such directory", "check the mount point")
     if not _in_mount_table(mnt):
+        if not os.path.lexists(mnt):
+            raise MountError(f"{mnt}: no such directory", "check the mount point")
         raise MountError(f"{mnt}: not mounted", "nothing to do")
     try:
         os.stat(mnt)
