@@ -227,7 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-file", metavar="FILE", help="daemon log (default: syslog-free, errors only to FILE if given)")
     p.add_argument("-d", "--debug", action="store_true", help="log every request")
     p.add_argument(
-        "--threads", action=argparse.BooleanOptionalAction, default=True, help="multi-threaded FUSE loop (default on)"
+        "--threads",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="serve on several libfuse threads (default: one, measured faster: the GIL serialises Python anyway)",
     )
     p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
 

@@ -38,7 +38,7 @@ class MountOptions:
     fuse_options: list[str] = field(default_factory=list)
     log_file: str | None = None
     debug: bool = False
-    threads: bool = True
+    threads: bool = False  # one libfuse thread: 2 readers got 6.8-7.4k files/s vs 5.4-5.7k threaded
     ready_fd: int | None = None
 
 
@@ -112,8 +112,7 @@ def _spawn_daemon(db: str, mnt: str, opts: MountOptions) -> None:
         cmd += ["--log-file", os.path.abspath(opts.log_file)]
     if opts.debug:
         cmd.append("--debug")
-    if not opts.threads:
-        cmd.append("--no-threads")
+    cmd.append("--threads" if opts.threads else "--no-threads")
     cmd += [os.path.abspath(db), os.path.abspath(mnt)]
     with tempfile.TemporaryFile() as errors:
         proc = subprocess.Popen(

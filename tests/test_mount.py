@@ -157,8 +157,9 @@ def _read_all(args: tuple[str, list[str]]) -> dict[str, int]:
     return {rel: zlib.crc32(Path(root, rel).read_bytes()) for rel in rels}
 
 
-def test_many_reader_processes_at_once(got10k_tree: Path, got10k_db: Path, mount_db) -> None:
-    m = mount_db(got10k_db)
+@pytest.mark.parametrize("mode", ["--no-threads", "--threads"])
+def test_many_reader_processes_at_once(got10k_tree: Path, got10k_db: Path, mount_db, mode: str) -> None:
+    m = mount_db(got10k_db, mode)
     rels = sorted(str(p.relative_to(got10k_tree)) for p in got10k_tree.rglob("*") if p.is_file())
     chunks = [rels[i::8] for i in range(8)] * 2  # 16 jobs on 8 processes, every file read twice
     with ProcessPoolExecutor(8) as pool:
