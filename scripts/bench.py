@@ -427,12 +427,26 @@ def wait_mounted(mnt: Path, timeout: float = 30.0) -> None:
     raise RuntimeError(f"{mnt} not mounted after {timeout} s")
 
 
+def is_mounted(mnt: Path) -> bool:
+    """True when mnt is in the mount table (os.path.ismount is False for a mount answering EIO)."""
+    target = str(mnt)
+    try:
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 1 and fields[1].replace("\\040", " ") == target:
+                    return True
+    except OSError:
+        return os.path.ismount(mnt)
+    return False
+
+
 def fuse_unmount(mnt: Path) -> None:
     """fusermount3 -u, lazily as a last resort."""
-    if not os.path.ismount(mnt):
+    if not is_mounted(mnt):
         return
     r = subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True, text=True)
-    if r.returncode != 0 and os.path.ismount(mnt):
+    if r.returncode != 0 and is_mounted(mnt):
         log.warning("fusermount3 -u %s: %s; lazy unmount", mnt, r.stderr.strip())
         subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True)
 
@@ -469,8 +483,16 @@ class System:
         self.mnt.mkdir(parents=True, exist_ok=True)
         fuse_unmount(self.mnt)
         t0 = now()
-        run(self.mount_cmd(), timeout=3600)
-        wait_mounted(self.mnt)
+        try:
+            run(self.mount_cmd(), timeout=3600)
+            wait_mounted(self.mnt)
+        except BaseException:
+            # A daemon that came up late or answers EIO must not outlive the run.
+            self.pid = find_daemon(self.mnt)
+            self.umount()
+            if self.pid and os.path.exists(f"/proc/{self.pid}"):
+                os.kill(self.pid, 15)
+            raise
         t = now() - t0
         self.pid = find_daemon(self.mnt)
         if self.pid is None:
@@ -550,7 +572,7 @@ class Lmdbfs(System):
         return [*self.cli(), "mount", str(self.db), str(self.mnt)]
 
     def umount(self) -> None:
-        if os.path.ismount(self.mnt):
+        if is_mounted(self.mnt):
             r = subprocess.run([*self.cli(), "umount", str(self.mnt)], capture_output=True, text=True)
             if r.returncode != 0:
                 log.warning("lmdbfs umount: %s", r.stderr.strip()[-500:])
@@ -1634,6 +1656,9 @@ def main(argv: list[str] | None = None) -> int:
         return render_only(a.out_dir)
     a.workdir.mkdir(parents=True, exist_ok=True)
     a.out_dir.mkdir(parents=True, exist_ok=True)
+    # Run from the work dir: `python -m lmdbfs` from the repo root would import the
+    # working tree's lmdbfs/ ahead of PYTHONPATH or the installed package.
+    os.chdir(a.workdir)
     cold_ok = not a.no_drop_caches and os.geteuid() == 0
     if not a.no_drop_caches and not cold_ok:
         drop_caches(True)  # logs the warning once
@@ -1705,7 +1730,7 @@ def main(argv: list[str] | None = None) -> int:
                     s.umount()
     finally:
         for s in systems:
-            if s.mountable and os.path.ismount(s.mnt):
+            if s.mountable and is_mounted(s.mnt):
                 s.umount()
 
     ctx.res["machine"] = machine_info(a.workdir, ctx.ratarmount_bin if "ratarmount" in a.systems else None)
