@@ -104,6 +104,8 @@ def mount(db: str, mnt: str, opts: MountOptions) -> None:
 
 
 def _spawn_daemon(db: str, mnt: str, opts: MountOptions) -> None:
+    if opts.debug and not opts.log_file:
+        log.warning("--debug without --log-file: the background daemon's request log is discarded")
     read_end, write_end = os.pipe()
     cmd = [sys.executable, "-m", "lmdbfs", "mount", "-f", "--ready-fd", str(write_end)]
     for group in opts.fuse_options:
@@ -206,7 +208,14 @@ def serve(db: str, mnt: str, opts: MountOptions) -> None:
         nonlocal ready
         ready = True
         threading.Thread(target=_raise_readahead, args=(mnt,), daemon=True).start()
+        detached = opts.ready_fd is not None
         report("ok")
+        if detached and not opts.log_file:
+            # Nobody reads a background daemon's stderr once it is up: without
+            # --log-file its messages go nowhere rather than into an unseen file.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 2)
+            os.close(devnull)
 
     ops = LmdbfsOperations(archive, on_ready=on_ready)
     kwargs: dict[str, object] = {
