@@ -37,6 +37,7 @@ import os
 import platform
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
@@ -64,6 +65,7 @@ SIZES: dict[str, dict[str, Any]] = {
         splits=("train", "val"),
         tiny=True,
         readers=(1, 2),
+        repeat=1,
         sample=None,
         verify_sample=None,
         note="a few dozen tiny files: checks the harness, numbers mean nothing",
@@ -74,6 +76,7 @@ SIZES: dict[str, dict[str, Any]] = {
         splits=("train", "val", "test"),
         tiny=False,
         readers=(1, 2, 4),
+        repeat=3,
         sample=None,
         verify_sample=None,
         note="~20k files, ~3.5 GB, frames 35-400 KB",
@@ -84,6 +87,7 @@ SIZES: dict[str, dict[str, Any]] = {
         splits=("train",),
         tiny=True,
         readers=(2,),
+        repeat=1,
         sample=100_000,
         verify_sample=20_000,
         note="9,335 sequences x 150 tiny frames: the real GOT-10k train file count",
@@ -890,7 +894,8 @@ def do_reads(ctx: Ctx, s: System) -> None:
         mount_cold = s.mount()
         try:
             t_cold, listing, _ = walk_stat(s.read_root())
-            t_warm, _, _ = walk_stat(s.read_root())
+            warm_runs = [walk_stat(s.read_root())[0] for _ in range(a.repeat)]
+            t_warm = statistics.median(warm_runs)
         finally:
             s.umount()
         warm_files(s.backing()) if s.mountable else None
@@ -910,6 +915,7 @@ def do_reads(ctx: Ctx, s: System) -> None:
         ctx.res["walk"][name] = {
             "cold_s": t_cold,
             "warm_s": t_warm,
+            "warm_runs": warm_runs,
             "cold": cold,
             "listing_ok": same,
             "files": len(listing),
@@ -946,7 +952,11 @@ def do_reads(ctx: Ctx, s: System) -> None:
                     add_epoch(ctx, name, r, "first", e, False, sampled)
                 rss1 = s.daemon_rss()
                 if "steady" in a.phases:
-                    e = read_epoch(mode, s.read_root(), files, r, base + 2, timeout)
+                    runs = [
+                        read_epoch(mode, s.read_root(), files, r, base + 2 + 100 * k, timeout) for k in range(a.repeat)
+                    ]
+                    e = sorted(runs, key=lambda x: x["files_per_s"])[len(runs) // 2]
+                    e["repeats"] = [round(x["files_per_s"]) for x in runs]
                     add_epoch(ctx, name, r, "steady", e, False, sampled)
                 rss2 = s.daemon_rss()
                 if s.mountable:
@@ -1418,14 +1428,14 @@ METHOD = """\
   `tar cf` followed by ratarmount's index creation (first mount with `--recreate-index`, timed to the
   mount being ready); `mksquashfs SRC IMG -noI -noD -noF -noX -noappend`.
 - **Walk+stat**: `os.walk` + `os.stat` of every file on a fresh mount after dropping caches (*cold*),
-  then again (*warm*). The listing (paths and sizes) must equal the source's.
+  then again (*warm*; median of `--repeat` runs, 3 at medium size). The listing (paths and sizes) must equal the source's.
 - **Mount**: wall time from starting the mount command to the mount point answering `readdir`, on
   dropped caches (*cold*) and with the backing file in the page cache (*warm*).
 - **Epochs**: N reader processes (fork) read every file (`open` + `read()`) in a seeded random
   order, each its share; files/s = files / (last reader done − first reader started).
   *cold*: caches dropped, fresh mount. *first*: backing file (the `.lmdb`, `.sqsh`, `.tar` + index; for
   native, the files) read into the page cache, fresh mount. *steady*: the next epoch on that mount,
-  in another order. The seed LMDB is read directly with py-lmdb by md5 key
+  in another order (median of `--repeat` epochs, 3 at medium size). The seed LMDB is read directly with py-lmdb by md5 key
   (`readonly, lock=False, readahead=False`); it has no file system, so no walk or mount.
 - **Daemon RSS**: `VmRSS` (and `RssAnon`) of the FUSE daemon found through `/proc/*/cmdline` and its
   `/dev/fuse` descriptor, right after mounting and after the epochs. `VmRSS` includes the mmap'd
@@ -1607,6 +1617,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--verify-sample", type=int, default=None, help="bytes check on N files (default: all; full: 20000; 0 = all)"
     )
     ap.add_argument(
+        "--repeat",
+        type=int,
+        default=None,
+        help="run the warm walk and the steady epoch N times and keep the median (default: medium 3, else 1)",
+    )
+    ap.add_argument(
         "--skip-pack",
         action="store_true",
         help="reuse packed artifacts in --workdir when present (their earlier pack numbers are kept)",
@@ -1636,6 +1652,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error(f"unknown systems: {sorted(bad)}")
     a.readers = [int(x) for x in a.readers.split(",")] if a.readers else list(SIZES[a.size]["readers"])
     a.phases = [p for p in a.phases.split(",") if p]
+    a.repeat = max(1, a.repeat if a.repeat is not None else SIZES[a.size]["repeat"])
     if set(a.phases) - set(PHASES):
         ap.error(f"unknown phases: {a.phases}")
     return a
