@@ -33,7 +33,7 @@ from . import __version__
 from .errors import DestinationExists, SourceError
 from .format import INDEX_DB, META_DB, META_KEY, PARTIAL_SUFFIX, Meta, checksum, content_key, dir_key, encode_dir
 from .scan import Scan, scan_tree
-from .store import MAX_DBS, map_base
+from .store import MAX_DBS, map_base, unmap_pages
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,6 @@ CHUNK_BYTES = 1 << 20  # one read task: up to this many bytes ...
 CHUNK_FILES = 256  # ... or this many files
 _PAGE = 4096
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
-_MADV_DONTNEED = 4
 _PAGE_HEADER = 16  # LMDB's PAGEHDRSZ
 
 
@@ -277,7 +276,7 @@ class _Writer:
 
     def _unmap(self, base: int | None) -> None:
         if base is not None:
-            _drop_mapped_pages(base, self.env.info()["map_size"])
+            unmap_pages(base, self.env.info()["map_size"])
 
     def _grow_and_replay(self, reread: Callable[[int], tuple[bytes, bytes]]) -> None:
         """Abort the open batch, grow the map, and write the batch again."""
@@ -426,15 +425,6 @@ def _meta_for(src: str, scan: Scan, opts: PackOptions) -> Meta:
         complete=True,
         extra={"excludes": list(opts.excludes), "skipped": len(scan.skipped), "unreadable": len(scan.errors)},
     )
-
-
-def _drop_mapped_pages(base: int, length: int) -> None:
-    """Unmap cached file pages from this process (they stay in the page cache)."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
-        libc.madvise(ctypes.c_void_p(base), ctypes.c_size_t(length), _MADV_DONTNEED)
-    except (OSError, AttributeError):
-        pass
 
 
 def _fixed_mmap_threshold() -> None:

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 DEFAULT_DIR_CACHE_BYTES = 32 << 20  # decoded records weigh what they do on disk
 _MAX_SYMLINK_HOPS = 40
 _HASH_CHUNK = 1 << 20
+UNMAP_EVERY = 64  # key lookups between handing mapped pages back (~50 MB mapped at most)
 
 
 def normpath(path: str) -> str:
@@ -89,6 +90,18 @@ class _Handle:
         # Value offsets in the index hold only for the file exactly as packed.
         self.offsets_ok = self.meta.offsets_txnid != 0 and self.env.info()["last_txnid"] == self.meta.offsets_txnid
         self.local = threading.local()
+        self.lookups = 0  # key lookups since the map was last unmapped
+
+    def touched(self) -> None:
+        """Count a key lookup; every UNMAP_EVERY, hand the mapped pages back.
+
+        A lookup maps far more than its value (the kernel maps up to 16 neighbouring
+        cached pages per fault, B-tree pages included): 1,287 lookups of 500-byte
+        values mapped 939 MB of a 1 GB DB. The pages stay in the page cache."""
+        self.lookups += 1
+        if self.lookups >= UNMAP_EVERY and self.map_base is not None:
+            self.lookups = 0
+            store.unmap_pages(self.map_base, self.env.info()["map_size"])
 
     def txn(self) -> lmdb.Transaction:
         """A read transaction per thread, kept open: the DB never changes under us."""
@@ -327,6 +340,7 @@ class Archive:
             raise CorruptValue(f"{rel}: listed in the index but its contents are missing", "re-pack the DB")
         if len(view) != entry.size:
             raise CorruptValue(f"{rel}: stored size {len(view)} != indexed size {entry.size}", "re-pack the DB")
+        h.touched()
         return view
 
     def value_offset(self, rel: str, entry: Entry) -> int | None:

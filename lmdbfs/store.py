@@ -6,6 +6,8 @@ file would otherwise fault (SIGBUS) on the first read past its end.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import threading
 from dataclasses import dataclass
@@ -144,6 +146,22 @@ def map_base(data_file: str) -> int | None:
     except (OSError, ValueError):
         pass
     return None
+
+
+_MADV_DONTNEED = 4
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c") or None)
+
+
+def unmap_pages(base: int, length: int) -> None:
+    """Drop this process's mappings of cached file pages (they stay in the page cache).
+
+    LMDB maps every page a lookup touches and never lets go; for a read-only map this
+    keeps the process's resident size to what it is actually using.
+    """
+    try:
+        _LIBC.madvise(ctypes.c_void_p(base), ctypes.c_size_t(length), _MADV_DONTNEED)
+    except AttributeError:
+        pass  # no madvise here: the kernel still reclaims the pages under pressure
 
 
 def _lmdb_reason(exc: lmdb.Error) -> str:
