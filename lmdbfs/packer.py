@@ -33,7 +33,7 @@ from . import __version__
 from .errors import DestinationExists, SourceError
 from .format import INDEX_DB, META_DB, META_KEY, PARTIAL_SUFFIX, Meta, checksum, content_key, dir_key, encode_dir
 from .scan import Scan, scan_tree
-from .store import MAX_DBS, map_base, unmap_pages
+from .store import MAX_DBS, map_base, map_offset, unmap_pages
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def pack(src: str, db: str, opts: PackOptions | None = None) -> PackResult:
         _remove_db_files(partial)
     writer = _Writer(partial, _map_size_for(scan), scan, keys)
     try:
-        resumed = writer.resume_point(keys, order, scan)
+        resumed = writer.resume_point(order)
         unreadable = _copy_contents(scan, keys, order[resumed:], writer, opts)
         scan.drop_files(unreadable)
         writer.finish(scan, _meta_for(src, scan, opts))
@@ -154,8 +154,7 @@ def _map_size_for(scan: Scan) -> int:
     Only address space is reserved (no writemap), so generous is free; it still grows
     on demand if files grow while being packed.
     """
-    sizes = np.concatenate([d.rows["size"][d.rows["kind"] == 1] for d in scan.dirs]) if scan.dirs else np.zeros(0)
-    value_pages = int(np.sum((sizes.astype(np.int64) + 16 + _PAGE - 1) // _PAGE)) + scan.files
+    value_pages = int(np.sum((scan.file_size.astype(np.int64) + 16 + _PAGE - 1) // _PAGE)) + scan.files
     index_bytes = sum(len(d.blob) + d.rows.nbytes + 64 for d in scan.dirs)
     return max(64 << 20, int((value_pages * _PAGE + 2 * index_bytes) * 1.25) + (64 << 20))
 
@@ -188,8 +187,9 @@ class _Writer:
         self.pending: list[int] = []  # files in the open batch, in order
         self.pending_bytes = 0
 
-    def resume_point(self, keys: bytes, order: np.ndarray, scan: Scan) -> int:
+    def resume_point(self, order: np.ndarray) -> int:
         """How many files (in key order) a previous run already committed; checksums them."""
+        scan, keys = self.scan, self.keys
         with self.env.begin(buffers=True) as txn:
             cur = txn.cursor(self.main)
             if not cur.last():
@@ -267,7 +267,7 @@ class _Writer:
         if base is None:
             self.offsets_ok = False
         elif len(view):
-            offset = np.frombuffer(view, np.uint8).ctypes.data - base
+            offset = map_offset(view, base)
             # Only values in overflow pages (they start right after a 16-byte page
             # header) stay put; small values live in leaf pages, which later commits
             # may copy elsewhere. Those are looked up by key.

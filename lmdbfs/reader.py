@@ -19,7 +19,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import lmdb
-import numpy as np
 import xxhash
 
 from . import store
@@ -193,8 +192,7 @@ class Archive:
         (the map is opened without readahead, which suits B-tree pages, not values)."""
         if h.map_base is None or len(view) <= 4096:
             return bytes(view)
-        offset = np.frombuffer(view, np.uint8).ctypes.data - h.map_base
-        data = os.pread(h.fd, len(view), offset)
+        data = os.pread(h.fd, len(view), store.map_offset(view, h.map_base))
         return data if len(data) == len(view) else bytes(view)
 
     def _root_entry(self) -> Entry:
@@ -354,7 +352,7 @@ class Archive:
         if h.map_base is None:
             return None
         view = self.value_view(rel, entry)
-        return np.frombuffer(view, np.uint8).ctypes.data - h.map_base if len(view) else 0
+        return store.map_offset(view, h.map_base) if len(view) else 0
 
     def read_bytes(self, path: str, verify: bool | None = None) -> bytes:
         """The file's exact bytes, checked against its checksum unless verify=False."""

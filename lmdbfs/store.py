@@ -13,6 +13,7 @@ import threading
 from dataclasses import dataclass
 
 import lmdb
+import numpy as np
 
 from .errors import BadDatabase, IncompleteDatabase
 from .format import INDEX_DB, META_DB, META_KEY, PARTIAL_SUFFIX, Meta
@@ -146,6 +147,11 @@ def map_base(data_file: str) -> int | None:
     except (OSError, ValueError):
         pass
     return None
+
+
+def map_offset(view: memoryview, base: int) -> int:
+    """File offset of a memoryview into the map that starts at ``base``."""
+    return np.frombuffer(view, np.uint8).ctypes.data - base
 
 
 _MADV_DONTNEED = 4
