@@ -28,7 +28,8 @@ import xxhash
 from .errors import BadDatabase, CorruptValue, FormatVersionError, IncompleteDatabase
 
 FORMAT_NAME = "lmdbfs"
-FORMAT_VERSION = 2  # 2: rows gained data_off (44 bytes); 1 had 36-byte rows
+FORMAT_VERSION = 3  # 3: rows' flags byte (inline values); 2: rows gained data_off; 1 had 36-byte rows
+READABLE_VERSIONS = (2, 3)  # a version-2 row is a version-3 row with no flags set
 INDEX_DB = b"lmdbfs.index"
 META_DB = b"lmdbfs.meta"
 META_KEY = b"meta"
@@ -50,7 +51,7 @@ ENTRY_DTYPE = np.dtype(
         ("name_len", "<u2"),
         ("target_len", "<u2"),
         ("kind", "u1"),
-        ("_pad", "u1"),
+        ("flags", "u1"),
         ("mode", "<u2"),
         ("size", "<u8"),
         ("mtime_ns", "<i8"),
@@ -58,6 +59,19 @@ ENTRY_DTYPE = np.dtype(
         ("data_off", "<u8"),
     ]
 )
+# Row flags. INLINE: a file's bytes sit in the directory record's blob right after its
+# name, so reading a small file (an annotation, a tiny frame) costs no I/O beyond the
+# record its lookup already fetched. The value is also in the main database under its
+# key, so key lookups keep working.
+FLAG_INLINE = 1
+KNOWN_FLAGS = FLAG_INLINE
+INLINE_MAX = 2048  # values this small live in LMDB leaf pages, where no offset is stable
+
+# Main-database key schemes (meta "keys"): md5 of the prefixed path (the original
+# converter's), or the plain relative path (STARK-style LMDBs).
+KEYS_MD5 = "md5"
+KEYS_PATH = "path"
+
 _DIR_HEADER = struct.Struct("<4sIII")  # magic, entry count, own-path length, blob length
 _DIR_MAGIC = b"LDR1"
 
@@ -71,11 +85,13 @@ def decode_path(raw: bytes) -> str:
     return raw.decode("utf-8", "surrogateescape")
 
 
-def content_key(relpath: str, prefix: str = "", sep: str = "/") -> bytes:
-    """The main-database key of a file: md5 digest of its (prefixed) relative path."""
+def content_key(relpath: str, prefix: str = "", sep: str = "/", scheme: str = KEYS_MD5) -> bytes:
+    """The main-database key of a file: md5 digest of its (prefixed) relative path, or
+    with the "path" scheme the prefixed path itself."""
     if sep != "/":
         relpath = relpath.replace("/", sep)
-    return hashlib.md5(encode_path(prefix + relpath)).digest()
+    raw = encode_path(prefix + relpath)
+    return raw if scheme == KEYS_PATH else hashlib.md5(raw).digest()
 
 
 def dir_key(relpath: str) -> bytes:
@@ -103,6 +119,7 @@ class Entry:
     checksum: int = 0
     target: str | None = None
     data_off: int = 0  # file offset of the value in the DB's data file (files only)
+    inline: bytes | None = None  # the file's bytes, when the record carries them (FLAG_INLINE)
 
     @property
     def st_mode(self) -> int:
@@ -171,9 +188,13 @@ class DirRecord:
         row = self.rows[i]
         kind = int(row["kind"])
         off, n = int(row["name_off"]), int(row["name_len"])
-        target = None
+        target = inline = None
+        tlen = int(row["target_len"])
         if kind == KIND_SYMLINK:
-            target = decode_path(self._blob[off + n : off + n + int(row["target_len"])])
+            target = decode_path(self._blob[off + n : off + n + tlen])
+        elif int(row["flags"]) & FLAG_INLINE:
+            at = off + n + tlen
+            inline = self._blob[at : at + int(row["size"])]
         return Entry(
             name=decode_path(self._blob[off : off + n]),
             kind=kind,
@@ -183,6 +204,7 @@ class DirRecord:
             checksum=int(row["checksum"]),
             target=target,
             data_off=int(row["data_off"]),
+            inline=inline,
         )
 
     def lookup(self, name: str) -> Entry | None:
@@ -201,18 +223,24 @@ def new_rows(count: int) -> np.ndarray:
     return np.zeros(count, dtype=ENTRY_DTYPE)
 
 
-def pack_names(rows: np.ndarray, names: list[bytes], targets: list[bytes]) -> bytes:
+def pack_names(
+    rows: np.ndarray, names: list[bytes], targets: list[bytes], inline: list[bytes] | None = None
+) -> bytes:
     """Fill the rows' name/target offsets and return the blob they point into.
 
-    Each name is followed by its symlink target (empty for other kinds).
+    Each name is followed by its symlink target (empty for other kinds), then by the
+    file's inline bytes when ``inline`` gives some for that row (b"" = not inline; the
+    caller sets FLAG_INLINE on rows whose bytes it passes, empty files included).
     """
+    extras = targets if inline is None else [t + d for t, d in zip(targets, inline)]
     name_lens = np.fromiter(map(len, names), dtype=np.int64, count=len(names))
     target_lens = np.fromiter(map(len, targets), dtype=np.int64, count=len(targets))
-    ends = np.cumsum(name_lens + target_lens)
-    rows["name_off"] = ends - name_lens - target_lens
+    extra_lens = np.fromiter(map(len, extras), dtype=np.int64, count=len(extras))
+    ends = np.cumsum(name_lens + extra_lens)
+    rows["name_off"] = ends - name_lens - extra_lens
     rows["name_len"] = name_lens
     rows["target_len"] = target_lens
-    return b"".join(part for pair in zip(names, targets) for part in pair)
+    return b"".join(part for pair in zip(names, extras) for part in pair)
 
 
 def encode_dir(path: str, rows: np.ndarray, blob: bytes) -> bytes:
@@ -249,6 +277,7 @@ class Meta:
     key_scheme: str = "md5(key_prefix + relpath with '/' replaced by key_sep)"
     key_prefix: str = ""
     key_sep: str = "/"
+    keys: str = KEYS_MD5  # KEYS_MD5 or KEYS_PATH
     checksum: str = CHECKSUM_ALGO
     files: int = 0
     dirs: int = 0
@@ -265,6 +294,10 @@ class Meta:
     offsets_txnid: int = 0
     complete: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    # None: values live in this environment. An adopted DB's index lives beside a DB
+    # someone else built; then this names that DB ({"path", "subdir", "size",
+    # "last_txnid", "kind"}) and data_off is an offset into its data file.
+    data: dict[str, Any] | None = None
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -278,9 +311,9 @@ class Meta:
         if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
             raise BadDatabase(f"{where}: not an lmdbfs DB", "pack one with `lmdbfs pack SRC DB`")
         version = data.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise FormatVersionError(
-                f"{where}: lmdbfs format version {version}, this lmdbfs reads version {FORMAT_VERSION}",
+                f"{where}: lmdbfs format version {version}, this lmdbfs reads versions {', '.join(map(str, READABLE_VERSIONS))}",
                 "use the lmdbfs release that wrote it, or re-pack the source",
             )
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}

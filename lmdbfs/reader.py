@@ -324,7 +324,7 @@ class Archive:
     def key_of(self, path: str) -> bytes:
         """The main-database key of ``path`` (md5 of the prefixed path)."""
         meta = self.meta
-        return content_key(normpath(path), meta.key_prefix, meta.key_sep)
+        return content_key(normpath(path), meta.key_prefix, meta.key_sep, meta.keys)
 
     def value_view(self, rel: str, entry: Entry) -> memoryview:
         """The stored value looked up by key: a memoryview into LMDB's map.
@@ -375,6 +375,8 @@ class Archive:
         if offset >= entry.size or size <= 0:
             return b""
         size = min(size, entry.size - offset)
+        if entry.inline is not None:
+            return entry.inline[offset : offset + size]
         file_off = self.value_offset(rel, entry)
         if file_off is None:
             return bytes(self.value_view(rel, entry)[offset : offset + size])
@@ -397,6 +399,8 @@ class Archive:
         per-thread buffer: no allocation, no page faults, large reads when cold."""
         if entry.size == 0:
             return checksum(b"")
+        if entry.inline is not None:
+            return checksum(entry.inline)
         file_off = self.value_offset(rel, entry)
         if file_off is None:
             return checksum(self.value_view(rel, entry))

@@ -122,7 +122,7 @@ def test_archive_works_after_fork_and_pickling(edge_db: Path) -> None:
 def test_info_reports_counts_and_scheme(edge_db: Path) -> None:
     data = json.loads(run_cli("info", edge_db, "--json").stdout)
     assert data["files"] == 300 + 11 and data["symlinks"] == 5
-    assert data["format"] == "lmdbfs v2" and data["complete"] is True
+    assert data["format"] == "lmdbfs v3" and data["complete"] is True
     assert data["content_bytes"] > BIG_FILE_BYTES
     assert data["db_bytes"] < data["content_bytes"] * 1.2, "no sparse map-sized file, little overhead"
 
