@@ -51,6 +51,39 @@ def cmd_pack(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_adopt(args: argparse.Namespace) -> int:
+    from .adopt import SHOW, AdoptOptions, adopt
+
+    opts = AdoptOptions(
+        index=args.index,
+        paths=args.paths,
+        key_prefix=args.key_prefix,
+        key_sep=args.key_sep,
+        checksum=args.checksum,
+        force=args.force,
+        progress=not args.no_progress and sys.stderr.isatty() or args.progress,
+    )
+    if not args.paths and (args.key_prefix or args.key_sep != "/"):
+        parser_error = "--key-prefix and --key-sep name how paths were hashed: they go with --paths"
+        print(f"lmdbfs: error: {parser_error}", file=sys.stderr)
+        return 2
+    r = adopt(args.db, opts)
+    kind = "md5-keyed" if args.paths else "path-keyed"
+    print(
+        f"adopted {r.files} files, {r.dirs} dirs, {r.bytes / 1e6:.1f} MB of values from {r.db} ({kind}, "
+        f"{r.keys} keys) in {r.seconds:.1f} s; index {r.index} ({r.index_bytes / 1e6:.1f} MB), the DB is unchanged"
+    )
+    if r.converted:
+        print(f"{r.converted} values converted back to files (.txt/.label/.ini; stored inline in the index)")
+    for what, items in (
+        ("keys left out", r.skipped),
+        ("listed paths not in the DB", r.missing),
+    ):
+        if items:
+            print(f"{len(items)} {what}: " + ", ".join(items[:SHOW]) + (" …" if len(items) > SHOW else ""))
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from .ops import info
 
@@ -102,6 +135,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     with _archive(args) as archive:
         report = verify(archive, args.against, progress=sys.stderr.isatty())
+        how = "checksummed" if archive.checksummed else "checked (found by key, same size and offset; no checksums)"
     for problem in report.problems[:50]:
         print(problem)
     if report.problems:
@@ -111,7 +145,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         )
         return 6
     where = f" and match {args.against}" if args.against else ""
-    print(f"ok: {report.checked} files, {report.bytes / 1e6:.1f} MB checksummed{where}")
+    print(f"ok: {report.checked} files, {report.bytes / 1e6:.1f} MB {how}{where}")
     return 0
 
 
@@ -187,6 +221,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--key-sep", default="/", metavar="S", help="path separator used in keys (e.g. '\\' for keys made on Windows)"
     )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--progress", action="store_true", help="progress bar even when stderr is not a terminal")
+
+    p = add(
+        "adopt",
+        cmd_adopt,
+        "serve an LMDB built by another tool: write its index beside it (DB.lmdbfs), never changing the DB",
+    )
+    p.add_argument("db", metavar="DB", help="the existing LMDB (directory or file); opened read-only")
+    p.add_argument("index", nargs="?", metavar="INDEX", help="where to write the index (default: DB.lmdbfs)")
+    p.add_argument(
+        "--paths",
+        metavar="LISTING|SRC",
+        help="md5-keyed DB: a file listing its paths (one a line), or the tree they came from",
+    )
+    p.add_argument(
+        "--key-prefix", default="", metavar="P", help="with --paths: text the converter put before each path"
+    )
+    p.add_argument("--key-sep", default="/", metavar="S", help="with --paths: path separator in the hashed text")
+    p.add_argument("--checksum", action="store_true", help="read every value and record its xxh3 (default: none)")
+    p.add_argument("--force", action="store_true", help="replace a file at INDEX that adopt did not write")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--progress", action="store_true", help="progress bar even when stderr is not a terminal")
 

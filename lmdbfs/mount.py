@@ -217,7 +217,8 @@ def serve(db: str, mnt: str, opts: MountOptions) -> None:
             os.dup2(devnull, 2)
             os.close(devnull)
 
-    ops = LmdbfsOperations(archive, on_ready=on_ready)
+    # A DB adopted without --checksum has no checksums to verify first reads against.
+    ops = LmdbfsOperations(archive, on_ready=on_ready, verify=archive.checksummed)
     kwargs: dict[str, object] = {
         "ro": True,
         "default_permissions": True,

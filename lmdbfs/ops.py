@@ -18,9 +18,9 @@ from typing import Any
 from tqdm import tqdm
 
 from .errors import CorruptValue, DestinationExists, LmdbfsError, UnsafePath
+from .foreign import CHECKSUM_NONE, KIND_MD5, KIND_PATH
 from .format import KIND_NAMES
 from .reader import Archive
-from .store import locate
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +28,10 @@ log = logging.getLogger(__name__)
 def info(archive: Archive) -> dict[str, Any]:
     """Format, counts and sizes: what `lmdbfs info` shows."""
     meta = archive.meta
-    env = archive._h().env  # noqa: SLF001 - same package
-    stat = env.stat()
-    size = os.path.getsize(locate(archive.path).data_file)
-    return {
+    h = archive._h()  # noqa: SLF001 - same package
+    stat = h.env.stat()
+    size = os.path.getsize(h.loc.data_file)
+    out = {
         "path": archive.path,
         "format": f"{meta.format} v{meta.format_version}",
         "complete": meta.complete,
@@ -51,6 +51,36 @@ def info(archive: Archive) -> dict[str, Any]:
         "page_size": stat["psize"],
         "btree_depth": stat["depth"],
         "excludes": meta.extra.get("excludes", []),
+    }
+    if meta.data is not None:
+        out.update(_adopted_info(meta, h))
+    return out
+
+
+_KIND_TEXT = {KIND_PATH: "keyed by plain paths", KIND_MD5: "md5-keyed converter DB"}
+
+
+def _adopted_info(meta, h) -> dict[str, Any]:
+    """What `lmdbfs adopt` recorded: the foreign DB, how its values are served."""
+    data, counts = meta.data or {}, meta.extra.get("adopted", {})
+    converted = counts.get("converted", 0)
+    values = "as stored in the adopted DB (read at recorded offsets, no key lookups)"
+    if data.get("kind") == KIND_MD5:
+        values = (
+            f"{converted} converted back to files at adopt time (float32 .txt, uint8 .label, pickled .ini; "
+            "inline in the index); JPEGs as the converter stored them (re-encoded)"
+        )
+    return {
+        "adopted": f"yes, from {h.loc.path} ({_KIND_TEXT.get(data.get('kind'), '?')}, {counts.get('keys', '?')} keys)",
+        "index": h.index_loc.path,
+        "index_bytes": os.path.getsize(h.index_loc.data_file),
+        "adopted_txnid": data.get("last_txnid"),
+        "values": values,
+        "left_out": f"{counts.get('skipped', 0)} keys, {counts.get('missing', 0)} listed paths not found",
+        "checksum": "none: adopted values were not hashed (reads are not verified; `lmdbfs adopt --checksum` records xxh3)"
+        if meta.checksum == CHECKSUM_NONE
+        else f"{meta.checksum} (recorded by `lmdbfs adopt --checksum`)",
+        "overhead": "n/a",
     }
 
 
@@ -142,11 +172,14 @@ def _compare_entry(archive: Archive, path: str, rel: str, report: VerifyReport) 
     if st.S_IFMT(info.st_mode) != st.S_IFMT(entry.st_mode):
         report.problems.append(f"{rel}: kind differs ({KIND_NAMES[entry.kind]} in the DB)")
         return
-    if st.S_IMODE(info.st_mode) != entry.mode:
+    # An adopted DB kept no modes or mtimes (adopt gives 0644/0755 and the DB file's
+    # mtime): only names, kinds and bytes are compared.
+    adopted = archive.meta.data is not None
+    if not adopted and st.S_IMODE(info.st_mode) != entry.mode:
         report.problems.append(
             f"{rel}: mode {oct(entry.mode)} in the DB, {oct(st.S_IMODE(info.st_mode))} in the source"
         )
-    if info.st_mtime_ns != entry.mtime_ns and not entry.is_dir:
+    if not adopted and info.st_mtime_ns != entry.mtime_ns and not entry.is_dir:
         report.problems.append(f"{rel}: mtime differs")
     if entry.is_symlink and os.readlink(path) != entry.target:
         report.problems.append(f"{rel}: symlink target differs")

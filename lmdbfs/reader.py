@@ -21,8 +21,8 @@ from typing import Any
 import lmdb
 import xxhash
 
-from . import store
-from .errors import CorruptValue, IsADirectory, NotADirectory, NotASymlink, PathNotFound
+from . import foreign, store
+from .errors import BadDatabase, CorruptValue, IsADirectory, NotADirectory, NotASymlink, PathNotFound
 from .format import KIND_DIR, KIND_FILE, DirRecord, Entry, Meta, checksum, content_key, decode_dir, dir_key
 
 log = logging.getLogger(__name__)
@@ -73,23 +73,59 @@ class _DirCache:
 
 
 class _Handle:
-    """Per-process LMDB state: env, databases, and a descriptor for direct reads."""
+    """Per-process LMDB state of an archive: where its index lives and where its values do.
+
+    A packed DB holds both in one environment. An adopted DB (`lmdbfs adopt`) takes its
+    index from the sidecar file and its values from the foreign DB beside it: then the
+    ``index_*`` fields and the value fields (``venv``, ``loc``, ``fd``, ``map_base``)
+    name different files.
+    """
 
     def __init__(self, path: str) -> None:
-        self.env, self.loc = store.acquire_readonly(path)
+        index_path = foreign.index_for(path)
+        self.env, self.index_loc = store.acquire_readonly(index_path)
+        self.venv, self.loc = self.env, self.index_loc
+        self.index_fd = self.fd = -1
         try:
-            self.meta = store.read_meta(self.env, path)
-            self.index_db = store.open_index(self.env, path)
-            self.main_db = self.env.open_db()
-            self.fd = os.open(self.loc.data_file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            self.meta = store.read_meta(self.env, index_path)
+            self.index_db = store.open_index(self.env, index_path)
+            self.index_fd = _open_fd(self.index_loc.data_file)
+            if self.meta.data is None:
+                self.fd = self.index_fd
+                # Value offsets in the index hold only for the file exactly as packed.
+                self.offsets_ok = (
+                    self.meta.offsets_txnid != 0 and self.env.info()["last_txnid"] == self.meta.offsets_txnid
+                )
+            else:
+                self._open_adopted(index_path)
+                self.offsets_ok = True
+            self.main_db = self.venv.open_db()
         except BaseException:
-            store.release_readonly(self.env)
+            self._release()
             raise
-        self.map_base = store.map_base(self.loc.data_file)
-        # Value offsets in the index hold only for the file exactly as packed.
-        self.offsets_ok = self.meta.offsets_txnid != 0 and self.env.info()["last_txnid"] == self.meta.offsets_txnid
+        self.index_base = store.map_base(self.index_loc.data_file)
+        self.map_base = self.index_base if self.venv is self.env else store.map_base(self.loc.data_file)
         self.local = threading.local()
         self.lookups = 0  # key lookups since the map was last unmapped
+
+    def _open_adopted(self, index_path: str) -> None:
+        """Open the foreign DB the index was made from; its offsets hold only while the
+        DB is exactly as adopted (same data file size and last transaction id)."""
+        data = self.meta.data or {}
+        where = str(data.get("path", ""))
+        db = os.path.join(os.path.dirname(os.path.abspath(index_path)), where)
+        if not where or not os.path.exists(db):
+            raise BadDatabase(
+                f"{index_path}: the adopted DB {db} is missing", "put it back, or adopt it again where it is now"
+            )
+        self.venv, self.loc = store.acquire_readonly(db)
+        self.fd = _open_fd(self.loc.data_file)
+        size, txnid = os.fstat(self.fd).st_size, self.venv.info()["last_txnid"]
+        if size != data.get("size") or txnid != data.get("last_txnid"):
+            raise BadDatabase(
+                f"{db}: the adopted DB changed since `lmdbfs adopt`; run it again",
+                f"`lmdbfs adopt {db}` rebuilds the index {index_path}",
+            )
 
     def touched(self) -> None:
         """Count a key lookup; every UNMAP_EVERY, hand the mapped pages back.
@@ -100,20 +136,39 @@ class _Handle:
         self.lookups += 1
         if self.lookups >= UNMAP_EVERY and self.map_base is not None:
             self.lookups = 0
-            store.unmap_pages(self.map_base, self.env.info()["map_size"])
+            store.unmap_pages(self.map_base, self.venv.info()["map_size"])
 
     def txn(self) -> lmdb.Transaction:
-        """A read transaction per thread, kept open: the DB never changes under us."""
+        """A read transaction on the index per thread, kept open: the DB never changes under us."""
         txn = getattr(self.local, "txn", None)
         if txn is None:
             txn = self.local.txn = self.env.begin(buffers=True)
         return txn
 
+    def vtxn(self) -> lmdb.Transaction:
+        """The same for the environment holding the values (the index's own, unless adopted)."""
+        if self.venv is self.env:
+            return self.txn()
+        txn = getattr(self.local, "vtxn", None)
+        if txn is None:
+            txn = self.local.vtxn = self.venv.begin(buffers=True)
+        return txn
+
     def close(self) -> None:
-        try:
-            os.close(self.fd)
-        finally:
-            store.release_readonly(self.env)
+        self._release()
+
+    def _release(self) -> None:
+        for fd in {self.index_fd, self.fd} - {-1}:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.index_fd = self.fd = -1
+        if self.venv is not self.env:
+            store.release_readonly(self.venv)
+        store.release_readonly(self.env)
+
+
+def _open_fd(path: str) -> int:
+    return os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
 
 
 class Archive:
@@ -139,8 +194,9 @@ class Archive:
                 # After fork the inherited env must not be used: the store closes this
                 # child's copy, and we open our own.
                 if self._handle is not None:
-                    with contextlib.suppress(OSError):
-                        os.close(self._handle.fd)
+                    for fd in {self._handle.index_fd, self._handle.fd} - {-1}:
+                        with contextlib.suppress(OSError):
+                            os.close(fd)
                 self._handle = _Handle(self.path)
                 self._pid = os.getpid()
                 self._dirs = _DirCache(self._dir_cache_bytes)
@@ -190,9 +246,9 @@ class Archive:
     def _copy_out(h: _Handle, view: memoryview) -> bytes:
         """Bytes of a stored value: one pread rather than a page fault per 4 KiB of map
         (the map is opened without readahead, which suits B-tree pages, not values)."""
-        if h.map_base is None or len(view) <= 4096:
+        if h.index_base is None or len(view) <= 4096:
             return bytes(view)
-        data = os.pread(h.fd, len(view), store.map_offset(view, h.map_base))
+        data = os.pread(h.index_fd, len(view), store.map_offset(view, h.index_base))
         return data if len(data) == len(view) else bytes(view)
 
     def _root_entry(self) -> Entry:
@@ -327,13 +383,16 @@ class Archive:
         return content_key(normpath(path), meta.key_prefix, meta.key_sep, meta.keys)
 
     def value_view(self, rel: str, entry: Entry) -> memoryview:
-        """The stored value looked up by key: a memoryview into LMDB's map.
+        """The file's value: its inline bytes when the index record carries them, else
+        looked up by key, as a memoryview into LMDB's map.
 
         LMDB touches every page of a value it returns, so on a cold cache this faults
         4 KiB at a time; the read paths use `value_offset` and pread instead.
         """
+        if entry.inline is not None:
+            return memoryview(entry.inline)
         h = self._h()
-        view = h.txn().get(self.key_of(rel), db=h.main_db)
+        view = h.vtxn().get(self.key_of(rel), db=h.main_db)
         if view is None:
             raise CorruptValue(f"{rel}: listed in the index but its contents are missing", "re-pack the DB")
         if len(view) != entry.size:
@@ -343,9 +402,11 @@ class Archive:
 
     def value_offset(self, rel: str, entry: Entry) -> int | None:
         """Where the value starts in the data file: from the index when it recorded one
-        (values in overflow pages, i.e. all but the smallest files: no LMDB call at all),
-        else from the map address of a key lookup; None if neither is known (then read
-        through `value_view`)."""
+        (values in overflow pages, i.e. all but the smallest files, and every value of an
+        adopted DB: no LMDB call at all), else from the map address of a key lookup; None
+        if neither is known or the bytes are inline (then read through `value_view`)."""
+        if entry.inline is not None:
+            return None
         h = self._h()
         if h.offsets_ok and entry.data_off:
             return entry.data_off
@@ -354,11 +415,16 @@ class Archive:
         view = self.value_view(rel, entry)
         return store.map_offset(view, h.map_base) if len(view) else 0
 
+    @property
+    def checksummed(self) -> bool:
+        """False for a DB adopted without `--checksum`: its values have no checksums."""
+        return self.meta.checksum != foreign.CHECKSUM_NONE
+
     def read_bytes(self, path: str, verify: bool | None = None) -> bytes:
         """The file's exact bytes, checked against its checksum unless verify=False."""
         rel, entry = self._file_entry(path)
         data = self._read_range(rel, entry, 0, entry.size)
-        if (self.verify if verify is None else verify) and checksum(data) != entry.checksum:
+        if (self.verify if verify is None else verify) and self.checksummed and checksum(data) != entry.checksum:
             raise CorruptValue(f"{rel}: checksum mismatch, the DB is damaged", "re-pack or restore the DB")
         return data
 
@@ -390,9 +456,17 @@ class Archive:
         return io.BytesIO(self.read_bytes(path))
 
     def check(self, path: str) -> bool:
-        """True when the stored bytes of ``path`` match the indexed checksum."""
+        """True when the stored bytes of ``path`` match the indexed checksum. Without
+        checksums (adopted without `--checksum`): when the value is still found by its
+        key, with the indexed size, at the indexed offset."""
         rel, entry = self._file_entry(path)
-        return self.stored_checksum(rel, entry) == entry.checksum
+        if self.checksummed:
+            return self.stored_checksum(rel, entry) == entry.checksum
+        if entry.inline is not None:
+            return True
+        h = self._h()
+        view = self.value_view(rel, entry)  # raises when missing or resized
+        return h.map_base is None or not len(view) or store.map_offset(view, h.map_base) == entry.data_off
 
     def stored_checksum(self, rel: str, entry: Entry) -> int:
         """xxh3 of the stored value, read with pread in 1 MiB steps into a reused

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import lmdb
 import numpy as np
 
+from . import foreign
 from .errors import BadDatabase, IncompleteDatabase
 from .format import INDEX_DB, META_DB, META_KEY, PARTIAL_SUFFIX, Meta
 
@@ -191,16 +192,14 @@ def read_meta(env: lmdb.Environment, shown: str) -> Meta:
                 f"{shown}: an unfinished pack (interrupted or still running)",
                 "finish it with `lmdbfs pack --resume SRC DB`, or start over with --force",
             ) from None
-        with env.begin() as txn:
-            empty = txn.stat(env.open_db())["entries"] == 0
-        if empty:
+        found = foreign.inspect(env)
+        if found.keys == 0:
             raise BadDatabase(
                 f"{shown}: an empty LMDB, not an lmdbfs DB", "pack one with `lmdbfs pack SRC DB`"
             ) from None
-        raise IncompleteDatabase(
-            f"{shown}: no lmdbfs meta record (an interrupted pack, or not made by lmdbfs)",
-            "re-run `lmdbfs pack` (`--resume` finishes an interrupted one)",
-        ) from None
+        # Made by another tool (or an unfinished pack renamed by hand): say what it holds
+        # and how to serve it.
+        raise foreign.ForeignDatabase(shown, found) from None
     except lmdb.Error as exc:
         raise BadDatabase(f"{shown}: unreadable ({_lmdb_reason(exc)})", "re-pack the DB") from None
     with env.begin(db=meta_db) as txn:

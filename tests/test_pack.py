@@ -194,7 +194,7 @@ def test_bad_databases_give_one_clear_line(command: str, tmp_path: Path, edge_db
             "empty": "LMDB",
             "truncated": "truncated",
             "directory": "without data.mdb",
-            "plain_lmdb": "interrupted pack, or not made by lmdbfs",
+            "plain_lmdb": "keyed by plain relative paths (STARK-style), 1 key, not an lmdbfs DB",
             "future_version": "format version 99",
         }[name]
         assert expect in line, (name, line)

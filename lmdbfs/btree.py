@@ -1,0 +1,193 @@
+"""Reading the keys of an LMDB file, with each value's size and file offset, without
+touching a single value page.
+
+py-lmdb touches every 4 KiB page of each value it hands out, even as a buffer (it
+pre-faults values so page faults happen without the GIL): a cursor walk over a 300 GB
+tracking DB to learn value sizes would read 300 GB. The sizes and positions are in the
+leaf pages already, so `leaves` reads only the B-tree's branch and leaf pages (what a
+keys-only walk reads) and decodes them itself.
+
+The layout read here is LMDB's data format version 1 on a 64-bit little-endian host
+(liblmdb 0.9.x, what py-lmdb bundles). A file is untrusted input: every page number,
+offset and length is bounds-checked and any surprise becomes `BadDatabase`; callers
+also cross-check a sample of the results against LMDB's own lookups.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import BadDatabase
+
+_MAGIC = 0xBEEFC0DE
+_DATA_VERSION = 1
+_PAGE_HEADER = 16  # mp_pgno u64, mp_pad u16, mp_flags u16, mp_lower u16, mp_upper u16
+_NODE_HEADER = 8  # mn_lo u16, mn_hi u16, mn_flags u16, mn_ksize u16
+_P_BRANCH, _P_LEAF, _P_LEAF2 = 0x01, 0x02, 0x20
+_F_BIGDATA, _F_SUBDATA, _F_DUPDATA = 0x01, 0x02, 0x04
+_MDB_DUPSORT = 0x04
+_P_INVALID = (1 << 64) - 1
+# MDB_meta after the page header: magic, version, address, mapsize, then two MDB_db
+# (pad u32, flags u16, depth u16, branch, leaf, overflow, entries, root: u64 each),
+# then last_pg and txnid.
+_META = struct.Struct("<IIQQ" + "IHHQQQQQ" * 2 + "QQ")
+_MAX_DEPTH = 64
+
+
+@dataclass
+class Leaves:
+    """Every main-database key, in key order, with its value's size and file offset."""
+
+    keys: list[bytes]
+    sizes: np.ndarray  # uint64
+    offsets: np.ndarray  # uint64: where the value's bytes start in the data file
+    sub_databases: list[bytes]  # keys that name a database, not a value (left out)
+
+
+def _bad(shown: str, why: str) -> BadDatabase:
+    return BadDatabase(f"{shown}: cannot read its B-tree ({why})", "check the DB with `mdb_stat`, or copy it again")
+
+
+def _main_root(fd: int, shown: str, psize: int, txnid: int) -> tuple[int, int, int]:
+    """(root page, depth, entries) of the main database in the meta page of ``txnid``."""
+    for page in (0, 1):
+        raw = os.pread(fd, _PAGE_HEADER + _META.size, page * psize)
+        if len(raw) < _PAGE_HEADER + _META.size:
+            raise _bad(shown, "short meta page")
+        f = _META.unpack_from(raw, _PAGE_HEADER)
+        magic, version = f[0], f[1]
+        if magic != _MAGIC or version != _DATA_VERSION:
+            raise _bad(shown, f"meta page {page}: not LMDB data format {_DATA_VERSION} of a 64-bit host")
+        main = f[12:20]  # pad, flags, depth, branch, leaf, overflow, entries, root
+        if f[21] == txnid:
+            if main[1] & _MDB_DUPSORT:
+                raise _bad(shown, "its main database has duplicate keys (MDB_DUPSORT)")
+            return main[7], main[2], main[6]
+    raise _bad(shown, f"no meta page holds transaction {txnid}")
+
+
+def leaves(data_file: str, shown: str, psize: int, last_pgno: int, txnid: int) -> Leaves:
+    """Walk the main database's B-tree from the meta page of transaction ``txnid``."""
+    fd = os.open(data_file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        root, depth, entries = _main_root(fd, shown, psize, txnid)
+        keys: list[bytes] = []
+        sizes: list[np.ndarray] = []
+        offsets: list[np.ndarray] = []
+        subs: list[bytes] = []
+        if root != _P_INVALID:
+            if depth > _MAX_DEPTH:
+                raise _bad(shown, f"depth {depth}")
+            for pgno, page in _leaf_pages(fd, shown, psize, last_pgno, root, depth):
+                _decode_leaf(shown, psize, last_pgno, pgno, page, keys, sizes, offsets, subs)
+        if len(keys) + len(subs) != entries:
+            raise _bad(shown, f"found {len(keys) + len(subs)} keys, its meta page says {entries}")
+        return Leaves(
+            keys,
+            np.concatenate(sizes) if sizes else np.zeros(0, np.uint64),
+            np.concatenate(offsets) if offsets else np.zeros(0, np.uint64),
+            subs,
+        )
+    finally:
+        os.close(fd)
+
+
+def _read_page(fd: int, shown: str, psize: int, last_pgno: int, pgno: int) -> bytes:
+    if not 2 <= pgno <= last_pgno:
+        raise _bad(shown, f"page number {pgno} out of range")
+    page = os.pread(fd, psize, pgno * psize)
+    if len(page) != psize:
+        raise _bad(shown, f"page {pgno} is past the end of the file")
+    return page
+
+
+def _node_offsets(shown: str, psize: int, pgno: int, page: bytes) -> np.ndarray:
+    lower, upper = struct.unpack_from("<HH", page, 12)
+    if not _PAGE_HEADER <= lower <= upper <= psize or lower % 2:
+        raise _bad(shown, f"page {pgno} has a damaged header")
+    ptrs = np.frombuffer(page, "<u2", count=(lower - _PAGE_HEADER) // 2, offset=_PAGE_HEADER).astype(np.int64)
+    if len(ptrs) and (ptrs.min() < upper or ptrs.max() > psize - _NODE_HEADER or (ptrs % 2).any()):
+        raise _bad(shown, f"page {pgno} has a node outside its free space")
+    return ptrs
+
+
+def _leaf_pages(fd: int, shown: str, psize: int, last_pgno: int, root: int, depth: int) -> Iterator[tuple[int, bytes]]:
+    """Leaf pages in key order (depth-first over branch pages, children in order)."""
+    stack: list[tuple[int, int]] = [(root, 1)]
+    visited = 0
+    while stack:
+        pgno, level = stack.pop()
+        visited += 1
+        if visited > last_pgno:
+            raise _bad(shown, "the tree loops")
+        page = _read_page(fd, shown, psize, last_pgno, pgno)
+        flags = struct.unpack_from("<H", page, 10)[0]
+        if flags & _P_LEAF2:
+            raise _bad(shown, "fixed-size duplicate pages (MDB_DUPFIXED)")
+        if flags & _P_LEAF:
+            if level != depth:
+                raise _bad(shown, f"leaf page {pgno} at level {level} of {depth}")
+            yield pgno, page
+            continue
+        if not flags & _P_BRANCH or level >= depth:
+            raise _bad(shown, f"page {pgno} is neither a branch nor a leaf where one is expected")
+        ptrs = _node_offsets(shown, psize, pgno, page)
+        u16 = np.frombuffer(page, "<u2")
+        at = ptrs // 2
+        children = (
+            u16[at].astype(np.uint64) | (u16[at + 1].astype(np.uint64) << 16) | (u16[at + 2].astype(np.uint64) << 32)
+        )
+        stack.extend((int(c), level + 1) for c in reversed(children.tolist()))
+
+
+def _decode_leaf(
+    shown: str,
+    psize: int,
+    last_pgno: int,
+    pgno: int,
+    page: bytes,
+    keys: list[bytes],
+    sizes: list[np.ndarray],
+    offsets: list[np.ndarray],
+    subs: list[bytes],
+) -> None:
+    ptrs = _node_offsets(shown, psize, pgno, page)
+    if not len(ptrs):
+        return
+    u16 = np.frombuffer(page, "<u2")
+    at = ptrs // 2
+    dsize = u16[at].astype(np.int64) | (u16[at + 1].astype(np.int64) << 16)
+    nflags = u16[at + 2]
+    ksize = u16[at + 3].astype(np.int64)
+    data_at = ptrs + _NODE_HEADER + ksize
+    big = (nflags & _F_BIGDATA) != 0
+    inline_end = np.where(big, data_at + 8, data_at + dsize)
+    if (inline_end > psize).any():
+        raise _bad(shown, f"page {pgno} has a node running past its end")
+    if (nflags & _F_DUPDATA).any():
+        raise _bad(shown, "duplicate keys (MDB_DUPSORT)")
+    base = pgno * psize
+    offs = base + data_at
+    if big.any():
+        over = np.array([int.from_bytes(page[d : d + 8], "little") for d in data_at[big].tolist()], dtype=np.uint64)
+        if ((over < 2) | (over > last_pgno)).any():
+            raise _bad(shown, f"page {pgno} points at an overflow page out of range")
+        ends = over * np.uint64(psize) + np.uint64(_PAGE_HEADER) + dsize[big].astype(np.uint64)
+        if (ends > np.uint64((last_pgno + 1) * psize)).any():
+            raise _bad(shown, f"page {pgno} holds a value running past the end of the file")
+        offs[big] = (over * np.uint64(psize)).astype(np.int64) + _PAGE_HEADER
+    sub = (nflags & _F_SUBDATA) != 0
+    names = [page[p + _NODE_HEADER : p + _NODE_HEADER + k] for p, k in zip(ptrs.tolist(), ksize.tolist())]
+    if sub.any():
+        subs.extend(n for n, s in zip(names, sub.tolist()) if s)
+        keep = ~sub
+        names = [n for n, k in zip(names, keep.tolist()) if k]
+        dsize, offs = dsize[keep], offs[keep]
+    keys.extend(names)
+    sizes.append(dsize.astype(np.uint64))
+    offsets.append(offs.astype(np.uint64))
