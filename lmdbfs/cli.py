@@ -64,8 +64,10 @@ def cmd_adopt(args: argparse.Namespace) -> int:
         progress=not args.no_progress and sys.stderr.isatty() or args.progress,
     )
     if not args.paths and (args.key_prefix or args.key_sep != "/"):
-        parser_error = "--key-prefix and --key-sep name how paths were hashed: they go with --paths"
-        print(f"lmdbfs: error: {parser_error}", file=sys.stderr)
+        print(
+            "lmdbfs: error: --key-prefix and --key-sep say how listed paths were hashed — they go with --paths",
+            file=sys.stderr,
+        )
         return 2
     r = adopt(args.db, opts)
     kind = "md5-keyed" if args.paths else "path-keyed"

@@ -104,9 +104,9 @@ def inspect(env: lmdb.Environment) -> ForeignInfo:
     # A few odd keys (reported and left out by adopt) do not change what the DB is.
     paths = sum(bad_path_reason(k) is None for k in keys)
     digests = sum(len(k) == 16 for k in keys)
-    if keys and paths >= 0.9 * len(keys):
+    if keys and paths >= 0.5 * len(keys):
         kind = KIND_PATH
-    elif keys and digests >= 0.9 * len(keys):
+    elif keys and digests >= 0.5 * len(keys):
         kind = KIND_MD5
     else:
         kind = "unknown"
