@@ -22,7 +22,7 @@ import lmdb
 import xxhash
 
 from . import foreign, store
-from .errors import BadDatabase, CorruptValue, IsADirectory, NotADirectory, NotASymlink, PathNotFound
+from .errors import CorruptValue, IsADirectory, NotADirectory, NotASymlink, PathNotFound
 from .format import KIND_DIR, KIND_FILE, DirRecord, Entry, Meta, checksum, content_key, decode_dir, dir_key
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,9 @@ class _Handle:
                     self.meta.offsets_txnid != 0 and self.env.info()["last_txnid"] == self.meta.offsets_txnid
                 )
             else:
-                self._open_adopted(index_path)
+                # Values from the foreign DB it was made from, while it is as adopted.
+                self.venv, self.loc = store.acquire_adopted(index_path, self.meta.data)
+                self.fd = _open_fd(self.loc.data_file)
                 self.offsets_ok = True
             self.main_db = self.venv.open_db()
         except BaseException:
@@ -107,25 +109,6 @@ class _Handle:
         self.map_base = self.index_base if self.venv is self.env else store.map_base(self.loc.data_file)
         self.local = threading.local()
         self.lookups = 0  # key lookups since the map was last unmapped
-
-    def _open_adopted(self, index_path: str) -> None:
-        """Open the foreign DB the index was made from; its offsets hold only while the
-        DB is exactly as adopted (same data file size and last transaction id)."""
-        data = self.meta.data or {}
-        where = str(data.get("path", ""))
-        db = os.path.join(os.path.dirname(os.path.abspath(index_path)), where)
-        if not where or not os.path.exists(db):
-            raise BadDatabase(
-                f"{index_path}: the adopted DB {db} is missing", "put it back, or adopt it again where it is now"
-            )
-        self.venv, self.loc = store.acquire_readonly(db)
-        self.fd = _open_fd(self.loc.data_file)
-        size, txnid = os.fstat(self.fd).st_size, self.venv.info()["last_txnid"]
-        if size != data.get("size") or txnid != data.get("last_txnid"):
-            raise BadDatabase(
-                f"{db}: the adopted DB changed since `lmdbfs adopt`; run it again",
-                f"`lmdbfs adopt {db}` rebuilds the index {index_path}",
-            )
 
     def touched(self) -> None:
         """Count a key lookup; every UNMAP_EVERY, hand the mapped pages back.

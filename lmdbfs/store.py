@@ -107,6 +107,30 @@ acquire_readonly = _SHARED.acquire
 release_readonly = _SHARED.release
 
 
+def acquire_adopted(index_path: str, data: dict) -> tuple[lmdb.Environment, Location]:
+    """The foreign DB an adopted index was made from (its meta ``data``), refused unless
+    it is exactly as adopted: same data file size and last transaction id, since the
+    index's value offsets hold only for that file."""
+    where = str(data.get("path") or "")
+    db = os.path.join(os.path.dirname(os.path.abspath(index_path)), where)
+    if not where or not os.path.exists(db):
+        raise BadDatabase(
+            f"{index_path}: the adopted DB {db} is missing", "put it back, or adopt it again where it is now"
+        )
+    env, loc = acquire_readonly(db)
+    size, txnid = os.path.getsize(loc.data_file), env.info()["last_txnid"]
+    if size != data.get("size") or txnid != data.get("last_txnid"):
+        release_readonly(env)
+        default = os.path.abspath(foreign.sidecar_of(db)) == os.path.abspath(index_path)
+        again = f"lmdbfs adopt {db}" + ("" if default else f" {index_path}")
+        if data.get("kind") == foreign.KIND_MD5:
+            again += " --paths … (as before)"
+        raise BadDatabase(
+            f"{db}: the adopted DB changed since `lmdbfs adopt`; run it again", f"`{again}` rebuilds the index"
+        )
+    return env, loc
+
+
 def _open_readonly(loc: Location, path: str) -> lmdb.Environment:
     """Open for reading without a lock file: the DB is immutable once packed, and this
     also works on read-only media and shared filesystems."""
