@@ -164,10 +164,12 @@ def adopt(db: str, opts: AdoptOptions | None = None) -> AdoptResult:
     _check_index_path(index, loc, opts.force)
     env, _ = store.acquire_readonly(db)
     try:
-        _refuse_lmdbfs(env, db)
         stat, info = env.stat(), env.info()
         data = os.stat(loc.data_file)
+        # The tree is read and checked by btree before LMDB itself walks it.
         leaves = btree.leaves(loc.data_file, db, stat["psize"], info["last_pgno"], info["last_txnid"])
+        if META_DB in leaves.sub_databases:
+            raise BadDatabase(f"{db}: already an lmdbfs DB", f"use it as it is: `lmdbfs mount {db} MOUNTPOINT`")
         _cross_check(env, loc, db, leaves)
         kind = foreign.KIND_MD5 if opts.paths else foreign.KIND_PATH
         result = AdoptResult(db, index, kind, keys=len(leaves.keys))
@@ -265,14 +267,6 @@ def _is_adopted_index(path: str) -> bool:
         return False
     finally:
         env.close()
-
-
-def _refuse_lmdbfs(env: lmdb.Environment, db: str) -> None:
-    try:
-        env.open_db(META_DB, create=False)
-    except lmdb.Error:
-        return
-    raise BadDatabase(f"{db}: already an lmdbfs DB", f"use it as it is: `lmdbfs mount {db} MOUNTPOINT`")
 
 
 def _cross_check(env: lmdb.Environment, loc: store.Location, db: str, leaves: btree.Leaves) -> None:

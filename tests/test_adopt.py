@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 import lmdbfs
+from lmdbfs import btree
 from tests.conftest import load_script, one_error_line, run_cli
 
 
@@ -254,3 +255,30 @@ def test_md5_db_with_key_prefix_and_a_hostile_pickle(tmp_path: Path) -> None:
     # Without the prefix nothing matches: every listed path is reported missing.
     line = one_error_line(run_cli("adopt", db, tmp_path / "i2", "--paths", listing, "--no-progress", check=False))
     assert "none of its 5 keys could be adopted" in line
+
+
+def test_a_damaged_tree_gives_one_line(tmp_path: Path) -> None:
+    """The B-tree is read by lmdbfs before LMDB walks it: a damaged page is refused."""
+    src = tmp_path / "src"
+    for i in range(3000):
+        sub = src / f"seq{i // 500}"
+        sub.mkdir(parents=True, exist_ok=True)
+        (sub / f"{i:06d}.txt").write_bytes(b"x" * (i % 50))
+    db = tmp_path / "db"
+    stark_build(src, db)
+    env = lmdb.open(str(db), readonly=True, lock=False)
+    info, psize = env.info(), env.stat()["psize"]
+    assert env.stat()["depth"] >= 2
+    env.close()
+    data = db / "data.mdb"
+    fd = os.open(data, os.O_RDONLY)
+    try:
+        root, _depth, _entries = btree._main_root(fd, str(db), psize, info["last_txnid"])
+    finally:
+        os.close(fd)
+    with open(data, "r+b") as fh:  # the root's node pointers now point past its end
+        fh.seek(root * psize + 16)
+        fh.write(b"\xfe\xff" * 8)
+    line = one_error_line(run_cli("adopt", db, "--no-progress", check=False))
+    assert "cannot read its B-tree" in line and "node outside its free space" in line
+    assert not Path(str(db) + ".lmdbfs").exists()
