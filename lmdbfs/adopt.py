@@ -167,7 +167,8 @@ def adopt(db: str, opts: AdoptOptions | None = None) -> AdoptResult:
         stat, info = env.stat(), env.info()
         data = os.stat(loc.data_file)
         # The tree is read and checked by btree before LMDB itself walks it.
-        leaves = btree.leaves(loc.data_file, db, stat["psize"], info["last_pgno"], info["last_txnid"])
+        with tqdm(total=stat["leaf_pages"], unit=" pages", desc="keys", disable=not opts.progress) as bar:
+            leaves = btree.leaves(loc.data_file, db, stat["psize"], info["last_pgno"], info["last_txnid"], bar)
         if META_DB in leaves.sub_databases:
             raise BadDatabase(f"{db}: already an lmdbfs DB", f"use it as it is: `lmdbfs mount {db} MOUNTPOINT`")
         _cross_check(env, loc, db, leaves)

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
+from tqdm import tqdm
 
 from .errors import BadDatabase
 
@@ -71,8 +72,9 @@ def _main_root(fd: int, shown: str, psize: int, txnid: int) -> tuple[int, int, i
     raise _bad(shown, f"no meta page holds transaction {txnid}")
 
 
-def leaves(data_file: str, shown: str, psize: int, last_pgno: int, txnid: int) -> Leaves:
-    """Walk the main database's B-tree from the meta page of transaction ``txnid``."""
+def leaves(data_file: str, shown: str, psize: int, last_pgno: int, txnid: int, progress: tqdm | None = None) -> Leaves:
+    """Walk the main database's B-tree from the meta page of transaction ``txnid``
+    (``progress`` is advanced by one per leaf page)."""
     fd = os.open(data_file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     try:
         root, depth, entries = _main_root(fd, shown, psize, txnid)
@@ -85,6 +87,8 @@ def leaves(data_file: str, shown: str, psize: int, last_pgno: int, txnid: int) -
                 raise _bad(shown, f"depth {depth}")
             for pgno, page in _leaf_pages(fd, shown, psize, last_pgno, root, depth):
                 _decode_leaf(shown, psize, last_pgno, pgno, page, keys, sizes, offsets, subs)
+                if progress is not None:
+                    progress.update(1)
         if len(keys) + len(subs) != entries:
             raise _bad(shown, f"found {len(keys) + len(subs)} keys, its meta page says {entries}")
         return Leaves(

@@ -47,12 +47,19 @@ def _is_text(value: bytes) -> bool:
 
 
 def boxes_text(value: bytes, columns: int = BOX_COLUMNS) -> bytes:
-    """float32 rows -> 'x,y,w,h' lines with 4 decimals, like GOT-10k's own files."""
+    """float32 rows -> 'x,y,w,h' lines with 4 decimals, like GOT-10k's own files.
+
+    A number whose 4-decimal text would parse to another float32 (8 significant
+    digits, e.g. 1234.5678) is written with the digits that give back the same one."""
     if len(value) % 4:
         raise ConvertError(f"{len(value)} bytes is not a whole number of float32 values")
     values = np.frombuffer(value, dtype="<f4")
-    rows = values.reshape(-1, columns) if len(values) % columns == 0 else values.reshape(1, -1)
-    return "".join(",".join(f"{v:.4f}" for v in row) + "\n" for row in rows.tolist()).encode()
+    texts = np.char.mod("%.4f", values).tolist()
+    back = np.array(texts, dtype=np.float64).astype(np.float32)
+    for i in np.flatnonzero((back != values) & ~np.isnan(values)).tolist():
+        texts[i] = np.format_float_positional(values[i], unique=True, trim="-")
+    width = columns if len(texts) % columns == 0 else max(len(texts), 1)
+    return "".join(",".join(texts[i : i + width]) + "\n" for i in range(0, len(texts), width)).encode()
 
 
 def labels_text(value: bytes) -> bytes:
