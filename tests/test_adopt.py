@@ -282,3 +282,30 @@ def test_a_damaged_tree_gives_one_line(tmp_path: Path) -> None:
     line = one_error_line(run_cli("adopt", db, "--no-progress", check=False))
     assert "cannot read its B-tree" in line and "node outside its free space" in line
     assert not Path(str(db) + ".lmdbfs").exists()
+
+
+def _reference_clean(raw: bytes) -> bool:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    parts = text.split("/")
+    return (
+        bool(raw)
+        and "\0" not in text
+        and all(p not in ("", ".", "..") for p in parts)
+        and all(len(p.encode()) <= 255 for p in parts)
+    )
+
+
+def test_key_check_agrees_with_a_plain_reference() -> None:
+    """The fast substring tests in bad_path_reason clear exactly the clean keys."""
+    import random
+
+    from lmdbfs.foreign import bad_path_reason
+
+    rnd = random.Random(5)
+    atoms = [b"a", b"b.jpg", b".", b"..", b"/", b"\0", b"\xff", b"\xc3\xa9", b".hidden", b"x" * 200, b"y" * 56]
+    for _ in range(20_000):
+        raw = b"".join(rnd.choice(atoms) for _ in range(rnd.randint(0, 6)))
+        assert (bad_path_reason(raw) is None) == _reference_clean(raw), raw
