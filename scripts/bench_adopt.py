@@ -11,7 +11,7 @@ pages evicted from the page cache with posix_fadvise, this file only) and warm:
 * with values: py-lmdb cursor walk taking each value as a buffer and its len() —
                what adopt would cost through py-lmdb, which touches every value page
 
-    python scripts/bench_adopt.py WORKDIR [--seqs 1000] [--frames 100] [--frame-kb 8]
+    python scripts/bench_adopt.py WORKDIR [--seqs 1000] [--frames 100] [--frame-kb 8] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -68,11 +69,14 @@ def evict(db: Path) -> None:
 
 
 def timed(label: str, code: str, db: Path, cold: bool) -> float:
-    """Run ``code`` in a fresh interpreter (no shared mappings), return its seconds."""
+    """Run ``code`` in a fresh interpreter (no shared mappings), return its seconds
+    (imports are done before the clock starts)."""
     if cold:
         evict(db)
     prog = (
         "import time, lmdb, sys\n"
+        "from lmdbfs import btree\n"
+        "from lmdbfs.adopt import AdoptOptions, adopt\n"
         f"db = {str(db)!r}\n"
         "t = time.perf_counter()\n" + code + "\nprint(time.perf_counter() - t)\n"
     )
@@ -91,13 +95,11 @@ with env.begin(buffers=True) as txn:
     n = sum(len(v) for _k, v in txn.cursor().iternext())
 """
 LEAF_WALK = """
-from lmdbfs import btree
 env = lmdb.open(db, readonly=True, lock=False, readahead=False)
 i, s = env.info(), env.stat()
 btree.leaves(db + "/data.mdb", db, s["psize"], i["last_pgno"], i["last_txnid"])
 """
 ADOPT = """
-from lmdbfs.adopt import AdoptOptions, adopt
 adopt(db, AdoptOptions(index=db + ".bench.lmdbfs", force=True))
 """
 
@@ -108,6 +110,7 @@ def main() -> int:
     ap.add_argument("--seqs", type=int, default=1000)
     ap.add_argument("--frames", type=int, default=100)
     ap.add_argument("--frame-kb", type=int, default=8)
+    ap.add_argument("--repeat", type=int, default=1, help="runs of each measurement; the median is shown")
     ap.add_argument("--keep", action="store_true", help="keep the generated DB")
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -125,9 +128,11 @@ def main() -> int:
         ("adopt", ADOPT),
         ("with values", WITH_VALUES),
     ):
-        cold = timed(label, code, db, cold=True)
-        warm = timed(label, code, db, cold=False)
-        rows.append((label, cold, warm))
+        cold, warm = [], []
+        for _ in range(args.repeat):  # medians: the machine may be shared
+            cold.append(timed(label, code, db, cold=True))
+            warm.append(timed(label, code, db, cold=False))
+        rows.append((label, statistics.median(cold), statistics.median(warm)))
     base_cold, base_warm = rows[0][1], rows[0][2]
     print(f"{'':<12} {'cold s':>8} {'ratio':>6} {'warm s':>8} {'ratio':>6}")
     for label, cold, warm in rows:

@@ -194,6 +194,7 @@ def test_md5_converter_db_through_the_got10k_toolkit(
     assert "converted back to files" in out
     assert state_of(seed_db) == before
     assert "converted back to files" in run_cli("info", seed_db).stdout
+    assert "checked (found by key, same size and offset" in run_cli("verify", seed_db).stdout
     mnt = mount_db(seed_db).mnt
     datasets = importlib.import_module("got10k.datasets")
     for subset in ("train", "val", "test"):
