@@ -5,7 +5,8 @@ Builds a STARK-style LMDB directory (plain path keys, raw values; GOT-10k-like: 
 sequence N frames plus 5 small annotation files), then times, cold (the DB file's
 pages evicted from the page cache with posix_fadvise, this file only) and warm:
 
-* keys only:   py-lmdb cursor walk, keys without values (the floor: B-tree pages only)
+* keys only:   py-lmdb cursor walk, keys without values (the floor: B-tree pages only),
+               opened as STARK opens it (readahead=False); "keys, ra" with readahead
 * leaf walk:   lmdbfs.btree.leaves (keys + value sizes + offsets, no value page read)
 * adopt:       the whole `lmdbfs adopt` (leaf walk, index build, index write)
 * with values: py-lmdb cursor walk taking each value as a buffer and its len() —
@@ -89,6 +90,7 @@ env = lmdb.open(db, readonly=True, lock=False, readahead=False)
 with env.begin() as txn:
     n = sum(1 for _ in txn.cursor().iternext(keys=True, values=False))
 """
+KEYS_ONLY_RA = KEYS_ONLY.replace("readahead=False", "readahead=True")
 WITH_VALUES = """
 env = lmdb.open(db, readonly=True, lock=False, readahead=False)
 with env.begin(buffers=True) as txn:
@@ -124,6 +126,7 @@ def main() -> int:
     rows = []
     for label, code in (
         ("keys only", KEYS_ONLY),
+        ("keys, ra", KEYS_ONLY_RA),
         ("leaf walk", LEAF_WALK),
         ("adopt", ADOPT),
         ("with values", WITH_VALUES),
