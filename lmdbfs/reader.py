@@ -171,6 +171,11 @@ class Archive:
         return self._h().fd
 
     @property
+    def data_bytes(self) -> int:
+        """Size of the DB's data file."""
+        return os.path.getsize(self._h().loc.data_file)
+
+    @property
     def meta(self) -> Meta:
         return self._h().meta
 
@@ -353,6 +358,10 @@ class Archive:
             return None
         view = self.value_view(rel, entry)
         return store.map_offset(view, h.map_base) if len(view) else 0
+
+    def value_location(self, rel: str, entry: Entry) -> tuple[int, int | None]:
+        """(descriptor, offset) to pread a file's value from; offset None: use `value_view`."""
+        return self.data_fd, self.value_offset(rel, entry)
 
     def read_bytes(self, path: str, verify: bool | None = None) -> bytes:
         """The file's exact bytes, checked against its checksum unless verify=False."""

@@ -1,0 +1,407 @@
+"""One read-only tree served from several DBs: shards of one dataset, or datasets side by side.
+
+Each layer is an `Archive` placed at the root or under a folder (``got10k=GOT-10k.lmdb``).
+Directories present in several layers merge; a path that would be a file in one layer
+and anything in another is refused when the union is opened, naming the path and both
+DBs — nothing is ever shadowed. Finding those clashes only compares the directory
+records (names and kinds) of the directories the layers share, never values.
+
+`Union` has the `Archive` API (it inherits the path-level calls — walk, scandir,
+resolve, read_bytes, … — and answers the primitives they rest on from its layers), so
+the FUSE adapter, `ls`/`cat`/`verify` and data loaders use it unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import BadDatabase, LayerConflict
+from .format import KIND_DIR, KIND_NAMES, DirRecord, Entry, Meta, encode_path, new_rows
+from .reader import DEFAULT_DIR_CACHE_BYTES, Archive, _DirCache, normpath
+from .shard import set_problems
+
+_SOURCES_MAX = 1 << 16  # remembered directory -> layers answers (~10 MB at most)
+_VIRTUAL_MODE = 0o755
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One DB of a union and the folder it appears under ('' = the root)."""
+
+    prefix: str
+    path: str
+
+    def __str__(self) -> str:
+        return f"{self.prefix}={self.path}" if self.prefix else self.path
+
+
+def parse_layer(spec: str | os.PathLike[str] | tuple[str, str] | Layer) -> Layer:
+    """``DB`` (at the root), ``FOLDER=DB``, or a (folder, DB) pair."""
+    if isinstance(spec, Layer):
+        return spec
+    if isinstance(spec, tuple):
+        prefix, path = spec
+    else:
+        text = os.fspath(spec)
+        prefix, sep, path = text.partition("=")
+        if not sep or os.path.exists(text):
+            prefix, path = "", text
+    prefix = normpath(prefix)
+    if ".." in prefix.split("/"):
+        raise BadDatabase(f"{prefix}: a folder for a DB must stay inside the tree", "name a plain folder: NAME=DB")
+    return Layer(prefix, os.fspath(path))
+
+
+def parse_layers(specs: Iterable[Any]) -> list[Layer]:
+    layers = [parse_layer(s) for s in specs]
+    if not layers:
+        raise BadDatabase("no DB given", "pass one or more DBs")
+    return layers
+
+
+class _Merged(DirRecord):
+    """A directory shared by several layers: the rows of all of them, plus which layer
+    each row comes from (its file's bytes live there)."""
+
+    __slots__ = ("owners",)
+
+    def __init__(self, path: str, rows: np.ndarray, blob: bytes, owners: np.ndarray) -> None:
+        super().__init__(path, rows, blob, rows.nbytes + len(blob) + owners.nbytes)
+        self.owners = owners
+
+
+class Union(Archive):
+    """Several DBs as one tree (see the module docstring). Safe to create before
+    forking and pickles as its layer list, like `Archive`."""
+
+    def __init__(
+        self,
+        layers: Sequence[Any],
+        *,
+        verify: bool = True,
+        dir_cache_bytes: int = DEFAULT_DIR_CACHE_BYTES,
+        check: bool = True,
+    ) -> None:
+        self.specs = parse_layers(layers)
+        self.verify = verify
+        self._dir_cache_bytes = dir_cache_bytes
+        self.path = " ".join(map(str, self.specs))
+        # The layers share one budget, so memory does not grow with their number.
+        share = max(1 << 20, dir_cache_bytes // len(self.specs))
+        self.layers: list[Archive] = []
+        try:
+            for spec in self.specs:
+                self.layers.append(Archive(spec.path, verify=verify, dir_cache_bytes=share))
+        except BaseException:
+            self.close()
+            raise
+        self._virtual = self._virtual_dirs()
+        self._lock = threading.Lock()
+        self._reset()
+        if check:
+            self.check_layers()
+
+    def _virtual_dirs(self) -> dict[str, dict[str, int]]:
+        """Folders that exist because a layer sits below them: dir -> {name: layer}."""
+        virtual: dict[str, dict[str, int]] = {}
+        for i, spec in enumerate(self.specs):
+            parts = spec.prefix.split("/") if spec.prefix else []
+            for depth, name in enumerate(parts):
+                virtual.setdefault("/".join(parts[:depth]), {}).setdefault(name, i)
+        return virtual
+
+    def _reset(self) -> None:
+        self._pid = os.getpid()
+        self._merged = _DirCache(self._dir_cache_bytes)
+        self._sources_memo: OrderedDict[str, tuple[tuple[int, str], ...]] = OrderedDict()
+
+    def _fresh(self) -> None:
+        if self._pid != os.getpid():  # after fork: caches and locks of the parent are not ours
+            self._lock = threading.Lock()
+            self._reset()
+
+    def check_layers(self) -> None:
+        """Merge every directory the layers share; raises LayerConflict on a clash
+        (a shard given twice is named as such, before its files would clash)."""
+        for kind, line in self.shard_problems():
+            if kind == "twice":
+                problem, _, fix = line.partition(" — ")
+                raise LayerConflict(problem, fix)
+        self._dir("")
+
+    def shard_problems(self) -> list[tuple[str, str]]:
+        """Missing, duplicated or mismatched shards among the layers (see shard.set_problems)."""
+        return set_problems((s.path, s.prefix, layer.meta.extra) for s, layer in zip(self.specs, self.layers))
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {
+            "layers": [(s.prefix, s.path) for s in self.specs],
+            "verify": self.verify,
+            "dir_cache_bytes": self._dir_cache_bytes,
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Checked when it was created; shared directories still merge (and check) lazily.
+        self.__init__(state["layers"], verify=state["verify"], dir_cache_bytes=state["dir_cache_bytes"], check=False)
+
+    def close(self) -> None:
+        for layer in getattr(self, "layers", []):
+            layer.close()
+        if hasattr(self, "_merged"):
+            self._merged.clear()
+
+    def _h(self):  # the one Archive internal a union has no single answer for
+        raise TypeError("a union of DBs has no single LMDB handle; use its layers")
+
+    # -- where a directory lives ------------------------------------------------------------
+    def _sources(self, rel: str) -> tuple[tuple[int, str], ...]:
+        """The layers in which union directory ``rel`` is a real directory, with its
+        path inside each (in layer order)."""
+        self._fresh()
+        memo = self._sources_memo
+        with self._lock:
+            hit = memo.get(rel)
+        if hit is not None:
+            return hit
+        if not rel:
+            found = [(i, "") for i, s in enumerate(self.specs) if not s.prefix]
+        else:
+            parent, name = posixpath.split(rel)
+            found = []
+            for i, sub in self._sources(parent):
+                rec = self.layers[i]._dir(sub)  # noqa: SLF001 - composed Archive
+                at = rec.index_of(name) if rec is not None else None
+                if at is not None and int(rec.rows["kind"][at]) == KIND_DIR:
+                    found.append((i, posixpath.join(sub, name)))
+            found += [(i, "") for i, s in enumerate(self.specs) if s.prefix == rel]
+            found.sort()
+        result = tuple(found)
+        with self._lock:
+            memo[rel] = result
+            if len(memo) > _SOURCES_MAX:
+                memo.popitem(last=False)
+        return result
+
+    def _dir(self, rel: str) -> DirRecord | None:
+        sources = self._sources(rel)
+        virtual = self._virtual.get(rel)
+        if len(sources) == 1 and not virtual:
+            i, sub = sources[0]
+            return self.layers[i]._dir(sub)  # noqa: SLF001 - composed Archive
+        if not sources and not virtual:
+            return None
+        rec = self._merged.get(rel)
+        if rec is None:
+            rec = self._merge(rel, sources, virtual or {})
+            self._merged.put(rec)
+        return rec
+
+    def _merge(self, rel: str, sources: tuple[tuple[int, str], ...], virtual: dict[str, int]) -> _Merged:
+        """One record from the records of every layer holding ``rel``, plus the folders
+        of layers placed below it. Only names and kinds are compared."""
+        seen: dict[bytes, tuple[int, DirRecord | None, int, int]] = {}  # name -> layer, record, row, kind
+
+        def add(name: bytes, layer: int, rec: DirRecord | None, row: int, kind: int) -> None:
+            prev = seen.get(name)
+            if prev is None:
+                seen[name] = (layer, rec, row, kind)
+            elif kind != KIND_DIR or prev[3] != KIND_DIR:
+                path = posixpath.join(rel, name.decode("utf-8", "surrogateescape"))
+                self._conflict(path, prev, (layer, rec, row, kind))
+
+        for i, sub in sources:
+            rec = self.layers[i]._dir(sub)  # noqa: SLF001 - composed Archive
+            for row, (name, kind) in enumerate(zip(rec.raw_names(), rec.rows["kind"].tolist())):
+                add(name, i, rec, row, kind)
+        for name, i in virtual.items():
+            add(encode_path(name), i, None, -1, KIND_DIR)
+        names = sorted(seen)
+        rows = new_rows(len(names))
+        owners = np.zeros(len(names), np.uint32)
+        pieces: list[bytes] = []
+        at = 0
+        for n, name in enumerate(names):
+            layer, rec, row, kind = seen[name]
+            child = posixpath.join(rel, name.decode("utf-8", "surrogateescape"))
+            if rec is None:
+                rows[n] = self._virtual_row(layer, child)
+                piece = name
+            else:
+                rows[n] = rec.rows[row]
+                off = int(rec.rows["name_off"][row])
+                piece = rec._blob[off : off + self._blob_len(rec.rows[row])]  # noqa: SLF001
+            if kind == KIND_DIR and (rec is None or len(self._sources(child)) > 1):
+                rows[n]["checksum"] = self._dir(child).subdir_count  # st_nlink - 2 of the merged dir
+            rows[n]["name_off"] = at
+            rows[n]["name_len"] = len(name)
+            owners[n] = layer
+            pieces.append(piece)
+            at += len(piece)
+        return _Merged(rel, rows, b"".join(pieces), owners)
+
+    @staticmethod
+    def _blob_len(row: np.void) -> int:
+        """Bytes of a row in its blob: name, symlink target, inline value."""
+        inline = int(row["size"]) if int(row["kind"]) != KIND_DIR and int(row["flags"]) & 1 else 0
+        return int(row["name_len"]) + int(row["target_len"]) + inline
+
+    def _virtual_row(self, layer: int, child: str) -> np.void:
+        spec, meta = self.specs[layer], self.layers[layer].meta
+        row = new_rows(1)[0]
+        row["kind"] = KIND_DIR
+        row["mode"] = meta.root_mode if spec.prefix == child else _VIRTUAL_MODE
+        row["mtime_ns"] = meta.root_mtime_ns
+        return row
+
+    def _conflict(self, path: str, first: tuple, second: tuple) -> None:
+        def side(layer: int, rec: DirRecord | None, kind: int) -> str:
+            db = self.specs[layer].path
+            return f"the folder of {db}" if rec is None else f"a {KIND_NAMES.get(kind, 'entry')} in {db}"
+
+        raise LayerConflict(
+            f"{path}: {side(first[0], first[1], first[3])} and {side(second[0], second[1], second[3])}",
+            "a path may come from one DB only: put the DBs under separate folders (NAME=DB) or leave one out",
+        )
+
+    # -- entries ----------------------------------------------------------------------------
+    def _root_entry(self) -> Entry:
+        sources = self._sources("")
+        first = self.layers[sources[0][0]].meta if sources else self.layers[0].meta
+        mode = first.root_mode if sources else _VIRTUAL_MODE
+        root = self._dir("")
+        return Entry("", KIND_DIR, mode, 0, first.root_mtime_ns, checksum=root.subdir_count if root else 0)
+
+    def lstat_rel(self, rel: str) -> Entry:
+        if not rel:
+            return self._root_entry()
+        parent, name = posixpath.split(rel)
+        rec = self._dir(parent)
+        entry = rec.lookup(name) if rec is not None else None
+        if entry is None:
+            self._raise_missing(rel)
+        return entry
+
+    def owner(self, rel: str) -> tuple[Archive, str]:
+        """The layer holding file ``rel`` and the file's path inside it."""
+        parent, name = posixpath.split(rel)
+        sources = self._sources(parent)
+        if len(sources) != 1 or parent in self._virtual:
+            rec = self._dir(parent)
+            at = rec.index_of(name) if isinstance(rec, _Merged) else None
+            if at is None:
+                self._raise_missing(rel)
+            layer = int(rec.owners[at])
+            sources = [s for s in sources if s[0] == layer]
+        i, sub = sources[0]
+        return self.layers[i], posixpath.join(sub, name)
+
+    # -- contents: delegated to the layer that holds the file -----------------------------------
+    def value_offset(self, rel: str, entry: Entry) -> int | None:
+        layer, sub = self.owner(rel)
+        return layer.value_offset(sub, entry)
+
+    def value_view(self, rel: str, entry: Entry) -> memoryview:
+        layer, sub = self.owner(rel)
+        return layer.value_view(sub, entry)
+
+    def value_location(self, rel: str, entry: Entry) -> tuple[int, int | None]:
+        layer, sub = self.owner(rel)
+        return layer.value_location(sub, entry)
+
+    def stored_checksum(self, rel: str, entry: Entry) -> int:
+        layer, sub = self.owner(rel)
+        return layer.stored_checksum(sub, entry)
+
+    def _read_range(self, rel: str, entry: Entry, offset: int, size: int) -> bytes:
+        layer, sub = self.owner(rel)
+        return layer._read_range(sub, entry, offset, size)  # noqa: SLF001 - composed Archive
+
+    def key_of(self, path: str) -> bytes:
+        layer, sub = self.owner(normpath(path))
+        return layer.key_of(sub)
+
+    @property
+    def data_fd(self) -> int:
+        raise TypeError("a union of DBs has one data file per layer; use value_location")
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(layer.data_bytes for layer in self.layers)
+
+    @property
+    def meta(self) -> Meta:
+        """Totals over the layers (directories shared by several count once per layer)."""
+        metas = [layer.meta for layer in self.layers]
+        first = metas[0]
+        excludes = sorted({g for m in metas for g in m.extra.get("excludes", [])})
+        return Meta(
+            files=sum(m.files for m in metas),
+            dirs=sum(m.dirs for m in metas),
+            symlinks=sum(m.symlinks for m in metas),
+            bytes=sum(m.bytes for m in metas),
+            source=" ".join(m.source for m in metas),
+            root_mode=first.root_mode,
+            root_mtime_ns=first.root_mtime_ns,
+            complete=True,
+            extra={"excludes": excludes},
+        )
+
+
+def open_tree(*specs: Any, **kwargs: Any) -> Archive:
+    """An `Archive` for one DB at the root, else a `Union` of every DB given."""
+    flat: list[Any] = []
+    for spec in specs:
+        flat.extend(spec if isinstance(spec, list | tuple) and not _is_pair(spec) else [spec])
+    layers = parse_layers(flat)
+    if len(layers) == 1 and not layers[0].prefix:
+        return Archive(layers[0].path, **kwargs)
+    return Union(layers, **kwargs)
+
+
+def _is_pair(spec: Any) -> bool:
+    return isinstance(spec, tuple) and len(spec) == 2 and all(isinstance(s, str) for s in spec) and "=" not in spec[0]
+
+
+def layer_descriptions(tree: Archive) -> list[dict[str, Any]]:
+    """The union (or single archive) as the list of layers a native server needs: where
+    each index and data file is, whether recorded value offsets hold, how keys are made,
+    and the attributes of each layer's root. Layer order is priority order for the
+    attributes of shared directories; clashes were refused when ``tree`` was opened."""
+    pairs = zip(tree.specs, tree.layers) if isinstance(tree, Union) else [(Layer("", tree.path), tree)]
+    out = []
+    for spec, archive in pairs:
+        h = archive._h()  # noqa: SLF001 - composed Archive
+        meta = h.meta
+        out.append(
+            {
+                "prefix": spec.prefix,
+                "index_path": os.path.abspath(h.loc.path),
+                "index_subdir": h.loc.subdir,
+                "data_path": os.path.abspath(h.loc.data_file),
+                "offsets_ok": bool(h.offsets_ok),
+                "keys": meta.keys,
+                "key_prefix": meta.key_prefix,
+                "key_sep": meta.key_sep,
+                "root_mode": meta.root_mode,
+                "root_mtime_ns": meta.root_mtime_ns,
+            }
+        )
+    return out
+
+
+def shard_problems(specs: Sequence[Any]) -> list[tuple[str, str]]:
+    """`Union.shard_problems` for DBs not yet opened together (a shard given twice
+    could not be: its files clash)."""
+    members = []
+    for spec in parse_layers(specs):
+        with Archive(spec.path) as archive:
+            members.append((spec.path, spec.prefix, archive.meta.extra))
+    return set_problems(members)
