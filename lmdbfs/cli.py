@@ -211,6 +211,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
     return 0
 
 
+_COMMANDS = ("pack", "info", "ls", "cat", "verify", "unpack", "mount", "umount")
 _DB_LIST_HELP = "DBs (NAME=DB puts one under folder NAME; several merge into one tree), then paths inside"
 
 
@@ -298,6 +299,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.add_argument("-f", "--foreground", action="store_true", help="stay attached (Ctrl-C unmounts)")
     p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="say what was mounted (silent otherwise)",
+    )
+    p.add_argument(
         "-o",
         dest="options",
         action="append",
@@ -331,7 +339,13 @@ def _positive(text: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    if "-o" in words and not words[0].startswith("-") and words[0] not in _COMMANDS:
+        # `lmdbfs SOURCE MOUNTPOINT -o OPTS`: how mount.fuse3 runs us for `mount -t fuse.lmdbfs`.
+        from .mounthelper import main as mount_helper
+
+        return mount_helper(words)
+    args = parser.parse_args(words)
     logging.basicConfig(
         level=logging.DEBUG if getattr(args, "debug", False) else logging.INFO if args.verbose else logging.WARNING,
         format="lmdbfs: %(levelname)s: %(message)s",

@@ -191,10 +191,11 @@ def _spawn_daemon(dbs: list[str], mnt: str, opts: MountOptions) -> None:
         if answer == "ok":
             log.info("mounted %s at %s (daemon pid %d)", " ".join(dbs), mnt, proc.pid)
             return
+        if os.path.ismount(mnt):
+            _fusermount(mnt, lazy=True)
+        _reap(proc)
         errors.seek(0)
         lines = [line for line in errors.read().decode(errors="replace").splitlines() if line.strip()]
-    if os.path.ismount(mnt):
-        _fusermount(mnt, lazy=True)
     code, sep, text = answer.partition(" ")
     if answer.startswith("error") and sep:
         # The daemon's own error (a bad DB, say), with its exit code: pass it on as is.
@@ -202,6 +203,15 @@ def _spawn_daemon(dbs: list[str], mnt: str, opts: MountOptions) -> None:
         raise _DaemonError(message, exit_code=int(exit_code))
     detail = answer or (lines[-1] if lines else f"daemon exited with status {proc.returncode}")
     raise MountError(f"mounting {mnt} failed: {detail.removeprefix('lmdbfs: error: ')}", "see --log-file for details")
+
+
+def _reap(proc: subprocess.Popen) -> None:
+    """A daemon that failed is gone before `mount` returns: nothing holds the mount point."""
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def _answers(mnt: str) -> str:
