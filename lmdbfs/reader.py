@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 DEFAULT_DIR_CACHE_BYTES = 32 << 20  # decoded records weigh what they do on disk
 _MAX_SYMLINK_HOPS = 40
 _HASH_CHUNK = 1 << 20
+_THREAD = threading.local()
 UNMAP_EVERY = 64  # key lookups between handing mapped pages back (~50 MB mapped at most)
 
 
@@ -414,9 +415,9 @@ class Archive:
         if file_off is None:
             return checksum(self.value_view(rel, entry))
         h = self._h()
-        buf = getattr(h.local, "buf", None)
-        if buf is None:
-            buf = h.local.buf = memoryview(bytearray(_HASH_CHUNK))
+        buf = getattr(_THREAD, "buf", None)
+        if buf is None:  # one per thread, whatever the number of archives open
+            buf = _THREAD.buf = memoryview(bytearray(_HASH_CHUNK))
         hasher = None if entry.size <= _HASH_CHUNK else xxhash.xxh3_64()
         done = 0
         while done < entry.size:

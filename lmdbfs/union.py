@@ -165,10 +165,10 @@ class Union(Archive):
     def _sources(self, rel: str) -> tuple[tuple[int, str], ...]:
         """The layers in which union directory ``rel`` is a real directory, with its
         path inside each (in layer order)."""
-        self._fresh()
+        if self._pid != os.getpid():
+            self._fresh()
         memo = self._sources_memo
-        with self._lock:
-            hit = memo.get(rel)
+        hit = memo.get(rel)  # a plain read: entries are only ever added whole or evicted
         if hit is not None:
             return hit
         if not rel:
