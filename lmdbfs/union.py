@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from .errors import BadDatabase, LayerConflict
-from .format import KIND_DIR, KIND_NAMES, DirRecord, Entry, Meta, encode_path, new_rows
+from .format import KIND_DIR, KIND_NAMES, DirRecord, Entry, Meta, checksum, encode_path, new_rows
 from .reader import DEFAULT_DIR_CACHE_BYTES, Archive, _DirCache, normpath
 from .shard import set_problems
 
@@ -122,6 +122,7 @@ class Union(Archive):
         self._pid = os.getpid()
         self._merged = _DirCache(self._dir_cache_bytes)
         self._sources_memo: OrderedDict[str, tuple[tuple[int, str], ...]] = OrderedDict()
+        self._last_owner: tuple[str | None, Any, str] = (None, None, "")
 
     def _fresh(self) -> None:
         if self._pid != os.getpid():  # after fork: caches and locks of the parent are not ours
@@ -291,6 +292,14 @@ class Union(Archive):
 
     def owner(self, rel: str) -> tuple[Archive, str]:
         """The layer holding file ``rel`` and the file's path inside it."""
+        last = self._last_owner  # a read asks twice (checksum, then location)
+        if last[0] == rel:
+            return last[1], last[2]
+        layer, sub = self._find_owner(rel)
+        self._last_owner = (rel, layer, sub)
+        return layer, sub
+
+    def _find_owner(self, rel: str) -> tuple[Archive, str]:
         parent, name = posixpath.split(rel)
         sources = self._sources(parent)
         if len(sources) != 1 or parent in self._virtual:
@@ -317,10 +326,14 @@ class Union(Archive):
         return layer.value_location(sub, entry)
 
     def stored_checksum(self, rel: str, entry: Entry) -> int:
+        if entry.inline is not None:  # the bytes came with the entry: no layer to find
+            return checksum(entry.inline)
         layer, sub = self.owner(rel)
         return layer.stored_checksum(sub, entry)
 
     def _read_range(self, rel: str, entry: Entry, offset: int, size: int) -> bytes:
+        if entry.inline is not None:
+            return entry.inline[offset : offset + max(0, size)]
         layer, sub = self.owner(rel)
         return layer._read_range(sub, entry, offset, size)  # noqa: SLF001 - composed Archive
 
