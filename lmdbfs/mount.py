@@ -186,7 +186,10 @@ def _spawn_daemon(dbs: list[str], mnt: str, opts: MountOptions) -> None:
         )
         os.close(write_end)
         answer = _wait_ready(read_end, proc)
-        if answer == "ok":
+        if answer.startswith("ok"):
+            # "ok" may carry a warning (a shard missing from a set): worth a line even when silent.
+            if answer[2:].strip():
+                print(f"lmdbfs: warning: {answer[2:].strip()}", file=sys.stderr)
             answer = _answers(mnt)
         if answer == "ok":
             log.info("mounted %s at %s (daemon pid %d)", " ".join(dbs), mnt, proc.pid)
@@ -275,6 +278,7 @@ def serve(dbs: list[str], mnt: str, opts: MountOptions) -> None:
         from .union import open_tree
 
         archive = open_tree(*dbs)
+        shard_warnings = [line for _kind, line in getattr(archive, "shard_problems", list)()]
     except OSError as exc:  # libfuse missing: mfusepy raises at import
         report(f"cannot load libfuse3 ({exc}); install it: apt-get install fuse3 libfuse3-3")
         raise MountError("cannot load libfuse3", "install it: apt-get install fuse3 libfuse3-3") from None
@@ -289,7 +293,9 @@ def serve(dbs: list[str], mnt: str, opts: MountOptions) -> None:
         ready = True
         threading.Thread(target=_raise_readahead, args=(mnt,), daemon=True).start()
         detached = opts.ready_fd is not None
-        report("ok")
+        report(" ".join(["ok", *shard_warnings[:1]]))
+        for line in shard_warnings:
+            log.warning("%s", line)
         if detached and not opts.log_file:
             # Nobody reads a background daemon's stderr once it is up: without
             # --log-file its messages go nowhere rather than into an unseen file.

@@ -219,3 +219,10 @@ def test_parallel_shard_packs_mount_as_the_source(got10k_tree: Path, tmp_path: P
     assert twice.returncode == 6 and "shard 1/3 is given twice" in twice.stdout
     line = one_error_line(run_cli("ls", *shards, shards[2], check=False))
     assert "shard 2/3 is given twice" in line
+    m.close()
+    partial = run_cli("mount", shards[0], shards[1], m.mnt)  # serves what is there, but says so
+    try:
+        assert partial.stderr.startswith("lmdbfs: warning: shard 2/3 is missing")
+        assert sorted(os.listdir(m.mnt)) == ["test", "train", "val"]
+    finally:
+        run_cli("umount", m.mnt)
