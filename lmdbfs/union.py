@@ -94,7 +94,8 @@ class Union(Archive):
         self.verify = verify
         self._dir_cache_bytes = dir_cache_bytes
         self.path = " ".join(map(str, self.specs))
-        # The layers share one budget, so memory does not grow with their number.
+        # The layers share one budget (merged folders have another), so memory does not
+        # grow with their number.
         share = max(1 << 20, dir_cache_bytes // len(self.specs))
         self.layers: list[Archive] = []
         try:
@@ -107,7 +108,11 @@ class Union(Archive):
         self._lock = threading.Lock()
         self._reset()
         if check:
-            self.check_layers()
+            try:
+                self.check_layers()
+            except BaseException:
+                self.close()
+                raise
 
     def _virtual_dirs(self) -> dict[str, dict[str, int]]:
         """Folders that exist because a layer sits below them: dir -> {name: layer}."""
