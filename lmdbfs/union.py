@@ -391,8 +391,15 @@ def _is_pair(spec: Any) -> bool:
 def layer_descriptions(tree: Archive) -> list[dict[str, Any]]:
     """The union (or single archive) as the list of layers a native server needs: where
     each index and data file is, whether recorded value offsets hold, how keys are made,
-    and the attributes of each layer's root. Layer order is priority order for the
-    attributes of shared directories; clashes were refused when ``tree`` was opened."""
+    and the attributes of each layer's root.
+
+    Clashes were refused when ``tree`` was opened; a server serves the layers with the
+    rules `Union` uses: union folder D comes from every layer where D lies under its
+    prefix and is a folder there, in layer order; a folder on the way to a prefix is
+    made up (mode 0755, the placing layer's root mtime; the prefix folder itself has its
+    layer's root_mode and root_mtime_ns); a name in several layers is a folder, its
+    attributes from the first (real before made up), st_nlink 2 + its distinct
+    subfolders over all layers; a file is read from the layer listing it."""
     pairs = zip(tree.specs, tree.layers) if isinstance(tree, Union) else [(Layer("", tree.path), tree)]
     out = []
     for spec, archive in pairs:
