@@ -61,17 +61,13 @@ def _split_dbs(words: list[str]) -> tuple[list[str], list[str]]:
 def cmd_pack(args: argparse.Namespace) -> int:
     from .packer import PackOptions, pack
 
-    include, extra = None, {}
+    include, extra, share = None, {}, None
     if args.shard:
         from .shard import parse_shard, plan_for_source
 
         index, count = parse_shard(args.shard)
         share = plan_for_source(args.src, index, count, args.shard_depth, args.exclude or [], args.db)
         include, extra = share.include, share.extra()
-        log.info(
-            "shard %d/%d: %d of %d units at depth %d, %.1f MB",
-            index, count, len(share.units), share.unit_count, share.depth, share.bytes / 1e6,
-        )  # fmt: skip
     elif args.shard_depth is not None:
         raise UsageError("--shard-depth only goes with --shard I/N", "add --shard I/N")
 
@@ -94,6 +90,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
         f"{result.bytes / 1e6:.1f} MB into {result.db} ({result.db_bytes / 1e6:.1f} MB) "
         f"in {result.seconds:.1f} s ({rate:.0f} MB/s)"
         + (f"; {result.resumed_files} files kept from the interrupted run" if result.resumed_files else "")
+        + (f"; shard {extra['shard']}: {share.units_text()}" if share else "")
     )
     for what, items in (("skipped (special files)", result.skipped), ("unreadable, left out", result.errors)):
         if items:

@@ -117,6 +117,9 @@ class ShardPlan:
         (the scan only descends into kept folders)."""
         return rel in self.units or rel in self._ancestors or _depth(rel) > self.depth
 
+    def units_text(self) -> str:
+        return f"{len(self.units)} of {self.unit_count} units at depth {self.depth}"
+
     def extra(self) -> dict[str, object]:
         """What the shard records in its meta (``extra``)."""
         return {

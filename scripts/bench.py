@@ -1592,6 +1592,13 @@ def render_only(out_dir: Path) -> int:
     return 0
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _union_run(mnt: Path, dbs: list[Path], files: dict[str, int], readers: int, timeout: float) -> dict[str, float]:
     """One fresh mount of ``dbs``: mount time, walk+stat, a first epoch, daemon memory."""
     warm_files(dbs)
@@ -1606,9 +1613,11 @@ def _union_run(mnt: Path, dbs: list[Path], files: dict[str, int], readers: int, 
         epoch = read_epoch("fs", mnt, sorted(files), readers, 0, timeout)
         daemon = find_daemon(mnt)
         status = proc_status(daemon) if daemon else {}
+        cpu_s = _cpu_seconds(daemon) if daemon else 0.0
     finally:
         fuse_unmount(mnt)
     return {
+        "daemon_cpu_ms_per_1k_files": 1e6 * cpu_s / max(1, len(files)),  # steadier than wall time when busy
         "mount_s": mount_s,
         "walk_s": walk_s,
         "files_per_s": epoch["files_per_s"],
@@ -1644,6 +1653,7 @@ def union_scaling(
     print(f"{out['files']} files, {out['bytes'] / 1e6:.0f} MB; {readers} readers; fresh mounts; median of {rounds}")
     print(f"{'':24}{'1 DB':>12}{f'{nshards} DBs':>12}{'ratio':>8}")
     for key, name in (("mount_s", "mount (s)"), ("walk_s", "walk+stat (s)"), ("files_per_s", "files/s"),
+                      ("daemon_cpu_ms_per_1k_files", "daemon CPU ms/1k files"),
                       ("rss_mb", "daemon VmRSS (MB)"), ("anon_mb", "daemon RssAnon (MB)")):  # fmt: skip
         print(f"{name:24}{a[key]:12.2f}{b[key]:12.2f}{b[key] / a[key] if a[key] else float('nan'):8.2f}")
     (workdir / "results-union.json").write_text(json.dumps(out, indent=2))
