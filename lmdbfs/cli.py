@@ -178,7 +178,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_unpack(args: argparse.Namespace) -> int:
     from .ops import unpack
 
-    with _archive(args) as archive:
+    with _tree(args.dbs) as archive:
         result = unpack(archive, args.dst, force=args.force, progress=sys.stderr.isatty())
     print(
         f"unpacked {result.files} files, {result.dirs} dirs, {result.symlinks} symlinks, {result.bytes / 1e6:.1f} MB into {args.dst}"
@@ -287,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--against", metavar="SRC")
 
     p = add("unpack", cmd_unpack, "restore the tree (names, bytes, symlinks, modes, mtimes) under DST")
-    p.add_argument("db", metavar="DB")
+    p.add_argument("dbs", nargs="+", metavar="DB", help="a DB, or several as one tree (NAME=DB under folder NAME)")
     p.add_argument("dst", metavar="DST")
     p.add_argument("--force", action="store_true", help="unpack into a non-empty directory (never overwrites)")
 

@@ -146,6 +146,9 @@ def test_cli_ls_cat_verify_take_db_lists(parts: dict[str, Path]) -> None:
     assert out.startswith("ok: 6 files")
     line = one_error_line(run_cli("ls", a, parts["clash"], check=False))
     assert "train/list.txt" in line and str(parts["clash"]) in line
+    out = parts["a"].parent / "unpacked"
+    run_cli("unpack", a, b, out)
+    assert differences(snapshot(parts["both"]), snapshot(out)) == []
 
 
 def test_mount_serves_several_dbs_as_one_tree(parts: dict[str, Path], mount_db) -> None:
