@@ -24,7 +24,18 @@ from typing import Any
 import numpy as np
 
 from .errors import BadDatabase, LayerConflict
-from .format import KIND_DIR, KIND_NAMES, DirRecord, Entry, Meta, checksum, encode_path, new_rows
+from .format import (
+    FLAG_INLINE,
+    KIND_DIR,
+    KIND_NAMES,
+    DirRecord,
+    Entry,
+    Meta,
+    checksum,
+    decode_path,
+    encode_path,
+    new_rows,
+)
 from .reader import DEFAULT_DIR_CACHE_BYTES, Archive, _DirCache, normpath
 from .shard import set_problems
 
@@ -213,51 +224,61 @@ class Union(Archive):
     def _merge(self, rel: str, sources: tuple[tuple[int, str], ...], virtual: dict[str, int]) -> _Merged:
         """One record from the records of every layer holding ``rel``, plus the folders
         of layers placed below it. Only names and kinds are compared."""
-        seen: dict[bytes, tuple[int, DirRecord | None, int, int]] = {}  # name -> layer, record, row, kind
-
-        def add(name: bytes, layer: int, rec: DirRecord | None, row: int, kind: int) -> None:
-            prev = seen.get(name)
-            if prev is None:
-                seen[name] = (layer, rec, row, kind)
-            elif kind != KIND_DIR or prev[3] != KIND_DIR:
-                path = posixpath.join(rel, name.decode("utf-8", "surrogateescape"))
-                self._conflict(path, prev, (layer, rec, row, kind))
-
-        for i, sub in sources:
-            rec = self.layers[i]._dir(sub)  # noqa: SLF001 - composed Archive
+        recs = [self.layers[i]._dir(sub) for i, sub in sources]  # noqa: SLF001 - composed Archive
+        seen: dict[bytes, tuple[int, int, int]] = {}  # name -> (record k, row), or (-1, placing layer); kind
+        shared: set[bytes] = set()
+        for k, rec in enumerate(recs):
             for row, (name, kind) in enumerate(zip(rec.raw_names(), rec.rows["kind"].tolist())):
-                add(name, i, rec, row, kind)
-        for name, i in virtual.items():
-            add(encode_path(name), i, None, -1, KIND_DIR)
+                prev = seen.setdefault(name, (k, row, kind))
+                if prev[0] != k:
+                    self._clash(rel, name, prev, (k, row, kind), sources, shared)
+        for text, layer in virtual.items():
+            name = encode_path(text)
+            prev = seen.setdefault(name, (-1, layer, KIND_DIR))
+            if prev[0] != -1 or prev[1] != layer:
+                self._clash(rel, name, prev, (-1, layer, KIND_DIR), sources, shared)
         names = sorted(seen)
+        where = [seen[name] for name in names]
+        ks = np.fromiter((w[0] for w in where), np.int64, len(names))
+        js = np.fromiter((w[1] for w in where), np.int64, len(names))
         rows = new_rows(len(names))
         owners = np.zeros(len(names), np.uint32)
-        pieces: list[bytes] = []
-        at = 0
-        for n, name in enumerate(names):
-            layer, rec, row, kind = seen[name]
-            child = posixpath.join(rel, name.decode("utf-8", "surrogateescape"))
-            if rec is None:
-                rows[n] = self._virtual_row(layer, child)
-                piece = name
+        for k, rec in enumerate(recs):  # copy each layer's rows in one step
+            at = np.flatnonzero(ks == k)
+            rows[at] = rec.rows[js[at]]
+            owners[at] = sources[k][0]
+        inline = (rows["kind"] != KIND_DIR) & (rows["flags"] & FLAG_INLINE != 0)
+        lens = rows["name_len"].astype(np.int64) + rows["target_len"] + np.where(inline, rows["size"], 0)
+        pieces = []
+        for n, (name, (k, j, _kind)) in enumerate(zip(names, where)):
+            if k < 0:
+                rows[n] = self._virtual_row(j, posixpath.join(rel, decode_path(name)))
+                rows[n]["name_len"] = lens[n] = len(name)
+                owners[n] = j
+                pieces.append(name)
             else:
-                rows[n] = rec.rows[row]
-                off = int(rec.rows["name_off"][row])
-                piece = rec._blob[off : off + self._blob_len(rec.rows[row])]  # noqa: SLF001
-            if kind == KIND_DIR and (rec is None or len(self._sources(child)) > 1):
-                rows[n]["checksum"] = self._dir(child).subdir_count  # st_nlink - 2 of the merged dir
-            rows[n]["name_off"] = at
-            rows[n]["name_len"] = len(name)
-            owners[n] = layer
-            pieces.append(piece)
-            at += len(piece)
+                off = int(rows["name_off"][n])
+                pieces.append(recs[k]._blob[off : off + int(lens[n])])  # noqa: SLF001 - name, target, inline bytes
+            if k < 0 or name in shared:  # a folder of several layers: st_nlink counts all their subfolders
+                rows[n]["checksum"] = self._dir(posixpath.join(rel, decode_path(name))).subdir_count
+        rows["name_off"] = np.cumsum(lens) - lens
         return _Merged(rel, rows, b"".join(pieces), owners)
 
-    @staticmethod
-    def _blob_len(row: np.void) -> int:
-        """Bytes of a row in its blob: name, symlink target, inline value."""
-        inline = int(row["size"]) if int(row["kind"]) != KIND_DIR and int(row["flags"]) & 1 else 0
-        return int(row["name_len"]) + int(row["target_len"]) + inline
+    def _clash(self, rel: str, name: bytes, prev: tuple, new: tuple, sources: tuple, shared: set[bytes]) -> None:
+        """Two layers list ``name``: fine for two folders (they merge), else refused."""
+        if prev[2] == KIND_DIR and new[2] == KIND_DIR:
+            shared.add(name)
+            return
+
+        def side(k: int, j: int, kind: int) -> str:
+            if k < 0:
+                return f"the folder of {self.specs[j].path}"
+            return f"a {KIND_NAMES.get(kind, 'entry')} in {self.specs[sources[k][0]].path}"
+
+        raise LayerConflict(
+            f"{posixpath.join(rel, decode_path(name))}: {side(*prev)} and {side(*new)}",
+            "a path may come from one DB only: put the DBs under separate folders (NAME=DB) or leave one out",
+        )
 
     def _virtual_row(self, layer: int, child: str) -> np.void:
         spec, meta = self.specs[layer], self.layers[layer].meta
@@ -266,16 +287,6 @@ class Union(Archive):
         row["mode"] = meta.root_mode if spec.prefix == child else _VIRTUAL_MODE
         row["mtime_ns"] = meta.root_mtime_ns
         return row
-
-    def _conflict(self, path: str, first: tuple, second: tuple) -> None:
-        def side(layer: int, rec: DirRecord | None, kind: int) -> str:
-            db = self.specs[layer].path
-            return f"the folder of {db}" if rec is None else f"a {KIND_NAMES.get(kind, 'entry')} in {db}"
-
-        raise LayerConflict(
-            f"{path}: {side(first[0], first[1], first[3])} and {side(second[0], second[1], second[3])}",
-            "a path may come from one DB only: put the DBs under separate folders (NAME=DB) or leave one out",
-        )
 
     # -- entries ----------------------------------------------------------------------------
     def _root_entry(self) -> Entry:
