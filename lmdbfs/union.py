@@ -79,14 +79,16 @@ def parse_layers(specs: Iterable[Any]) -> list[Layer]:
 
 
 class _Merged(DirRecord):
-    """A directory shared by several layers: the rows of all of them, plus which layer
-    each row comes from (its file's bytes live there)."""
+    """A directory shared by several layers: the rows of all of them, which layer each
+    row comes from (its file's bytes live there), and which rows are folders of several
+    layers (or made up for a layer placed below)."""
 
-    __slots__ = ("owners",)
+    __slots__ = ("owners", "shared")
 
-    def __init__(self, path: str, rows: np.ndarray, blob: bytes, owners: np.ndarray) -> None:
-        super().__init__(path, rows, blob, rows.nbytes + len(blob) + owners.nbytes)
+    def __init__(self, path: str, rows: np.ndarray, blob: bytes, owners: np.ndarray, shared: np.ndarray) -> None:
+        super().__init__(path, rows, blob, rows.nbytes + len(blob) + owners.nbytes + shared.nbytes)
         self.owners = owners
+        self.shared = shared
 
 
 class Union(Archive):
@@ -193,7 +195,13 @@ class Union(Archive):
         else:
             parent, name = posixpath.split(rel)
             found = []
-            for i, sub in self._sources(parent):
+            candidates = self._sources(parent)
+            merged = self._merged.get(parent) if len(candidates) > 1 or parent in self._virtual else None
+            at = merged.index_of(name) if merged is not None else None
+            if at is not None and not merged.shared[at]:
+                # A folder of one layer only: the merged parent knows which (one search, not one per layer).
+                candidates = [c for c in candidates if c[0] == int(merged.owners[at])]
+            for i, sub in candidates:
                 rec = self.layers[i]._dir(sub)  # noqa: SLF001 - composed Archive
                 at = rec.index_of(name) if rec is not None else None
                 if at is not None and int(rec.rows["kind"][at]) == KIND_DIR:
@@ -250,6 +258,7 @@ class Union(Archive):
         inline = (rows["kind"] != KIND_DIR) & (rows["flags"] & FLAG_INLINE != 0)
         lens = rows["name_len"].astype(np.int64) + rows["target_len"] + np.where(inline, rows["size"], 0)
         pieces = []
+        shared_rows = np.zeros(len(names), bool)
         for n, (name, (k, j, _kind)) in enumerate(zip(names, where)):
             if k < 0:
                 rows[n] = self._virtual_row(j, posixpath.join(rel, decode_path(name)))
@@ -260,9 +269,10 @@ class Union(Archive):
                 off = int(rows["name_off"][n])
                 pieces.append(recs[k]._blob[off : off + int(lens[n])])  # noqa: SLF001 - name, target, inline bytes
             if k < 0 or name in shared:  # a folder of several layers: st_nlink counts all their subfolders
+                shared_rows[n] = True
                 rows[n]["checksum"] = self._dir(posixpath.join(rel, decode_path(name))).subdir_count
         rows["name_off"] = np.cumsum(lens) - lens
-        return _Merged(rel, rows, b"".join(pieces), owners)
+        return _Merged(rel, rows, b"".join(pieces), owners, shared_rows)
 
     def _clash(self, rel: str, name: bytes, prev: tuple, new: tuple, sources: tuple, shared: set[bytes]) -> None:
         """Two layers list ``name``: fine for two folders (they merge), else refused."""
