@@ -15,11 +15,14 @@ if TYPE_CHECKING:
 __all__ = ["Archive", "LmdbfsError", "open", "__version__"]
 
 
-def open(path: Any, **kwargs: Any) -> Archive:  # noqa: A001 - the API's name
-    """Open a packed DB for reading (see `lmdbfs.reader.Archive`)."""
-    from .reader import Archive
+def open(*dbs: Any, **kwargs: Any) -> Archive:  # noqa: A001 - the API's name
+    """Open packed DBs for reading: ``open("got10k.lmdb")`` gives an `Archive`;
+    several DBs (``open("a.lmdb", "b.lmdb")``, ``open(["got10k.0.lmdb", ...])``) or
+    DBs under folders (``open("got10k=GOT-10k.lmdb", "lasot=LaSOT.lmdb")``) give one
+    `lmdbfs.union.Union` tree with the same API."""
+    from .union import open_tree
 
-    return Archive(path, **kwargs)
+    return open_tree(*dbs, **kwargs)
 
 
 def __getattr__(name: str) -> Any:

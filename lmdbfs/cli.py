@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from . import __version__
-from .errors import EXIT_FAILURE, EXIT_INTERRUPTED, LmdbfsError, exit_code_of
+from .errors import EXIT_FAILURE, EXIT_INTERRUPTED, LmdbfsError, UsageError, exit_code_of
 
 log = logging.getLogger("lmdbfs")
 
@@ -24,8 +24,52 @@ def _archive(args: argparse.Namespace):
     return Archive(args.db)
 
 
+def _tree(dbs: list[str]):
+    """One DB, or several served as one tree (DB at the root, NAME=DB under a folder)."""
+    from .union import open_tree
+
+    return open_tree(*dbs)
+
+
+_LMDB_MAGIC = 0xBEEFC0DE
+
+
+def _is_db_arg(arg: str) -> bool:
+    """Whether a command-line word names a DB (rather than a path inside one): NAME=DB
+    with an existing DB, an LMDB file, or an LMDB directory."""
+    if not os.path.exists(arg) and "=" in arg:
+        arg = arg.partition("=")[2]
+    if os.path.isdir(arg):
+        return os.path.isfile(os.path.join(arg, "data.mdb"))
+    try:
+        with open(arg, "rb") as fh:
+            head = fh.read(20)
+    except OSError:
+        return False
+    return len(head) == 20 and int.from_bytes(head[16:20], "little") == _LMDB_MAGIC
+
+
+def _split_dbs(words: list[str]) -> tuple[list[str], list[str]]:
+    """`DB... PATH...`: the first word is a DB, so is every following word that names
+    one; the rest are paths inside the tree."""
+    n = 1
+    while n < len(words) and _is_db_arg(words[n]):
+        n += 1
+    return words[:n], words[n:]
+
+
 def cmd_pack(args: argparse.Namespace) -> int:
     from .packer import PackOptions, pack
+
+    include, extra, share = None, {}, None
+    if args.shard:
+        from .shard import parse_shard, plan_for_source
+
+        index, count = parse_shard(args.shard)
+        share = plan_for_source(args.src, index, count, args.shard_depth, args.exclude or [], args.db)
+        include, extra = share.include, share.extra()
+    elif args.shard_depth is not None:
+        raise UsageError("--shard-depth only goes with --shard I/N", "add --shard I/N")
 
     opts = PackOptions(
         workers=args.workers,
@@ -36,6 +80,8 @@ def cmd_pack(args: argparse.Namespace) -> int:
         key_prefix=args.key_prefix,
         key_sep=args.key_sep,
         progress=not args.no_progress and sys.stderr.isatty() or args.progress,
+        include=include,
+        extra=extra,
     )
     result = pack(args.src, args.db, opts)
     rate = result.bytes / result.seconds / 1e6 if result.seconds else 0.0
@@ -44,6 +90,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
         f"{result.bytes / 1e6:.1f} MB into {result.db} ({result.db_bytes / 1e6:.1f} MB) "
         f"in {result.seconds:.1f} s ({rate:.0f} MB/s)"
         + (f"; {result.resumed_files} files kept from the interrupted run" if result.resumed_files else "")
+        + (f"; shard {extra['shard']}: {share.units_text()}" if share else "")
     )
     for what, items in (("skipped (special files)", result.skipped), ("unreadable, left out", result.errors)):
         if items:
@@ -107,8 +154,11 @@ def _long_line(entry, name: str) -> str:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    with _archive(args) as archive:
-        top = args.path
+    dbs, paths = _split_dbs(args.words)
+    if len(paths) > 1:
+        raise UsageError(f"ls takes one PATH, got {len(paths)}: {' '.join(paths)}", "list one directory at a time")
+    with _tree(dbs) as archive:
+        top = paths[0] if paths else ""
         if args.recursive:
             for dirpath, _dirs, _files in archive.walk(top):
                 print(f"{dirpath or '.'}:")
@@ -125,8 +175,11 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_cat(args: argparse.Namespace) -> int:
-    with _archive(args) as archive:
-        for path in args.paths:
+    dbs, paths = _split_dbs(args.words)
+    if not paths:
+        raise UsageError("cat needs a PATH inside the DB", "e.g. lmdbfs cat DB train/list.txt")
+    with _tree(dbs) as archive:
+        for path in paths:
             sys.stdout.buffer.write(archive.read_bytes(path))
     sys.stdout.buffer.flush()
     return 0
@@ -134,8 +187,15 @@ def cmd_cat(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from .ops import verify
+    from .union import shard_problems
 
-    with _archive(args) as archive:
+    problems = [line for _kind, line in shard_problems(args.dbs)]
+    if problems:
+        for line in problems:
+            print(line)
+        print(f"verify: {len(problems)} problems with the set of shards", file=sys.stderr)
+        return 6
+    with _tree(args.dbs) as archive:
         report = verify(archive, args.against, progress=sys.stderr.isatty())
         how = "checksummed" if archive.checksummed else "checked (found by key, same size and offset; no checksums)"
     for problem in report.problems[:50]:
@@ -154,7 +214,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_unpack(args: argparse.Namespace) -> int:
     from .ops import unpack
 
-    with _archive(args) as archive:
+    with _tree(args.dbs) as archive:
         result = unpack(archive, args.dst, force=args.force, progress=sys.stderr.isatty())
     print(
         f"unpacked {result.files} files, {result.dirs} dirs, {result.symlinks} symlinks, {result.bytes / 1e6:.1f} MB into {args.dst}"
@@ -173,7 +233,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         threads=args.threads,
         ready_fd=args.ready_fd,
     )
-    mount(args.db, args.mountpoint, opts)
+    mount(args.dbs, args.mountpoint, opts)
     return 0
 
 
@@ -182,6 +242,10 @@ def cmd_umount(args: argparse.Namespace) -> int:
 
     umount(args.mountpoint)
     return 0
+
+
+_COMMANDS = ("pack", "info", "ls", "cat", "verify", "unpack", "mount", "umount")
+_DB_LIST_HELP = "DBs (NAME=DB puts one under folder NAME; several merge into one tree), then paths inside"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -223,6 +287,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--key-sep", default="/", metavar="S", help="path separator used in keys (e.g. '\\' for keys made on Windows)"
     )
+    p.add_argument(
+        "--shard",
+        metavar="I/N",
+        help="pack only shard I of N (0 <= I < N): whole sequences, balanced by bytes, the same share on every machine",
+    )
+    p.add_argument(
+        "--shard-depth",
+        type=_positive,
+        metavar="D",
+        help="split SRC at depth D (default: the first level with more than N entries)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--progress", action="store_true", help="progress bar even when stderr is not a terminal")
 
@@ -251,29 +326,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("db", metavar="DB")
     p.add_argument("--json", action="store_true")
 
-    p = add("ls", cmd_ls, "list a directory of the DB")
-    p.add_argument("db", metavar="DB")
-    p.add_argument("path", nargs="?", default="", metavar="PATH")
+    p = add("ls", cmd_ls, "list a directory of the DB (or of several DBs as one tree)")
+    p.add_argument("words", nargs="+", metavar="DB... [PATH]", help=_DB_LIST_HELP)
     p.add_argument("-l", "--long", action="store_true", help="mode, size, mtime, link target")
     p.add_argument("-R", "--recursive", action="store_true")
 
     p = add("cat", cmd_cat, "write files' bytes to stdout")
-    p.add_argument("db", metavar="DB")
-    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("words", nargs="+", metavar="DB... PATH...", help=_DB_LIST_HELP)
 
-    p = add("verify", cmd_verify, "checksum every stored file; with --against, compare with a source tree")
-    p.add_argument("db", metavar="DB")
+    p = add(
+        "verify",
+        cmd_verify,
+        "checksum every stored file; with --against, compare with a source tree; "
+        "several DBs are checked as one tree (shard sets: a missing or duplicated shard is named)",
+    )
+    p.add_argument("dbs", nargs="+", metavar="DB", help="a DB, or several (NAME=DB under folder NAME)")
     p.add_argument("--against", metavar="SRC")
 
     p = add("unpack", cmd_unpack, "restore the tree (names, bytes, symlinks, modes, mtimes) under DST")
-    p.add_argument("db", metavar="DB")
+    p.add_argument("dbs", nargs="+", metavar="DB", help="a DB, or several as one tree (NAME=DB under folder NAME)")
     p.add_argument("dst", metavar="DST")
     p.add_argument("--force", action="store_true", help="unpack into a non-empty directory (never overwrites)")
 
-    p = add("mount", cmd_mount, "serve the DB read-only over FUSE at MOUNTPOINT")
-    p.add_argument("db", metavar="DB")
+    p = add("mount", cmd_mount, "serve the DB (or several DBs as one tree) read-only over FUSE at MOUNTPOINT")
+    p.add_argument("dbs", nargs="+", metavar="DB", help="a DB at the root, or NAME=DB under folder NAME; repeatable")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.add_argument("-f", "--foreground", action="store_true", help="stay attached (Ctrl-C unmounts)")
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="say what was mounted (silent otherwise)",
+    )
     p.add_argument(
         "-o",
         dest="options",
@@ -308,7 +393,13 @@ def _positive(text: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    if "-o" in words and not words[0].startswith("-") and words[0] not in _COMMANDS:
+        # `lmdbfs SOURCE MOUNTPOINT -o OPTS`: how mount.fuse3 runs us for `mount -t fuse.lmdbfs`.
+        from .mounthelper import main as mount_helper
+
+        return mount_helper(words)
+    args = parser.parse_args(words)
     logging.basicConfig(
         level=logging.DEBUG if getattr(args, "debug", False) else logging.INFO if args.verbose else logging.WARNING,
         format="lmdbfs: %(levelname)s: %(message)s",

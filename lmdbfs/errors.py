@@ -138,3 +138,17 @@ def exit_code_of(exc: BaseException) -> int:
     if isinstance(exc, KeyboardInterrupt):
         return EXIT_INTERRUPTED
     return EXIT_FAILURE
+
+
+class LayerConflict(LmdbfsError):
+    """Two DBs of one tree both claim a path (a file in one, anything in the other)."""
+
+    errno = _errno.EEXIST
+    exit_code = EXIT_BAD_DB
+
+
+class UsageError(LmdbfsError):
+    """Arguments that do not fit together."""
+
+    errno = _errno.EINVAL
+    exit_code = EXIT_USAGE

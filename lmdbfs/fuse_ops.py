@@ -67,7 +67,8 @@ def _fuse_errors(func):
 
 
 class LmdbfsOperations(mfusepy.Operations):
-    """Read-only filesystem over an `Archive`, opened in the daemon after it forks."""
+    """Read-only filesystem over an `Archive` (or a `Union` of several), opened in the
+    daemon after it forks."""
 
     use_ns = True
 
@@ -82,7 +83,7 @@ class LmdbfsOperations(mfusepy.Operations):
 
     # -- lifecycle ------------------------------------------------------------------------
     def init_with_config(self, conn_info: Any, config: Any) -> None:
-        self._db_bytes = os.path.getsize(self.archive._h().loc.data_file)  # noqa: SLF001
+        self._db_bytes = self.archive.data_bytes
         if config is not None:
             config.kernel_cache = 1
             config.entry_timeout = CACHE_SECONDS
@@ -185,7 +186,7 @@ class LmdbfsOperations(mfusepy.Operations):
         # ENOSYS tells libfuse3/the kernel that opens need no round trip at all.
         raise mfusepy.FuseOSError(errno.ENOSYS)
 
-    def _checked(self, path: str) -> tuple[str, Entry, int | None]:
+    def _checked(self, path: str) -> tuple[str, Entry, int, int | None]:
         """Look up a file and, the first time it is read, verify its stored bytes."""
         archive = self.archive
         rel = path.strip("/")
@@ -196,16 +197,16 @@ class LmdbfsOperations(mfusepy.Operations):
             if archive.stored_checksum(rel, entry) != entry.checksum:
                 raise CorruptValue(f"{rel}: checksum mismatch (the DB file is damaged)")
             self._verified.add(rel)
-        return rel, entry, archive.value_offset(rel, entry)
+        return rel, entry, *archive.value_location(rel, entry)
 
     @_fuse_errors
     def read_buf(self, path: str, bufpp: Any, size: int, offset: int, fh: int) -> int:
         """Answer a read with (fd, position) instead of bytes: libfuse then copies the
         value from the DB file in C, without Python copying it or holding the GIL."""
-        rel, entry, file_off = self._checked(path)
+        rel, entry, fd, file_off = self._checked(path)
         size = max(0, min(size, entry.size - offset))
         if file_off is not None:
-            bufpp[0] = _fd_bufvec(self.archive.data_fd, file_off + offset, size)
+            bufpp[0] = _fd_bufvec(fd, file_off + offset, size)
         else:
             bufpp[0] = _mem_bufvec(self.archive.value_view(rel, entry)[offset : offset + size])
         return 0
@@ -213,7 +214,7 @@ class LmdbfsOperations(mfusepy.Operations):
     @_fuse_errors
     def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
         """Plain read, used where read_buf is not (kept for other FUSE libraries)."""
-        rel, entry, _off = self._checked(path)
+        rel, entry, _fd, _off = self._checked(path)
         return self.archive.read_entry(rel, entry, offset, size)
 
     # -- everything that would change the tree --------------------------------------------

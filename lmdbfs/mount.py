@@ -10,10 +10,13 @@ return.
 from __future__ import annotations
 
 import errno
+import grp
 import logging
 import os
+import pwd
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -26,6 +29,8 @@ from .errors import LmdbfsError, MountError
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT = 60.0
+FUSE_DEVICE = "/dev/fuse"
+FUSE_CONF = "/etc/fuse.conf"
 _OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")  # mountinfo writes ' ' as \040
 READAHEAD_KB = 1024  # matches libfuse3's largest READ (max_pages = 256)
 # mfusepy loads libfuse2 when both are installed; libfuse3 gives 1 MiB reads and no-open.
@@ -81,29 +86,82 @@ def _is_dead(mnt: str) -> bool:
     return False
 
 
-def _check_fuse_available() -> None:
-    if not os.path.exists("/dev/fuse"):
-        raise MountError("/dev/fuse is missing", "load the fuse module (modprobe fuse) or run where FUSE is available")
-    if shutil.which("fusermount3") is None and os.geteuid() != 0:
+def _check_fuse_available(opts: MountOptions) -> None:
+    """What libfuse would only report as a bare status code, said before starting."""
+    if not os.path.exists(FUSE_DEVICE):
+        raise MountError(
+            f"{FUSE_DEVICE} is missing", "load the fuse module (modprobe fuse) or run where FUSE is available"
+        )
+    if os.geteuid() == 0:
+        return
+    if shutil.which("fusermount3") is None:
         raise MountError("fusermount3 not found", "install FUSE 3: apt-get install fuse3 libfuse3-3")
+    if not os.access(FUSE_DEVICE, os.R_OK | os.W_OK):
+        info = os.stat(FUSE_DEVICE)
+        group = _group_name(info.st_gid)
+        raise MountError(
+            f"{FUSE_DEVICE} is not readable and writable by user {_user_name()} "
+            f"(mode {stat.S_IMODE(info.st_mode):04o}, group {group})",
+            f"as root, add the user to the device's group (chgrp fuse {FUSE_DEVICE}; chmod 0660 {FUSE_DEVICE}; "
+            f"usermod -aG fuse {_user_name()}; log in again) or open the device up (chmod 0666 {FUSE_DEVICE})",
+        )
+    wanted = {key for key in _fuse_kwargs(opts.fuse_options) if key in ("allow_other", "allow_root")}
+    if wanted and not _fuse_conf_allows_other():
+        raise MountError(
+            f"-o {sorted(wanted)[0]} is refused for non-root users: {FUSE_CONF} lacks the line user_allow_other",
+            f"as root, add a line `user_allow_other` to {FUSE_CONF}, or mount without -o {sorted(wanted)[0]}",
+        )
 
 
-def mount(db: str, mnt: str, opts: MountOptions) -> None:
+def _fuse_conf_allows_other(path: str = "") -> bool:
+    """Whether /etc/fuse.conf has `user_allow_other` on a line of its own (as fusermount3 reads it)."""
+    try:
+        with open(path or FUSE_CONF) as conf:
+            return any(line.split("#", 1)[0].strip() == "user_allow_other" for line in conf)
+    except OSError:
+        return False
+
+
+def _user_name() -> str:
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return str(os.getuid())
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
+def mount(dbs: str | list[str], mnt: str, opts: MountOptions) -> None:
     """Check, then serve (foreground) or start the daemon and wait until it serves.
 
-    The DB itself is opened only by the process that serves it; its errors come back
-    through the readiness pipe, so the caller stays light (no numpy, no LMDB) and the
-    mount is ready sooner.
+    ``dbs``: one DB, or several (``DB`` at the root, ``FOLDER=DB`` under a folder)
+    served as one tree. The DBs are opened only by the process that serves them; their
+    errors (a clash between two DBs included) come back through the readiness pipe, so
+    the caller stays light (no numpy, no LMDB) and the mount is ready sooner.
     """
+    dbs = [dbs] if isinstance(dbs, str) else list(dbs)
     check_mountpoint(mnt)
-    _check_fuse_available()
+    _check_fuse_available(opts)
     if opts.foreground:
-        serve(db, mnt, opts)
+        serve(dbs, mnt, opts)
     else:
-        _spawn_daemon(db, mnt, opts)
+        _spawn_daemon(dbs, mnt, opts)
 
 
-def _spawn_daemon(db: str, mnt: str, opts: MountOptions) -> None:
+def _absolute(spec: str) -> str:
+    """A DB argument with its path made absolute (the daemon runs in /)."""
+    if os.path.exists(spec) or "=" not in spec:
+        return os.path.abspath(spec)
+    prefix, _, path = spec.partition("=")
+    return f"{prefix}={os.path.abspath(path)}"
+
+
+def _spawn_daemon(dbs: list[str], mnt: str, opts: MountOptions) -> None:
     if opts.debug and not opts.log_file:
         log.warning("--debug without --log-file: the background daemon's request log is discarded")
     read_end, write_end = os.pipe()
@@ -115,7 +173,7 @@ def _spawn_daemon(db: str, mnt: str, opts: MountOptions) -> None:
     if opts.debug:
         cmd.append("--debug")
     cmd.append("--threads" if opts.threads else "--no-threads")
-    cmd += [os.path.abspath(db), os.path.abspath(mnt)]
+    cmd += [*map(_absolute, dbs), os.path.abspath(mnt)]
     with tempfile.TemporaryFile() as errors:
         proc = subprocess.Popen(
             cmd,
@@ -128,13 +186,19 @@ def _spawn_daemon(db: str, mnt: str, opts: MountOptions) -> None:
         )
         os.close(write_end)
         answer = _wait_ready(read_end, proc)
+        if answer.startswith("ok"):
+            # "ok" may carry a warning (a shard missing from a set): worth a line even when silent.
+            if answer[2:].strip():
+                print(f"lmdbfs: warning: {answer[2:].strip()}", file=sys.stderr)
+            answer = _answers(mnt)
         if answer == "ok":
-            log.info("mounted %s at %s (daemon pid %d)", db, mnt, proc.pid)
+            log.info("mounted %s at %s (daemon pid %d)", " ".join(dbs), mnt, proc.pid)
             return
+        if os.path.ismount(mnt):
+            _fusermount(mnt, lazy=True)
+        _reap(proc)
         errors.seek(0)
         lines = [line for line in errors.read().decode(errors="replace").splitlines() if line.strip()]
-    if os.path.ismount(mnt):
-        _fusermount(mnt, lazy=True)
     code, sep, text = answer.partition(" ")
     if answer.startswith("error") and sep:
         # The daemon's own error (a bad DB, say), with its exit code: pass it on as is.
@@ -142,6 +206,25 @@ def _spawn_daemon(db: str, mnt: str, opts: MountOptions) -> None:
         raise _DaemonError(message, exit_code=int(exit_code))
     detail = answer or (lines[-1] if lines else f"daemon exited with status {proc.returncode}")
     raise MountError(f"mounting {mnt} failed: {detail.removeprefix('lmdbfs: error: ')}", "see --log-file for details")
+
+
+def _reap(proc: subprocess.Popen) -> None:
+    """A daemon that failed is gone before `mount` returns: nothing holds the mount point."""
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _answers(mnt: str) -> str:
+    """'ok' when the kernel has the mount and the daemon answers a request on it."""
+    try:
+        if os.stat(mnt).st_dev == os.stat(os.path.dirname(os.path.abspath(mnt))).st_dev:
+            return "the daemon reported ready but nothing is mounted"
+    except OSError as exc:
+        return f"the mount does not answer ({exc.strerror})"
+    return "ok"
 
 
 class _DaemonError(LmdbfsError):
@@ -175,7 +258,7 @@ def _wait_ready(fd: int, proc: subprocess.Popen) -> str:
     return f"the daemon did not become ready within {READY_TIMEOUT:.0f} s"
 
 
-def serve(db: str, mnt: str, opts: MountOptions) -> None:
+def serve(dbs: list[str], mnt: str, opts: MountOptions) -> None:
     """Run the filesystem in this process until it is unmounted (or SIGTERM/SIGINT)."""
     _setup_daemon_logging(opts)
     ready_fd = opts.ready_fd
@@ -192,9 +275,10 @@ def serve(db: str, mnt: str, opts: MountOptions) -> None:
 
     try:
         from .fuse_ops import LmdbfsFUSE, LmdbfsOperations
-        from .reader import Archive
+        from .union import open_tree
 
-        archive = Archive(db)
+        archive = open_tree(*dbs)
+        shard_warnings = [line for _kind, line in getattr(archive, "shard_problems", list)()]
     except OSError as exc:  # libfuse missing: mfusepy raises at import
         report(f"cannot load libfuse3 ({exc}); install it: apt-get install fuse3 libfuse3-3")
         raise MountError("cannot load libfuse3", "install it: apt-get install fuse3 libfuse3-3") from None
@@ -209,7 +293,9 @@ def serve(db: str, mnt: str, opts: MountOptions) -> None:
         ready = True
         threading.Thread(target=_raise_readahead, args=(mnt,), daemon=True).start()
         detached = opts.ready_fd is not None
-        report("ok")
+        report(" ".join(["ok", *shard_warnings[:1]]))
+        for line in shard_warnings:
+            log.warning("%s", line)
         if detached and not opts.log_file:
             # Nobody reads a background daemon's stderr once it is up: without
             # --log-file its messages go nowhere rather than into an unseen file.
@@ -222,7 +308,7 @@ def serve(db: str, mnt: str, opts: MountOptions) -> None:
     kwargs: dict[str, object] = {
         "ro": True,
         "default_permissions": True,
-        "fsname": f"lmdbfs:{os.path.basename(db)}",
+        "fsname": "lmdbfs:" + "+".join(os.path.basename(d) for d in dbs).replace(",", "_"),
         "subtype": "lmdbfs",
     }
     kwargs.update(_fuse_kwargs(opts.fuse_options))

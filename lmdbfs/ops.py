@@ -51,6 +51,7 @@ def info(archive: Archive) -> dict[str, Any]:
         "page_size": stat["psize"],
         "btree_depth": stat["depth"],
         "excludes": meta.extra.get("excludes", []),
+        **{key: meta.extra[key] for key in ("shard", "shard_units", "shard_units_checksum") if key in meta.extra},
     }
     if meta.data is not None:
         out.update(_adopted_info(meta, h))

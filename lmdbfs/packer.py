@@ -56,6 +56,8 @@ class PackOptions:
     key_prefix: str = ""
     key_sep: str = "/"
     progress: bool = True
+    include: Callable[[str], bool] | None = None  # keep only relative paths it accepts (shards)
+    extra: dict = field(default_factory=dict)  # added to the meta's `extra` (shard info)
 
 
 @dataclass
@@ -79,10 +81,10 @@ def pack(src: str, db: str, opts: PackOptions | None = None) -> PackResult:
     _fixed_mmap_threshold()
     partial = db + PARTIAL_SUFFIX
     _check_destination(db, partial, opts)
-    out_abs = os.fsencode(os.path.abspath(db))
-    skip = [out_abs + s for s in (b"", b"-lock", PARTIAL_SUFFIX.encode(), PARTIAL_SUFFIX.encode() + b"-lock")]
     log.info("scanning %s", src)
-    scan = scan_tree(src, opts.excludes, skip, opts.skip_errors, progress=opts.progress)
+    scan = scan_tree(
+        src, opts.excludes, output_files(db), opts.skip_errors, progress=opts.progress, include=opts.include
+    )
     log.info(
         "found %d files, %d dirs, %d symlinks, %.1f MB", scan.files, len(scan.dirs), scan.symlinks, scan.bytes / 1e6
     )
@@ -110,6 +112,12 @@ def pack(src: str, db: str, opts: PackOptions | None = None) -> PackResult:
         skipped=scan.skipped,
         errors=scan.errors,
     )
+
+
+def output_files(db: str) -> list[bytes]:
+    """The files a pack into ``db`` writes: never packed, should they sit inside SRC."""
+    out_abs = os.fsencode(os.path.abspath(db))
+    return [out_abs + s for s in (b"", b"-lock", PARTIAL_SUFFIX.encode(), PARTIAL_SUFFIX.encode() + b"-lock")]
 
 
 def _check_destination(db: str, partial: str, opts: PackOptions) -> None:
@@ -423,7 +431,12 @@ def _meta_for(src: str, scan: Scan, opts: PackOptions) -> Meta:
         root_mode=scan.root_mode,
         root_mtime_ns=scan.root_mtime_ns,
         complete=True,
-        extra={"excludes": list(opts.excludes), "skipped": len(scan.skipped), "unreadable": len(scan.errors)},
+        extra={
+            "excludes": list(opts.excludes),
+            "skipped": len(scan.skipped),
+            "unreadable": len(scan.errors),
+            **opts.extra,
+        },
     )
 
 

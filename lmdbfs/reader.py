@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 DEFAULT_DIR_CACHE_BYTES = 32 << 20  # decoded records weigh what they do on disk
 _MAX_SYMLINK_HOPS = 40
 _HASH_CHUNK = 1 << 20
+_THREAD = threading.local()
 UNMAP_EVERY = 64  # key lookups between handing mapped pages back (~50 MB mapped at most)
 
 
@@ -208,6 +209,11 @@ class Archive:
     def data_fd(self) -> int:
         """A descriptor of the DB's data file, for reads at `value_offset` offsets."""
         return self._h().fd
+
+    @property
+    def data_bytes(self) -> int:
+        """Size of the DB's data file."""
+        return os.path.getsize(self._h().loc.data_file)
 
     @property
     def meta(self) -> Meta:
@@ -403,6 +409,10 @@ class Archive:
         """False for a DB adopted without `--checksum`: its values have no checksums."""
         return self.meta.checksum != foreign.CHECKSUM_NONE
 
+    def value_location(self, rel: str, entry: Entry) -> tuple[int, int | None]:
+        """(descriptor, offset) to pread a file's value from; offset None: use `value_view`."""
+        return self.data_fd, self.value_offset(rel, entry)
+
     def read_bytes(self, path: str, verify: bool | None = None) -> bytes:
         """The file's exact bytes, checked against its checksum unless verify=False."""
         rel, entry = self._file_entry(path)
@@ -462,9 +472,9 @@ class Archive:
         if file_off is None:
             return checksum(self.value_view(rel, entry))
         h = self._h()
-        buf = getattr(h.local, "buf", None)
-        if buf is None:
-            buf = h.local.buf = memoryview(bytearray(_HASH_CHUNK))
+        buf = getattr(_THREAD, "buf", None)
+        if buf is None:  # one per thread, whatever the number of archives open
+            buf = _THREAD.buf = memoryview(bytearray(_HASH_CHUNK))
         hasher = None if entry.size <= _HASH_CHUNK else xxhash.xxh3_64()
         done = 0
         while done < entry.size:

@@ -11,6 +11,7 @@ import fnmatch
 import logging
 import os
 import stat as st
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -78,13 +79,16 @@ class Scan:
 class _Excluder:
     """--exclude GLOB: a pattern with '/' matches the relative path, otherwise the name."""
 
-    def __init__(self, patterns: list[str], skip_abs: list[bytes]) -> None:
+    def __init__(self, patterns: list[str], skip_abs: list[bytes], include: Callable[[str], bool] | None) -> None:
+        self.include = include
         self.path_pats = [p.strip("/") for p in patterns if "/" in p.strip("/")]
         self.name_pats = [p for p in patterns if "/" not in p.strip("/")]
         self.skip_abs = set(skip_abs)
 
     def __call__(self, name: str, rel: str, abspath: bytes) -> bool:
         if abspath in self.skip_abs:
+            return True
+        if self.include is not None and not self.include(rel):
             return True
         if any(fnmatch.fnmatchcase(name, p) for p in self.name_pats):
             return True
@@ -97,8 +101,10 @@ def scan_tree(
     skip_abs: list[bytes] | None = None,
     skip_errors: bool = False,
     progress: bool = False,
+    include: Callable[[str], bool] | None = None,
 ) -> Scan:
-    """lstat every entry below ``src`` (symlinks are recorded, never followed)."""
+    """lstat every entry below ``src`` (symlinks are recorded, never followed);
+    ``include``, if given, keeps only the relative paths it accepts (a shard's share)."""
     root = os.fsencode(os.path.abspath(src))
     try:
         top = os.stat(root)
@@ -107,7 +113,7 @@ def scan_tree(
     if not st.S_ISDIR(top.st_mode):
         raise SourceError(f"{src}: not a directory", "pass the top folder of the tree to pack")
     scan = Scan(root=root, root_mode=st.S_IMODE(top.st_mode), root_mtime_ns=top.st_mtime_ns)
-    excluded = _Excluder(excludes or [], skip_abs or [])
+    excluded = _Excluder(excludes or [], skip_abs or [], include)
     file_dirs: list[np.ndarray] = []
     file_rows: list[np.ndarray] = []
     file_sizes: list[np.ndarray] = []

@@ -1592,6 +1592,74 @@ def render_only(out_dir: Path) -> int:
     return 0
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _union_run(mnt: Path, dbs: list[Path], files: dict[str, int], readers: int, timeout: float) -> dict[str, float]:
+    """One fresh mount of ``dbs``: mount time, walk+stat, a first epoch, daemon memory."""
+    warm_files(dbs)
+    mnt.mkdir(exist_ok=True)
+    t0 = now()
+    run([sys.executable, "-m", "lmdbfs", "mount", *map(str, dbs), str(mnt)], timeout=timeout)
+    mount_s = now() - t0
+    try:
+        walk_s, seen, _ = walk_stat(mnt)
+        if seen != files:
+            raise RuntimeError(f"{mnt}: the mount does not list the source's files")
+        epoch = read_epoch("fs", mnt, sorted(files), readers, 0, timeout)
+        daemon = find_daemon(mnt)
+        status = proc_status(daemon) if daemon else {}
+        cpu_s = _cpu_seconds(daemon) if daemon else 0.0
+    finally:
+        fuse_unmount(mnt)
+    return {
+        "daemon_cpu_ms_per_1k_files": 1e6 * cpu_s / max(1, len(files)),  # steadier than wall time when busy
+        "mount_s": mount_s,
+        "walk_s": walk_s,
+        "files_per_s": epoch["files_per_s"],
+        "rss_mb": status.get("VmRSS", 0) / 1024,
+        "anon_mb": status.get("RssAnon", 0) / 1024,
+    }
+
+
+def union_scaling(
+    workdir: Path, src: Path, nshards: int, readers: int, timeout: float, rounds: int = 3
+) -> dict[str, Any]:
+    """One mount of 1 DB vs one mount of the same files packed as ``nshards`` DBs
+    (`lmdbfs pack --shard I/N`): mount time, walk+stat, a first epoch (fresh mount,
+    DB files in the page cache) and the daemon's memory, side by side."""
+    work = workdir / "union"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    lmdbfs = [sys.executable, "-m", "lmdbfs"]
+    one = work / "one.lmdb"
+    run([*lmdbfs, "pack", str(src), str(one), "--no-progress"], timeout=timeout)
+    shards = [work / f"shard.{i}.lmdb" for i in range(nshards)]
+    for i, db in enumerate(shards):
+        run([*lmdbfs, "pack", "--shard", f"{i}/{nshards}", str(src), str(db), "--no-progress"], timeout=timeout)
+    files = walk_stat(src)[1]
+    out: dict[str, Any] = {"files": len(files), "bytes": sum(files.values()), "shards": nshards, "runs": {}}
+    samples: dict[str, list[dict[str, float]]] = {}
+    for _round in range(rounds):  # alternating, the median of each: shared machines are noisy
+        for label, dbs in (("1 DB", [one]), (f"{nshards} DBs", shards)):
+            samples.setdefault(label, []).append(_union_run(work / "mnt", dbs, files, readers, timeout))
+    for label, runs in samples.items():
+        out["runs"][label] = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+    a, b = out["runs"].values()
+    print(f"{out['files']} files, {out['bytes'] / 1e6:.0f} MB; {readers} readers; fresh mounts; median of {rounds}")
+    print(f"{'':24}{'1 DB':>12}{f'{nshards} DBs':>12}{'ratio':>8}")
+    for key, name in (("mount_s", "mount (s)"), ("walk_s", "walk+stat (s)"), ("files_per_s", "files/s"),
+                      ("daemon_cpu_ms_per_1k_files", "daemon CPU ms/1k files"),
+                      ("rss_mb", "daemon VmRSS (MB)"), ("anon_mb", "daemon RssAnon (MB)")):  # fmt: skip
+        print(f"{name:24}{a[key]:12.2f}{b[key]:12.2f}{b[key] / a[key] if a[key] else float('nan'):8.2f}")
+    (workdir / "results-union.json").write_text(json.dumps(out, indent=2))
+    return out
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", choices=list(SIZES), default="medium")
@@ -1649,6 +1717,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="only rebuild benchmarks.md and the charts from the results stored in it",
     )
+    ap.add_argument(
+        "--union-dbs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="only compare one mount of 1 DB with one of the same files as N shard DBs (source: --union-src or the --size tree)",
+    )
+    ap.add_argument("--union-src", type=Path, default=None, help="tree for --union-dbs")
     ap.add_argument("-v", "--verbose", action="store_true")
     a = ap.parse_args(argv)
     a.systems = [s for s in a.systems.split(",") if s]
@@ -1685,6 +1761,12 @@ def main(argv: list[str] | None = None) -> int:
     if not a.no_drop_caches and not cold_ok:
         drop_caches(True)  # logs the warning once
 
+    if a.union_dbs:
+        src = (
+            a.union_src.resolve() if a.union_src else ensure_tree(a.workdir, a.size, a.seed, a.gen_workers, False).root
+        )
+        union_scaling(a.workdir, src, a.union_dbs, max(a.readers), a.timeout)
+        return 0
     tree = ensure_tree(a.workdir, a.size, a.seed, a.gen_workers, a.regen_tree)
     cfg = SIZES[a.size]
     sample = cfg["sample"] if a.sample is None else (a.sample or None)

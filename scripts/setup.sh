@@ -29,4 +29,10 @@ fi
 .venv/bin/python -m pip install -q -e '.[test]'
 # The DataLoader tests need PyTorch; 2.13.0 is the CPU build this kind of machine carries.
 .venv/bin/python -c 'import torch' 2>/dev/null || .venv/bin/python -m pip install -q 'torch==2.13.0'
+# `mount -t fuse.lmdbfs DB MNT` and /etc/fstab lines: mount(8) runs /sbin/mount.fuse.lmdbfs.
+if [ "$(id -u)" = 0 ] && [ -d /sbin ]; then
+    ln -sfn "$PWD/.venv/bin/mount.lmdbfs" /sbin/mount.fuse.lmdbfs
+else
+    echo "setup: as root, run: ln -sfn $PWD/.venv/bin/mount.lmdbfs /sbin/mount.fuse.lmdbfs (for mount -t fuse.lmdbfs and fstab)" >&2
+fi
 echo "setup: done — activate with: source .venv/bin/activate" >&2

@@ -135,12 +135,14 @@ def is_mounted(path: Path) -> bool:
 
 
 class Mount:
-    """A real `lmdbfs mount`; unmounted (and checked gone) at exit."""
+    """A real `lmdbfs mount` (of one DB, or of a list of DBs as one tree); unmounted (and
+    checked gone) at exit."""
 
-    def __init__(self, db: Path, mnt: Path, *extra: str) -> None:
+    def __init__(self, db: Path | list, mnt: Path, *extra: str) -> None:
         self.db, self.mnt = db, mnt
         mnt.mkdir(parents=True, exist_ok=True)
-        proc = run_cli("mount", db, mnt, *extra, check=False, timeout=60)
+        dbs = db if isinstance(db, list) else [db]
+        proc = run_cli("mount", *dbs, mnt, *extra, check=False, timeout=60)
         if proc.returncode != 0:
             pytest.fail(f"lmdbfs mount failed (CI must be able to mount /dev/fuse): {proc.stderr.strip()}")
         assert is_mounted(mnt), "mount returned but the kernel has no such mount"

@@ -68,3 +68,14 @@ def test_bench_smoke_runs_and_writes_table(tmp_path: Path) -> None:
     mnt = tmp_path / "work" / "mnt"
     for d in mnt.rglob("*") if mnt.exists() else []:
         assert not os.path.ismount(d), f"{d} still mounted"
+
+
+def test_bench_union_comparison_runs(tmp_path: Path) -> None:
+    """`--union-dbs N`: one mount of 1 DB against one of the same files as N shard DBs."""
+    cmd = [sys.executable, str(BENCH), "--size", "smoke", "--workdir", str(tmp_path / "work"), "--union-dbs", "3",
+           "--readers", "1"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "3 DBs" in proc.stdout and "files/s" in proc.stdout
+    runs = json.loads((tmp_path / "work" / "results-union.json").read_text())["runs"]
+    assert set(runs) == {"1 DB", "3 DBs"} and all(r["files_per_s"] > 0 for r in runs.values())
