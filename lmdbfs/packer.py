@@ -8,7 +8,10 @@ How it avoids the original converter's failures:
 * commits are batched (bounded memory) and ``--resume`` continues an interrupted pack;
 * the map grows as needed instead of a hard-coded size, and without writemap the file
   is only as big as its data;
-* md5 keys are sorted first and appended in order, so B-tree pages stay full.
+* files are read and stored in the source's directory order (what ``tar`` reads):
+  a cold tree is read sequentially, and the frames of one sequence end up next to
+  each other in the DB file, where readahead helps the readers that sample them;
+* files of at most INLINE_MAX bytes are also carried in their directory's record.
 """
 
 from __future__ import annotations
@@ -16,12 +19,13 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import datetime as _dt
+import hashlib
 import logging
 import os
 import shutil
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -31,8 +35,23 @@ from tqdm import tqdm
 
 from . import __version__
 from .errors import DestinationExists, SourceError
-from .format import INDEX_DB, META_DB, META_KEY, PARTIAL_SUFFIX, Meta, checksum, content_key, dir_key, encode_dir
-from .scan import Scan, scan_tree
+from .format import (
+    FLAG_INLINE,
+    INDEX_DB,
+    INLINE_MAX,
+    KIND_FILE,
+    META_DB,
+    META_KEY,
+    PARTIAL_SUFFIX,
+    Meta,
+    checksum,
+    content_key,
+    decode_path,
+    dir_key,
+    encode_dir,
+    pack_names,
+)
+from .scan import Scan, ScannedDir, scan_tree
 from .store import MAX_DBS, map_base, map_offset, unmap_pages
 
 log = logging.getLogger(__name__)
@@ -86,13 +105,13 @@ def pack(src: str, db: str, opts: PackOptions | None = None) -> PackResult:
     log.info(
         "found %d files, %d dirs, %d symlinks, %.1f MB", scan.files, len(scan.dirs), scan.symlinks, scan.bytes / 1e6
     )
-    keys, order = _sorted_keys(scan, opts)
+    keys = _file_keys(scan, opts)
     if opts.force or not opts.resume:
         _remove_db_files(partial)
     writer = _Writer(partial, _map_size_for(scan), scan, keys)
     try:
-        resumed = writer.resume_point(order)
-        unreadable = _copy_contents(scan, keys, order[resumed:], writer, opts)
+        todo = writer.resume_todo(np.arange(scan.files, dtype=np.int64))
+        unreadable = _copy_contents(scan, todo, writer, opts)
         scan.drop_files(unreadable)
         writer.finish(scan, _meta_for(src, scan, opts))
     finally:
@@ -106,7 +125,7 @@ def pack(src: str, db: str, opts: PackOptions | None = None) -> PackResult:
         bytes=scan.bytes,
         db_bytes=os.path.getsize(db),
         seconds=time.monotonic() - started,
-        resumed_files=resumed,
+        resumed_files=scan.files + len(unreadable) - len(todo),
         skipped=scan.skipped,
         errors=scan.errors,
     )
@@ -126,26 +145,35 @@ def _check_destination(db: str, partial: str, opts: PackOptions) -> None:
         raise DestinationExists(f"{parent}: no such directory for the DB", "create it first")
 
 
-def _sorted_keys(scan: Scan, opts: PackOptions) -> tuple[bytes, np.ndarray]:
-    """md5 keys of all files (16 bytes each, scan order) and the order that visits them
-    ascending, as LMDB sorts them.
+class _Keys:
+    """Main-database keys of the scan's files, made on demand from their paths."""
 
-    numpy's 'S16' ordering agrees with memcmp for equal-length keys (trailing NULs are
-    stripped from both sides alike), so it sorts and searches them correctly.
+    def __init__(self, scan: Scan, opts: PackOptions) -> None:
+        self.scan, self.prefix, self.sep = scan, opts.key_prefix, opts.key_sep
+
+    def __call__(self, i: int) -> bytes:
+        return self.key_of(self.scan.file_relpath(i))
+
+    def key_of(self, rel: str) -> bytes:
+        return content_key(rel, self.prefix, self.sep)
+
+
+def _file_keys(scan: Scan, opts: PackOptions) -> _Keys:
+    """The key maker, after checking no two files share a key.
+
+    Keys are compared by their md5 digests, 16 bytes each, sorted with numpy: its 'S16'
+    ordering agrees with memcmp for equal-length keys, so equal keys end up adjacent.
     """
-    raw = b"".join(content_key(scan.file_relpath(i), opts.key_prefix, opts.key_sep) for i in range(scan.files))
-    keys = np.frombuffer(raw, dtype="S16")
-    order = np.argsort(keys, kind="stable")
-    ordered = keys[order]
+    keys = _Keys(scan, opts)
+    raw = b"".join(hashlib.md5(keys(i)).digest() for i in range(scan.files))
+    digests = np.frombuffer(raw, dtype="S16")
+    order = np.argsort(digests, kind="stable")
+    ordered = digests[order]
     same = np.flatnonzero(ordered[1:] == ordered[:-1])
     if len(same):
         a, b = scan.file_relpath(int(order[same[0]])), scan.file_relpath(int(order[same[0] + 1]))
-        raise SourceError(f"{a} and {b} have the same md5 key", "change --key-prefix/--key-sep")
-    return raw, order
-
-
-def _key_bytes(keys: bytes, i: int) -> bytes:
-    return keys[16 * i : 16 * i + 16]
+        raise SourceError(f"{a} and {b} have the same key", "change --key-prefix/--key-sep")
+    return keys
 
 
 def _map_size_for(scan: Scan) -> int:
@@ -160,9 +188,9 @@ def _map_size_for(scan: Scan) -> int:
 
 
 class _Writer:
-    """Owns the partial LMDB: batched appends, map growth, resume, the final commit."""
+    """Owns the partial LMDB: batched puts, map growth, resume, the final commit."""
 
-    def __init__(self, path: str, map_size: int, scan: Scan, keys: bytes) -> None:
+    def __init__(self, path: str, map_size: int, scan: Scan, keys: _Keys) -> None:
         self.path = path
         self.scan = scan
         self.keys = keys
@@ -184,67 +212,68 @@ class _Writer:
             raise SourceError(f"cannot create {path}: {exc}", "check the destination is writable") from None
         self.main = self.env.open_db()
         self.txn: lmdb.Transaction | None = None
-        self.pending: list[int] = []  # files in the open batch, in order
+        self.pending: list[tuple[int, bytes, bytes]] = []  # (file, key, value) of the open batch
         self.pending_bytes = 0
 
-    def resume_point(self, order: np.ndarray) -> int:
-        """How many files (in key order) a previous run already committed; checksums them."""
-        scan, keys = self.scan, self.keys
+    def resume_todo(self, order: np.ndarray) -> np.ndarray:
+        """The files of ``order`` a previous run has not committed yet, in order.
+
+        Committed values are checked against the scan (size) and checksummed; their
+        offsets are recorded again. A fresh DB has nothing committed: everything is to do.
+        """
+        scan = self.scan
         with self.env.begin(buffers=True) as txn:
-            cur = txn.cursor(self.main)
-            if not cur.last():
-                return 0
-            last = bytes(cur.key())
-            ordered = np.frombuffer(keys, dtype="S16")[order]
-            done = int(np.searchsorted(ordered, np.frombuffer(last, dtype="S16"), side="right")[0])
-            log.info("resuming: %d of %d files already packed", done, scan.files)
+            if txn.stat(self.main)["entries"] == 0:
+                return order
             base = map_base(self.path)
-            for n in range(done):
-                i = int(order[n])
-                value = txn.get(_key_bytes(keys, i), db=self.main)
+            done = np.zeros(len(order), dtype=bool)
+            for n, i in enumerate(order.tolist()):
+                value = txn.get(self.keys(i), db=self.main)
+                if value is None:
+                    continue
                 row = _row_of(scan, i)
-                if value is None or len(value) != int(row["size"]):
+                if len(value) != int(row["size"]):
                     raise SourceError(
                         f"{scan.file_relpath(i)} changed since the interrupted pack",
                         "start over with --force",
                     )
                 row["checksum"] = checksum(value)
                 self._note_offset(row, value, base)
+                done[n] = True
                 if n % 1024 == 1023:
                     self._unmap(base)
             self._unmap(base)
-        return done
+        log.info("resuming: %d of %d files already packed", int(done.sum()), len(order))
+        return order[~done]
 
-    def put(self, i: int, key: bytes, value: bytes, reread: Callable[[int], tuple[bytes, bytes]]) -> None:
-        """Append one value; commit every BATCH_BYTES. The batch is not kept in memory:
-        if the map is ever full, the batch is re-read from the source (``reread``)."""
-        while True:
-            if self.txn is None:
-                self.txn = self.env.begin(write=True, db=self.main)
-            try:
-                self.txn.put(key, value, append=True)
-                break
-            except lmdb.MapFullError:
-                self._grow_and_replay(reread)
-        self.pending.append(i)
+    def put(self, i: int, key: bytes, value: bytes) -> None:
+        """Add one value; commit every BATCH_BYTES. The open batch stays in memory so a
+        full map can grow and the batch be written again (a stream cannot be re-read)."""
+        if self.txn is None:
+            self.txn = self.env.begin(write=True, db=self.main)
+        try:
+            self.txn.put(key, value)
+        except lmdb.MapFullError:
+            self.pending.append((i, key, value))
+            self._grow_and_replay()
+        else:
+            self.pending.append((i, key, value))
         self.pending_bytes += len(value)
         if self.pending_bytes >= BATCH_BYTES:
-            self.commit(reread)
+            self.commit()
 
-    def commit(self, reread: Callable[[int], tuple[bytes, bytes]] | None = None) -> None:
+    def commit(self) -> None:
         while self.txn is not None:
             try:
                 self.txn.commit()
                 self.txn = None
             except lmdb.MapFullError:
-                if reread is None:
-                    raise
-                self._grow_and_replay(reread)
-        self._record_offsets(self.pending)
+                self._grow_and_replay()
+        self._record_offsets([(i, key) for i, key, _ in self.pending])
         self.pending.clear()
         self.pending_bytes = 0
 
-    def _record_offsets(self, files: list[int]) -> None:
+    def _record_offsets(self, files: list[tuple[int, bytes]]) -> None:
         """Note in each just-committed file's row where its value landed in the file.
 
         Readers then pread values directly, with no LMDB call: LMDB touches every page
@@ -256,8 +285,8 @@ class _Writer:
             return
         base = map_base(self.path)
         with self.env.begin(buffers=True, db=self.main) as txn:
-            for i in files:
-                view = txn.get(_key_bytes(self.keys, i))
+            for i, key in files:
+                view = txn.get(key)
                 if view is None:
                     raise SourceError(f"{self.scan.file_relpath(i)}: value missing after commit", "pack again")
                 self._note_offset(_row_of(self.scan, i), view, base)
@@ -270,7 +299,7 @@ class _Writer:
             offset = map_offset(view, base)
             # Only values in overflow pages (they start right after a 16-byte page
             # header) stay put; small values live in leaf pages, which later commits
-            # may copy elsewhere. Those are looked up by key.
+            # may copy elsewhere. Those are looked up by key (or carried inline).
             if offset % _PAGE == _PAGE_HEADER:
                 row["data_off"] = offset
 
@@ -278,22 +307,30 @@ class _Writer:
         if base is not None:
             unmap_pages(base, self.env.info()["map_size"])
 
-    def _grow_and_replay(self, reread: Callable[[int], tuple[bytes, bytes]]) -> None:
+    def _grow_and_replay(self) -> None:
         """Abort the open batch, grow the map, and write the batch again."""
-        if self.txn is not None:
-            self.txn.abort()
-        new = int(self.env.info()["map_size"] * 1.5) + 2 * BATCH_BYTES
-        log.info("growing the map to %.1f GB", new / 1e9)
-        self.env.set_mapsize(new)
-        self.txn = self.env.begin(write=True, db=self.main)
-        for j in self.pending:
-            key, value = reread(j)
-            self.txn.put(key, value, append=True)
+        while True:
+            if self.txn is not None:
+                self.txn.abort()
+            new = int(self.env.info()["map_size"] * 1.5) + 2 * BATCH_BYTES
+            log.info("growing the map to %.1f GB", new / 1e9)
+            self.env.set_mapsize(new)
+            self.txn = self.env.begin(write=True, db=self.main)
+            try:
+                for _i, key, value in self.pending:
+                    self.txn.put(key, value)
+                return
+            except lmdb.MapFullError:
+                continue
 
     def finish(self, scan: Scan, meta: Meta) -> None:
-        """The final commit: index and meta together, so 'complete' is atomic."""
+        """The final commit: index and meta together, so 'complete' is atomic.
+
+        Small files' bytes go into their directory's record here, read back from the
+        main database (bounded memory: one directory at a time)."""
         self.commit()
         index_bytes = sum(len(d.blob) + d.rows.nbytes + 256 for d in scan.dirs)
+        index_bytes += int(scan.file_size[scan.file_size <= INLINE_MAX].sum())
         info = self.env.info()
         need = (info["last_pgno"] + 1) * _PAGE + 3 * index_bytes + (16 << 20)
         if need > info["map_size"]:
@@ -302,10 +339,28 @@ class _Writer:
         meta_db = self.env.open_db(META_DB, create=True)
         with self.env.begin(write=True) as txn:
             for d in scan.dirs:
-                txn.put(dir_key(d.path), encode_dir(d.path, d.rows, d.blob), db=index)
+                txn.put(dir_key(d.path), encode_dir(d.path, d.rows, self._with_inline(txn, d)), db=index)
             meta.offsets_txnid = txn.id() if self.offsets_ok else 0
             txn.put(META_KEY, meta.encode(), db=meta_db)
         self.env.sync(True)
+
+    def _with_inline(self, txn: lmdb.Transaction, d: ScannedDir) -> bytes:
+        """The directory's blob with the bytes of its small files after their names;
+        sets FLAG_INLINE on their rows."""
+        small = np.flatnonzero((d.rows["kind"] == KIND_FILE) & (d.rows["size"] <= INLINE_MAX))
+        if not len(small):
+            return d.blob
+        pairs = [d.name_and_target(r) for r in range(len(d.rows))]
+        inline = [b""] * len(d.rows)
+        for r in small.tolist():
+            rel = decode_path(pairs[r][0])
+            rel = f"{d.path}/{rel}" if d.path else rel
+            value = txn.get(self.keys.key_of(rel), db=self.main)
+            if value is None or len(value) != int(d.rows[r]["size"]):
+                raise SourceError(f"{rel}: value missing before the final commit", "pack again with --force")
+            inline[r] = bytes(value)
+        d.rows["flags"][small] |= FLAG_INLINE
+        return pack_names(d.rows, [n for n, _ in pairs], [t for _, t in pairs], inline)
 
     def close(self) -> None:
         if self.txn is not None:
@@ -331,8 +386,8 @@ def _chunks(order: np.ndarray, sizes: np.ndarray) -> Iterator[np.ndarray]:
         start = stop
 
 
-def _copy_contents(scan: Scan, keys: bytes, order: np.ndarray, writer: _Writer, opts: PackOptions) -> list[int]:
-    """Read files in key order on worker threads; append them in that order.
+def _copy_contents(scan: Scan, order: np.ndarray, writer: _Writer, opts: PackOptions) -> list[int]:
+    """Read files in ``order`` (the source's own) on worker threads; store them in that order.
     Returns the files that could not be read (with --skip-errors)."""
     root = scan.root
     sizes = scan.file_size
@@ -376,9 +431,6 @@ def _copy_contents(scan: Scan, keys: bytes, order: np.ndarray, writer: _Writer, 
     def read_chunk(chunk: np.ndarray) -> list[tuple[int, bytes | None]]:
         return [(i, read_one(i)) for i in chunk.tolist()]
 
-    def reread(i: int) -> tuple[bytes, bytes]:
-        return _key_bytes(keys, i), read_one(i) or b""
-
     window: deque[tuple[int, Future[list[tuple[int, bytes | None]]]]] = deque()
     in_flight = 0
     chunks = _chunks(order, sizes)
@@ -400,11 +452,11 @@ def _copy_contents(scan: Scan, keys: bytes, order: np.ndarray, writer: _Writer, 
                 if data is None:
                     unreadable.append(i)
                     continue
-                writer.put(i, _key_bytes(keys, i), data, reread)
+                writer.put(i, writer.keys(i), data)
             files_done += len(results)
             bar.set_postfix(files=f"{files_done}/{len(order)}", refresh=False)
             bar.update(nbytes)
-    writer.commit(reread)
+    writer.commit()
     bar.close()
     return unreadable
 

@@ -253,21 +253,25 @@ def test_a_killed_pack_is_refused_then_resumed(tmp_path: Path, kill_at_bytes: in
 
 
 def test_verify_finds_a_corrupted_value(edge_db: Path, tmp_path: Path) -> None:
+    """Both copies of a small file (record and key) and a large value are checked."""
     broken = tmp_path / "broken.lmdb"
     shutil.copy(edge_db, broken)
+    rels = ("small/many_123.txt", "big/seventy_mb.bin")
     with lmdbfs.open(broken) as archive:
-        entry = archive.lstat("small/many_123.txt")
-        offset = archive.value_offset("small/many_123.txt", entry)
+        assert archive.lstat(rels[0]).inline is not None and archive.lstat(rels[1]).inline is None
+        offsets = [archive.value_offset(rel, archive.lstat(rel)) for rel in rels]
     with open(broken, "r+b") as fh:
-        fh.seek(offset + 1)
-        byte = fh.read(1)
-        fh.seek(offset + 1)
-        fh.write(bytes([byte[0] ^ 0xFF]))
+        for offset in offsets:
+            fh.seek(offset + 1)
+            byte = fh.read(1)
+            fh.seek(offset + 1)
+            fh.write(bytes([byte[0] ^ 0xFF]))
     proc = run_cli("verify", broken, check=False)
     assert proc.returncode == 6
-    assert "small/many_123.txt: checksum mismatch" in proc.stdout
-    assert proc.stdout.count("mismatch") == 1
-    line = one_error_line(run_cli("cat", broken, "small/many_123.txt", check=False))
+    for rel in rels:
+        assert f"{rel}: checksum mismatch" in proc.stdout
+    assert proc.stdout.count("mismatch") == 2
+    line = one_error_line(run_cli("cat", broken, rels[1], check=False))
     assert "checksum mismatch" in line
 
 
