@@ -35,6 +35,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
         skip_errors=args.skip_errors,
         key_prefix=args.key_prefix,
         key_sep=args.key_sep,
+        keys=args.keys,
         progress=not args.no_progress and sys.stderr.isatty() or args.progress,
     )
     result = pack(args.src, args.db, opts)
@@ -186,6 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--key-sep", default="/", metavar="S", help="path separator used in keys (e.g. '\\' for keys made on Windows)"
+    )
+    p.add_argument(
+        "--keys",
+        choices=["md5", "path"],
+        default="md5",
+        help="main-database keys: md5 of the path (default, single-file DB), or the plain path "
+        "in an LMDB directory, as STARK-style loaders read it",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--progress", action="store_true", help="progress bar even when stderr is not a terminal")

@@ -41,6 +41,7 @@ def info(archive: Archive) -> dict[str, Any]:
         "content_bytes": meta.bytes,
         "db_bytes": size,
         "overhead": f"{(size / meta.bytes - 1) * 100:.1f}%" if meta.bytes else "n/a",
+        "keys": meta.keys,
         "key_scheme": meta.key_scheme,
         "key_prefix": meta.key_prefix,
         "key_sep": meta.key_sep,

@@ -39,6 +39,8 @@ from .format import (
     FLAG_INLINE,
     INDEX_DB,
     INLINE_MAX,
+    KEYS_MD5,
+    KEYS_PATH,
     KIND_FILE,
     META_DB,
     META_KEY,
@@ -63,6 +65,12 @@ CHUNK_FILES = 256  # ... or this many files
 _PAGE = 4096
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 _PAGE_HEADER = 16  # LMDB's PAGEHDRSZ
+_MAX_KEY = 511  # LMDB's default maximum key size
+_DATA_FILE = "data.mdb"  # the data file of an LMDB directory
+_KEY_SCHEMES = {
+    KEYS_MD5: "md5(key_prefix + relpath with '/' replaced by key_sep)",
+    KEYS_PATH: "key_prefix + relpath with '/' replaced by key_sep",
+}
 
 
 @dataclass
@@ -74,6 +82,7 @@ class PackOptions:
     skip_errors: bool = False
     key_prefix: str = ""
     key_sep: str = "/"
+    keys: str = KEYS_MD5  # KEYS_PATH: plain path keys in an LMDB directory, as STARK-style readers expect
     progress: bool = True
 
 
@@ -100,6 +109,7 @@ def pack(src: str, db: str, opts: PackOptions | None = None) -> PackResult:
     _check_destination(db, partial, opts)
     out_abs = os.fsencode(os.path.abspath(db))
     skip = [out_abs + s for s in (b"", b"-lock", PARTIAL_SUFFIX.encode(), PARTIAL_SUFFIX.encode() + b"-lock")]
+    subdir = opts.keys == KEYS_PATH  # STARK-style readers open an LMDB directory
     log.info("scanning %s", src)
     scan = scan_tree(src, opts.excludes, skip, opts.skip_errors, progress=opts.progress)
     log.info(
@@ -108,7 +118,7 @@ def pack(src: str, db: str, opts: PackOptions | None = None) -> PackResult:
     keys = _file_keys(scan, opts)
     if opts.force or not opts.resume:
         _remove_db_files(partial)
-    writer = _Writer(partial, _map_size_for(scan), scan, keys)
+    writer = _Writer(partial, subdir, _map_size_for(scan), scan, keys)
     try:
         todo = writer.resume_todo(np.arange(scan.files, dtype=np.int64))
         unreadable = _copy_contents(scan, todo, writer, opts)
@@ -123,7 +133,7 @@ def pack(src: str, db: str, opts: PackOptions | None = None) -> PackResult:
         dirs=len(scan.dirs),
         symlinks=scan.symlinks,
         bytes=scan.bytes,
-        db_bytes=os.path.getsize(db),
+        db_bytes=os.path.getsize(os.path.join(db, _DATA_FILE) if subdir else db),
         seconds=time.monotonic() - started,
         resumed_files=scan.files + len(unreadable) - len(todo),
         skipped=scan.skipped,
@@ -149,13 +159,13 @@ class _Keys:
     """Main-database keys of the scan's files, made on demand from their paths."""
 
     def __init__(self, scan: Scan, opts: PackOptions) -> None:
-        self.scan, self.prefix, self.sep = scan, opts.key_prefix, opts.key_sep
+        self.scan, self.prefix, self.sep, self.scheme = scan, opts.key_prefix, opts.key_sep, opts.keys
 
     def __call__(self, i: int) -> bytes:
         return self.key_of(self.scan.file_relpath(i))
 
     def key_of(self, rel: str) -> bytes:
-        return content_key(rel, self.prefix, self.sep)
+        return content_key(rel, self.prefix, self.sep, self.scheme)
 
 
 def _file_keys(scan: Scan, opts: PackOptions) -> _Keys:
@@ -165,6 +175,8 @@ def _file_keys(scan: Scan, opts: PackOptions) -> _Keys:
     ordering agrees with memcmp for equal-length keys, so equal keys end up adjacent.
     """
     keys = _Keys(scan, opts)
+    if opts.keys == KEYS_PATH:
+        _check_path_keys(scan, keys)
     raw = b"".join(hashlib.md5(keys(i)).digest() for i in range(scan.files))
     digests = np.frombuffer(raw, dtype="S16")
     order = np.argsort(digests, kind="stable")
@@ -174,6 +186,23 @@ def _file_keys(scan: Scan, opts: PackOptions) -> _Keys:
         a, b = scan.file_relpath(int(order[same[0]])), scan.file_relpath(int(order[same[0] + 1]))
         raise SourceError(f"{a} and {b} have the same key", "change --key-prefix/--key-sep")
     return keys
+
+
+def _check_path_keys(scan: Scan, keys: _Keys) -> None:
+    """Plain path keys must fit LMDB (511 bytes) and not be the names of lmdbfs's own
+    databases, which are keys of the main database too."""
+    for i in range(scan.files):
+        key = keys(i)
+        if len(key) > _MAX_KEY:
+            raise SourceError(
+                f"{scan.file_relpath(i)}: its key is {len(key)} bytes, LMDB keys are at most {_MAX_KEY}",
+                "shorten the path, or pack with md5 keys (the default)",
+            )
+        if key in (INDEX_DB, META_DB):
+            raise SourceError(
+                f"{scan.file_relpath(i)}: its key is the name of lmdbfs's own {key.decode()} database",
+                "rename the file, exclude it, or use --key-prefix or md5 keys",
+            )
 
 
 def _map_size_for(scan: Scan) -> int:
@@ -190,15 +219,16 @@ def _map_size_for(scan: Scan) -> int:
 class _Writer:
     """Owns the partial LMDB: batched puts, map growth, resume, the final commit."""
 
-    def __init__(self, path: str, map_size: int, scan: Scan, keys: _Keys) -> None:
+    def __init__(self, path: str, subdir: bool, map_size: int, scan: Scan, keys: _Keys) -> None:
         self.path = path
+        self.data_file = os.path.join(path, _DATA_FILE) if subdir else path
         self.scan = scan
         self.keys = keys
         self.offsets_ok = True  # every overflow value's offset has been recorded
         try:
             self.env = lmdb.open(
                 path,
-                subdir=False,
+                subdir=subdir,
                 map_size=map_size,
                 max_dbs=MAX_DBS,
                 sync=False,
@@ -225,7 +255,7 @@ class _Writer:
         with self.env.begin(buffers=True) as txn:
             if txn.stat(self.main)["entries"] == 0:
                 return order
-            base = map_base(self.path)
+            base = map_base(self.data_file)
             done = np.zeros(len(order), dtype=bool)
             for n, i in enumerate(order.tolist()):
                 value = txn.get(self.keys(i), db=self.main)
@@ -283,7 +313,7 @@ class _Writer:
         """
         if not files:
             return
-        base = map_base(self.path)
+        base = map_base(self.data_file)
         with self.env.begin(buffers=True, db=self.main) as txn:
             for i, key in files:
                 view = txn.get(key)
@@ -465,6 +495,8 @@ def _meta_for(src: str, scan: Scan, opts: PackOptions) -> Meta:
     return Meta(
         key_prefix=opts.key_prefix,
         key_sep=opts.key_sep,
+        keys=opts.keys,
+        key_scheme=_KEY_SCHEMES[opts.keys],
         files=scan.files,
         dirs=len(scan.dirs),
         symlinks=scan.symlinks,
@@ -502,10 +534,15 @@ def _remove_db_files(path: str) -> None:
 
 
 def _publish(partial: str, db: str) -> None:
-    """Atomically put the finished DB in place, then make the rename durable."""
-    if os.path.isdir(db):
-        shutil.rmtree(db)
+    """Atomically put the finished DB in place, then make the rename durable.
+
+    A directory DB (--keys path) cannot replace another DB in one rename: the old
+    one is removed just before."""
+    if os.path.isdir(db) or (os.path.isdir(partial) and os.path.lexists(db)):
+        _remove_db_files(db)
     os.replace(partial, db)
+    if os.path.isdir(db) and os.path.lexists(os.path.join(db, "lock.mdb")):
+        os.unlink(os.path.join(db, "lock.mdb"))
     if os.path.lexists(partial + "-lock"):
         os.unlink(partial + "-lock")
     if os.path.lexists(db + "-lock"):
