@@ -36,9 +36,11 @@ def cmd_pack(args: argparse.Namespace) -> int:
         key_prefix=args.key_prefix,
         key_sep=args.key_sep,
         keys=args.keys,
+        strip=args.strip,
+        expand_zips=args.expand_zips,
         progress=not args.no_progress and sys.stderr.isatty() or args.progress,
     )
-    result = pack(args.src, args.db, opts)
+    result = pack(args.sources, args.db, opts)
     rate = result.bytes / result.seconds / 1e6 if result.seconds else 0.0
     print(
         f"packed {result.files} files, {result.dirs} dirs, {result.symlinks} symlinks, "
@@ -111,7 +113,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             f"verify: {len(report.problems)} problems" + (f" ({more} not shown)" if more > 0 else ""), file=sys.stderr
         )
         return 6
-    where = f" and match {args.against}" if args.against else ""
+    where = f" and match {' '.join(args.against)}" if args.against else ""
     print(f"ok: {report.checked} files, {report.bytes / 1e6:.1f} MB checksummed{where}")
     return 0
 
@@ -163,8 +165,25 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = add("pack", cmd_pack, "store every file of SRC (exact bytes) and a path index in the DB file")
-    p.add_argument("src", metavar="SRC")
+    p.add_argument(
+        "sources",
+        nargs="+",
+        metavar="SRC",
+        help="a folder, or a zip or tar archive (.tar, .tar.gz, .tar.bz2, .tar.xz); several merge into one "
+        "tree; DIR=SRC places one under the folder DIR",
+    )
     p.add_argument("db", metavar="DB")
+    p.add_argument(
+        "--strip",
+        default="0",
+        metavar="N|auto",
+        help="drop N leading folders from archive members; 'auto' drops a single top folder that wraps everything",
+    )
+    p.add_argument(
+        "--expand-zips",
+        action="store_true",
+        help="pack zips found inside a source as folders of the same name without '.zip'",
+    )
     p.add_argument("-j", "--workers", type=_positive, default=8, help="threads reading files in parallel (default 8)")
     p.add_argument(
         "--exclude",
@@ -214,7 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("verify", cmd_verify, "checksum every stored file; with --against, compare with a source tree")
     p.add_argument("db", metavar="DB")
-    p.add_argument("--against", metavar="SRC")
+    p.add_argument(
+        "--against",
+        nargs="+",
+        metavar="SRC",
+        help="the folders or archives it was packed from (same DIR=SRC syntax; --strip and --expand-zips as packed)",
+    )
 
     p = add("unpack", cmd_unpack, "restore the tree (names, bytes, symlinks, modes, mtimes) under DST")
     p.add_argument("db", metavar="DB")

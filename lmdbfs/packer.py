@@ -24,9 +24,6 @@ import logging
 import os
 import shutil
 import time
-from collections import deque
-from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import lmdb
@@ -35,6 +32,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .errors import DestinationExists, SourceError
+from .feed import read_in_order
 from .format import (
     FLAG_INLINE,
     INDEX_DB,
@@ -53,15 +51,13 @@ from .format import (
     encode_dir,
     pack_names,
 )
-from .scan import Scan, ScannedDir, scan_tree
+from .scan import Scan, ScannedDir
+from .sources import SourceSpec, build_scan
 from .store import MAX_DBS, map_base, map_offset, unmap_pages
 
 log = logging.getLogger(__name__)
 
 BATCH_BYTES = 32 << 20  # dirty pages held per write transaction
-WINDOW_BYTES = 32 << 20  # file contents read ahead of the writer
-CHUNK_BYTES = 1 << 20  # one read task: up to this many bytes ...
-CHUNK_FILES = 256  # ... or this many files
 _PAGE = 4096
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 _PAGE_HEADER = 16  # LMDB's PAGEHDRSZ
@@ -82,6 +78,8 @@ class PackOptions:
     skip_errors: bool = False
     key_prefix: str = ""
     key_sep: str = "/"
+    strip: str = "0"  # leading folders to drop from archive members: a number, or "auto"
+    expand_zips: bool = False  # zips inside a source become folders named without ".zip"
     keys: str = KEYS_MD5  # KEYS_PATH: plain path keys in an LMDB directory, as STARK-style readers expect
     progress: bool = True
 
@@ -100,9 +98,11 @@ class PackResult:
     errors: list[str] = field(default_factory=list)
 
 
-def pack(src: str, db: str, opts: PackOptions | None = None) -> PackResult:
-    """Pack the tree at ``src`` into the single-file DB ``db``."""
+def pack(src: str | list[str], db: str, opts: PackOptions | None = None) -> PackResult:
+    """Pack the tree of ``src`` — a folder or an archive, or several merged, each
+    ``[DIR=]PATH`` — into the DB ``db``."""
     opts = opts or PackOptions()
+    specs = [src] if isinstance(src, str) else list(src)
     started = time.monotonic()
     _fixed_mmap_threshold()
     partial = db + PARTIAL_SUFFIX
@@ -110,8 +110,16 @@ def pack(src: str, db: str, opts: PackOptions | None = None) -> PackResult:
     out_abs = os.fsencode(os.path.abspath(db))
     skip = [out_abs + s for s in (b"", b"-lock", PARTIAL_SUFFIX.encode(), PARTIAL_SUFFIX.encode() + b"-lock")]
     subdir = opts.keys == KEYS_PATH  # STARK-style readers open an LMDB directory
-    log.info("scanning %s", src)
-    scan = scan_tree(src, opts.excludes, skip, opts.skip_errors, progress=opts.progress)
+    log.info("scanning %s", ", ".join(specs))
+    scan = build_scan(
+        specs,
+        excludes=opts.excludes,
+        skip_abs=skip,
+        skip_errors=opts.skip_errors,
+        strip=opts.strip,
+        expand_zips=opts.expand_zips,
+        progress=opts.progress,
+    )
     log.info(
         "found %d files, %d dirs, %d symlinks, %.1f MB", scan.files, len(scan.dirs), scan.symlinks, scan.bytes / 1e6
     )
@@ -123,7 +131,7 @@ def pack(src: str, db: str, opts: PackOptions | None = None) -> PackResult:
         todo = writer.resume_todo(np.arange(scan.files, dtype=np.int64))
         unreadable = _copy_contents(scan, todo, writer, opts)
         scan.drop_files(unreadable)
-        writer.finish(scan, _meta_for(src, scan, opts))
+        writer.finish(scan, _meta_for(specs, scan, opts))
     finally:
         writer.close()
     _publish(partial, db)
@@ -400,26 +408,12 @@ class _Writer:
 
 
 def _row_of(scan: Scan, i: int) -> np.void:
-    return scan.dirs[int(scan.file_dir[i])].rows[int(scan.file_row[i])]
-
-
-def _chunks(order: np.ndarray, sizes: np.ndarray) -> Iterator[np.ndarray]:
-    """Consecutive slices of ``order`` of at most CHUNK_FILES files or ~CHUNK_BYTES:
-    one task per chunk keeps thread-pool overhead off the per-file path."""
-    ends = np.cumsum(sizes[order], dtype=np.int64)
-    start = 0
-    while start < len(order):
-        base = int(ends[start - 1]) if start else 0
-        stop = int(np.searchsorted(ends, base + CHUNK_BYTES, side="right"))
-        stop = min(max(stop, start + 1), start + CHUNK_FILES)
-        yield order[start:stop]
-        start = stop
+    return scan.row(i)
 
 
 def _copy_contents(scan: Scan, order: np.ndarray, writer: _Writer, opts: PackOptions) -> list[int]:
-    """Read files in ``order`` (the source's own) on worker threads; store them in that order.
+    """Read files in ``order`` (the sources' own) and store them in that order.
     Returns the files that could not be read (with --skip-errors)."""
-    root = scan.root
     sizes = scan.file_size
     todo = int(sizes[order].sum()) if len(order) else 0
     bar = tqdm(
@@ -435,63 +429,44 @@ def _copy_contents(scan: Scan, order: np.ndarray, writer: _Writer, opts: PackOpt
     unreadable: list[int] = []
     files_done = 0
 
-    def read_one(i: int) -> bytes | None:
-        rel = scan.file_relpath(i)
-        try:
-            with open(os.path.join(root, os.fsencode(rel)), "rb", buffering=0) as fh:
-                data = fh.read()
-                info = os.fstat(fh.fileno())
-        except OSError as exc:
-            if not opts.skip_errors:
-                raise SourceError(
-                    f"cannot read {rel}: {exc.strerror}",
-                    "fix its permissions, or pass --skip-errors to leave it out and list it",
-                ) from None
-            log.warning("skipping %s: %s", rel, exc.strerror)
-            scan.errors.append(f"{rel}: {exc.strerror}")
-            return None
+    def on_error(rel: str, exc: OSError) -> None:
+        if not opts.skip_errors:
+            raise SourceError(
+                f"cannot read {rel}: {exc.strerror}",
+                "fix its permissions, or pass --skip-errors to leave it out and list it",
+            ) from None
+        log.warning("skipping %s: %s", rel, exc.strerror)
+        scan.errors.append(f"{rel}: {exc.strerror}")
+
+    def process(i: int, data: bytes, mtime_ns: int | None) -> bytes:
         row = _row_of(scan, i)
         if len(data) != int(row["size"]):
-            log.warning("%s changed while being packed; storing what was read", rel)
+            if mtime_ns is None:
+                raise SourceError(
+                    f"{scan.file_relpath(i)}: {len(data)} bytes read, the archive lists {int(row['size'])}",
+                    "the archive is damaged — download or copy it again",
+                )
+            log.warning("%s changed while being packed; storing what was read", scan.file_relpath(i))
             row["size"] = len(data)
-            row["mtime_ns"] = info.st_mtime_ns
+            row["mtime_ns"] = mtime_ns
         row["checksum"] = checksum(data)
         return data
 
-    def read_chunk(chunk: np.ndarray) -> list[tuple[int, bytes | None]]:
-        return [(i, read_one(i)) for i in chunk.tolist()]
-
-    window: deque[tuple[int, Future[list[tuple[int, bytes | None]]]]] = deque()
-    in_flight = 0
-    chunks = _chunks(order, sizes)
-    with ThreadPoolExecutor(max_workers=max(1, opts.workers), thread_name_prefix="pack-read") as pool:
-        while True:
-            while in_flight < WINDOW_BYTES or not window:
-                chunk = next(chunks, None)
-                if chunk is None:
-                    break
-                nbytes = int(sizes[chunk].sum())
-                in_flight += nbytes
-                window.append((nbytes, pool.submit(read_chunk, chunk)))
-            if not window:
-                break
-            nbytes, future = window.popleft()
-            in_flight -= nbytes
-            results = future.result()
-            for i, data in results:
-                if data is None:
-                    unreadable.append(i)
-                    continue
-                writer.put(i, writer.keys(i), data)
-            files_done += len(results)
-            bar.set_postfix(files=f"{files_done}/{len(order)}", refresh=False)
-            bar.update(nbytes)
+    for results, nbytes in read_in_order(scan, order, opts.workers, process, on_error):
+        for i, data in results:
+            if data is None:
+                unreadable.append(i)
+                continue
+            writer.put(i, writer.keys(i), data)
+        files_done += len(results)
+        bar.set_postfix(files=f"{files_done}/{len(order)}", refresh=False)
+        bar.update(nbytes)
     writer.commit()
     bar.close()
     return unreadable
 
 
-def _meta_for(src: str, scan: Scan, opts: PackOptions) -> Meta:
+def _meta_for(specs: list[str], scan: Scan, opts: PackOptions) -> Meta:
     return Meta(
         key_prefix=opts.key_prefix,
         key_sep=opts.key_sep,
@@ -503,12 +478,24 @@ def _meta_for(src: str, scan: Scan, opts: PackOptions) -> Meta:
         bytes=int(sum(int(d.rows["size"][d.rows["kind"] == 1].sum()) for d in scan.dirs)),
         tool_version=__version__,
         created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        source=os.path.basename(os.path.abspath(src)),
+        source=", ".join(_source_name(spec) for spec in specs),
         root_mode=scan.root_mode,
         root_mtime_ns=scan.root_mtime_ns,
         complete=True,
-        extra={"excludes": list(opts.excludes), "skipped": len(scan.skipped), "unreadable": len(scan.errors)},
+        extra={
+            "excludes": list(opts.excludes),
+            "strip": opts.strip,
+            "expand_zips": opts.expand_zips,
+            "skipped": len(scan.skipped),
+            "unreadable": len(scan.errors),
+        },
     )
+
+
+def _source_name(spec: str) -> str:
+    parsed = SourceSpec.parse(spec)
+    name = os.path.basename(os.path.abspath(parsed.path))
+    return f"{parsed.under}={name}" if parsed.under else name
 
 
 def _fixed_mmap_threshold() -> None:
