@@ -153,7 +153,9 @@ class FolderSource(Source):
                     if listing.expand_zips and name.lower().endswith(".zip"):
                         from .archives import ZipSource
 
-                        yield Nested(child, mode, mtime, ZipSource(entry.path, f"{self.label}/{child}", mtime))
+                        yield Nested(
+                            child, mode, mtime, ZipSource(os.fsdecode(entry.path), f"{self.label}/{child}", mtime)
+                        )
                     else:
                         yield Member(child, KIND_FILE, mode, mtime, info.st_size)
                 elif st.S_ISDIR(info.st_mode):
