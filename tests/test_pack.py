@@ -333,13 +333,13 @@ def test_map_grows_when_the_first_estimate_is_too_small(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The packer never needs a hard-coded map size: a full map grows and the batch is redone."""
-    from lmdbfs import packer
+    from lmdbfs import packer, writer
 
-    caplog.set_level("INFO", logger="lmdbfs.packer")
+    caplog.set_level("INFO", logger="lmdbfs.writer")
     src = tmp_path / "src"
     _slow_tree(src, files=100, size=300_000)  # 30 MB
     monkeypatch.setattr(packer, "_map_size_for", lambda scan: 2 << 20)
-    monkeypatch.setattr(packer, "BATCH_BYTES", 8 << 20)
+    monkeypatch.setattr(writer, "BATCH_BYTES", 8 << 20)
     result = packer.pack(str(src), str(tmp_path / "grown.lmdb"), packer.PackOptions(progress=False))
     assert result.files == 100
     assert any("growing the map" in r.message for r in caplog.records)
