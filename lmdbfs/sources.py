@@ -242,12 +242,10 @@ def build_scan(
     for text in specs:
         spec = SourceSpec.parse(text)
         source = open_source(spec.path, skip_abs or [])
-        if source.is_folder and strip != "0":
-            raise SourceError(f"{spec.path}: --strip applies to archives, not folders", "place the folder with DIR=")
         if root is None and not spec.under:
             root = source.root_attrs()
         listing = Listing(_pruner(excluded, spec.under), builder.skipped, builder.errors, skip_errors, expand_zips)
-        _add(builder, source, spec.under, strip, listing, excluded, bar, str(spec))
+        _add(builder, source, spec.under, "0" if source.is_folder else strip, listing, excluded, bar, str(spec))
     bar.close()
     mode, mtime = root if root is not None else (0o755, 0)
     return builder.build(mode, mtime)
