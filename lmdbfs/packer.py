@@ -159,7 +159,7 @@ def _file_keys(scan: Scan, opts: PackOptions) -> Keys:
     keys = Keys(scan, opts.key_prefix, opts.key_sep, opts.keys)
     if opts.keys == KEYS_PATH:
         _check_path_keys(scan, keys)
-    raw = b"".join(hashlib.md5(keys(i)).digest() for i in range(scan.files))
+    raw = keys.digests or b"".join(hashlib.md5(keys(i)).digest() for i in range(scan.files))
     digests = np.frombuffer(raw, dtype="S16")
     order = np.argsort(digests, kind="stable")
     ordered = digests[order]

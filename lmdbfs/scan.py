@@ -35,6 +35,17 @@ class ScannedDir:
         off, n, t = int(row["name_off"]), int(row["name_len"]), int(row["target_len"])
         return self.blob[off : off + n], self.blob[off + n : off + n + t]
 
+    def name(self, r: int) -> bytes:
+        """The name of row r, without numpy scalar access (called per file, often)."""
+        spans = self.__dict__.get("_spans")
+        if spans is None:
+            spans = self.__dict__["_spans"] = (
+                array("Q", self.rows["name_off"].tolist()),
+                array("H", self.rows["name_len"].tolist()),
+            )
+        off = spans[0][r]
+        return self.blob[off : off + spans[1][r]]
+
     def without(self, drop: set[int]) -> ScannedDir:
         keep = [r for r in range(len(self.rows)) if r not in drop]
         pairs = [self.name_and_target(r) for r in keep]
@@ -63,8 +74,11 @@ class Scan:
     root_mtime_ns: int = 0
 
     def file_relpath(self, i: int) -> str:
-        d = self.dirs[int(self.file_dir[i])]
-        name = decode_path(d.name_and_target(int(self.file_row[i]))[0])
+        where = self.__dict__.get("_where")
+        if where is None:
+            where = self.__dict__["_where"] = (array("I", self.file_dir.tobytes()), array("I", self.file_row.tobytes()))
+        d = self.dirs[where[0][i]]
+        name = decode_path(d.name(where[1][i]))
         return f"{d.path}/{name}" if d.path else name
 
     def row(self, i: int) -> np.void:
@@ -76,6 +90,7 @@ class Scan:
         by_dir: dict[int, set[int]] = {}
         for i in indices:
             by_dir.setdefault(int(self.file_dir[i]), set()).add(int(self.file_row[i]))
+        self.__dict__.pop("_where", None)
         for d_idx, drop in by_dir.items():
             d = self.dirs[d_idx]
             self.bytes -= int(sum(int(d.rows[r]["size"]) for r in drop))

@@ -14,6 +14,7 @@ from .format import (
     FLAG_INLINE,
     INDEX_DB,
     INLINE_MAX,
+    KEYS_MD5,
     KIND_FILE,
     META_DB,
     META_KEY,
@@ -37,12 +38,18 @@ _PAGE_HEADER = 16  # LMDB's PAGEHDRSZ
 
 
 class Keys:
-    """Main-database keys of the scan's files, made on demand from their paths."""
+    """Main-database keys of the scan's files: md5 digests made once and kept (16 bytes
+    a file), plain path keys made on demand from the paths."""
 
     def __init__(self, scan: Scan, prefix: str, sep: str, scheme: str) -> None:
         self.scan, self.prefix, self.sep, self.scheme = scan, prefix, sep, scheme
+        self.digests: bytes | None = None
+        if scheme == KEYS_MD5:
+            self.digests = b"".join(self.key_of(scan.file_relpath(i)) for i in range(scan.files))
 
     def __call__(self, i: int) -> bytes:
+        if self.digests is not None:
+            return self.digests[16 * i : 16 * i + 16]
         return self.key_of(self.scan.file_relpath(i))
 
     def key_of(self, rel: str) -> bytes:
