@@ -140,6 +140,16 @@ def test_strip_drops_the_folder_an_archive_wraps_everything_in(src: Path, tmp_pa
     assert differences(snapshot(src), snapshot(_unpacked(db, tmp_path))) == []
 
 
+def test_strip_leaves_folders_alone(src: Path, tmp_path: Path) -> None:
+    """Annotations in a folder beside wrapped split zips: --strip applies to the zips."""
+    wrapped = _zip(src / "seq1", tmp_path / "split.zip", prefix="wrap/")
+    db = tmp_path / "mix.lmdb"
+    run_cli("pack", f"train={wrapped}", f"anno={src / 'seq2'}", db, "--strip", "1", "--no-progress")
+    out = _unpacked(db, tmp_path)
+    assert differences(snapshot(src / "seq1"), snapshot(out / "train")) == []
+    assert differences(snapshot(src / "seq2"), snapshot(out / "anno")) == []
+
+
 def test_strip_auto_keeps_archives_without_a_single_top_folder(src: Path, tmp_path: Path) -> None:
     db = tmp_path / "n.lmdb"
     run_cli("pack", _tar(src, tmp_path / "n.tar.gz", "w:gz"), db, "--strip", "auto", "--no-progress")
