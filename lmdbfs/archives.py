@@ -99,7 +99,9 @@ class ZipSource(Source):
             target = handle.read(info)
             return Member(path, KIND_SYMLINK, st.S_IMODE(unix), mtime, len(target), target)
         if st.S_IFMT(unix) not in (0, st.S_IFREG):
-            log.warning("skipping %s: %s: not a regular file, directory or symlink", self.label, info.filename)
+            log.log(
+                listing.level, "skipping %s: %s: not a regular file, directory or symlink", self.label, info.filename
+            )
             listing.skipped.append(f"{self.label}: {info.filename}")
             return None
         mode = st.S_IMODE(unix) or 0o644
@@ -231,7 +233,7 @@ class TarSource(Source):
                 yield Member(path, KIND_FILE, mode, mtime, info.size, ref=ordinal)
             else:
                 what = "a hard link" if info.islnk() else "not a regular file, directory or symlink"
-                log.warning("skipping %s: %s: %s", self.label, info.name, what)
+                log.log(listing.level, "skipping %s: %s: %s", self.label, info.name, what)
                 listing.skipped.append(f"{self.label}: {info.name}")
 
     def stream(self, wanted: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, bytes]]:

@@ -112,6 +112,7 @@ def _compare_tree(archive: Archive, against: list[str], report: VerifyReport) ->
         skip_abs=[db_abs + s for s in (b"", b"-lock", PARTIAL_SUFFIX.encode(), PARTIAL_SUFFIX.encode() + b"-lock")],
         strip=str(extra.get("strip", "0")),
         expand_zips=bool(extra.get("expand_zips", False)),
+        quiet=True,  # what packing left out was reported then
     )
     shown = " ".join(against)
     expected: set[str] = set()

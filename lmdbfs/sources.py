@@ -64,6 +64,7 @@ class Listing:
     errors: list[str]
     skip_errors: bool
     expand_zips: bool
+    level: int = logging.WARNING  # how loudly to report what is left out (verify: quietly)
 
 
 class Source:
@@ -164,7 +165,7 @@ class FolderSource(Source):
                 elif st.S_ISLNK(info.st_mode):
                     yield Member(child, KIND_SYMLINK, mode, mtime, len(target), target)
                 else:
-                    log.warning("skipping %s: not a regular file, directory or symlink", child)
+                    log.log(listing.level, "skipping %s: not a regular file, directory or symlink", child)
                     listing.skipped.append(child)
             stack.extend(reversed(subdirs))
 
@@ -186,7 +187,7 @@ def _problem(listing: Listing, rel: str, exc: OSError) -> None:
     reason = exc.strerror or str(exc)
     if not listing.skip_errors:
         raise SourceError(f"cannot read {rel}: {reason}", "fix its permissions, or pass --skip-errors to leave it out")
-    log.warning("skipping %s: %s", rel, reason)
+    log.log(listing.level, "skipping %s: %s", rel, reason)
     listing.errors.append(f"{rel}: {reason}")
 
 
@@ -233,6 +234,7 @@ def build_scan(
     strip: str = "0",
     expand_zips: bool = False,
     progress: bool = False,
+    quiet: bool = False,
 ) -> Scan:
     """List every source (nothing is read yet) and merge them into one tree."""
     excluded = Excluder(excludes or [])
@@ -245,6 +247,7 @@ def build_scan(
         if root is None and not spec.under:
             root = source.root_attrs()
         listing = Listing(_pruner(excluded, spec.under), builder.skipped, builder.errors, skip_errors, expand_zips)
+        listing.level = logging.DEBUG if quiet else logging.WARNING
         _add(builder, source, spec.under, "0" if source.is_folder else strip, listing, excluded, bar, str(spec))
     bar.close()
     mode, mtime = root if root is not None else (0o755, 0)
@@ -291,7 +294,9 @@ def _add(
             mode = item.mode | ((item.mode & 0o444) >> 2)  # a folder: x wherever r
             folder = rel[: -len(".zip")]
             builder.add(folder, KIND_DIR, mode, item.mtime_ns, 0, b"", src, None, dir_mtime)
-            sub = Listing(_pruner(excluded, folder), listing.skipped, listing.errors, listing.skip_errors, True)
+            sub = Listing(
+                _pruner(excluded, folder), listing.skipped, listing.errors, listing.skip_errors, True, listing.level
+            )
             _add(builder, item.source, folder, "0", sub, excluded, bar, item.source.label)
         else:
             builder.add(rel, item.kind, item.mode, item.mtime_ns, item.size, item.target, src, item.ref, dir_mtime)
