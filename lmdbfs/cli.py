@@ -66,7 +66,16 @@ def cmd_pack(args: argparse.Namespace) -> int:
         from .shard import parse_shard, plan_for_source
 
         index, count = parse_shard(args.shard)
-        share = plan_for_source(args.src, index, count, args.shard_depth, args.exclude or [], args.db)
+        share = plan_for_source(
+            args.sources,
+            index,
+            count,
+            args.shard_depth,
+            args.exclude or [],
+            args.db,
+            strip=args.strip,
+            expand_zips=args.expand_zips,
+        )
         include, extra = share.include, share.extra()
     elif args.shard_depth is not None:
         raise UsageError("--shard-depth only goes with --shard I/N", "add --shard I/N")
@@ -79,11 +88,14 @@ def cmd_pack(args: argparse.Namespace) -> int:
         skip_errors=args.skip_errors,
         key_prefix=args.key_prefix,
         key_sep=args.key_sep,
+        keys=args.keys,
+        strip=args.strip,
+        expand_zips=args.expand_zips,
         progress=not args.no_progress and sys.stderr.isatty() or args.progress,
         include=include,
         extra=extra,
     )
-    result = pack(args.src, args.db, opts)
+    result = pack(args.sources, args.db, opts)
     rate = result.bytes / result.seconds / 1e6 if result.seconds else 0.0
     print(
         f"packed {result.files} files, {result.dirs} dirs, {result.symlinks} symlinks, "
@@ -189,6 +201,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from .ops import verify
     from .union import shard_problems
 
+    # `verify --against SRC DB...`: the DBs after the sources belong to the DB list.
+    while args.against and _is_db_arg(args.against[-1]):
+        args.dbs.insert(0, args.against.pop())
+    if not args.dbs:
+        raise UsageError("verify needs a DB", "lmdbfs verify DB... [--against SRC...]")
     problems = [line for _kind, line in shard_problems(args.dbs)]
     if problems:
         for line in problems:
@@ -206,7 +223,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             f"verify: {len(report.problems)} problems" + (f" ({more} not shown)" if more > 0 else ""), file=sys.stderr
         )
         return 6
-    where = f" and match {args.against}" if args.against else ""
+    where = f" and match {' '.join(args.against)}" if args.against else ""
     print(f"ok: {report.checked} files, {report.bytes / 1e6:.1f} MB {how}{where}")
     return 0
 
@@ -262,8 +279,25 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = add("pack", cmd_pack, "store every file of SRC (exact bytes) and a path index in the DB file")
-    p.add_argument("src", metavar="SRC")
+    p.add_argument(
+        "sources",
+        nargs="+",
+        metavar="SRC",
+        help="a folder, or a zip or tar archive (.tar, .tar.gz, .tar.bz2, .tar.xz); several merge into one "
+        "tree; DIR=SRC places one under the folder DIR",
+    )
     p.add_argument("db", metavar="DB")
+    p.add_argument(
+        "--strip",
+        default="0",
+        metavar="N|auto",
+        help="drop N leading folders from archive members; 'auto' drops a single top folder that wraps everything",
+    )
+    p.add_argument(
+        "--expand-zips",
+        action="store_true",
+        help="pack zips found inside a source as folders of the same name without '.zip'",
+    )
     p.add_argument("-j", "--workers", type=_positive, default=8, help="threads reading files in parallel (default 8)")
     p.add_argument(
         "--exclude",
@@ -286,6 +320,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--key-sep", default="/", metavar="S", help="path separator used in keys (e.g. '\\' for keys made on Windows)"
+    )
+    p.add_argument(
+        "--keys",
+        choices=["md5", "path"],
+        default="md5",
+        help="main-database keys: md5 of the path (default, single-file DB), or the plain path "
+        "in an LMDB directory, as STARK-style loaders read it",
     )
     p.add_argument(
         "--shard",
@@ -337,11 +378,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(
         "verify",
         cmd_verify,
-        "checksum every stored file; with --against, compare with a source tree; "
+        "checksum every stored file; with --against, compare with the folders or archives it was packed from; "
         "several DBs are checked as one tree (shard sets: a missing or duplicated shard is named)",
     )
-    p.add_argument("dbs", nargs="+", metavar="DB", help="a DB, or several (NAME=DB under folder NAME)")
-    p.add_argument("--against", metavar="SRC")
+    p.add_argument("dbs", nargs="*", metavar="DB", help="a DB, or several (NAME=DB under folder NAME)")
+    p.add_argument(
+        "--against",
+        nargs="+",
+        metavar="SRC",
+        help="the folders or archives it was packed from (same DIR=SRC syntax; --strip and --expand-zips as packed)",
+    )
 
     p = add("unpack", cmd_unpack, "restore the tree (names, bytes, symlinks, modes, mtimes) under DST")
     p.add_argument("dbs", nargs="+", metavar="DB", help="a DB, or several as one tree (NAME=DB under folder NAME)")

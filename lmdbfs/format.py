@@ -223,9 +223,7 @@ def new_rows(count: int) -> np.ndarray:
     return np.zeros(count, dtype=ENTRY_DTYPE)
 
 
-def pack_names(
-    rows: np.ndarray, names: list[bytes], targets: list[bytes], inline: list[bytes] | None = None
-) -> bytes:
+def pack_names(rows: np.ndarray, names: list[bytes], targets: list[bytes], inline: list[bytes] | None = None) -> bytes:
     """Fill the rows' name/target offsets and return the blob they point into.
 
     Each name is followed by its symlink target (empty for other kinds), then by the

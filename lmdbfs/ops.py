@@ -6,21 +6,22 @@ not printed text.
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import os
 import posixpath
-import stat as st
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from tqdm import tqdm
 
 from .errors import CorruptValue, DestinationExists, LmdbfsError, UnsafePath
+from .feed import read_in_order
 from .foreign import CHECKSUM_NONE, KIND_MD5, KIND_PATH
-from .format import KIND_NAMES
+from .format import KIND_NAMES, PARTIAL_SUFFIX, checksum, decode_path
 from .reader import Archive
+from .sources import build_scan
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ def info(archive: Archive) -> dict[str, Any]:
         "content_bytes": meta.bytes,
         "db_bytes": size,
         "overhead": f"{(size / meta.bytes - 1) * 100:.1f}%" if meta.bytes else "n/a",
+        "keys": meta.keys,
         "key_scheme": meta.key_scheme,
         "key_prefix": meta.key_prefix,
         "key_sep": meta.key_sep,
@@ -102,16 +104,21 @@ class VerifyReport:
         return not self.problems
 
 
-def verify(archive: Archive, against: str | None = None, progress: bool = False) -> VerifyReport:
-    """Checksum every stored value; with ``against``, also compare with a source tree."""
+def verify(archive: Archive, against: list[str] | str | None = None, progress: bool = False) -> VerifyReport:
+    """Checksum every stored value; with ``against``, also compare with the sources
+    (folders or archives) it was packed from."""
     report = VerifyReport()
     bar = tqdm(total=archive.meta.files, unit="file", desc="verify", disable=not progress)
+    packed = archive.meta.data is None  # adopted DBs keep converted files only inline
     for rel in iter_files(archive):
         entry = archive.lstat(rel)
         if not entry.is_file:
             continue
         try:
             ok = archive.check(rel)
+            if ok and entry.inline is not None and packed:
+                # Small files are stored twice: in the record and under their key.
+                ok = checksum(archive.keyed_value(rel, entry)) == entry.checksum
         except CorruptValue as exc:
             report.problems.append(exc.message)
             ok = True
@@ -121,34 +128,47 @@ def verify(archive: Archive, against: str | None = None, progress: bool = False)
         report.bytes += entry.size
         bar.update(1)
     bar.close()
-    if against is not None:
-        _compare_tree(archive, against, report)
+    if against:
+        _compare_tree(archive, [against] if isinstance(against, str) else list(against), report)
     return report
 
 
-def _compare_tree(archive: Archive, src: str, report: VerifyReport) -> None:
-    """Same names, kinds, sizes, modes, mtimes, link targets and bytes as ``src``."""
-    excludes = archive.meta.extra.get("excludes", [])
-    root = os.path.abspath(src)
-    seen: set[str] = set()
-    for dirpath, dirnames, filenames in os.walk(root):
-        rel_dir = os.path.relpath(dirpath, root).replace(os.sep, "/")
-        rel_dir = "" if rel_dir == "." else rel_dir
-        for name in list(dirnames) + filenames:
-            rel = posixpath.join(rel_dir, name)
-            if _excluded(name, rel, excludes):
-                if name in dirnames:
-                    dirnames.remove(name)
-                continue
-            seen.add(rel)
-            _compare_entry(archive, os.path.join(dirpath, name), rel, report)
+def _compare_tree(archive: Archive, against: list[str], report: VerifyReport) -> None:
+    """Same names, kinds, sizes, modes, mtimes, link targets and bytes as the sources
+    (folders or archives, placed and stripped as they were packed)."""
+    extra = archive.meta.extra
+    db_abs = os.fsencode(os.path.abspath(archive.path))
+    scan = build_scan(
+        against,
+        excludes=extra.get("excludes", []),
+        skip_abs=[db_abs + s for s in (b"", b"-lock", PARTIAL_SUFFIX.encode(), PARTIAL_SUFFIX.encode() + b"-lock")],
+        strip=str(extra.get("strip", "0")),
+        expand_zips=bool(extra.get("expand_zips", False)),
+        quiet=True,  # what packing left out was reported then
+    )
+    shown = " ".join(against)
+    expected: set[str] = set()
+    for d in scan.dirs:
+        for r in range(len(d.rows)):
+            name, target = d.name_and_target(r)
+            rel = posixpath.join(d.path, decode_path(name))
+            expected.add(rel)
+            _compare_row(archive, rel, d.rows[r], target, report)
     for rel in _all_paths(archive):
-        if rel not in seen:
-            report.problems.append(f"{rel}: in the DB but not in {src}")
+        if rel not in expected:
+            report.problems.append(f"{rel}: in the DB but not in {shown}")
 
+    def on_error(rel: str, exc: OSError) -> None:
+        report.problems.append(f"{rel}: cannot read the source ({exc.strerror})")
 
-def _excluded(name: str, rel: str, patterns: list[str]) -> bool:
-    return any(fnmatch.fnmatchcase(rel if "/" in p.strip("/") else name, p.strip("/")) for p in patterns)
+    order = np.arange(scan.files, dtype=np.int64)
+    for batch, _nbytes in read_in_order(scan, order, 4, lambda i, data, mtime: data, on_error):
+        for i, data in batch:
+            rel = scan.file_relpath(i)
+            if data is None or not archive.exists(rel) or not archive.lstat(rel).is_file:
+                continue
+            if data != archive.read_bytes(rel, verify=False):
+                report.problems.append(f"{rel}: contents differ")
 
 
 def _all_paths(archive: Archive) -> Iterator[str]:
@@ -157,37 +177,29 @@ def _all_paths(archive: Archive) -> Iterator[str]:
             yield posixpath.join(dirpath, name)
 
 
-def _compare_entry(archive: Archive, path: str, rel: str, report: VerifyReport) -> None:
-    try:
-        info = os.lstat(path)
-    except OSError as exc:
-        report.problems.append(f"{rel}: cannot read the source ({exc.strerror})")
-        return
-    if not (st.S_ISREG(info.st_mode) or st.S_ISDIR(info.st_mode) or st.S_ISLNK(info.st_mode)):
-        return  # special files are never packed
+def _compare_row(archive: Archive, rel: str, row: np.void, target: bytes, report: VerifyReport) -> None:
     try:
         entry = archive.lstat(rel)
     except LmdbfsError:
         report.problems.append(f"{rel}: in the source but not in the DB")
         return
-    if st.S_IFMT(info.st_mode) != st.S_IFMT(entry.st_mode):
-        report.problems.append(f"{rel}: kind differs ({KIND_NAMES[entry.kind]} in the DB)")
+    kind = int(row["kind"])
+    if kind != entry.kind:
+        report.problems.append(
+            f"{rel}: kind differs ({KIND_NAMES[entry.kind]} in the DB, {KIND_NAMES[kind]} in the source)"
+        )
         return
     # An adopted DB kept no modes or mtimes (adopt gives 0644/0755 and the DB file's
     # mtime): only names, kinds and bytes are compared.
     adopted = archive.meta.data is not None
-    if not adopted and st.S_IMODE(info.st_mode) != entry.mode:
-        report.problems.append(
-            f"{rel}: mode {oct(entry.mode)} in the DB, {oct(st.S_IMODE(info.st_mode))} in the source"
-        )
-    if not adopted and info.st_mtime_ns != entry.mtime_ns and not entry.is_dir:
+    if not adopted and int(row["mode"]) != entry.mode:
+        report.problems.append(f"{rel}: mode {oct(entry.mode)} in the DB, {oct(int(row['mode']))} in the source")
+    if not adopted and int(row["mtime_ns"]) != entry.mtime_ns and not entry.is_dir:
         report.problems.append(f"{rel}: mtime differs")
-    if entry.is_symlink and os.readlink(path) != entry.target:
+    if entry.is_symlink and decode_path(target) != entry.target:
         report.problems.append(f"{rel}: symlink target differs")
-    if entry.is_file:
-        with open(path, "rb") as fh:
-            if fh.read() != archive.read_bytes(rel, verify=False):
-                report.problems.append(f"{rel}: contents differ")
+    if entry.is_file and int(row["size"]) != entry.size:
+        report.problems.append(f"{rel}: size {entry.size} in the DB, {int(row['size'])} in the source")
 
 
 @dataclass

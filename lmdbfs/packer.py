@@ -8,7 +8,10 @@ How it avoids the original converter's failures:
 * commits are batched (bounded memory) and ``--resume`` continues an interrupted pack;
 * the map grows as needed instead of a hard-coded size, and without writemap the file
   is only as big as its data;
-* md5 keys are sorted first and appended in order, so B-tree pages stay full.
+* files are read and stored in the source's directory order (what ``tar`` reads):
+  a cold tree is read sequentially, and the frames of one sequence end up next to
+  each other in the DB file, where readahead helps the readers that sample them;
+* files of at most INLINE_MAX bytes are also carried in their directory's record.
 """
 
 from __future__ import annotations
@@ -16,34 +19,42 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import datetime as _dt
+import hashlib
 import logging
 import os
 import shutil
 import time
-from collections import deque
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import lmdb
 import numpy as np
 from tqdm import tqdm
 
 from . import __version__
 from .errors import DestinationExists, SourceError
-from .format import INDEX_DB, META_DB, META_KEY, PARTIAL_SUFFIX, Meta, checksum, content_key, dir_key, encode_dir
-from .scan import Scan, scan_tree
-from .store import MAX_DBS, map_base, map_offset, unmap_pages
+from .feed import read_in_order
+from .format import (
+    INDEX_DB,
+    KEYS_MD5,
+    KEYS_PATH,
+    META_DB,
+    PARTIAL_SUFFIX,
+    Meta,
+    checksum,
+)
+from .scan import Scan
+from .sources import SourceSpec, build_scan
+from .writer import DATA_FILE, Keys, Writer
 
 log = logging.getLogger(__name__)
 
-BATCH_BYTES = 32 << 20  # dirty pages held per write transaction
-WINDOW_BYTES = 32 << 20  # file contents read ahead of the writer
-CHUNK_BYTES = 1 << 20  # one read task: up to this many bytes ...
-CHUNK_FILES = 256  # ... or this many files
 _PAGE = 4096
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
-_PAGE_HEADER = 16  # LMDB's PAGEHDRSZ
+_MAX_KEY = 511  # LMDB's default maximum key size
+_KEY_SCHEMES = {
+    KEYS_MD5: "md5(key_prefix + relpath with '/' replaced by key_sep)",
+    KEYS_PATH: "key_prefix + relpath with '/' replaced by key_sep",
+}
 
 
 @dataclass
@@ -55,6 +66,9 @@ class PackOptions:
     skip_errors: bool = False
     key_prefix: str = ""
     key_sep: str = "/"
+    strip: str = "0"  # leading folders to drop from archive members: a number, or "auto"
+    expand_zips: bool = False  # zips inside a source become folders named without ".zip"
+    keys: str = KEYS_MD5  # KEYS_PATH: plain path keys in an LMDB directory, as STARK-style readers expect
     progress: bool = True
     include: Callable[[str], bool] | None = None  # keep only relative paths it accepts (shards)
     extra: dict = field(default_factory=dict)  # added to the meta's `extra` (shard info)
@@ -74,29 +88,40 @@ class PackResult:
     errors: list[str] = field(default_factory=list)
 
 
-def pack(src: str, db: str, opts: PackOptions | None = None) -> PackResult:
-    """Pack the tree at ``src`` into the single-file DB ``db``."""
+def pack(src: str | list[str], db: str, opts: PackOptions | None = None) -> PackResult:
+    """Pack the tree of ``src`` — a folder or an archive, or several merged, each
+    ``[DIR=]PATH`` — into the DB ``db``."""
     opts = opts or PackOptions()
+    specs = [src] if isinstance(src, str) else list(src)
     started = time.monotonic()
     _fixed_mmap_threshold()
     partial = db + PARTIAL_SUFFIX
     _check_destination(db, partial, opts)
-    log.info("scanning %s", src)
-    scan = scan_tree(
-        src, opts.excludes, output_files(db), opts.skip_errors, progress=opts.progress, include=opts.include
+    skip = output_files(db)
+    subdir = opts.keys == KEYS_PATH  # STARK-style readers open an LMDB directory
+    log.info("scanning %s", ", ".join(specs))
+    scan = build_scan(
+        specs,
+        excludes=opts.excludes,
+        skip_abs=skip,
+        skip_errors=opts.skip_errors,
+        strip=opts.strip,
+        expand_zips=opts.expand_zips,
+        progress=opts.progress,
+        include=opts.include,
     )
     log.info(
         "found %d files, %d dirs, %d symlinks, %.1f MB", scan.files, len(scan.dirs), scan.symlinks, scan.bytes / 1e6
     )
-    keys, order = _sorted_keys(scan, opts)
+    keys = _file_keys(scan, opts)
     if opts.force or not opts.resume:
         _remove_db_files(partial)
-    writer = _Writer(partial, _map_size_for(scan), scan, keys)
+    writer = Writer(partial, subdir, _map_size_for(scan), scan, keys)
     try:
-        resumed = writer.resume_point(order)
-        unreadable = _copy_contents(scan, keys, order[resumed:], writer, opts)
+        todo = writer.resume_todo(np.arange(scan.files, dtype=np.int64))
+        unreadable = _copy_contents(scan, todo, writer, opts)
         scan.drop_files(unreadable)
-        writer.finish(scan, _meta_for(src, scan, opts))
+        writer.finish(scan, _meta_for(specs, scan, opts))
     finally:
         writer.close()
     _publish(partial, db)
@@ -106,9 +131,9 @@ def pack(src: str, db: str, opts: PackOptions | None = None) -> PackResult:
         dirs=len(scan.dirs),
         symlinks=scan.symlinks,
         bytes=scan.bytes,
-        db_bytes=os.path.getsize(db),
+        db_bytes=os.path.getsize(os.path.join(db, DATA_FILE) if subdir else db),
         seconds=time.monotonic() - started,
-        resumed_files=resumed,
+        resumed_files=scan.files + len(unreadable) - len(todo),
         skipped=scan.skipped,
         errors=scan.errors,
     )
@@ -134,26 +159,41 @@ def _check_destination(db: str, partial: str, opts: PackOptions) -> None:
         raise DestinationExists(f"{parent}: no such directory for the DB", "create it first")
 
 
-def _sorted_keys(scan: Scan, opts: PackOptions) -> tuple[bytes, np.ndarray]:
-    """md5 keys of all files (16 bytes each, scan order) and the order that visits them
-    ascending, as LMDB sorts them.
+def _file_keys(scan: Scan, opts: PackOptions) -> Keys:
+    """The key maker, after checking no two files share a key.
 
-    numpy's 'S16' ordering agrees with memcmp for equal-length keys (trailing NULs are
-    stripped from both sides alike), so it sorts and searches them correctly.
+    Keys are compared by their md5 digests, 16 bytes each, sorted with numpy: its 'S16'
+    ordering agrees with memcmp for equal-length keys, so equal keys end up adjacent.
     """
-    raw = b"".join(content_key(scan.file_relpath(i), opts.key_prefix, opts.key_sep) for i in range(scan.files))
-    keys = np.frombuffer(raw, dtype="S16")
-    order = np.argsort(keys, kind="stable")
-    ordered = keys[order]
+    keys = Keys(scan, opts.key_prefix, opts.key_sep, opts.keys)
+    if opts.keys == KEYS_PATH:
+        _check_path_keys(scan, keys)
+    raw = keys.digests or b"".join(hashlib.md5(keys(i)).digest() for i in range(scan.files))
+    digests = np.frombuffer(raw, dtype="S16")
+    order = np.argsort(digests, kind="stable")
+    ordered = digests[order]
     same = np.flatnonzero(ordered[1:] == ordered[:-1])
     if len(same):
         a, b = scan.file_relpath(int(order[same[0]])), scan.file_relpath(int(order[same[0] + 1]))
-        raise SourceError(f"{a} and {b} have the same md5 key", "change --key-prefix/--key-sep")
-    return raw, order
+        raise SourceError(f"{a} and {b} have the same key", "change --key-prefix/--key-sep")
+    return keys
 
 
-def _key_bytes(keys: bytes, i: int) -> bytes:
-    return keys[16 * i : 16 * i + 16]
+def _check_path_keys(scan: Scan, keys: Keys) -> None:
+    """Plain path keys must fit LMDB (511 bytes) and not be the names of lmdbfs's own
+    databases, which are keys of the main database too."""
+    for i in range(scan.files):
+        key = keys(i)
+        if len(key) > _MAX_KEY:
+            raise SourceError(
+                f"{scan.file_relpath(i)}: its key is {len(key)} bytes, LMDB keys are at most {_MAX_KEY}",
+                "shorten the path, or pack with md5 keys (the default)",
+            )
+        if key in (INDEX_DB, META_DB):
+            raise SourceError(
+                f"{scan.file_relpath(i)}: its key is the name of lmdbfs's own {key.decode()} database",
+                "rename the file, exclude it, or use --key-prefix or md5 keys",
+            )
 
 
 def _map_size_for(scan: Scan) -> int:
@@ -167,182 +207,9 @@ def _map_size_for(scan: Scan) -> int:
     return max(64 << 20, int((value_pages * _PAGE + 2 * index_bytes) * 1.25) + (64 << 20))
 
 
-class _Writer:
-    """Owns the partial LMDB: batched appends, map growth, resume, the final commit."""
-
-    def __init__(self, path: str, map_size: int, scan: Scan, keys: bytes) -> None:
-        self.path = path
-        self.scan = scan
-        self.keys = keys
-        self.offsets_ok = True  # every overflow value's offset has been recorded
-        try:
-            self.env = lmdb.open(
-                path,
-                subdir=False,
-                map_size=map_size,
-                max_dbs=MAX_DBS,
-                sync=False,
-                metasync=False,
-                readahead=True,  # _record_offsets maps cached pages 16 at a time
-                writemap=False,
-                meminit=False,
-                lock=True,
-            )
-        except lmdb.Error as exc:
-            raise SourceError(f"cannot create {path}: {exc}", "check the destination is writable") from None
-        self.main = self.env.open_db()
-        self.txn: lmdb.Transaction | None = None
-        self.pending: list[int] = []  # files in the open batch, in order
-        self.pending_bytes = 0
-
-    def resume_point(self, order: np.ndarray) -> int:
-        """How many files (in key order) a previous run already committed; checksums them."""
-        scan, keys = self.scan, self.keys
-        with self.env.begin(buffers=True) as txn:
-            cur = txn.cursor(self.main)
-            if not cur.last():
-                return 0
-            last = bytes(cur.key())
-            ordered = np.frombuffer(keys, dtype="S16")[order]
-            done = int(np.searchsorted(ordered, np.frombuffer(last, dtype="S16"), side="right")[0])
-            log.info("resuming: %d of %d files already packed", done, scan.files)
-            base = map_base(self.path)
-            for n in range(done):
-                i = int(order[n])
-                value = txn.get(_key_bytes(keys, i), db=self.main)
-                row = _row_of(scan, i)
-                if value is None or len(value) != int(row["size"]):
-                    raise SourceError(
-                        f"{scan.file_relpath(i)} changed since the interrupted pack",
-                        "start over with --force",
-                    )
-                row["checksum"] = checksum(value)
-                self._note_offset(row, value, base)
-                if n % 1024 == 1023:
-                    self._unmap(base)
-            self._unmap(base)
-        return done
-
-    def put(self, i: int, key: bytes, value: bytes, reread: Callable[[int], tuple[bytes, bytes]]) -> None:
-        """Append one value; commit every BATCH_BYTES. The batch is not kept in memory:
-        if the map is ever full, the batch is re-read from the source (``reread``)."""
-        while True:
-            if self.txn is None:
-                self.txn = self.env.begin(write=True, db=self.main)
-            try:
-                self.txn.put(key, value, append=True)
-                break
-            except lmdb.MapFullError:
-                self._grow_and_replay(reread)
-        self.pending.append(i)
-        self.pending_bytes += len(value)
-        if self.pending_bytes >= BATCH_BYTES:
-            self.commit(reread)
-
-    def commit(self, reread: Callable[[int], tuple[bytes, bytes]] | None = None) -> None:
-        while self.txn is not None:
-            try:
-                self.txn.commit()
-                self.txn = None
-            except lmdb.MapFullError:
-                if reread is None:
-                    raise
-                self._grow_and_replay(reread)
-        self._record_offsets(self.pending)
-        self.pending.clear()
-        self.pending_bytes = 0
-
-    def _record_offsets(self, files: list[int]) -> None:
-        """Note in each just-committed file's row where its value landed in the file.
-
-        Readers then pread values directly, with no LMDB call: LMDB touches every page
-        of a value it returns, which on a cold cache means 4 KiB faults. Done right
-        after each commit, while the batch is still in the page cache; the pages are
-        unmapped again so the packer's memory stays flat.
-        """
-        if not files:
-            return
-        base = map_base(self.path)
-        with self.env.begin(buffers=True, db=self.main) as txn:
-            for i in files:
-                view = txn.get(_key_bytes(self.keys, i))
-                if view is None:
-                    raise SourceError(f"{self.scan.file_relpath(i)}: value missing after commit", "pack again")
-                self._note_offset(_row_of(self.scan, i), view, base)
-        self._unmap(base)
-
-    def _note_offset(self, row: np.void, view: memoryview, base: int | None) -> None:
-        if base is None:
-            self.offsets_ok = False
-        elif len(view):
-            offset = map_offset(view, base)
-            # Only values in overflow pages (they start right after a 16-byte page
-            # header) stay put; small values live in leaf pages, which later commits
-            # may copy elsewhere. Those are looked up by key.
-            if offset % _PAGE == _PAGE_HEADER:
-                row["data_off"] = offset
-
-    def _unmap(self, base: int | None) -> None:
-        if base is not None:
-            unmap_pages(base, self.env.info()["map_size"])
-
-    def _grow_and_replay(self, reread: Callable[[int], tuple[bytes, bytes]]) -> None:
-        """Abort the open batch, grow the map, and write the batch again."""
-        if self.txn is not None:
-            self.txn.abort()
-        new = int(self.env.info()["map_size"] * 1.5) + 2 * BATCH_BYTES
-        log.info("growing the map to %.1f GB", new / 1e9)
-        self.env.set_mapsize(new)
-        self.txn = self.env.begin(write=True, db=self.main)
-        for j in self.pending:
-            key, value = reread(j)
-            self.txn.put(key, value, append=True)
-
-    def finish(self, scan: Scan, meta: Meta) -> None:
-        """The final commit: index and meta together, so 'complete' is atomic."""
-        self.commit()
-        index_bytes = sum(len(d.blob) + d.rows.nbytes + 256 for d in scan.dirs)
-        info = self.env.info()
-        need = (info["last_pgno"] + 1) * _PAGE + 3 * index_bytes + (16 << 20)
-        if need > info["map_size"]:
-            self.env.set_mapsize(need)
-        index = self.env.open_db(INDEX_DB, create=True)
-        meta_db = self.env.open_db(META_DB, create=True)
-        with self.env.begin(write=True) as txn:
-            for d in scan.dirs:
-                txn.put(dir_key(d.path), encode_dir(d.path, d.rows, d.blob), db=index)
-            meta.offsets_txnid = txn.id() if self.offsets_ok else 0
-            txn.put(META_KEY, meta.encode(), db=meta_db)
-        self.env.sync(True)
-
-    def close(self) -> None:
-        if self.txn is not None:
-            self.txn.abort()
-            self.txn = None
-        self.env.close()
-
-
-def _row_of(scan: Scan, i: int) -> np.void:
-    return scan.dirs[int(scan.file_dir[i])].rows[int(scan.file_row[i])]
-
-
-def _chunks(order: np.ndarray, sizes: np.ndarray) -> Iterator[np.ndarray]:
-    """Consecutive slices of ``order`` of at most CHUNK_FILES files or ~CHUNK_BYTES:
-    one task per chunk keeps thread-pool overhead off the per-file path."""
-    ends = np.cumsum(sizes[order], dtype=np.int64)
-    start = 0
-    while start < len(order):
-        base = int(ends[start - 1]) if start else 0
-        stop = int(np.searchsorted(ends, base + CHUNK_BYTES, side="right"))
-        stop = min(max(stop, start + 1), start + CHUNK_FILES)
-        yield order[start:stop]
-        start = stop
-
-
-def _copy_contents(scan: Scan, keys: bytes, order: np.ndarray, writer: _Writer, opts: PackOptions) -> list[int]:
-    """Read files in key order on worker threads; append them in that order.
+def _copy_contents(scan: Scan, order: np.ndarray, writer: Writer, opts: PackOptions) -> list[int]:
+    """Read files in ``order`` (the sources' own) and store them in that order.
     Returns the files that could not be read (with --skip-errors)."""
-    root = scan.root
     sizes = scan.file_size
     todo = int(sizes[order].sum()) if len(order) else 0
     bar = tqdm(
@@ -358,86 +225,74 @@ def _copy_contents(scan: Scan, keys: bytes, order: np.ndarray, writer: _Writer, 
     unreadable: list[int] = []
     files_done = 0
 
-    def read_one(i: int) -> bytes | None:
-        rel = scan.file_relpath(i)
-        try:
-            with open(os.path.join(root, os.fsencode(rel)), "rb", buffering=0) as fh:
-                data = fh.read()
-                info = os.fstat(fh.fileno())
-        except OSError as exc:
-            if not opts.skip_errors:
-                raise SourceError(
-                    f"cannot read {rel}: {exc.strerror}",
-                    "fix its permissions, or pass --skip-errors to leave it out and list it",
-                ) from None
-            log.warning("skipping %s: %s", rel, exc.strerror)
-            scan.errors.append(f"{rel}: {exc.strerror}")
-            return None
-        row = _row_of(scan, i)
+    def on_error(rel: str, exc: OSError) -> None:
+        if not opts.skip_errors:
+            raise SourceError(
+                f"cannot read {rel}: {exc.strerror}",
+                "fix its permissions, or pass --skip-errors to leave it out and list it",
+            ) from None
+        log.warning("skipping %s: %s", rel, exc.strerror)
+        scan.errors.append(f"{rel}: {exc.strerror}")
+
+    def process(i: int, data: bytes, mtime_ns: int | None) -> bytes:
+        row = scan.row(i)
         if len(data) != int(row["size"]):
-            log.warning("%s changed while being packed; storing what was read", rel)
+            if mtime_ns is None:
+                raise SourceError(
+                    f"{scan.file_relpath(i)}: {len(data)} bytes read, the archive lists {int(row['size'])}",
+                    "the archive is damaged — download or copy it again",
+                )
+            log.warning("%s changed while being packed; storing what was read", scan.file_relpath(i))
             row["size"] = len(data)
-            row["mtime_ns"] = info.st_mtime_ns
+            row["mtime_ns"] = mtime_ns
         row["checksum"] = checksum(data)
         return data
 
-    def read_chunk(chunk: np.ndarray) -> list[tuple[int, bytes | None]]:
-        return [(i, read_one(i)) for i in chunk.tolist()]
-
-    def reread(i: int) -> tuple[bytes, bytes]:
-        return _key_bytes(keys, i), read_one(i) or b""
-
-    window: deque[tuple[int, Future[list[tuple[int, bytes | None]]]]] = deque()
-    in_flight = 0
-    chunks = _chunks(order, sizes)
-    with ThreadPoolExecutor(max_workers=max(1, opts.workers), thread_name_prefix="pack-read") as pool:
-        while True:
-            while in_flight < WINDOW_BYTES or not window:
-                chunk = next(chunks, None)
-                if chunk is None:
-                    break
-                nbytes = int(sizes[chunk].sum())
-                in_flight += nbytes
-                window.append((nbytes, pool.submit(read_chunk, chunk)))
-            if not window:
-                break
-            nbytes, future = window.popleft()
-            in_flight -= nbytes
-            results = future.result()
-            for i, data in results:
-                if data is None:
-                    unreadable.append(i)
-                    continue
-                writer.put(i, _key_bytes(keys, i), data, reread)
-            files_done += len(results)
-            bar.set_postfix(files=f"{files_done}/{len(order)}", refresh=False)
-            bar.update(nbytes)
-    writer.commit(reread)
+    for results, nbytes in read_in_order(scan, order, opts.workers, process, on_error):
+        for i, data in results:
+            if data is None:
+                unreadable.append(i)
+                continue
+            writer.put(i, writer.keys(i), data)
+        files_done += len(results)
+        bar.set_postfix(files=f"{files_done}/{len(order)}", refresh=False)
+        bar.update(nbytes)
+    writer.commit()
     bar.close()
     return unreadable
 
 
-def _meta_for(src: str, scan: Scan, opts: PackOptions) -> Meta:
+def _meta_for(specs: list[str], scan: Scan, opts: PackOptions) -> Meta:
     return Meta(
         key_prefix=opts.key_prefix,
         key_sep=opts.key_sep,
+        keys=opts.keys,
+        key_scheme=_KEY_SCHEMES[opts.keys],
         files=scan.files,
         dirs=len(scan.dirs),
         symlinks=scan.symlinks,
         bytes=int(sum(int(d.rows["size"][d.rows["kind"] == 1].sum()) for d in scan.dirs)),
         tool_version=__version__,
         created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        source=os.path.basename(os.path.abspath(src)),
+        source=", ".join(_source_name(spec) for spec in specs),
         root_mode=scan.root_mode,
         root_mtime_ns=scan.root_mtime_ns,
         complete=True,
         extra={
             "excludes": list(opts.excludes),
+            "strip": opts.strip,
+            "expand_zips": opts.expand_zips,
             "skipped": len(scan.skipped),
             "unreadable": len(scan.errors),
             **opts.extra,
         },
     )
+
+
+def _source_name(spec: str) -> str:
+    parsed = SourceSpec.parse(spec)
+    name = os.path.basename(os.path.abspath(parsed.path))
+    return f"{parsed.under}={name}" if parsed.under else name
 
 
 def _fixed_mmap_threshold() -> None:
@@ -463,10 +318,15 @@ def _remove_db_files(path: str) -> None:
 
 
 def _publish(partial: str, db: str) -> None:
-    """Atomically put the finished DB in place, then make the rename durable."""
-    if os.path.isdir(db):
-        shutil.rmtree(db)
+    """Atomically put the finished DB in place, then make the rename durable.
+
+    A directory DB (--keys path) cannot replace another DB in one rename: the old
+    one is removed just before."""
+    if os.path.isdir(db) or (os.path.isdir(partial) and os.path.lexists(db)):
+        _remove_db_files(db)
     os.replace(partial, db)
+    if os.path.isdir(db) and os.path.lexists(os.path.join(db, "lock.mdb")):
+        os.unlink(os.path.join(db, "lock.mdb"))
     if os.path.lexists(partial + "-lock"):
         os.unlink(partial + "-lock")
     if os.path.lexists(db + "-lock"):

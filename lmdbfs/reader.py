@@ -380,6 +380,11 @@ class Archive:
         """
         if entry.inline is not None:
             return memoryview(entry.inline)
+        return self.keyed_value(rel, entry)
+
+    def keyed_value(self, rel: str, entry: Entry) -> memoryview:
+        """The value found by its key in the main database, even for an inline file (a
+        packed DB keeps a second copy there, which `verify` checks too)."""
         h = self._h()
         view = h.vtxn().get(self.key_of(rel), db=h.main_db)
         if view is None:

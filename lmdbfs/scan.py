@@ -1,24 +1,26 @@
-"""Walking the source tree into compact directory records, before any file is read.
+"""The tree to pack, as compact directory records, known before any file is read.
 
-The scan keeps ~60 bytes per file (a numpy row plus the name), never the contents, so
-a 1.44M-file tree scans in ~100 MB. Knowing every path up front lets the packer sort
-the md5 keys and append them in order, which keeps LMDB's pages full.
+Sources (lmdbfs/sources.py: a folder, a zip or tar archive) report their entries in
+their own order; a `TreeBuilder` places them in one tree (several sources merge, a
+path two sources both provide is an error) and numbers the files in that order, which
+is the order the packer reads and stores them. The result keeps ~60 bytes per file (a
+numpy row plus the name), never the contents. Knowing every path up front lets the
+packer check keys, size the map and show an ETA before reading a byte.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import logging
-import os
-import stat as st
+from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from .errors import SourceError
-from .format import KIND_DIR, KIND_FILE, KIND_SYMLINK, decode_path, new_rows, pack_names
+from .format import KIND_DIR, KIND_FILE, decode_path, encode_path, new_rows, pack_names
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,17 @@ class ScannedDir:
         off, n, t = int(row["name_off"]), int(row["name_len"]), int(row["target_len"])
         return self.blob[off : off + n], self.blob[off + n : off + n + t]
 
+    def name(self, r: int) -> bytes:
+        """The name of row r, without numpy scalar access (called per file, often)."""
+        spans = self.__dict__.get("_spans")
+        if spans is None:
+            spans = self.__dict__["_spans"] = (
+                array("Q", self.rows["name_off"].tolist()),
+                array("H", self.rows["name_len"].tolist()),
+            )
+        off = spans[0][r]
+        return self.blob[off : off + spans[1][r]]
+
     def without(self, drop: set[int]) -> ScannedDir:
         keep = [r for r in range(len(self.rows)) if r not in drop]
         pairs = [self.name_and_target(r) for r in keep]
@@ -43,13 +56,16 @@ class ScannedDir:
 
 @dataclass
 class Scan:
-    """Everything known about the tree before reading: the future index, and the files."""
+    """Everything known about the tree before reading: the future index, and the files
+    numbered in reading order (file i lives in dirs[file_dir[i]].rows[file_row[i]])."""
 
-    root: bytes
     dirs: list[ScannedDir] = field(default_factory=list)
     file_dir: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint32))
     file_row: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint32))
     file_size: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
+    file_src: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint16))  # index into sources
+    file_ref: list[Any] = field(default_factory=list)  # what the source needs to find the bytes again
+    sources: list[Any] = field(default_factory=list)  # sources.Source, in the order they were added
     files: int = 0
     symlinks: int = 0
     bytes: int = 0
@@ -59,9 +75,15 @@ class Scan:
     root_mtime_ns: int = 0
 
     def file_relpath(self, i: int) -> str:
-        d = self.dirs[int(self.file_dir[i])]
-        name = decode_path(d.name_and_target(int(self.file_row[i]))[0])
+        where = self.__dict__.get("_where")
+        if where is None:
+            where = self.__dict__["_where"] = (array("I", self.file_dir.tobytes()), array("I", self.file_row.tobytes()))
+        d = self.dirs[where[0][i]]
+        name = decode_path(d.name(where[1][i]))
         return f"{d.path}/{name}" if d.path else name
+
+    def row(self, i: int) -> np.void:
+        return self.dirs[int(self.file_dir[i])].rows[int(self.file_row[i])]
 
     def drop_files(self, indices: list[int]) -> None:
         """Leave out files that could not be read (--skip-errors). Call after copying:
@@ -69,6 +91,7 @@ class Scan:
         by_dir: dict[int, set[int]] = {}
         for i in indices:
             by_dir.setdefault(int(self.file_dir[i]), set()).add(int(self.file_row[i]))
+        self.__dict__.pop("_where", None)
         for d_idx, drop in by_dir.items():
             d = self.dirs[d_idx]
             self.bytes -= int(sum(int(d.rows[r]["size"]) for r in drop))
@@ -76,133 +99,192 @@ class Scan:
         self.files -= len(indices)
 
 
-class _Excluder:
+class Excluder:
     """--exclude GLOB: a pattern with '/' matches the relative path, otherwise the name."""
 
-    def __init__(self, patterns: list[str], skip_abs: list[bytes], include: Callable[[str], bool] | None) -> None:
-        self.include = include
+    def __init__(self, patterns: list[str], include: Callable[[str], bool] | None = None) -> None:
+        self.include = include  # a shard's share: only the relative paths it accepts are kept
         self.path_pats = [p.strip("/") for p in patterns if "/" in p.strip("/")]
         self.name_pats = [p for p in patterns if "/" not in p.strip("/")]
-        self.skip_abs = set(skip_abs)
 
-    def __call__(self, name: str, rel: str, abspath: bytes) -> bool:
-        if abspath in self.skip_abs:
-            return True
+    def __call__(self, name: str, rel: str) -> bool:
         if self.include is not None and not self.include(rel):
             return True
         if any(fnmatch.fnmatchcase(name, p) for p in self.name_pats):
             return True
         return any(fnmatch.fnmatchcase(rel, p) for p in self.path_pats)
 
-
-def scan_tree(
-    src: str,
-    excludes: list[str] | None = None,
-    skip_abs: list[bytes] | None = None,
-    skip_errors: bool = False,
-    progress: bool = False,
-    include: Callable[[str], bool] | None = None,
-) -> Scan:
-    """lstat every entry below ``src`` (symlinks are recorded, never followed);
-    ``include``, if given, keeps only the relative paths it accepts (a shard's share)."""
-    root = os.fsencode(os.path.abspath(src))
-    try:
-        top = os.stat(root)
-    except OSError as exc:
-        raise SourceError(f"{src}: {exc.strerror}", "pass an existing directory to pack") from None
-    if not st.S_ISDIR(top.st_mode):
-        raise SourceError(f"{src}: not a directory", "pass the top folder of the tree to pack")
-    scan = Scan(root=root, root_mode=st.S_IMODE(top.st_mode), root_mtime_ns=top.st_mtime_ns)
-    excluded = _Excluder(excludes or [], skip_abs or [], include)
-    file_dirs: list[np.ndarray] = []
-    file_rows: list[np.ndarray] = []
-    file_sizes: list[np.ndarray] = []
-    # (relpath, index of the parent's ScannedDir, row of this dir in the parent)
-    stack: list[tuple[str, int, int]] = [("", -1, -1)]
-    bar = tqdm(desc="scan", unit=" entries", disable=not progress, smoothing=0.1)
-    while stack:
-        rel, parent, parent_row = stack.pop()
-        listing = _list_dir(root, rel, scan, skip_errors, excluded)
-        if listing is None:
-            continue
-        names, targets, rows, subdirs = listing
-        dir_index = len(scan.dirs)
-        scan.dirs.append(ScannedDir(rel, rows, pack_names(rows, names, targets)))
-        if parent >= 0:
-            # A directory row's checksum field holds its subdirectory count (st_nlink - 2),
-            # so stat never has to open the child's own record.
-            scan.dirs[parent].rows[parent_row]["checksum"] = len(subdirs)
-        file_idx = np.flatnonzero(rows["kind"] == KIND_FILE).astype(np.uint32)
-        file_rows.append(file_idx)
-        file_sizes.append(rows["size"][file_idx])
-        file_dirs.append(np.full(len(file_idx), dir_index, np.uint32))
-        scan.files += len(file_idx)
-        scan.bytes += int(rows["size"][file_idx].sum())
-        scan.symlinks += int(np.count_nonzero(rows["kind"] == KIND_SYMLINK))
-        stack.extend((child, dir_index, row) for child, row in reversed(subdirs))
-        bar.update(len(rows))
-    bar.close()
-    if file_rows:
-        scan.file_dir = np.concatenate(file_dirs)
-        scan.file_row = np.concatenate(file_rows)
-        scan.file_size = np.concatenate(file_sizes)
-    return scan
+    def covers(self, rel: str) -> bool:
+        """Whether ``rel`` or any folder above it is excluded (archive members come
+        with whole paths, not folder by folder)."""
+        if not (self.path_pats or self.name_pats or self.include):
+            return False
+        parts = rel.split("/")
+        return any(self(parts[k], "/".join(parts[: k + 1])) for k in range(len(parts)))
 
 
-def _list_dir(
-    root: bytes, rel: str, scan: Scan, skip_errors: bool, excluded: _Excluder
-) -> tuple[list[bytes], list[bytes], np.ndarray, list[tuple[str, int]]] | None:
-    """One directory's entries, sorted by name bytes, with their lstat fields."""
-    abs_dir = os.path.join(root, os.fsencode(rel)) if rel else root
-    try:
-        with os.scandir(abs_dir) as it:
-            found = sorted(it, key=lambda e: e.name)
-    except OSError as exc:
-        return _source_problem(scan, rel or ".", exc, skip_errors)
-    kept: list[tuple[bytes, int, os.stat_result, bytes]] = []
-    subdirs: list[tuple[str, int]] = []
-    for entry in found:
-        name = entry.name
-        child = f"{rel}/{decode_path(name)}" if rel else decode_path(name)
-        if excluded(decode_path(name), child, entry.path):
-            log.debug("excluded %s", child)
-            continue
-        try:
-            info = entry.stat(follow_symlinks=False)
-            kind, target = _kind_of(info.st_mode, entry.path)
-        except OSError as exc:
-            _source_problem(scan, child, exc, skip_errors)
-            continue
-        if kind == 0:
-            log.warning("skipping %s: not a regular file, directory or symlink", child)
-            scan.skipped.append(child)
-            continue
+class _DirAcc:
+    """One directory's entries as they arrive, in compact parallel arrays."""
+
+    __slots__ = ("names", "kinds", "modes", "sizes", "mtimes", "targets", "filenums", "srcs", "implicit", "where")
+
+    def __init__(self, implicit: bool, where: tuple[_DirAcc, int] | None) -> None:
+        self.names: list[bytes] = []
+        self.kinds = array("B")
+        self.modes = array("H")
+        self.sizes = array("Q")
+        self.mtimes = array("q")
+        self.targets: list[bytes] = []
+        self.filenums = array("q")  # file number, -1 for other kinds
+        self.srcs = array("H")
+        self.implicit = implicit  # created for a member below it, not listed itself (yet)
+        self.where = where  # (parent accumulator, row) of this directory's own entry
+
+    def append(
+        self, name: bytes, kind: int, mode: int, size: int, mtime_ns: int, target: bytes, filenum: int, src: int
+    ) -> int:
+        self.names.append(name)
+        self.kinds.append(kind)
+        self.modes.append(mode)
+        self.sizes.append(size)
+        self.mtimes.append(mtime_ns)
+        self.targets.append(target)
+        self.filenums.append(filenum)
+        self.srcs.append(src)
+        return len(self.names) - 1
+
+
+class TreeBuilder:
+    """Places entries from one or more sources into one tree.
+
+    Directories merge (the first source to list one gives its mode and mtime; a folder
+    only implied by a member's path gets 0o755 and its source's time); anything else
+    provided twice is an error naming the path and both sources.
+    """
+
+    def __init__(self) -> None:
+        self.accs: dict[str, _DirAcc] = {"": _DirAcc(implicit=False, where=None)}
+        self.labels: list[str] = []
+        self.sources: list[Any] = []
+        self.file_src = array("H")
+        self.file_ref: list[Any] = []
+        self.symlinks = 0
+        self.bytes = 0
+        self.skipped: list[str] = []
+        self.errors: list[str] = []
+
+    def add_source(self, source: Any, label: str) -> int:
+        self.sources.append(source)
+        self.labels.append(label)
+        return len(self.sources) - 1
+
+    def add(
+        self,
+        rel: str,
+        kind: int,
+        mode: int,
+        mtime_ns: int,
+        size: int,
+        target: bytes,
+        src: int,
+        ref: Any,
+        dir_mtime_ns: int,
+    ) -> None:
+        """One entry at tree path ``rel`` (no leading slash); ``dir_mtime_ns`` dates the
+        folders it implies."""
+        parent, _, name = rel.rpartition("/")
+        acc = self._dir(parent, src, dir_mtime_ns)
         if kind == KIND_DIR:
-            subdirs.append((child, len(kept)))
-        kept.append((name, kind, info, target))
-    rows = new_rows(len(kept))
-    if kept:
-        rows["kind"] = [k for _, k, _, _ in kept]
-        rows["mode"] = [st.S_IMODE(i.st_mode) for _, _, i, _ in kept]
-        rows["size"] = [i.st_size if k == KIND_FILE else len(t) for _, k, i, t in kept]
-        rows["mtime_ns"] = [i.st_mtime_ns for _, _, i, _ in kept]
-    return [n for n, _, _, _ in kept], [t for _, _, _, t in kept], rows, subdirs
+            child = self.accs.get(rel)
+            if child is None:
+                row = acc.append(encode_path(name), KIND_DIR, mode, 0, mtime_ns, b"", -1, src)
+                self.accs[rel] = _DirAcc(implicit=False, where=(acc, row))
+            elif child.implicit and child.where is not None:
+                owner, row = child.where
+                owner.modes[row], owner.mtimes[row], owner.srcs[row] = mode, mtime_ns, src
+                child.implicit = False
+            return
+        filenum = -1
+        if kind == KIND_FILE:
+            filenum = len(self.file_ref)
+            self.file_src.append(src)
+            self.file_ref.append(ref)
+            self.bytes += size
+        else:
+            self.symlinks += 1
+            size = len(target)
+        acc.append(encode_path(name), kind, mode, size, mtime_ns, target, filenum, src)
 
+    def _dir(self, rel: str, src: int, mtime_ns: int) -> _DirAcc:
+        acc = self.accs.get(rel)
+        if acc is None:
+            parent, _, name = rel.rpartition("/")
+            owner = self._dir(parent, src, mtime_ns)
+            row = owner.append(encode_path(name), KIND_DIR, 0o755, 0, mtime_ns, b"", -1, src)
+            acc = self.accs[rel] = _DirAcc(implicit=True, where=(owner, row))
+        return acc
 
-def _kind_of(mode: int, path: bytes) -> tuple[int, bytes]:
-    if st.S_ISREG(mode):
-        return KIND_FILE, b""
-    if st.S_ISDIR(mode):
-        return KIND_DIR, b""
-    if st.S_ISLNK(mode):
-        return KIND_SYMLINK, os.readlink(path)
-    return 0, b""
+    def build(self, root_mode: int, root_mtime_ns: int) -> Scan:
+        """The compact form: sorted rows per directory, files numbered in arrival order."""
+        files = len(self.file_ref)
+        file_dir = np.zeros(files, np.uint32)
+        file_row = np.zeros(files, np.uint32)
+        file_size = np.zeros(files, np.uint64)
+        dirs: list[ScannedDir] = []
+        subdirs = {rel: 0 for rel in self.accs}
+        for rel in self.accs:
+            if rel:
+                subdirs[rel.rpartition("/")[0]] += 1
+        for rel, acc in self.accs.items():
+            order = sorted(range(len(acc.names)), key=acc.names.__getitem__)
+            for a, b in zip(order, order[1:]):
+                if acc.names[a] == acc.names[b]:
+                    self._duplicate(rel, acc, a, b)
+            rows = new_rows(len(order))
+            if order:
+                take = np.asarray(order, dtype=np.int64)
+                rows["kind"] = np.frombuffer(acc.kinds, np.uint8)[take]
+                rows["mode"] = np.frombuffer(acc.modes, np.uint16)[take]
+                rows["size"] = np.frombuffer(acc.sizes, np.uint64)[take]
+                rows["mtime_ns"] = np.frombuffer(acc.mtimes, np.int64)[take]
+                nums = np.frombuffer(acc.filenums, np.int64)[take]
+                is_file = nums >= 0
+                file_dir[nums[is_file]] = len(dirs)
+                file_row[nums[is_file]] = np.flatnonzero(is_file)
+                file_size[nums[is_file]] = rows["size"][is_file]
+                for r, k in enumerate(order):
+                    if acc.kinds[k] == KIND_DIR:
+                        # A directory row's checksum field holds its subdirectory count
+                        # (st_nlink - 2), so stat never has to open the child's record.
+                        child = f"{rel}/{decode_path(acc.names[k])}" if rel else decode_path(acc.names[k])
+                        rows["checksum"][r] = subdirs[child]
+            names = [acc.names[k] for k in order]
+            targets = [acc.targets[k] for k in order]
+            dirs.append(ScannedDir(rel, rows, pack_names(rows, names, targets)))
+        self.accs.clear()
+        return Scan(
+            dirs=dirs,
+            file_dir=file_dir,
+            file_row=file_row,
+            file_size=file_size,
+            file_src=np.frombuffer(self.file_src, np.uint16).copy() if files else np.zeros(0, np.uint16),
+            file_ref=self.file_ref,
+            sources=self.sources,
+            files=files,
+            symlinks=self.symlinks,
+            bytes=self.bytes,
+            skipped=self.skipped,
+            errors=self.errors,
+            root_mode=root_mode,
+            root_mtime_ns=root_mtime_ns,
+        )
 
-
-def _source_problem(scan: Scan, rel: str, exc: OSError, skip_errors: bool) -> None:
-    reason = exc.strerror or str(exc)
-    if not skip_errors:
-        raise SourceError(f"cannot read {rel}: {reason}", "fix its permissions, or pass --skip-errors to leave it out")
-    log.warning("skipping %s: %s", rel, reason)
-    scan.errors.append(f"{rel}: {reason}")
-    return None
+    def _duplicate(self, rel: str, acc: _DirAcc, a: int, b: int) -> None:
+        name = decode_path(acc.names[a])
+        path = f"{rel}/{name}" if rel else name
+        first, second = self.labels[acc.srcs[a]], self.labels[acc.srcs[b]]
+        where = f"both {first} and {second} provide it" if first != second else f"{first} lists it twice"
+        raise SourceError(
+            f"{path}: {where}",
+            "place one source under its own folder (DIR=SOURCE) or --exclude the path",
+        )

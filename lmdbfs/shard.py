@@ -18,6 +18,7 @@ import heapq
 import posixpath
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from .errors import UsageError
 
@@ -195,10 +196,14 @@ def iter_scan_entries(scan) -> Iterator[tuple[str, int, int]]:
             yield (f"{d.path}/{name}" if d.path else name), kind, size
 
 
-def plan_for_source(src: str, index: int, count: int, depth: int | None, excludes: list[str], db: str) -> ShardPlan:
-    """Scan SRC (names and sizes only, as `pack` would, excludes applied) and plan."""
+def plan_for_source(
+    specs: list[str], index: int, count: int, depth: int | None, excludes: list[str], db: str, **scan_opts: Any
+) -> ShardPlan:
+    """Scan the sources (names and sizes only, as `pack` would, excludes applied) and plan."""
     from .packer import output_files
-    from .scan import scan_tree
+    from .sources import build_scan
 
-    scan = scan_tree(src, excludes, output_files(db), skip_errors=True)
+    scan = build_scan(
+        list(specs), excludes=excludes, skip_abs=output_files(db), skip_errors=True, quiet=True, **scan_opts
+    )
     return plan(list(iter_scan_entries(scan)), index, count, depth)

@@ -347,6 +347,10 @@ class Union(Archive):
         layer, sub = self.owner(rel)
         return layer.value_view(sub, entry)
 
+    def keyed_value(self, rel: str, entry: Entry) -> memoryview:
+        layer, sub = self.owner(rel)
+        return layer.keyed_value(sub, entry)
+
     def value_location(self, rel: str, entry: Entry) -> tuple[int, int | None]:
         layer, sub = self.owner(rel)
         return layer.value_location(sub, entry)

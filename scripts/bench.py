@@ -859,6 +859,45 @@ class Ctx:
 # --------------------------------------------------------------------------- phases
 
 
+def bench_zip_source(ctx: Ctx) -> dict[str, Any]:
+    """Packing straight from a zip of the tree vs `unzip` then `lmdbfs pack`, caches
+    dropped before each (the zip is made once, stored: JPEGs do not compress)."""
+    art = ctx.art_dir
+    art.mkdir(parents=True, exist_ok=True)
+    archive = art / "tree.zip"
+    if not archive.exists():
+        run(["zip", "-q", "-r", "-0", str(archive), "."], cwd=ctx.tree.root, timeout=ctx.args.timeout)
+    cli = [sys.executable, "-m", "lmdbfs", "pack", "--force", "--no-progress"]
+    from_zip, unzipped, from_dir = art / "from-zip.lmdb", art / "unzipped", art / "from-unzipped.lmdb"
+    shutil.rmtree(unzipped, ignore_errors=True)
+    try:
+        cold = drop_caches(ctx.cold_ok)
+        m_zip = run_measured([*cli, str(archive), str(from_zip)], timeout=ctx.args.timeout)
+        cold = drop_caches(ctx.cold_ok) and cold
+        m_unzip = run_measured(["unzip", "-q", str(archive), "-d", str(unzipped)], timeout=ctx.args.timeout)
+        m_pack = run_measured([*cli, str(unzipped), str(from_dir)], timeout=ctx.args.timeout)
+    finally:
+        shutil.rmtree(unzipped, ignore_errors=True)
+        for db in (from_zip, from_dir):
+            db.unlink(missing_ok=True)
+    out = {
+        "cold": cold,
+        "zip_bytes": path_bytes(archive),
+        "pack_zip": measured_dict(m_zip),
+        "unzip": measured_dict(m_unzip),
+        "pack_unzipped": measured_dict(m_pack),
+        "ratio": m_zip.seconds / (m_unzip.seconds + m_pack.seconds),
+    }
+    log.info(
+        "zip source: lmdbfs pack ZIP %.1f s vs unzip %.1f s + lmdbfs pack %.1f s (ratio %.2f)",
+        m_zip.seconds,
+        m_unzip.seconds,
+        m_pack.seconds,
+        out["ratio"],
+    )
+    return out
+
+
 def do_pack(ctx: Ctx, sysobj: System, prev: dict[str, Any]) -> None:
     """Pack one system, or reuse the artifact (and its old numbers) with --skip-pack."""
     name = sysobj.name
@@ -1702,6 +1741,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--no-pack", action="store_true", help="do not pack or report packing at all")
     ap.add_argument("--no-reads", action="store_true", help="pack only")
+    ap.add_argument(
+        "--zip-source", action="store_true", help="also time `lmdbfs pack TREE.zip` against unzip + lmdbfs pack"
+    )
     ap.add_argument("--no-verify", action="store_true", help="skip the bytes check")
     ap.add_argument("--regen-tree", action="store_true", help="regenerate the fake tree even if present")
     ap.add_argument("--no-drop-caches", action="store_true", help="never drop caches ('cold' is then not cold)")
@@ -1821,6 +1863,12 @@ def main(argv: list[str] | None = None) -> int:
                 except Exception as e:
                     log.exception("%s: packing failed", s.name)
                     ctx.res["errors"][f"{s.name} pack"] = str(e)
+        if a.zip_source:
+            try:
+                ctx.res["zip_source"] = bench_zip_source(ctx)
+            except Exception as e:
+                log.exception("zip source failed")
+                ctx.res["errors"]["zip source"] = str(e)
         if not a.no_reads:
             for s in systems:
                 if s.name != "native" and not s.packed():

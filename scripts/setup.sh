@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
-apt_packages=(fuse3 libfuse3-3 squashfs-tools squashfuse)  # the last two: benchmark baselines
+apt_packages=(fuse3 libfuse3-3 squashfs-tools squashfuse zip unzip)  # the rest: benchmark baselines
 if ! python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
     apt_packages+=(python3 python3-venv)
 elif ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' 2>/dev/null; then

@@ -239,7 +239,7 @@ def test_signals_unmount_cleanly(edge_db: Path, mount_db, sig: int) -> None:
 def test_corrupted_value_is_eio_for_that_file_only(edge_tree: Path, edge_db: Path, mount_db, tmp_path: Path) -> None:
     broken = tmp_path / "broken.lmdb"
     shutil.copy(edge_db, broken)
-    victim = "small/many_200.txt"
+    victim = "big/seventy_mb.bin"  # small files are served from their inline copy
     with lmdbfs.open(broken) as archive:
         offset = archive.value_offset(victim, archive.lstat(victim))
     with open(broken, "r+b") as fh:

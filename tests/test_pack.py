@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import lmdbfs
+from lmdbfs import store
 from lmdbfs.format import INDEX_DB, META_DB, META_KEY, content_key, dir_key, encode_dir, new_rows, pack_names
 
 from .conftest import BIG_FILE_BYTES, one_error_line, run_cli
@@ -253,21 +254,30 @@ def test_a_killed_pack_is_refused_then_resumed(tmp_path: Path, kill_at_bytes: in
 
 
 def test_verify_finds_a_corrupted_value(edge_db: Path, tmp_path: Path) -> None:
+    """Both copies of a small file (record and key) and a large value are checked."""
     broken = tmp_path / "broken.lmdb"
     shutil.copy(edge_db, broken)
+    rels = ("small/many_123.txt", "big/seventy_mb.bin")
     with lmdbfs.open(broken) as archive:
-        entry = archive.lstat("small/many_123.txt")
-        offset = archive.value_offset("small/many_123.txt", entry)
+        assert archive.lstat(rels[0]).inline is not None and archive.lstat(rels[1]).inline is None
+        # The small file's copy under its key, and the large value at its recorded offset.
+        small = archive.keyed_value(rels[0], archive.lstat(rels[0]))
+        offsets = [
+            store.map_offset(small, archive._h().map_base),
+            archive.value_offset(rels[1], archive.lstat(rels[1])),
+        ]
     with open(broken, "r+b") as fh:
-        fh.seek(offset + 1)
-        byte = fh.read(1)
-        fh.seek(offset + 1)
-        fh.write(bytes([byte[0] ^ 0xFF]))
+        for offset in offsets:
+            fh.seek(offset + 1)
+            byte = fh.read(1)
+            fh.seek(offset + 1)
+            fh.write(bytes([byte[0] ^ 0xFF]))
     proc = run_cli("verify", broken, check=False)
     assert proc.returncode == 6
-    assert "small/many_123.txt: checksum mismatch" in proc.stdout
-    assert proc.stdout.count("mismatch") == 1
-    line = one_error_line(run_cli("cat", broken, "small/many_123.txt", check=False))
+    for rel in rels:
+        assert f"{rel}: checksum mismatch" in proc.stdout
+    assert proc.stdout.count("mismatch") == 2
+    line = one_error_line(run_cli("cat", broken, rels[1], check=False))
     assert "checksum mismatch" in line
 
 
@@ -329,13 +339,13 @@ def test_map_grows_when_the_first_estimate_is_too_small(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The packer never needs a hard-coded map size: a full map grows and the batch is redone."""
-    from lmdbfs import packer
+    from lmdbfs import packer, writer
 
-    caplog.set_level("INFO", logger="lmdbfs.packer")
+    caplog.set_level("INFO", logger="lmdbfs.writer")
     src = tmp_path / "src"
     _slow_tree(src, files=100, size=300_000)  # 30 MB
     monkeypatch.setattr(packer, "_map_size_for", lambda scan: 2 << 20)
-    monkeypatch.setattr(packer, "BATCH_BYTES", 8 << 20)
+    monkeypatch.setattr(writer, "BATCH_BYTES", 8 << 20)
     result = packer.pack(str(src), str(tmp_path / "grown.lmdb"), packer.PackOptions(progress=False))
     assert result.files == 100
     assert any("growing the map" in r.message for r in caplog.records)

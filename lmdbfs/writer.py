@@ -1,0 +1,239 @@
+"""The packer's side of LMDB: batched puts into the partial DB, map growth, resume,
+value offsets, and the final commit that writes the index and the meta record."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import lmdb
+import numpy as np
+
+from .errors import SourceError
+from .format import (
+    FLAG_INLINE,
+    INDEX_DB,
+    INLINE_MAX,
+    KEYS_MD5,
+    KIND_FILE,
+    META_DB,
+    META_KEY,
+    Meta,
+    checksum,
+    content_key,
+    decode_path,
+    dir_key,
+    encode_dir,
+    pack_names,
+)
+from .scan import Scan, ScannedDir
+from .store import MAX_DBS, map_base, map_offset, unmap_pages
+
+log = logging.getLogger(__name__)
+
+BATCH_BYTES = 32 << 20  # dirty pages held per write transaction
+DATA_FILE = "data.mdb"  # the data file of an LMDB directory
+_PAGE = 4096
+_PAGE_HEADER = 16  # LMDB's PAGEHDRSZ
+
+
+class Keys:
+    """Main-database keys of the scan's files: md5 digests made once and kept (16 bytes
+    a file), plain path keys made on demand from the paths."""
+
+    def __init__(self, scan: Scan, prefix: str, sep: str, scheme: str) -> None:
+        self.scan, self.prefix, self.sep, self.scheme = scan, prefix, sep, scheme
+        self.digests: bytes | None = None
+        if scheme == KEYS_MD5:
+            self.digests = b"".join(self.key_of(scan.file_relpath(i)) for i in range(scan.files))
+
+    def __call__(self, i: int) -> bytes:
+        if self.digests is not None:
+            return self.digests[16 * i : 16 * i + 16]
+        return self.key_of(self.scan.file_relpath(i))
+
+    def key_of(self, rel: str) -> bytes:
+        return content_key(rel, self.prefix, self.sep, self.scheme)
+
+
+class Writer:
+    """Owns the partial LMDB: batched puts, map growth, resume, the final commit."""
+
+    def __init__(self, path: str, subdir: bool, map_size: int, scan: Scan, keys: Keys) -> None:
+        self.path = path
+        self.data_file = os.path.join(path, DATA_FILE) if subdir else path
+        self.scan = scan
+        self.keys = keys
+        self.offsets_ok = True  # every overflow value's offset has been recorded
+        try:
+            self.env = lmdb.open(
+                path,
+                subdir=subdir,
+                map_size=map_size,
+                max_dbs=MAX_DBS,
+                sync=False,
+                metasync=False,
+                readahead=True,  # _record_offsets maps cached pages 16 at a time
+                writemap=False,
+                meminit=False,
+                lock=True,
+            )
+        except lmdb.Error as exc:
+            raise SourceError(f"cannot create {path}: {exc}", "check the destination is writable") from None
+        self.main = self.env.open_db()
+        self.txn: lmdb.Transaction | None = None
+        self.pending: list[tuple[int, bytes, bytes]] = []  # (file, key, value) of the open batch
+        self.pending_bytes = 0
+
+    def resume_todo(self, order: np.ndarray) -> np.ndarray:
+        """The files of ``order`` a previous run has not committed yet, in order.
+
+        Committed values are checked against the scan (size) and checksummed; their
+        offsets are recorded again. A fresh DB has nothing committed: everything is to do.
+        """
+        scan = self.scan
+        with self.env.begin(buffers=True) as txn:
+            if txn.stat(self.main)["entries"] == 0:
+                return order
+            base = map_base(self.data_file)
+            done = np.zeros(len(order), dtype=bool)
+            for n, i in enumerate(order.tolist()):
+                value = txn.get(self.keys(i), db=self.main)
+                if value is None:
+                    continue
+                row = scan.row(i)
+                if len(value) != int(row["size"]):
+                    raise SourceError(
+                        f"{scan.file_relpath(i)} changed since the interrupted pack",
+                        "start over with --force",
+                    )
+                row["checksum"] = checksum(value)
+                self._note_offset(row, value, base)
+                done[n] = True
+                if n % 1024 == 1023:
+                    self._unmap(base)
+            self._unmap(base)
+        log.info("resuming: %d of %d files already packed", int(done.sum()), len(order))
+        return order[~done]
+
+    def put(self, i: int, key: bytes, value: bytes) -> None:
+        """Add one value; commit every BATCH_BYTES. The open batch stays in memory so a
+        full map can grow and the batch be written again (a stream cannot be re-read)."""
+        if self.txn is None:
+            self.txn = self.env.begin(write=True, db=self.main)
+        try:
+            self.txn.put(key, value)
+        except lmdb.MapFullError:
+            self.pending.append((i, key, value))
+            self._grow_and_replay()
+        else:
+            self.pending.append((i, key, value))
+        self.pending_bytes += len(value)
+        if self.pending_bytes >= BATCH_BYTES:
+            self.commit()
+
+    def commit(self) -> None:
+        while self.txn is not None:
+            try:
+                self.txn.commit()
+                self.txn = None
+            except lmdb.MapFullError:
+                self._grow_and_replay()
+        self._record_offsets([(i, key) for i, key, _ in self.pending])
+        self.pending.clear()
+        self.pending_bytes = 0
+
+    def _record_offsets(self, files: list[tuple[int, bytes]]) -> None:
+        """Note in each just-committed file's row where its value landed in the file.
+
+        Readers then pread values directly, with no LMDB call: LMDB touches every page
+        of a value it returns, which on a cold cache means 4 KiB faults. Done right
+        after each commit, while the batch is still in the page cache; the pages are
+        unmapped again so the packer's memory stays flat.
+        """
+        if not files:
+            return
+        base = map_base(self.data_file)
+        with self.env.begin(buffers=True, db=self.main) as txn:
+            for i, key in files:
+                view = txn.get(key)
+                if view is None:
+                    raise SourceError(f"{self.scan.file_relpath(i)}: value missing after commit", "pack again")
+                self._note_offset(self.scan.row(i), view, base)
+        self._unmap(base)
+
+    def _note_offset(self, row: np.void, view: memoryview, base: int | None) -> None:
+        if base is None:
+            self.offsets_ok = False
+        elif len(view):
+            offset = map_offset(view, base)
+            # Only values in overflow pages (they start right after a 16-byte page
+            # header) stay put; small values live in leaf pages, which later commits
+            # may copy elsewhere. Those are looked up by key (or carried inline).
+            if offset % _PAGE == _PAGE_HEADER:
+                row["data_off"] = offset
+
+    def _unmap(self, base: int | None) -> None:
+        if base is not None:
+            unmap_pages(base, self.env.info()["map_size"])
+
+    def _grow_and_replay(self) -> None:
+        """Abort the open batch, grow the map, and write the batch again."""
+        while True:
+            if self.txn is not None:
+                self.txn.abort()
+            new = int(self.env.info()["map_size"] * 1.5) + 2 * BATCH_BYTES
+            log.info("growing the map to %.1f GB", new / 1e9)
+            self.env.set_mapsize(new)
+            self.txn = self.env.begin(write=True, db=self.main)
+            try:
+                for _i, key, value in self.pending:
+                    self.txn.put(key, value)
+                return
+            except lmdb.MapFullError:
+                continue
+
+    def finish(self, scan: Scan, meta: Meta) -> None:
+        """The final commit: index and meta together, so 'complete' is atomic.
+
+        Small files' bytes go into their directory's record here, read back from the
+        main database (bounded memory: one directory at a time)."""
+        self.commit()
+        index_bytes = sum(len(d.blob) + d.rows.nbytes + 256 for d in scan.dirs)
+        index_bytes += int(scan.file_size[scan.file_size <= INLINE_MAX].sum())
+        info = self.env.info()
+        need = (info["last_pgno"] + 1) * _PAGE + 3 * index_bytes + (16 << 20)
+        if need > info["map_size"]:
+            self.env.set_mapsize(need)
+        index = self.env.open_db(INDEX_DB, create=True)
+        meta_db = self.env.open_db(META_DB, create=True)
+        with self.env.begin(write=True) as txn:
+            for d in scan.dirs:
+                txn.put(dir_key(d.path), encode_dir(d.path, d.rows, self._with_inline(txn, d)), db=index)
+            meta.offsets_txnid = txn.id() if self.offsets_ok else 0
+            txn.put(META_KEY, meta.encode(), db=meta_db)
+        self.env.sync(True)
+
+    def _with_inline(self, txn: lmdb.Transaction, d: ScannedDir) -> bytes:
+        """The directory's blob with the bytes of its small files after their names;
+        sets FLAG_INLINE on their rows."""
+        small = np.flatnonzero((d.rows["kind"] == KIND_FILE) & (d.rows["size"] <= INLINE_MAX))
+        if not len(small):
+            return d.blob
+        pairs = [d.name_and_target(r) for r in range(len(d.rows))]
+        inline = [b""] * len(d.rows)
+        for r in small.tolist():
+            rel = decode_path(pairs[r][0])
+            rel = f"{d.path}/{rel}" if d.path else rel
+            value = txn.get(self.keys.key_of(rel), db=self.main)
+            if value is None or len(value) != int(d.rows[r]["size"]):
+                raise SourceError(f"{rel}: value missing before the final commit", "pack again with --force")
+            inline[r] = bytes(value)
+        d.rows["flags"][small] |= FLAG_INLINE
+        return pack_names(d.rows, [n for n, _ in pairs], [t for _, t in pairs], inline)
+
+    def close(self) -> None:
+        if self.txn is not None:
+            self.txn.abort()
+            self.txn = None
+        self.env.close()
