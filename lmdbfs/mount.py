@@ -52,6 +52,13 @@ def _fuse_kwargs(options: list[str]) -> dict[str, object]:
     return kwargs
 
 
+def fuse_option_value(text: str) -> str:
+    """``text`` escaped for a libfuse -o option list, where ',' separates options and
+    '\\' escapes the next character (lib/fuse_opt.c): a DB named `a,b=c.lmdb` must not
+    smuggle in an option. Every serving path builds fsname= and the like with this."""
+    return text.replace("\\", "\\\\").replace(",", "\\,")
+
+
 def check_mountpoint(mnt: str) -> None:
     """Refuse a missing, non-directory, non-empty, mounted or dead mount point."""
     try:
@@ -221,7 +228,7 @@ def serve(db: str, mnt: str, opts: MountOptions) -> None:
     kwargs: dict[str, object] = {
         "ro": True,
         "default_permissions": True,
-        "fsname": f"lmdbfs:{os.path.basename(db)}",
+        "fsname": fuse_option_value(f"lmdbfs:{os.path.basename(db)}"),
         "subtype": "lmdbfs",
     }
     kwargs.update(_fuse_kwargs(opts.fuse_options))

@@ -15,20 +15,33 @@ import os
 import posixpath
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import lmdb
 import xxhash
 
 from . import store
-from .errors import CorruptValue, IsADirectory, NotADirectory, NotASymlink, PathNotFound
-from .format import KIND_DIR, KIND_FILE, DirRecord, Entry, Meta, checksum, content_key, decode_dir, dir_key
+from .errors import CorruptValue, IsADirectory, LmdbfsError, NotADirectory, NotASymlink, PathNotFound
+from .format import (
+    KIND_DIR,
+    KIND_FILE,
+    DirRecord,
+    Entry,
+    Meta,
+    checksum,
+    content_key,
+    decode_dir,
+    decode_path,
+    dir_key,
+)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_DIR_CACHE_BYTES = 32 << 20  # decoded records weigh what they do on disk
 _MAX_SYMLINK_HOPS = 40
+MAX_DEPTH = 1024  # directory levels a walk descends (a path that deep exceeds PATH_MAX anyway)
+_REPORTED_MAX = 1000  # directories whose damaged rows were logged
 _HASH_CHUNK = 1 << 20
 UNMAP_EVERY = 64  # key lookups between handing mapped pages back (~50 MB mapped at most)
 
@@ -86,6 +99,8 @@ class _Handle:
             store.release_readonly(self.env)
             raise
         self.map_base = store.map_base(self.loc.data_file)
+        self.path = path
+        self.data_size = os.fstat(self.fd).st_size  # bounds every size and offset the index gives
         # Value offsets in the index hold only for the file exactly as packed.
         self.offsets_ok = self.meta.offsets_txnid != 0 and self.env.info()["last_txnid"] == self.meta.offsets_txnid
         self.local = threading.local()
@@ -106,8 +121,21 @@ class _Handle:
         """A read transaction per thread, kept open: the DB never changes under us."""
         txn = getattr(self.local, "txn", None)
         if txn is None:
-            txn = self.local.txn = self.env.begin(buffers=True)
+            with store.lmdb_errors(self.path):
+                txn = self.local.txn = self.env.begin(buffers=True)
         return txn
+
+    def get(self, key: bytes, db: Any) -> memoryview | None:
+        """One lookup in this thread's transaction. A failure (damaged pages) discards
+        the transaction, so the next lookup starts afresh instead of failing too."""
+        txn = self.txn()
+        try:
+            return txn.get(key, db=db)
+        except lmdb.Error as exc:
+            self.local.txn = None
+            with contextlib.suppress(lmdb.Error):
+                txn.abort()
+            raise store.lmdb_error(exc, self.path) from None
 
     def close(self) -> None:
         try:
@@ -127,6 +155,7 @@ class Archive:
         self._pid = -1
         self._lock = threading.Lock()
         self._dirs = _DirCache(dir_cache_bytes)
+        self._reported: set[str] = set()
         self._h()  # fail early on a bad DB, in the process that asked
 
     # -- process-local state -------------------------------------------------------------
@@ -179,12 +208,30 @@ class Archive:
         rec = self._dirs.get(rel)
         if rec is None:
             h = self._h()
-            view = h.txn().get(dir_key(rel), db=h.index_db)
+            view = h.get(dir_key(rel), h.index_db)
             if view is None:
                 return None
-            rec = decode_dir(self._copy_out(h, view), rel)
+            rec = decode_dir(self._copy_out(h, view), rel, h.data_size, h.offsets_ok)
+            if rec.bad:
+                self._report_bad(rec)
             self._dirs.put(rec)
         return rec
+
+    def _report_bad(self, rec: DirRecord) -> None:
+        """Log a record's damaged rows once per process (records can be decoded again)."""
+        with self._lock:
+            if rec.path in self._reported or len(self._reported) >= _REPORTED_MAX:
+                return
+            self._reported.add(rec.path)
+        first, why = next(iter(rec.bad.items()))
+        log.info(
+            "%s: %d damaged entries left out of %s (first: %r, %s)",
+            self.path,
+            len(rec.bad),
+            rec.path or "/",
+            decode_path(first),
+            why,
+        )
 
     @staticmethod
     def _copy_out(h: _Handle, view: memoryview) -> bytes:
@@ -290,20 +337,39 @@ class Archive:
             raise NotADirectory(f"{rel or '/'}: not a directory")
         return rec
 
-    def walk(self, top: str = "") -> Iterator[tuple[str, list[str], list[str]]]:
-        """Like os.walk, top-down; symlinks (even to directories) are listed with files."""
-        stack = [normpath(top)]
+    def walk(
+        self, top: str = "", onerror: Callable[[LmdbfsError], None] | None = None
+    ) -> Iterator[tuple[str, list[str], list[str]]]:
+        """Like os.walk, top-down; symlinks (even to directories) are listed with files.
+
+        A damaged DB cannot make it loop or explode: each directory is visited once and
+        at most MAX_DEPTH levels deep. A subdirectory that cannot be read raises, or
+        with ``onerror`` is reported there and skipped (top's own errors always raise)."""
+        top = normpath(top)
+        stack = [(top, 0)]
+        seen: set[str] = set()
         while stack:
-            rel = stack.pop()
-            rec = self._dir(rel)
-            if rec is None:
-                self.lstat(rel)
-                raise NotADirectory(f"{rel or '/'}: not a directory")
+            rel, depth = stack.pop()
+            try:
+                if rel in seen:
+                    raise CorruptValue(f"{rel}: directory listed twice", "re-pack the DB")
+                if depth > MAX_DEPTH:
+                    raise CorruptValue(f"{rel}: directories nested over {MAX_DEPTH} levels deep", "re-pack the DB")
+                seen.add(rel)
+                rec = self._dir(rel)
+                if rec is None:
+                    self.lstat(rel)
+                    raise NotADirectory(f"{rel or '/'}: not a directory")
+            except LmdbfsError as exc:
+                if onerror is None or rel == top:
+                    raise
+                onerror(exc)
+                continue
             named = list(zip(rec.names, rec.rows["kind"].tolist()))
             dirs = [n for n, k in named if k == KIND_DIR]
             files = [n for n, k in named if k != KIND_DIR]
             yield rel, dirs, files
-            stack.extend(posixpath.join(rel, d) for d in reversed(dirs))
+            stack.extend((posixpath.join(rel, d), depth + 1) for d in reversed(dirs))
 
     def readlink(self, path: str) -> str:
         entry = self.lstat(path)
@@ -333,7 +399,7 @@ class Archive:
         4 KiB at a time; the read paths use `value_offset` and pread instead.
         """
         h = self._h()
-        view = h.txn().get(self.key_of(rel), db=h.main_db)
+        view = h.get(self.key_of(rel), h.main_db)
         if view is None:
             raise CorruptValue(f"{rel}: listed in the index but its contents are missing", "re-pack the DB")
         if len(view) != entry.size:

@@ -6,17 +6,19 @@ file would otherwise fault (SIGBUS) on the first read past its end.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import lmdb
 import numpy as np
 
 from .errors import BadDatabase, IncompleteDatabase
-from .format import INDEX_DB, META_DB, META_KEY, PARTIAL_SUFFIX, Meta
+from .format import INDEX_DB, META_DB, META_KEY, META_MAX_BYTES, PARTIAL_SUFFIX, Meta
 
 MAX_DBS = 4
 
@@ -119,12 +121,13 @@ def _open_readonly(loc: Location, path: str) -> lmdb.Environment:
             readahead=False,
             map_size=max(os.path.getsize(loc.data_file), 1 << 20),
         )
-    except lmdb.InvalidError:
-        raise BadDatabase(f"{path}: not an LMDB file", "pass a DB written by `lmdbfs pack`") from None
+    except lmdb.InvalidError as exc:
+        raise lmdb_error(exc, path) from None
     except lmdb.Error as exc:
         raise BadDatabase(f"{path}: cannot open as LMDB ({_lmdb_reason(exc)})", "re-pack the DB") from None
     try:
-        _check_not_truncated(env, loc, path)
+        with lmdb_errors(path):
+            _check_not_truncated(env, loc, path)
     except BaseException:
         env.close()
         raise
@@ -174,6 +177,27 @@ def _lmdb_reason(exc: lmdb.Error) -> str:
     return str(exc).split(":", 1)[-1].strip() or type(exc).__name__
 
 
+def lmdb_error(exc: lmdb.Error, shown: str) -> BadDatabase:
+    """The typed error for any failure inside LMDB: the one place they are classified.
+
+    On an opened DB every such failure (MDB_CORRUPTED, MDB_PAGE_NOTFOUND, a bad value
+    size, ...) means damaged pages; the caller decides whether to retry elsewhere."""
+    if isinstance(exc, lmdb.InvalidError):
+        return BadDatabase(f"{shown}: not an LMDB file", "pass a DB written by `lmdbfs pack`")
+    if isinstance(exc, lmdb.MapFullError | lmdb.ReadersFullError | lmdb.MemoryError):
+        return BadDatabase(f"{shown}: cannot read ({_lmdb_reason(exc)})", "free resources and retry")
+    return BadDatabase(f"{shown}: damaged LMDB pages ({_lmdb_reason(exc)})", "restore the DB file or re-pack it")
+
+
+@contextlib.contextmanager
+def lmdb_errors(shown: str) -> Iterator[None]:
+    """Run LMDB calls with their failures turned into `lmdb_error`."""
+    try:
+        yield
+    except lmdb.Error as exc:
+        raise lmdb_error(exc, shown) from None
+
+
 def _check_not_truncated(env: lmdb.Environment, loc: Location, shown: str) -> None:
     need = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
     have = os.path.getsize(loc.data_file)
@@ -183,6 +207,11 @@ def _check_not_truncated(env: lmdb.Environment, loc: Location, shown: str) -> No
 
 def read_meta(env: lmdb.Environment, shown: str) -> Meta:
     """The meta record, or a clear reason why this is not a finished lmdbfs DB."""
+    with lmdb_errors(shown):
+        return _read_meta(env, shown)
+
+
+def _read_meta(env: lmdb.Environment, shown: str) -> Meta:
     try:
         meta_db = env.open_db(META_DB, create=False)
     except lmdb.NotFoundError:
@@ -201,10 +230,9 @@ def read_meta(env: lmdb.Environment, shown: str) -> Meta:
             f"{shown}: no lmdbfs meta record (an interrupted pack, or not made by lmdbfs)",
             "re-run `lmdbfs pack` (`--resume` finishes an interrupted one)",
         ) from None
-    except lmdb.Error as exc:
-        raise BadDatabase(f"{shown}: unreadable ({_lmdb_reason(exc)})", "re-pack the DB") from None
     with env.begin(db=meta_db) as txn:
         raw = txn.get(META_KEY)
+        raw = None if raw is None else bytes(raw[: META_MAX_BYTES + 1])
     if raw is None:
         raise IncompleteDatabase(f"{shown}: meta record missing", "re-run `lmdbfs pack`")
     return Meta.decode(raw, shown)
@@ -213,5 +241,7 @@ def read_meta(env: lmdb.Environment, shown: str) -> Meta:
 def open_index(env: lmdb.Environment, shown: str):
     try:
         return env.open_db(INDEX_DB, create=False)
-    except lmdb.Error:
+    except lmdb.NotFoundError:
         raise BadDatabase(f"{shown}: the path index is missing", "re-pack the DB") from None
+    except lmdb.Error as exc:
+        raise lmdb_error(exc, shown) from None
