@@ -114,7 +114,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if report.problems:
         more = len(report.problems) - 50
         raise CorruptValue(
-            f"verify found {len(report.problems)} problems in {args.db}" + (f" ({more} not shown)" if more > 0 else ""),
+            f"verify found {len(report.problems)} problem{'s' if len(report.problems) > 1 else ''} in {args.db}" + (f" ({more} not shown)" if more > 0 else ""),
             "restore the DB file or re-pack it",
         )
     where = f" and match {args.against}" if args.against else ""

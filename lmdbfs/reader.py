@@ -90,17 +90,21 @@ class _Handle:
 
     def __init__(self, path: str) -> None:
         self.env, self.loc = store.acquire_readonly(path)
+        self.path = path
+        self.map_base = store.map_base(self.loc.data_file)
         try:
-            self.meta = store.read_meta(self.env, path)
-            self.index_db = store.open_index(self.env, path)
-            self.main_db = self.env.open_db()
             self.fd = os.open(self.loc.data_file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            self.data_size = os.fstat(self.fd).st_size  # bounds every size and offset the index gives
+            try:
+                self.meta = store.read_meta(self.env, path, self.map_base)
+                self.index_db = store.open_index(self.env, path)
+                self.main_db = self.env.open_db()
+            except BaseException:
+                os.close(self.fd)
+                raise
         except BaseException:
             store.release_readonly(self.env)
             raise
-        self.map_base = store.map_base(self.loc.data_file)
-        self.path = path
-        self.data_size = os.fstat(self.fd).st_size  # bounds every size and offset the index gives
         # Value offsets in the index hold only for the file exactly as packed.
         self.offsets_ok = self.meta.offsets_txnid != 0 and self.env.info()["last_txnid"] == self.meta.offsets_txnid
         self.local = threading.local()
@@ -130,7 +134,7 @@ class _Handle:
         the transaction, so the next lookup starts afresh instead of failing too."""
         txn = self.txn()
         try:
-            return txn.get(key, db=db)
+            return store.checked_get(txn, key, db, self.map_base, self.data_size, self.path)
         except lmdb.Error as exc:
             self.local.txn = None
             with contextlib.suppress(lmdb.Error):

@@ -10,6 +10,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import os
+import struct
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -173,6 +174,45 @@ def unmap_pages(base: int, length: int) -> None:
         pass  # no madvise here: the kernel still reclaims the pages under pressure
 
 
+# LMDB's on-disk structures, read only to vet a value before LMDB hands it over.
+_NODE = struct.Struct("<HHHH")  # leaf node header: size lo, size hi, flags, key size
+_F_BIGDATA = 0x01  # the node's data is a page number: the value lives in overflow pages
+_PAGE = struct.Struct("<QHHI")  # page header: pgno, pad, flags, overflow page count
+_P_OVERFLOW = 0x04
+
+
+def checked_get(txn: lmdb.Transaction, key: bytes, db, base: int | None, file_size: int, shown: str):
+    """``txn.get(key)``, but a value whose node claims more bytes than the file holds is
+    refused before it is touched: py-lmdb reads every page of a value it returns, so a
+    damaged size would otherwise fault (SIGBUS/SIGSEGV) instead of raising.
+
+    The node header sits right before the key LMDB points at; for a value in overflow
+    pages, the first page's header says how many pages the run has. Without the map's
+    address (``base`` None) this is a plain get."""
+    if base is None:
+        return txn.get(key, db=db)
+    cursor = txn.cursor(db=db)
+    if not cursor.set_key(key):
+        return None
+    at = base + map_offset(cursor.key(), base)
+    lo, hi, flags, key_size = _NODE.unpack(ctypes.string_at(at - _NODE.size, _NODE.size))
+    if flags & _F_BIGDATA:
+        size = lo | hi << 16
+        (pgno,) = struct.unpack("<Q", ctypes.string_at(at + key_size, 8))
+        psize = txn.stat(db)["psize"]
+        start = pgno * psize
+        if start + _PAGE.size > file_size:
+            raise _past_end(shown)
+        _pgno, _pad, page_flags, pages = _PAGE.unpack(ctypes.string_at(base + start, _PAGE.size))
+        if not page_flags & _P_OVERFLOW or start + pages * psize > file_size or size > pages * psize - _PAGE.size:
+            raise _past_end(shown)
+    return cursor.value()
+
+
+def _past_end(shown: str) -> BadDatabase:
+    return BadDatabase(f"{shown}: a stored value's size reaches past its pages", "restore the DB file or re-pack it")
+
+
 def _lmdb_reason(exc: lmdb.Error) -> str:
     return str(exc).split(":", 1)[-1].strip() or type(exc).__name__
 
@@ -205,13 +245,15 @@ def _check_not_truncated(env: lmdb.Environment, loc: Location, shown: str) -> No
         raise BadDatabase(f"{shown}: truncated ({have} of {need} bytes)", "copy the DB again or re-pack it")
 
 
-def read_meta(env: lmdb.Environment, shown: str) -> Meta:
-    """The meta record, or a clear reason why this is not a finished lmdbfs DB."""
+def read_meta(env: lmdb.Environment, shown: str, base: int | None = None) -> Meta:
+    """The meta record, or a clear reason why this is not a finished lmdbfs DB.
+    With the map's address ``base``, the record is vetted before it is read (see
+    `checked_get`)."""
     with lmdb_errors(shown):
-        return _read_meta(env, shown)
+        return _read_meta(env, shown, base)
 
 
-def _read_meta(env: lmdb.Environment, shown: str) -> Meta:
+def _read_meta(env: lmdb.Environment, shown: str, base: int | None) -> Meta:
     try:
         meta_db = env.open_db(META_DB, create=False)
     except lmdb.NotFoundError:
@@ -230,8 +272,9 @@ def _read_meta(env: lmdb.Environment, shown: str) -> Meta:
             f"{shown}: no lmdbfs meta record (an interrupted pack, or not made by lmdbfs)",
             "re-run `lmdbfs pack` (`--resume` finishes an interrupted one)",
         ) from None
-    with env.begin(db=meta_db) as txn:
-        raw = txn.get(META_KEY)
+    with env.begin(db=meta_db, buffers=True) as txn:
+        used = (env.info()["last_pgno"] + 1) * env.stat()["psize"]  # the file holds this much (checked at open)
+        raw = checked_get(txn, META_KEY, meta_db, base, used, shown)
         raw = None if raw is None else bytes(raw[: META_MAX_BYTES + 1])
     if raw is None:
         raise IncompleteDatabase(f"{shown}: meta record missing", "re-run `lmdbfs pack`")
