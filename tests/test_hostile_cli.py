@@ -253,7 +253,7 @@ def _flip_pages(db: Path, rng: random.Random) -> None:
 @pytest.mark.parametrize("strategy", [_flip_record, _flip_meta, _flip_pages], ids=["records", "meta", "pages"])
 def test_seeded_damage_keeps_the_contract(strategy, base, tmp_path: Path) -> None:
     base_db, files = base
-    for seed in range(8):
+    for seed in range(int(os.environ.get("LMDBFS_FUZZ_SEEDS", "16"))):  # raise it for a deeper run
         rng = random.Random(f"{strategy.__name__}-{seed}")
         db = H.fresh_copy(base_db, tmp_path, f"fuzz{seed}")
         strategy(db, rng)

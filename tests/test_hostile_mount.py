@@ -8,24 +8,27 @@ being served with the right bytes, by a daemon that stays alive and small.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
+import random
 import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from . import hostile as H
-from .conftest import is_mounted, one_error_line, run_cli
-from .test_hostile_cli import CASES
+from .conftest import Mount, is_mounted, one_error_line, run_cli
+from .test_hostile_cli import CASES, _flip_pages, _flip_record
 
 # A program walking the whole mount in a child (a hang must not hang the tests):
 # every directory listed, every entry stat'ed, every file read, every link read.
 _WALKER = r"""
-import errno, json, os, sys
+import errno, hashlib, json, os, sys
 top = sys.argv[1]
 seen = {}
 def note(rel, exc=None):
@@ -52,6 +55,8 @@ def walk(rel, depth=0):
                     data = fh.read()
                 if len(data) != st.st_size:
                     raise OSError(errno.EBADMSG, "size differs from stat")
+                seen[child] = "md5:" + hashlib.md5(data).hexdigest()
+                continue
             note(child)
         except OSError as exc:
             note(child, exc)
@@ -95,6 +100,15 @@ def _walk(mnt: Path) -> dict[str, str]:
     return json.loads(proc.stdout)
 
 
+def _assert_served_right(seen: dict[str, str], files: dict[str, bytes]) -> None:
+    """Only EIO/ENOENT as errors, and every file read whole has its original bytes."""
+    odd = {rel: what for rel, what in seen.items() if what not in ("ok", "EIO", "ENOENT") and what[:4] != "md5:"}
+    assert not odd, odd
+    for rel, what in seen.items():
+        if what.startswith("md5:") and rel in files:
+            assert what[4:] == hashlib.md5(files[rel]).hexdigest(), f"{rel}: wrong bytes served"
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -117,8 +131,7 @@ def test_a_mount_of_a_damaged_db_serves_everything_else(case: str, base, mount_d
             os.listdir(m.mnt / broken)
         assert err.value.errno == errno.EIO
     seen = _walk(m.mnt)
-    odd = {rel: what for rel, what in seen.items() if what not in ("ok", "EIO", "ENOENT")}
-    assert not odd, odd
+    _assert_served_right(seen, files)
     assert seen.get("/") == "ok", "the root must list whatever one of its rows holds"
     assert _alive(pid), "the daemon died"
     # Files whose rows and directories were left alone read exactly, after the damage.
@@ -133,6 +146,27 @@ def test_a_mount_of_a_damaged_db_serves_everything_else(case: str, base, mount_d
     for rel in intact:
         assert (m.mnt / rel).read_bytes() == files[rel], rel
     assert _alive(pid)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_mount_of_randomly_damaged_db_keeps_serving(seed: int, base, mount_db, tmp_path: Path) -> None:
+    base_db, files = base
+    db = H.fresh_copy(base_db, tmp_path, f"random{seed}")
+    rng = random.Random(f"mount-{seed}")
+    (_flip_record if seed % 2 else _flip_pages)(db, rng)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    proc = run_cli("mount", db, mnt, check=False, timeout=60)
+    if proc.returncode != 0:
+        one_error_line(proc)  # a DB too damaged to open is refused with one line
+        return
+    try:
+        pid = Mount.daemon_pid(SimpleNamespace(mnt=mnt))
+        _assert_served_right(_walk(mnt), files)
+        _assert_served_right(_walk(mnt), files)  # again, now partly from the kernel's caches
+        assert _alive(pid), "the daemon died"
+    finally:
+        run_cli("umount", mnt, timeout=60)
 
 
 @pytest.mark.parametrize("case", ["meta_root_mode_str", "meta_nested_deep", "meta_key_prefix_int"])
