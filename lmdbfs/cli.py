@@ -75,7 +75,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
     with _archive(args) as archive:
         top = args.path
         if args.recursive:
-            for dirpath, _dirs, _files in archive.walk(top):
+            # Like ls -R: a subdirectory that cannot be listed is reported, the rest listed.
+            for dirpath, _dirs, _files in archive.walk(top, onerror=_warn):
                 print(f"{dirpath or '.'}:")
                 _list_dir(archive, dirpath, args.long)
             return 0
@@ -87,13 +88,17 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return 0
 
 
+def _warn(exc: LmdbfsError) -> None:
+    print(f"lmdbfs: warning: {exc.one_line()}", file=sys.stderr)
+
+
 def _list_dir(archive, rel: str, long: bool) -> None:
     for child in archive.scandir(rel):
         print(_long_line(child, child.name) if long else child.name)
     bad = archive.dir_record(rel).bad
     if bad:
         names = ", ".join(repr(os.fsdecode(name)) for name in list(bad)[:3])
-        print(f"lmdbfs: warning: {len(bad)} damaged entries of {rel or '/'} not listed ({names})", file=sys.stderr)
+        _warn(LmdbfsError(f"{len(bad)} damaged entries of {rel or '/'} not listed ({names})"))
 
 
 def cmd_cat(args: argparse.Namespace) -> int:

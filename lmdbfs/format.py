@@ -322,45 +322,44 @@ def check_rows(rows: np.ndarray, blob: bytes, data_size: int | None = None, chec
     """Why each row cannot be served (a `ROW_PROBLEMS` code per row, 0 = fine).
 
     Every field of every row is checked with whole-array numpy operations, once per
-    decoded record (records are cached). ``data_size`` (the data file's size) bounds
+    decoded record (records are cached): first all at once, and only if some row fails,
+    again one check at a time to say why. ``data_size`` (the data file's size) bounds
     file sizes, and with ``check_offsets`` (the offsets are trusted) data_off + size too.
     """
-    n = len(rows)
-    reason = np.zeros(n, np.uint8)
-    if not n:
+    reason = np.zeros(len(rows), np.uint8)
+    if not len(rows):
         return reason
-
-    def mark(mask: np.ndarray, code: int) -> None:
-        reason[(reason == 0) & mask] = code
-
-    kind, flags, mode = rows["kind"], rows["flags"], rows["mode"]
+    kind, flags, size = rows["kind"], rows["flags"], rows["size"]
+    nlen, tlen = rows["name_len"], rows["target_len"]
     off = rows["name_off"].astype(np.int64)
-    nlen = rows["name_len"].astype(np.int64)
-    tlen = rows["target_len"].astype(np.int64)
-    size = rows["size"]
-    is_file, is_dir, is_link = kind == KIND_FILE, kind == KIND_DIR, kind == KIND_SYMLINK
-    inline = (flags & FLAG_INLINE) != 0
-    mark(~(is_file | is_dir | is_link), _KIND)
-    mark(((flags & ~np.uint8(KNOWN_FLAGS)) != 0) | (inline & ~is_file), _FLAGS)
-    mark((nlen == 0) | (nlen > NAME_MAX), _NAME_LEN)
-    mark(inline & (size > INLINE_MAX), _BOUNDS)
-    extra = np.where(inline & (size <= INLINE_MAX), size, 0).astype(np.int64)
-    mark(off + nlen + tlen + extra > len(blob), _BOUNDS)
-    mark(is_link & ((tlen == 0) | (tlen > TARGET_MAX) | (size != tlen.astype(np.uint64))), _TARGET)
-    mark(~is_link & (tlen != 0), _ATTRS)
-    mark(((mode & ~np.uint16(0o7777)) != 0) | (is_dir & (rows["checksum"] > SUBDIRS_MAX)), _ATTRS)
+    is_link, inline = kind == KIND_SYMLINK, flags == FLAG_INLINE
+    stored = (kind == KIND_FILE) & ~inline
+    limit = np.uint64(max(data_size or 0, 0))
+    end = off + nlen + tlen + np.where(inline, np.minimum(size, INLINE_MAX + 1), 0).astype(np.int64)
+    masks = [
+        (_KIND, (kind - np.uint8(1)) > 2),
+        (_FLAGS, (flags > KNOWN_FLAGS) | (inline & (kind != KIND_FILE))),
+        (_NAME_LEN, (nlen - np.uint16(1)) >= NAME_MAX),
+        (_BOUNDS, (end > len(blob)) | (inline & (size > INLINE_MAX))),
+        (_TARGET, is_link & ((tlen == 0) | (tlen > TARGET_MAX) | (size != tlen))),
+        (_ATTRS, ((tlen != 0) & ~is_link) | (rows["mode"] > 0o7777)),
+        (_ATTRS, (kind == KIND_DIR) & (rows["checksum"] > SUBDIRS_MAX)),
+    ]
     if data_size is not None:
-        limit = np.uint64(max(data_size, 0))
-        stored = is_file & ~inline
-        mark(stored & (size > limit), _DATA)
+        masks.append((_DATA, stored & (size > limit)))
         if check_offsets:
             data_off = rows["data_off"]
-            mark(stored & (data_off != 0) & ((data_off > limit) | (size > limit - np.minimum(data_off, limit))), _DATA)
-    _check_names(rows, blob, reason, off, nlen, is_link, tlen)
+            masks.append(
+                (_DATA, stored & (data_off != 0) & ((data_off > limit) | (size > limit - np.minimum(data_off, limit))))
+            )
+    if np.logical_or.reduce([mask for _code, mask in masks]).any():
+        for code, mask in masks:
+            reason[(reason == 0) & mask] = code
+    _check_names(blob, reason, off, nlen, is_link, tlen)
     return reason
 
 
-def _check_names(rows, blob: bytes, reason: np.ndarray, off, nlen, is_link, tlen) -> None:
+def _check_names(blob: bytes, reason: np.ndarray, off, nlen, is_link, tlen) -> None:
     """Name bytes (no '/', NUL, '.', '..'), symlink targets (no NUL), and strict order.
 
     Names are gathered into (rows x longest name) byte arrays, a bounded chunk of rows
@@ -368,8 +367,11 @@ def _check_names(rows, blob: bytes, reason: np.ndarray, off, nlen, is_link, tlen
     good = np.flatnonzero(reason == 0)
     if not len(good):
         return
+    nlen = nlen.astype(np.int64)
     width = int(nlen[good].max())
-    windows = np.lib.stride_tricks.sliding_window_view(np.frombuffer(blob + bytes(width), np.uint8), width)
+    padded = blob + bytes(width)
+    # Row i of `windows` is the `width` bytes starting at blob offset i (a view, no copy).
+    windows = np.ndarray((len(padded) - width + 1, width), np.uint8, padded, 0, (1, 1))
     columns = np.arange(width)
     ordered, last = True, None
     for at in range(0, len(good), _CHECK_CHUNK):
