@@ -275,6 +275,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if getattr(args, "debug", False) else logging.INFO if args.verbose else logging.WARNING,
         format="lmdbfs: %(levelname)s: %(message)s",
     )
+    if args.command != "mount" and not args.verbose:
+        logging.getLogger("lmdbfs.reader").setLevel(logging.ERROR)  # commands report damaged entries themselves
     try:
         return args.func(args)
     except LmdbfsError as exc:

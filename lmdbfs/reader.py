@@ -228,7 +228,7 @@ class Archive:
                 return
             self._reported.add(rec.path)
         first, why = next(iter(rec.bad.items()))
-        log.info(
+        log.warning(
             "%s: %d damaged entries left out of %s (first: %r, %s)",
             self.path,
             len(rec.bad),
