@@ -106,6 +106,7 @@ class _Handle:
             store.release_readonly(self.env)
             raise
         # Value offsets in the index hold only for the file exactly as packed.
+        self.psize = self.env.stat()["psize"]
         self.offsets_ok = self.meta.offsets_txnid != 0 and self.env.info()["last_txnid"] == self.meta.offsets_txnid
         self.local = threading.local()
         self.lookups = 0  # key lookups since the map was last unmapped
@@ -134,7 +135,7 @@ class _Handle:
         the transaction, so the next lookup starts afresh instead of failing too."""
         txn = self.txn()
         try:
-            return store.checked_get(txn, key, db, self.map_base, self.data_size, self.path)
+            return store.checked_get(txn, key, db, self.map_base, self.data_size, self.psize, self.path)
         except lmdb.Error as exc:
             self.local.txn = None
             with contextlib.suppress(lmdb.Error):

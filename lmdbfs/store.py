@@ -181,7 +181,7 @@ _PAGE = struct.Struct("<QHHI")  # page header: pgno, pad, flags, overflow page c
 _P_OVERFLOW = 0x04
 
 
-def checked_get(txn: lmdb.Transaction, key: bytes, db, base: int | None, file_size: int, shown: str):
+def checked_get(txn: lmdb.Transaction, key: bytes, db, base: int | None, file_size: int, psize: int, shown: str):
     """``txn.get(key)``, but a value whose node claims more bytes than the file holds is
     refused before it is touched: py-lmdb reads every page of a value it returns, so a
     damaged size would otherwise fault (SIGBUS/SIGSEGV) instead of raising.
@@ -199,7 +199,6 @@ def checked_get(txn: lmdb.Transaction, key: bytes, db, base: int | None, file_si
     if flags & _F_BIGDATA:
         size = lo | hi << 16
         (pgno,) = struct.unpack("<Q", ctypes.string_at(at + key_size, 8))
-        psize = txn.stat(db)["psize"]
         start = pgno * psize
         if start + _PAGE.size > file_size:
             raise _past_end(shown)
@@ -273,8 +272,9 @@ def _read_meta(env: lmdb.Environment, shown: str, base: int | None) -> Meta:
             "re-run `lmdbfs pack` (`--resume` finishes an interrupted one)",
         ) from None
     with env.begin(db=meta_db, buffers=True) as txn:
-        used = (env.info()["last_pgno"] + 1) * env.stat()["psize"]  # the file holds this much (checked at open)
-        raw = checked_get(txn, META_KEY, meta_db, base, used, shown)
+        psize = env.stat()["psize"]
+        used = (env.info()["last_pgno"] + 1) * psize  # the file holds this much (checked at open)
+        raw = checked_get(txn, META_KEY, meta_db, base, used, psize, shown)
         raw = None if raw is None else bytes(raw[: META_MAX_BYTES + 1])
     if raw is None:
         raise IncompleteDatabase(f"{shown}: meta record missing", "re-run `lmdbfs pack`")
