@@ -332,13 +332,13 @@ def check_rows(rows: np.ndarray, blob: bytes, data_size: int | None = None, chec
     kind, flags, size = rows["kind"], rows["flags"], rows["size"]
     nlen, tlen = rows["name_len"], rows["target_len"]
     off = rows["name_off"].astype(np.int64)
-    is_link, inline = kind == KIND_SYMLINK, flags == FLAG_INLINE
+    is_link, inline = kind == KIND_SYMLINK, (flags & FLAG_INLINE) != 0
     stored = (kind == KIND_FILE) & ~inline
     limit = np.uint64(max(data_size or 0, 0))
     end = off + nlen + tlen + np.where(inline, np.minimum(size, INLINE_MAX + 1), 0).astype(np.int64)
     masks = [
         (_KIND, (kind - np.uint8(1)) > 2),
-        (_FLAGS, (flags > KNOWN_FLAGS) | (inline & (kind != KIND_FILE))),
+        (_FLAGS, ((flags & np.uint8(~KNOWN_FLAGS & 0xFF)) != 0) | (inline & (kind != KIND_FILE))),
         (_NAME_LEN, (nlen - np.uint16(1)) >= NAME_MAX),
         (_BOUNDS, (end > len(blob)) | (inline & (size > INLINE_MAX))),
         (_TARGET, is_link & ((tlen == 0) | (tlen > TARGET_MAX) | (size != tlen))),

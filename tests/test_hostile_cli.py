@@ -280,3 +280,10 @@ def test_a_record_packed_with_pack_names_decodes_whole() -> None:
 
     rec = decode_dir(encode_dir("x", rows, blob), "x", data_size=0)
     assert rec.names == ["a", "b", "c"] and not rec.bad
+
+
+def test_fuse_option_values_are_escaped_for_libfuse() -> None:
+    from lmdbfs.mount import fuse_option_value
+
+    assert fuse_option_value("lmdbfs:a,b=c\\d.lmdb") == "lmdbfs:a\\,b=c\\\\d.lmdb"
+    assert fuse_option_value("plain name.lmdb") == "plain name.lmdb"
