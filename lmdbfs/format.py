@@ -20,13 +20,14 @@ import json
 import posixpath
 import stat as _stat
 import struct
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
 import xxhash
 
 from .errors import BadDatabase, CorruptValue, FormatVersionError, IncompleteDatabase
+from .jsoncheck import INT64_MAX, field_problem
 
 FORMAT_NAME = "lmdbfs"
 FORMAT_VERSION = 3  # 3: rows' flags byte (inline values); 2: rows gained data_off; 1 had 36-byte rows
@@ -79,7 +80,6 @@ TARGET_MAX = 4095  # bytes in a symlink target (PATH_MAX less the NUL)
 SUBDIRS_MAX = 1 << 32  # a directory's subdirectory count (its st_nlink - 2)
 META_MAX_BYTES = 1 << 20
 META_MAX_DEPTH = 32  # nesting of the meta record's JSON
-_INT64_MAX = (1 << 63) - 1
 
 _DIR_HEADER = struct.Struct("<4sIII")  # magic, entry count, own-path length, blob length
 _DIR_MAGIC = b"LDR1"
@@ -463,44 +463,19 @@ class Meta:
         return meta
 
 
-_META_RANGES = {"root_mode": (0, 0o7777), "root_mtime_ns": (-_INT64_MAX - 1, _INT64_MAX)}
+# What each meta field may hold (checked by jsoncheck, which knows no lmdbfs fields).
+_META_TYPES = {
+    f.name: (dict,) if f.name == "extra" else (dict, type(None)) if f.name == "data" else (type(f.default),)
+    for f in fields(Meta)
+}
+_META_RANGES = {"root_mode": (0, 0o7777), "root_mtime_ns": (-INT64_MAX - 1, INT64_MAX)}
 _META_CHOICES = {"keys": (KEYS_MD5, KEYS_PATH)}
 
 
 def _meta_problem(data: dict[str, Any]) -> str | None:
     """What is wrong with the meta record's fields (types, ranges, nesting), or None."""
-    if _depth(data) > META_MAX_DEPTH:
-        return f"nested deeper than {META_MAX_DEPTH} levels"
-    for f in fields(Meta):
-        if f.name not in data:
-            continue
-        value = data[f.name]
-        want = dict if f.default is MISSING else type(f.default)
-        if f.name == "data":
-            ok = value is None or isinstance(value, dict)
-        elif want is int:
-            low, high = _META_RANGES.get(f.name, (0, _INT64_MAX))
-            ok = type(value) is int and low <= value <= high
-        else:
-            ok = type(value) is want
-        if not ok:
-            return f"{f.name} is {value!r:.40}"
-        if f.name in _META_CHOICES and value not in _META_CHOICES[f.name]:
-            return f"{f.name} is {value!r:.40}"
-        if isinstance(value, str) and len(value) > 4096:
-            return f"{f.name} is {len(value)} characters long"
-    excludes = data.get("extra", {}).get("excludes", [])
+    problem = field_problem(data, _META_TYPES, _META_RANGES, _META_CHOICES, META_MAX_DEPTH)
+    excludes = data.get("extra", {}).get("excludes", []) if problem is None else []
     if not (isinstance(excludes, list) and all(isinstance(p, str) for p in excludes)):
         return "extra.excludes is not a list of patterns"
-    return None
-
-
-def _depth(value: Any) -> int:
-    """Nesting depth of parsed JSON, without recursion."""
-    deepest, todo = 0, [(value, 1)]
-    while todo:
-        item, depth = todo.pop()
-        deepest = max(deepest, depth)
-        if depth <= META_MAX_DEPTH and isinstance(item, dict | list):
-            todo.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
-    return deepest
+    return problem
