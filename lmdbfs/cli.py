@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from . import __version__
-from .errors import EXIT_FAILURE, EXIT_INTERRUPTED, LmdbfsError, UsageError, exit_code_of
+from .errors import EXIT_FAILURE, EXIT_INTERRUPTED, CorruptValue, LmdbfsError, UsageError, exit_code_of
 
 log = logging.getLogger("lmdbfs")
 
@@ -172,18 +172,30 @@ def cmd_ls(args: argparse.Namespace) -> int:
     with _tree(dbs) as archive:
         top = paths[0] if paths else ""
         if args.recursive:
-            for dirpath, _dirs, _files in archive.walk(top):
+            # Like ls -R: a subdirectory that cannot be listed is reported, the rest listed.
+            for dirpath, _dirs, _files in archive.walk(top, onerror=_warn):
                 print(f"{dirpath or '.'}:")
-                for entry in archive.scandir(dirpath):
-                    print(_long_line(entry, entry.name) if args.long else entry.name)
+                _list_dir(archive, dirpath, args.long)
             return 0
         entry = archive.stat(top)
         if not entry.is_dir:
             print(_long_line(archive.lstat(top), top) if args.long else top)
             return 0
-        for child in archive.scandir(top):
-            print(_long_line(child, child.name) if args.long else child.name)
+        _list_dir(archive, archive.resolve(top), args.long)
     return 0
+
+
+def _warn(exc: LmdbfsError) -> None:
+    print(f"lmdbfs: warning: {exc.one_line()}", file=sys.stderr)
+
+
+def _list_dir(archive, rel: str, long: bool) -> None:
+    for child in archive.scandir(rel):
+        print(_long_line(child, child.name) if long else child.name)
+    bad = archive.dir_record(rel).bad
+    if bad:
+        names = ", ".join(repr(os.fsdecode(name)) for name in list(bad)[:3])
+        _warn(LmdbfsError(f"{len(bad)} damaged entries of {rel or '/'} not listed ({names})"))
 
 
 def cmd_cat(args: argparse.Namespace) -> int:
@@ -219,10 +231,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(problem)
     if report.problems:
         more = len(report.problems) - 50
-        print(
-            f"verify: {len(report.problems)} problems" + (f" ({more} not shown)" if more > 0 else ""), file=sys.stderr
+        raise CorruptValue(
+            f"verify found {len(report.problems)} problem{'s' if len(report.problems) > 1 else ''} in {' '.join(args.dbs)}"
+            + (f" ({more} not shown)" if more > 0 else ""),
+            "restore the DB file or re-pack it",
         )
-        return 6
     where = f" and match {' '.join(args.against)}" if args.against else ""
     print(f"ok: {report.checked} files, {report.bytes / 1e6:.1f} MB {how}{where}")
     return 0
@@ -232,7 +245,9 @@ def cmd_unpack(args: argparse.Namespace) -> int:
     from .ops import unpack
 
     with _tree(args.dbs) as archive:
-        result = unpack(archive, args.dst, force=args.force, progress=sys.stderr.isatty())
+        result = unpack(
+            archive, args.dst, force=args.force, progress=sys.stderr.isatty(), keep_special_bits=args.keep_special_bits
+        )
     print(
         f"unpacked {result.files} files, {result.dirs} dirs, {result.symlinks} symlinks, {result.bytes / 1e6:.1f} MB into {args.dst}"
     )
@@ -393,6 +408,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dbs", nargs="+", metavar="DB", help="a DB, or several as one tree (NAME=DB under folder NAME)")
     p.add_argument("dst", metavar="DST")
     p.add_argument("--force", action="store_true", help="unpack into a non-empty directory (never overwrites)")
+    p.add_argument(
+        "--keep-special-bits",
+        action="store_true",
+        help="restore setuid, setgid and sticky bits too (dropped by default: the DB may not be trusted)",
+    )
 
     p = add("mount", cmd_mount, "serve the DB (or several DBs as one tree) read-only over FUSE at MOUNTPOINT")
     p.add_argument("dbs", nargs="+", metavar="DB", help="a DB at the root, or NAME=DB under folder NAME; repeatable")
@@ -450,6 +470,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if getattr(args, "debug", False) else logging.INFO if args.verbose else logging.WARNING,
         format="lmdbfs: %(levelname)s: %(message)s",
     )
+    if args.command != "mount" and not args.verbose:
+        logging.getLogger("lmdbfs.reader").setLevel(logging.ERROR)  # commands report damaged entries themselves
     try:
         return args.func(args)
     except LmdbfsError as exc:

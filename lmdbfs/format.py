@@ -17,15 +17,17 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import posixpath
 import stat as _stat
 import struct
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
 import xxhash
 
 from .errors import BadDatabase, CorruptValue, FormatVersionError, IncompleteDatabase
+from .jsoncheck import INT64_MAX, field_problem
 
 FORMAT_NAME = "lmdbfs"
 FORMAT_VERSION = 3  # 3: rows' flags byte (inline values); 2: rows gained data_off; 1 had 36-byte rows
@@ -66,11 +68,21 @@ ENTRY_DTYPE = np.dtype(
 FLAG_INLINE = 1
 KNOWN_FLAGS = FLAG_INLINE
 INLINE_MAX = 2048  # values this small live in LMDB leaf pages, where no offset is stable
+# The largest inline value a reader accepts: an adopted md5-converter DB carries its
+# converted annotation files inline, whatever their size.
+INLINE_LIMIT = 1 << 24
 
 # Main-database key schemes (meta "keys"): md5 of the prefixed path (the original
 # converter's), or the plain relative path (STARK-style LMDBs).
 KEYS_MD5 = "md5"
 KEYS_PATH = "path"
+
+# Limits every decoded record is checked against: a DB file is untrusted input.
+NAME_MAX = 255  # bytes in one name, as on Linux filesystems
+TARGET_MAX = 4095  # bytes in a symlink target (PATH_MAX less the NUL)
+SUBDIRS_MAX = 1 << 32  # a directory's subdirectory count (its st_nlink - 2)
+META_MAX_BYTES = 1 << 20
+META_MAX_DEPTH = 32  # nesting of the meta record's JSON
 
 _DIR_HEADER = struct.Struct("<4sIII")  # magic, entry count, own-path length, blob length
 _DIR_MAGIC = b"LDR1"
@@ -151,15 +163,19 @@ class DirRecord:
     daemon's directory cache can then be bounded by bytes honestly.
     """
 
-    __slots__ = ("path", "rows", "_blob", "nbytes", "_offs", "_lens")
+    __slots__ = ("path", "rows", "_blob", "nbytes", "_offs", "_lens", "bad")
 
-    def __init__(self, path: str, rows: np.ndarray, blob: bytes, nbytes: int) -> None:
+    def __init__(
+        self, path: str, rows: np.ndarray, blob: bytes, nbytes: int, bad: dict[bytes, str] | None = None
+    ) -> None:
         self.path = path
-        self.rows = rows
+        self.rows = rows  # only rows that passed `check_rows`: sorted, unique, in bounds
         self._blob = blob
         self.nbytes = nbytes
         self._offs = rows["name_off"]
         self._lens = rows["name_len"]
+        # Rows left out as damaged: name (as far as it can be read) -> what is wrong.
+        self.bad = bad or {}
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -209,7 +225,12 @@ class DirRecord:
 
     def lookup(self, name: str) -> Entry | None:
         i = self.index_of(name)
-        return None if i is None else self.entry(i)
+        if i is None:
+            if self.bad and encode_path(name) in self.bad:
+                where = posixpath.join(self.path, name)
+                raise CorruptValue(f"{where}: damaged index entry ({self.bad[encode_path(name)]})", "re-pack the DB")
+            return None
+        return self.entry(i)
 
     def entries(self) -> list[Entry]:
         return [self.entry(i) for i in range(len(self.rows))]
@@ -249,8 +270,13 @@ def encode_dir(path: str, rows: np.ndarray, blob: bytes) -> bytes:
     return b"".join((header, own, rows.astype(ENTRY_DTYPE, copy=False).tobytes(), blob))
 
 
-def decode_dir(raw: bytes | memoryview, expect_path: str) -> DirRecord:
-    """Parse a directory record, refusing one that is truncated or not the one asked for."""
+def decode_dir(
+    raw: bytes | memoryview, expect_path: str, data_size: int | None = None, check_offsets: bool = False
+) -> DirRecord:
+    """Parse a directory record, refusing one that is truncated or not the one asked for.
+
+    Rows that fail `check_rows` are left out (and listed in ``DirRecord.bad``): one
+    damaged entry must not take its whole directory down."""
     raw = bytes(raw)
     if len(raw) < _DIR_HEADER.size:
         raise CorruptValue(f"directory record of {expect_path or '/'!r} is truncated", "re-pack the DB")
@@ -263,7 +289,119 @@ def decode_dir(raw: bytes | memoryview, expect_path: str) -> DirRecord:
     if own != expect_path:
         raise CorruptValue(f"index record for {expect_path or '/'!r} belongs to {own!r}", "re-pack the DB")
     rows = np.frombuffer(raw, dtype=ENTRY_DTYPE, count=count, offset=rows_at)
-    return DirRecord(own, rows, raw[blob_at:], len(raw))
+    blob = raw[blob_at:]
+    reasons = check_rows(rows, blob, data_size, check_offsets)
+    bad: dict[bytes, str] = {}
+    if reasons.any():
+        for i in np.flatnonzero(reasons).tolist():
+            off, n = int(rows["name_off"][i]), int(rows["name_len"][i])
+            name = blob[off : off + min(n, NAME_MAX)]
+            bad.setdefault(name, ROW_PROBLEMS[int(reasons[i])])
+        rows = rows[reasons == 0]
+    return DirRecord(own, rows, blob, len(raw), bad)
+
+
+# Why `check_rows` leaves a row out (index = the code it returns; 0 = the row is fine).
+ROW_PROBLEMS = (
+    "",
+    "unknown kind",
+    "unknown flag bits",
+    "name empty or over 255 bytes",
+    "name or contents outside the record",
+    "name with '/' or NUL, or '.' or '..'",
+    "bad symlink target",
+    "attributes out of range",
+    "contents outside the data file",
+    "name out of order or listed twice",
+)
+_KIND, _FLAGS, _NAME_LEN, _BOUNDS, _NAME_CHARS, _TARGET, _ATTRS, _DATA, _ORDER = range(1, 10)
+BAD_NAME = ROW_PROBLEMS[_NAME_CHARS]
+_CHECK_CHUNK = 16384  # rows whose names are checked together (at most 4 MB of name bytes)
+
+
+def check_rows(rows: np.ndarray, blob: bytes, data_size: int | None = None, check_offsets: bool = False) -> np.ndarray:
+    """Why each row cannot be served (a `ROW_PROBLEMS` code per row, 0 = fine).
+
+    Every field of every row is checked with whole-array numpy operations, once per
+    decoded record (records are cached): first all at once, and only if some row fails,
+    again one check at a time to say why. ``data_size`` (the data file's size) bounds
+    file sizes, and with ``check_offsets`` (the offsets are trusted) data_off + size too.
+    """
+    reason = np.zeros(len(rows), np.uint8)
+    if not len(rows):
+        return reason
+    kind, flags, size = rows["kind"], rows["flags"], rows["size"]
+    nlen, tlen = rows["name_len"], rows["target_len"]
+    off = rows["name_off"].astype(np.int64)
+    is_link, inline = kind == KIND_SYMLINK, (flags & FLAG_INLINE) != 0
+    stored = (kind == KIND_FILE) & ~inline
+    limit = np.uint64(max(data_size or 0, 0))
+    end = off + nlen + tlen + np.where(inline, np.minimum(size, INLINE_LIMIT + 1), 0).astype(np.int64)
+    masks = [
+        (_KIND, (kind - np.uint8(1)) > 2),
+        (_FLAGS, ((flags & np.uint8(~KNOWN_FLAGS & 0xFF)) != 0) | (inline & (kind != KIND_FILE))),
+        (_NAME_LEN, (nlen - np.uint16(1)) >= NAME_MAX),
+        (_BOUNDS, (end > len(blob)) | (inline & (size > INLINE_LIMIT))),
+        (_TARGET, is_link & ((tlen == 0) | (tlen > TARGET_MAX) | (size != tlen))),
+        (_ATTRS, ((tlen != 0) & ~is_link) | (rows["mode"] > 0o7777)),
+        (_ATTRS, (kind == KIND_DIR) & (rows["checksum"] > SUBDIRS_MAX)),
+    ]
+    if data_size is not None:
+        masks.append((_DATA, stored & (size > limit)))
+        if check_offsets:
+            data_off = rows["data_off"]
+            masks.append(
+                (_DATA, stored & (data_off != 0) & ((data_off > limit) | (size > limit - np.minimum(data_off, limit))))
+            )
+    if np.logical_or.reduce([mask for _code, mask in masks]).any():
+        for code, mask in masks:
+            reason[(reason == 0) & mask] = code
+    _check_names(blob, reason, off, nlen, is_link, tlen)
+    return reason
+
+
+def _check_names(blob: bytes, reason: np.ndarray, off, nlen, is_link, tlen) -> None:
+    """Name bytes (no '/', NUL, '.', '..'), symlink targets (no NUL), and strict order.
+
+    Names are gathered into (rows x longest name) byte arrays, a bounded chunk of rows
+    at a time, and checked and compared there without a Python loop."""
+    good = np.flatnonzero(reason == 0)
+    if not len(good):
+        return
+    nlen = nlen.astype(np.int64)
+    width = int(nlen[good].max())
+    padded = blob + bytes(width)
+    # Row i of `windows` is the `width` bytes starting at blob offset i (a view, no copy).
+    windows = np.ndarray((len(padded) - width + 1, width), np.uint8, padded, 0, (1, 1))
+    columns = np.arange(width)
+    ordered, last = True, None
+    for at in range(0, len(good), _CHECK_CHUNK):
+        idx = good[at : at + _CHECK_CHUNK]
+        lens = nlen[idx]
+        names = windows[off[idx]]
+        inside = columns < lens[:, None]
+        bad = (((names == 0) | (names == 47)) & inside).any(axis=1)
+        names *= inside  # zero past each name's end: compares as the name itself
+        bad |= (names[:, 0] == 46) & ((lens == 1) | ((lens == 2) & (names[:, min(1, width - 1)] == 46)))
+        reason[idx[bad]] = _NAME_CHARS
+        keys = np.ascontiguousarray(names[~bad]).view(f"S{width}").ravel()
+        if len(keys):
+            if not (keys[1:] > keys[:-1]).all() or (last is not None and not keys[0] > last):
+                ordered = False
+            last = keys[-1]
+    for i in np.flatnonzero(is_link & (reason == 0)).tolist():
+        at = int(off[i] + nlen[i])
+        if b"\0" in blob[at : at + int(tlen[i])]:
+            reason[i] = _TARGET
+    if not ordered:
+        # Damaged order: keep the rows that still ascend, so binary search stays exact.
+        last_name = None
+        for i in np.flatnonzero(reason == 0).tolist():
+            name = blob[int(off[i]) : int(off[i] + nlen[i])]
+            if last_name is not None and name <= last_name:
+                reason[i] = _ORDER
+            else:
+                last_name = name
 
 
 @dataclass
@@ -302,9 +440,11 @@ class Meta:
 
     @classmethod
     def decode(cls, raw: bytes | memoryview, where: str) -> Meta:
+        if len(raw) > META_MAX_BYTES:
+            raise BadDatabase(f"{where}: meta record is {len(raw)} bytes, not an lmdbfs DB", "re-pack the DB")
         try:
             data = json.loads(bytes(raw))
-        except ValueError:
+        except (ValueError, RecursionError):
             raise BadDatabase(f"{where}: meta record is not valid JSON", "re-pack the DB") from None
         if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
             raise BadDatabase(f"{where}: not an lmdbfs DB", "pack one with `lmdbfs pack SRC DB`")
@@ -315,7 +455,28 @@ class Meta:
                 "use the lmdbfs release that wrote it, or re-pack the source",
             )
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        problem = _meta_problem(known)
+        if problem:
+            raise BadDatabase(f"{where}: meta record is damaged ({problem})", "re-pack the DB")
         meta = cls(**known)
         if not meta.complete:
             raise IncompleteDatabase(f"{where}: the pack that wrote this DB never finished", "re-run `lmdbfs pack`")
         return meta
+
+
+# What each meta field may hold (checked by jsoncheck, which knows no lmdbfs fields).
+_META_TYPES = {
+    f.name: (dict,) if f.name == "extra" else (dict, type(None)) if f.name == "data" else (type(f.default),)
+    for f in fields(Meta)
+}
+_META_RANGES = {"root_mode": (0, 0o7777), "root_mtime_ns": (-INT64_MAX - 1, INT64_MAX)}
+_META_CHOICES = {"keys": (KEYS_MD5, KEYS_PATH)}
+
+
+def _meta_problem(data: dict[str, Any]) -> str | None:
+    """What is wrong with the meta record's fields (types, ranges, nesting), or None."""
+    problem = field_problem(data, _META_TYPES, _META_RANGES, _META_CHOICES, META_MAX_DEPTH)
+    excludes = data.get("extra", {}).get("excludes", []) if problem is None else []
+    if not (isinstance(excludes, list) and all(isinstance(p, str) for p in excludes)):
+        return "extra.excludes is not a list of patterns"
+    return problem

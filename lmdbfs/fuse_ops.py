@@ -20,7 +20,7 @@ from typing import Any
 
 import mfusepy
 
-from .errors import CorruptValue, LmdbfsError, errno_of
+from .errors import BadDatabase, CorruptValue, LmdbfsError, errno_of
 from .format import KIND_DIR, Entry
 from .reader import Archive
 
@@ -50,6 +50,13 @@ class _Verified:
                 self._keys.popitem(last=False)
 
 
+def _errno_logged(exc: LmdbfsError, path: str) -> int:
+    """The errno for ``exc``; damage (EIO) is logged with the path it hit."""
+    if isinstance(exc, CorruptValue | BadDatabase):
+        log.error("EIO for %s: %s", path, exc.message)
+    return errno_of(exc)
+
+
 def _fuse_errors(func):
     """Map lmdbfs errors to errno at the adapter's edge (one mapping: errors.errno_of)."""
 
@@ -57,9 +64,7 @@ def _fuse_errors(func):
         try:
             return func(self, *args)
         except LmdbfsError as exc:
-            if isinstance(exc, CorruptValue):
-                log.error("EIO for %s: %s", args[0] if args else "?", exc.message)
-            raise mfusepy.FuseOSError(errno_of(exc)) from None
+            raise mfusepy.FuseOSError(_errno_logged(exc, args[0] if args else "?")) from None
 
     wrapper.__name__ = func.__name__
     wrapper.__doc__ = func.__doc__
@@ -108,7 +113,7 @@ class LmdbfsOperations(mfusepy.Operations):
         try:
             entry = self.archive.lstat_rel(path.strip("/"))
         except LmdbfsError as exc:
-            return -errno_of(exc)
+            return -_errno_logged(exc, path)
         ctypes.memset(buf, 0, _STAT_SIZE)
         _fill_stat(buf.contents, entry.st_mode, entry.nlink, entry.size, entry.mtime_ns, self.uid, self.gid)
         return 0
@@ -125,7 +130,7 @@ class LmdbfsOperations(mfusepy.Operations):
         try:
             rec = self.archive.dir_record(path)
         except LmdbfsError as exc:
-            return -errno_of(exc)
+            return -_errno_logged(exc, path)
         st_buf = mfusepy.c_stat()
         st_buf.st_mode = st.S_IFDIR | 0o555
         for off, dot in ((1, b"."), (2, b"..")):

@@ -57,6 +57,13 @@ def _fuse_kwargs(options: list[str]) -> dict[str, object]:
     return kwargs
 
 
+def fuse_option_value(text: str) -> str:
+    """``text`` escaped for a libfuse -o option list, where ',' separates options and
+    '\\' escapes the next character (lib/fuse_opt.c): a DB named `a,b=c.lmdb` must not
+    smuggle in an option. Every serving path builds fsname= and the like with this."""
+    return text.replace("\\", "\\\\").replace(",", "\\,")
+
+
 def check_mountpoint(mnt: str) -> None:
     """Refuse a missing, non-directory, non-empty, mounted or dead mount point."""
     try:
@@ -308,7 +315,7 @@ def serve(dbs: list[str], mnt: str, opts: MountOptions) -> None:
     kwargs: dict[str, object] = {
         "ro": True,
         "default_permissions": True,
-        "fsname": "lmdbfs:" + "+".join(os.path.basename(d) for d in dbs).replace(",", "_"),
+        "fsname": fuse_option_value("lmdbfs:" + "+".join(os.path.basename(d) for d in dbs)),
         "subtype": "lmdbfs",
     }
     kwargs.update(_fuse_kwargs(opts.fuse_options))

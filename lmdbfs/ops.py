@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from .errors import CorruptValue, DestinationExists, LmdbfsError, UnsafePath
+from .errors import BadDatabase, CorruptValue, DestinationExists, LmdbfsError, UnsafePath
 from .feed import read_in_order
 from .foreign import CHECKSUM_NONE, KIND_MD5, KIND_PATH
-from .format import KIND_NAMES, PARTIAL_SUFFIX, checksum, decode_path
+from .format import BAD_NAME, KIND_NAMES, PARTIAL_SUFFIX, checksum, decode_path
 from .reader import Archive
 from .sources import build_scan
 
@@ -110,27 +110,34 @@ def verify(archive: Archive, against: list[str] | str | None = None, progress: b
     report = VerifyReport()
     bar = tqdm(total=archive.meta.files, unit="file", desc="verify", disable=not progress)
     packed = archive.meta.data is None  # adopted DBs keep converted files only inline
-    for rel in iter_files(archive):
-        entry = archive.lstat(rel)
-        if not entry.is_file:
-            continue
-        try:
-            ok = archive.check(rel)
-            if ok and entry.inline is not None and packed:
-                # Small files are stored twice: in the record and under their key.
-                ok = checksum(archive.keyed_value(rel, entry)) == entry.checksum
-        except CorruptValue as exc:
-            report.problems.append(exc.message)
-            ok = True
-        if not ok:
-            report.problems.append(f"{rel}: checksum mismatch")
-        report.checked += 1
-        report.bytes += entry.size
-        bar.update(1)
+    for dirpath, _dirs, files in archive.walk(onerror=lambda exc: report.problems.append(exc.message)):
+        for name, why in getattr(archive.dir_record(dirpath), "bad", {}).items():
+            report.problems.append(f"{posixpath.join(dirpath, decode_path(name))!r}: damaged index entry ({why})")
+        for name in files:
+            _verify_file(archive, posixpath.join(dirpath, name), packed, report)
+            bar.update(1)
     bar.close()
     if against:
         _compare_tree(archive, [against] if isinstance(against, str) else list(against), report)
     return report
+
+
+def _verify_file(archive: Archive, rel: str, packed: bool, report: VerifyReport) -> None:
+    try:
+        entry = archive.lstat(rel)
+        if not entry.is_file:
+            return
+        ok = archive.check(rel)
+        if ok and entry.inline is not None and packed:
+            # Small files are stored twice: in the record and under their key.
+            ok = checksum(archive.keyed_value(rel, entry)) == entry.checksum
+    except (CorruptValue, BadDatabase) as exc:
+        report.problems.append(exc.message)
+        return
+    if not ok:
+        report.problems.append(f"{rel}: checksum mismatch")
+    report.checked += 1
+    report.bytes += entry.size
 
 
 def _compare_tree(archive: Archive, against: list[str], report: VerifyReport) -> None:
@@ -220,12 +227,17 @@ def _safe_name(name: str, where: str) -> str:
     return name
 
 
-def unpack(archive: Archive, dst: str, force: bool = False, progress: bool = False) -> UnpackResult:
+def unpack(
+    archive: Archive, dst: str, force: bool = False, progress: bool = False, keep_special_bits: bool = False
+) -> UnpackResult:
     """Restore names, bytes, symlinks, permission bits and mtimes under ``dst``.
 
     Nothing is ever written through a symlink: every entry is created fresh
-    (O_EXCL / mkdir), so a crafted duplicate name fails instead of escaping.
+    (O_EXCL / mkdir), so a crafted duplicate name fails instead of escaping. A damaged
+    entry stops the unpack with one line. setuid, setgid and sticky bits come from an
+    untrusted file, so they are dropped unless ``keep_special_bits``.
     """
+    mode_mask = 0o7777 if keep_special_bits else 0o777
     if os.path.lexists(dst):
         if not os.path.isdir(dst) or os.path.islink(dst):
             raise DestinationExists(f"{dst} exists and is not a directory", "choose a new destination")
@@ -238,6 +250,7 @@ def unpack(archive: Archive, dst: str, force: bool = False, progress: bool = Fal
     finish_dirs: list[tuple[str, int, int]] = []
     for rel_dir, _dirs, _files in archive.walk():
         base = os.path.join(dst, *rel_dir.split("/")) if rel_dir else dst
+        _refuse_damaged(archive, rel_dir)
         for entry in archive.scandir(rel_dir):
             name = _safe_name(entry.name, rel_dir)
             rel = posixpath.join(rel_dir, name)
@@ -245,14 +258,14 @@ def unpack(archive: Archive, dst: str, force: bool = False, progress: bool = Fal
             try:
                 if entry.is_dir:
                     os.mkdir(path, 0o700)
-                    finish_dirs.append((path, entry.mode, entry.mtime_ns))
+                    finish_dirs.append((path, entry.mode & mode_mask, entry.mtime_ns))
                     result.dirs += 1
                 elif entry.is_symlink:
                     os.symlink(entry.target or "", path)
-                    os.utime(path, ns=(entry.mtime_ns, entry.mtime_ns), follow_symlinks=False)
+                    _set_mtime(path, entry.mtime_ns, follow_symlinks=False)
                     result.symlinks += 1
                 else:
-                    _write_file(path, archive.read_bytes(rel), entry.mode, entry.mtime_ns)
+                    _write_file(path, archive.read_bytes(rel), entry.mode & mode_mask, entry.mtime_ns)
                     result.files += 1
                     result.bytes += entry.size
                     bar.update(entry.size)
@@ -264,11 +277,33 @@ def unpack(archive: Archive, dst: str, force: bool = False, progress: bool = Fal
     # Directories last and deepest first: a read-only mode must not block their contents.
     for path, mode, mtime_ns in reversed(finish_dirs):
         os.chmod(path, mode)
-        os.utime(path, ns=(mtime_ns, mtime_ns))
+        _set_mtime(path, mtime_ns)
     meta = archive.meta
-    os.chmod(dst, meta.root_mode)
-    os.utime(dst, ns=(meta.root_mtime_ns, meta.root_mtime_ns))
+    os.chmod(dst, meta.root_mode & mode_mask)
+    _set_mtime(dst, meta.root_mtime_ns)
     return result
+
+
+def _refuse_damaged(archive: Archive, rel_dir: str) -> None:
+    """Stop at a directory with damaged entries: unpacking must not drop files silently."""
+    bad = archive.dir_record(rel_dir).bad
+    if not bad:
+        return
+    name, why = next(iter(bad.items()))
+    where = f"{decode_path(name)!r} in {rel_dir or '/'}"
+    if why == BAD_NAME:
+        raise UnsafePath(
+            f"refusing entry {where}: it would land outside the destination", "the DB is damaged or crafted"
+        )
+    raise CorruptValue(f"damaged entry {where} ({why})", "the DB is damaged or crafted; re-pack it")
+
+
+def _set_mtime(path: str | int, mtime_ns: int, follow_symlinks: bool = True) -> None:
+    """Set atime and mtime; a time this filesystem cannot store is left as now, with a warning."""
+    try:
+        os.utime(path, ns=(mtime_ns, mtime_ns), follow_symlinks=follow_symlinks)
+    except (OverflowError, OSError) as exc:
+        log.warning("%s: mtime %d ns not set (%s)", path, mtime_ns, getattr(exc, "strerror", None) or exc)
 
 
 def _write_file(path: str, data: bytes, mode: int, mtime_ns: int) -> None:
@@ -280,6 +315,6 @@ def _write_file(path: str, data: bytes, mode: int, mtime_ns: int) -> None:
             written = os.write(fd, view)
             view = view[written:]
         os.fchmod(fd, mode)
-        os.utime(fd, ns=(mtime_ns, mtime_ns))
+        _set_mtime(fd, mtime_ns)
     finally:
         os.close(fd)

@@ -15,20 +15,33 @@ import os
 import posixpath
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import lmdb
 import xxhash
 
 from . import foreign, store
-from .errors import CorruptValue, IsADirectory, NotADirectory, NotASymlink, PathNotFound
-from .format import KIND_DIR, KIND_FILE, DirRecord, Entry, Meta, checksum, content_key, decode_dir, dir_key
+from .errors import CorruptValue, IsADirectory, LmdbfsError, NotADirectory, NotASymlink, PathNotFound
+from .format import (
+    KIND_DIR,
+    KIND_FILE,
+    DirRecord,
+    Entry,
+    Meta,
+    checksum,
+    content_key,
+    decode_dir,
+    decode_path,
+    dir_key,
+)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_DIR_CACHE_BYTES = 32 << 20  # decoded records weigh what they do on disk
 _MAX_SYMLINK_HOPS = 40
+MAX_DEPTH = 1024  # directory levels a walk descends (a path that deep exceeds PATH_MAX anyway)
+_REPORTED_MAX = 1000  # directories whose damaged rows were logged
 _HASH_CHUNK = 1 << 20
 _THREAD = threading.local()
 UNMAP_EVERY = 64  # key lookups between handing mapped pages back (~50 MB mapped at most)
@@ -84,13 +97,17 @@ class _Handle:
 
     def __init__(self, path: str) -> None:
         index_path = foreign.index_for(path)
+        self.path = index_path
         self.env, self.index_loc = store.acquire_readonly(index_path)
         self.venv, self.loc = self.env, self.index_loc
         self.index_fd = self.fd = -1
         try:
-            self.meta = store.read_meta(self.env, index_path)
-            self.index_db = store.open_index(self.env, index_path)
             self.index_fd = _open_fd(self.index_loc.data_file)
+            self.index_base = store.map_base(self.index_loc.data_file)
+            self.index_size = os.fstat(self.index_fd).st_size  # bounds every record a lookup returns
+            self.psize = self.env.stat()["psize"]
+            self.meta = store.read_meta(self.env, index_path, self.index_base)
+            self.index_db = store.open_index(self.env, index_path)
             if self.meta.data is None:
                 self.fd = self.index_fd
                 # Value offsets in the index hold only for the file exactly as packed.
@@ -102,11 +119,13 @@ class _Handle:
                 self.venv, self.loc = store.acquire_adopted(index_path, self.meta.data)
                 self.fd = _open_fd(self.loc.data_file)
                 self.offsets_ok = True
-            self.main_db = self.venv.open_db()
+            self.vpsize = self.venv.stat()["psize"]
+            self.data_size = os.fstat(self.fd).st_size  # bounds every size and offset the index gives
+            with store.lmdb_errors(index_path):
+                self.main_db = self.venv.open_db()
         except BaseException:
             self._release()
             raise
-        self.index_base = store.map_base(self.index_loc.data_file)
         self.map_base = self.index_base if self.venv is self.env else store.map_base(self.loc.data_file)
         self.local = threading.local()
         self.lookups = 0  # key lookups since the map was last unmapped
@@ -122,21 +141,36 @@ class _Handle:
             self.lookups = 0
             store.unmap_pages(self.map_base, self.venv.info()["map_size"])
 
-    def txn(self) -> lmdb.Transaction:
-        """A read transaction on the index per thread, kept open: the DB never changes under us."""
-        txn = getattr(self.local, "txn", None)
+    def _txn(self, slot: str, env: lmdb.Environment) -> lmdb.Transaction:
+        """A read transaction per thread and environment, kept open: the DB never changes."""
+        txn = getattr(self.local, slot, None)
         if txn is None:
-            txn = self.local.txn = self.env.begin(buffers=True)
+            with store.lmdb_errors(self.path):
+                txn = env.begin(buffers=True)
+            setattr(self.local, slot, txn)
         return txn
 
-    def vtxn(self) -> lmdb.Transaction:
-        """The same for the environment holding the values (the index's own, unless adopted)."""
+    def _get(self, slot: str, env: lmdb.Environment, key: bytes, db: Any, base: int | None, size: int, psize: int):
+        """One lookup in this thread's transaction. A failure (damaged pages) discards
+        the transaction, so the next lookup starts afresh instead of failing too."""
+        txn = self._txn(slot, env)
+        try:
+            return store.checked_get(txn, key, db, base, size, psize, self.path)
+        except lmdb.Error as exc:
+            setattr(self.local, slot, None)
+            with contextlib.suppress(lmdb.Error):
+                txn.abort()
+            raise store.lmdb_error(exc, self.path) from None
+
+    def get(self, key: bytes, db: Any) -> memoryview | None:
+        """A lookup in the index's environment (directory records)."""
+        return self._get("txn", self.env, key, db, self.index_base, self.index_size, self.psize)
+
+    def vget(self, key: bytes, db: Any) -> memoryview | None:
+        """A lookup in the environment holding the values (the index's own, unless adopted)."""
         if self.venv is self.env:
-            return self.txn()
-        txn = getattr(self.local, "vtxn", None)
-        if txn is None:
-            txn = self.local.vtxn = self.venv.begin(buffers=True)
-        return txn
+            return self.get(key, db)
+        return self._get("vtxn", self.venv, key, db, self.map_base, self.data_size, self.vpsize)
 
     def close(self) -> None:
         self._release()
@@ -166,6 +200,7 @@ class Archive:
         self._pid = -1
         self._lock = threading.Lock()
         self._dirs = _DirCache(dir_cache_bytes)
+        self._reported: set[str] = set()
         self._h()  # fail early on a bad DB, in the process that asked
 
     # -- process-local state -------------------------------------------------------------
@@ -224,12 +259,30 @@ class Archive:
         rec = self._dirs.get(rel)
         if rec is None:
             h = self._h()
-            view = h.txn().get(dir_key(rel), db=h.index_db)
+            view = h.get(dir_key(rel), h.index_db)
             if view is None:
                 return None
-            rec = decode_dir(self._copy_out(h, view), rel)
+            rec = decode_dir(self._copy_out(h, view), rel, h.data_size, h.offsets_ok)
+            if rec.bad:
+                self._report_bad(rec)
             self._dirs.put(rec)
         return rec
+
+    def _report_bad(self, rec: DirRecord) -> None:
+        """Log a record's damaged rows once per process (records can be decoded again)."""
+        with self._lock:
+            if rec.path in self._reported or len(self._reported) >= _REPORTED_MAX:
+                return
+            self._reported.add(rec.path)
+        first, why = next(iter(rec.bad.items()))
+        log.warning(
+            "%s: %d damaged entries left out of %s (first: %r, %s)",
+            self.path,
+            len(rec.bad),
+            rec.path or "/",
+            decode_path(first),
+            why,
+        )
 
     @staticmethod
     def _copy_out(h: _Handle, view: memoryview) -> bytes:
@@ -335,20 +388,39 @@ class Archive:
             raise NotADirectory(f"{rel or '/'}: not a directory")
         return rec
 
-    def walk(self, top: str = "") -> Iterator[tuple[str, list[str], list[str]]]:
-        """Like os.walk, top-down; symlinks (even to directories) are listed with files."""
-        stack = [normpath(top)]
+    def walk(
+        self, top: str = "", onerror: Callable[[LmdbfsError], None] | None = None
+    ) -> Iterator[tuple[str, list[str], list[str]]]:
+        """Like os.walk, top-down; symlinks (even to directories) are listed with files.
+
+        A damaged DB cannot make it loop or explode: each directory is visited once and
+        at most MAX_DEPTH levels deep. A subdirectory that cannot be read raises, or
+        with ``onerror`` is reported there and skipped (top's own errors always raise)."""
+        top = normpath(top)
+        stack = [(top, 0)]
+        seen: set[str] = set()
         while stack:
-            rel = stack.pop()
-            rec = self._dir(rel)
-            if rec is None:
-                self.lstat(rel)
-                raise NotADirectory(f"{rel or '/'}: not a directory")
+            rel, depth = stack.pop()
+            try:
+                if rel in seen:
+                    raise CorruptValue(f"{rel}: directory listed twice", "re-pack the DB")
+                if depth > MAX_DEPTH:
+                    raise CorruptValue(f"{rel}: directories nested over {MAX_DEPTH} levels deep", "re-pack the DB")
+                seen.add(rel)
+                rec = self._dir(rel)
+                if rec is None:
+                    self.lstat(rel)
+                    raise NotADirectory(f"{rel or '/'}: not a directory")
+            except LmdbfsError as exc:
+                if onerror is None or rel == top:
+                    raise
+                onerror(exc)
+                continue
             named = list(zip(rec.names, rec.rows["kind"].tolist()))
             dirs = [n for n, k in named if k == KIND_DIR]
             files = [n for n, k in named if k != KIND_DIR]
             yield rel, dirs, files
-            stack.extend(posixpath.join(rel, d) for d in reversed(dirs))
+            stack.extend((posixpath.join(rel, d), depth + 1) for d in reversed(dirs))
 
     def readlink(self, path: str) -> str:
         entry = self.lstat(path)
@@ -386,7 +458,7 @@ class Archive:
         """The value found by its key in the main database, even for an inline file (a
         packed DB keeps a second copy there, which `verify` checks too)."""
         h = self._h()
-        view = h.vtxn().get(self.key_of(rel), db=h.main_db)
+        view = h.vget(self.key_of(rel), h.main_db)
         if view is None:
             raise CorruptValue(f"{rel}: listed in the index but its contents are missing", "re-pack the DB")
         if len(view) != entry.size:

@@ -6,10 +6,13 @@ file would otherwise fault (SIGBUS) on the first read past its end.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
+import struct
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import lmdb
@@ -17,7 +20,7 @@ import numpy as np
 
 from . import foreign
 from .errors import BadDatabase, IncompleteDatabase
-from .format import INDEX_DB, META_DB, META_KEY, PARTIAL_SUFFIX, Meta
+from .format import INDEX_DB, META_DB, META_KEY, META_MAX_BYTES, PARTIAL_SUFFIX, Meta
 
 MAX_DBS = 4
 
@@ -144,12 +147,13 @@ def _open_readonly(loc: Location, path: str) -> lmdb.Environment:
             readahead=False,
             map_size=max(os.path.getsize(loc.data_file), 1 << 20),
         )
-    except lmdb.InvalidError:
-        raise BadDatabase(f"{path}: not an LMDB file", "pass a DB written by `lmdbfs pack`") from None
+    except lmdb.InvalidError as exc:
+        raise lmdb_error(exc, path) from None
     except lmdb.Error as exc:
         raise BadDatabase(f"{path}: cannot open as LMDB ({_lmdb_reason(exc)})", "re-pack the DB") from None
     try:
-        _check_not_truncated(env, loc, path)
+        with lmdb_errors(path):
+            _check_not_truncated(env, loc, path)
     except BaseException:
         env.close()
         raise
@@ -195,8 +199,67 @@ def unmap_pages(base: int, length: int) -> None:
         pass  # no madvise here: the kernel still reclaims the pages under pressure
 
 
+# LMDB's on-disk structures, read only to vet a value before LMDB hands it over.
+_NODE = struct.Struct("<HHHH")  # leaf node header: size lo, size hi, flags, key size
+_F_BIGDATA = 0x01  # the node's data is a page number: the value lives in overflow pages
+_PAGE = struct.Struct("<QHHI")  # page header: pgno, pad, flags, overflow page count
+_P_OVERFLOW = 0x04
+
+
+def checked_get(txn: lmdb.Transaction, key: bytes, db, base: int | None, file_size: int, psize: int, shown: str):
+    """``txn.get(key)``, but a value whose node claims more bytes than the file holds is
+    refused before it is touched: py-lmdb reads every page of a value it returns, so a
+    damaged size would otherwise fault (SIGBUS/SIGSEGV) instead of raising.
+
+    The node header sits right before the key LMDB points at; for a value in overflow
+    pages, the first page's header says how many pages the run has. Without the map's
+    address (``base`` None) this is a plain get."""
+    if base is None:
+        return txn.get(key, db=db)
+    cursor = txn.cursor(db=db)
+    if not cursor.set_key(key):
+        return None
+    at = base + map_offset(cursor.key(), base)
+    lo, hi, flags, key_size = _NODE.unpack(ctypes.string_at(at - _NODE.size, _NODE.size))
+    if flags & _F_BIGDATA:
+        size = lo | hi << 16
+        (pgno,) = struct.unpack("<Q", ctypes.string_at(at + key_size, 8))
+        start = pgno * psize
+        if start + _PAGE.size > file_size:
+            raise _past_end(shown)
+        _pgno, _pad, page_flags, pages = _PAGE.unpack(ctypes.string_at(base + start, _PAGE.size))
+        if not page_flags & _P_OVERFLOW or start + pages * psize > file_size or size > pages * psize - _PAGE.size:
+            raise _past_end(shown)
+    return cursor.value()
+
+
+def _past_end(shown: str) -> BadDatabase:
+    return BadDatabase(f"{shown}: a stored value's size reaches past its pages", "restore the DB file or re-pack it")
+
+
 def _lmdb_reason(exc: lmdb.Error) -> str:
     return str(exc).split(":", 1)[-1].strip() or type(exc).__name__
+
+
+def lmdb_error(exc: lmdb.Error, shown: str) -> BadDatabase:
+    """The typed error for any failure inside LMDB: the one place they are classified.
+
+    On an opened DB every such failure (MDB_CORRUPTED, MDB_PAGE_NOTFOUND, a bad value
+    size, ...) means damaged pages; the caller decides whether to retry elsewhere."""
+    if isinstance(exc, lmdb.InvalidError):
+        return BadDatabase(f"{shown}: not an LMDB file", "pass a DB written by `lmdbfs pack`")
+    if isinstance(exc, lmdb.MapFullError | lmdb.ReadersFullError | lmdb.MemoryError):
+        return BadDatabase(f"{shown}: cannot read ({_lmdb_reason(exc)})", "free resources and retry")
+    return BadDatabase(f"{shown}: damaged LMDB pages ({_lmdb_reason(exc)})", "restore the DB file or re-pack it")
+
+
+@contextlib.contextmanager
+def lmdb_errors(shown: str) -> Iterator[None]:
+    """Run LMDB calls with their failures turned into `lmdb_error`."""
+    try:
+        yield
+    except lmdb.Error as exc:
+        raise lmdb_error(exc, shown) from None
 
 
 def _check_not_truncated(env: lmdb.Environment, loc: Location, shown: str) -> None:
@@ -206,8 +269,15 @@ def _check_not_truncated(env: lmdb.Environment, loc: Location, shown: str) -> No
         raise BadDatabase(f"{shown}: truncated ({have} of {need} bytes)", "copy the DB again or re-pack it")
 
 
-def read_meta(env: lmdb.Environment, shown: str) -> Meta:
-    """The meta record, or a clear reason why this is not a finished lmdbfs DB."""
+def read_meta(env: lmdb.Environment, shown: str, base: int | None = None) -> Meta:
+    """The meta record, or a clear reason why this is not a finished lmdbfs DB.
+    With the map's address ``base``, the record is vetted before it is read (see
+    `checked_get`)."""
+    with lmdb_errors(shown):
+        return _read_meta(env, shown, base)
+
+
+def _read_meta(env: lmdb.Environment, shown: str, base: int | None) -> Meta:
     try:
         meta_db = env.open_db(META_DB, create=False)
     except lmdb.NotFoundError:
@@ -224,10 +294,11 @@ def read_meta(env: lmdb.Environment, shown: str) -> Meta:
         # Made by another tool (or an unfinished pack renamed by hand): say what it holds
         # and how to serve it.
         raise foreign.ForeignDatabase(shown, found) from None
-    except lmdb.Error as exc:
-        raise BadDatabase(f"{shown}: unreadable ({_lmdb_reason(exc)})", "re-pack the DB") from None
-    with env.begin(db=meta_db) as txn:
-        raw = txn.get(META_KEY)
+    with env.begin(db=meta_db, buffers=True) as txn:
+        psize = env.stat()["psize"]
+        used = (env.info()["last_pgno"] + 1) * psize  # the file holds this much (checked at open)
+        raw = checked_get(txn, META_KEY, meta_db, base, used, psize, shown)
+        raw = None if raw is None else bytes(raw[: META_MAX_BYTES + 1])
     if raw is None:
         raise IncompleteDatabase(f"{shown}: meta record missing", "re-run `lmdbfs pack`")
     return Meta.decode(raw, shown)
@@ -236,5 +307,7 @@ def read_meta(env: lmdb.Environment, shown: str) -> Meta:
 def open_index(env: lmdb.Environment, shown: str):
     try:
         return env.open_db(INDEX_DB, create=False)
-    except lmdb.Error:
+    except lmdb.NotFoundError:
         raise BadDatabase(f"{shown}: the path index is missing", "re-pack the DB") from None
+    except lmdb.Error as exc:
+        raise lmdb_error(exc, shown) from None
