@@ -17,7 +17,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -28,8 +27,6 @@ log = logging.getLogger(__name__)
 READY_TIMEOUT = 60.0
 _OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")  # mountinfo writes ' ' as \040
 READAHEAD_KB = 1024  # matches libfuse3's largest READ (max_pages = 256)
-# mfusepy loads libfuse2 when both are installed; libfuse3 gives 1 MiB reads and no-open.
-os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
 
 
 @dataclass
@@ -38,18 +35,8 @@ class MountOptions:
     fuse_options: list[str] = field(default_factory=list)
     log_file: str | None = None
     debug: bool = False
-    threads: bool = False  # one libfuse thread: 2 readers got 6.8-7.4k files/s vs 5.4-5.7k threaded
+    threads: bool = True  # the C server answers on several libfuse threads
     ready_fd: int | None = None
-
-
-def _fuse_kwargs(options: list[str]) -> dict[str, object]:
-    """-o a,b=c (repeatable) as mfusepy keyword options."""
-    kwargs: dict[str, object] = {}
-    for group in options:
-        for item in filter(None, (part.strip() for part in group.split(","))):
-            key, sep, value = item.partition("=")
-            kwargs[key] = value if sep else True
-    return kwargs
 
 
 def check_mountpoint(mnt: str) -> None:
@@ -191,13 +178,12 @@ def serve(db: str, mnt: str, opts: MountOptions) -> None:
             ready_fd = None
 
     try:
-        from .fuse_ops import LmdbfsFUSE, LmdbfsOperations
-        from .reader import Archive
+        from . import serve as server
 
-        archive = Archive(db)
-    except OSError as exc:  # libfuse missing: mfusepy raises at import
-        report(f"cannot load libfuse3 ({exc}); install it: apt-get install fuse3 libfuse3-3")
-        raise MountError("cannot load libfuse3", "install it: apt-get install fuse3 libfuse3-3") from None
+        served = server.describe([(db, "")])
+    except ImportError as exc:  # the C server or libfuse3 itself is missing
+        report(f"cannot load the FUSE server ({exc}); install libfuse3: apt-get install fuse3 libfuse3-3")
+        raise MountError("cannot load the FUSE server", "install libfuse3: apt-get install fuse3 libfuse3-3") from None
     except LmdbfsError as exc:
         report(f"error {exc.exit_code} {exc.one_line()}")
         raise
@@ -207,8 +193,9 @@ def serve(db: str, mnt: str, opts: MountOptions) -> None:
     def on_ready() -> None:
         nonlocal ready
         ready = True
-        threading.Thread(target=_raise_readahead, args=(mnt,), daemon=True).start()
+        _raise_readahead(mnt)
         detached = opts.ready_fd is not None
+        log.info("serving %s at %s", db, mnt)
         report("ok")
         if detached and not opts.log_file:
             # Nobody reads a background daemon's stderr once it is up: without
@@ -217,24 +204,16 @@ def serve(db: str, mnt: str, opts: MountOptions) -> None:
             os.dup2(devnull, 2)
             os.close(devnull)
 
-    ops = LmdbfsOperations(archive, on_ready=on_ready)
-    kwargs: dict[str, object] = {
-        "ro": True,
-        "default_permissions": True,
-        "fsname": f"lmdbfs:{os.path.basename(db)}",
-        "subtype": "lmdbfs",
-    }
-    kwargs.update(_fuse_kwargs(opts.fuse_options))
+    args = server.fuse_args(os.path.basename(db), opts.fuse_options, opts.debug)
     try:
-        LmdbfsFUSE(ops, mnt, foreground=True, nothreads=not opts.threads, debug=opts.debug, **kwargs)
-    except RuntimeError as exc:
-        if ready:  # libfuse3 reports the signal that ended a healthy session as a status
-            log.info("unmounted %s (libfuse status %s)", mnt, exc)
-            return
-        report(f"libfuse refused the mount (status {exc})")
-        raise MountError(f"libfuse refused to mount {mnt}", "see the messages above, or --log-file") from None
+        status = server.run(mnt, served, args, on_ready, threads=opts.threads)
+    except LmdbfsError as exc:
+        report(f"error {exc.exit_code} {exc.one_line()}")
+        raise
     finally:
         report("the daemon stopped before the mount was ready")
+    if not ready:
+        raise MountError(f"libfuse refused to mount {mnt} (status {status})", "see the messages above, or --log-file")
     log.info("unmounted %s", mnt)
 
 

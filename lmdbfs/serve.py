@@ -1,0 +1,109 @@
+"""The mount daemon's serving loop: describe each DB as a layer, then let C serve.
+
+Python checks the DB with the reader (meta record, index, truncation) and turns it into
+a layer description; `lmdbfs._serve` (libfuse3 low-level API, multithreaded, in C)
+answers every request without taking the GIL. A layer is one DB shown under a folder
+(`prefix`, "" = the root) of the mounted tree; directories present in several layers
+merge, and for any other name the first layer holding it wins (docs/serving.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .errors import BadDatabase, MountError
+from .format import KEYS_PATH, encode_path
+from .reader import Archive
+
+log = logging.getLogger(__name__)
+
+THREADS = 16  # libfuse worker threads (measured: docs/benchmarks.md)
+MAX_BACKGROUND = 64  # kernel readahead requests in flight (its default is 12)
+CACHE_BYTES = 32 << 20  # decoded directory records kept, by size
+
+
+@dataclass
+class Served:
+    """What the C server needs besides the layers: statfs totals."""
+
+    layers: list[dict]
+    blocks: int
+    files: int
+
+
+def layer_of(archive: Archive, prefix: str = "") -> dict:
+    """One DB as the C server's layer description (the archive is already validated)."""
+    h = archive._h()  # noqa: SLF001 - same package: the validated handle
+    meta = h.meta
+    return {
+        "prefix": encode_path(prefix.strip("/")),
+        "index_path": h.loc.path,
+        "index_subdir": int(h.loc.subdir),
+        "data_path": h.loc.data_file,
+        "offsets_ok": int(h.offsets_ok),
+        "keys_path": int(meta.keys == KEYS_PATH),
+        "key_prefix": encode_path(meta.key_prefix),
+        "key_sep": encode_path(meta.key_sep),
+        "root_mode": meta.root_mode,
+        "root_mtime_ns": meta.root_mtime_ns,
+    }
+
+
+def describe(dbs: list[tuple[str, str]]) -> Served:
+    """Validate each (db, prefix) with the reader and describe it; raise the reader's
+    typed errors for a bad DB. The Python environments are closed again: C opens its own."""
+    layers, blocks, files = [], 0, 0
+    for db, prefix in dbs:
+        with Archive(db) as archive:
+            layers.append(layer_of(archive, prefix))
+            meta = archive.meta
+            files += meta.files + meta.dirs + meta.symlinks
+            blocks += (os.path.getsize(archive._h().loc.data_file) + 4095) // 4096  # noqa: SLF001
+    return Served(layers, blocks, files)
+
+
+def fuse_args(fsname: str, options: list[str], debug: bool) -> list[str]:
+    """libfuse's command line: read-only, kernel-checked permissions, the user's -o."""
+    name = fsname.replace("\\", "\\\\").replace(",", "\\,")
+    args = ["-o", f"ro,default_permissions,fsname=lmdbfs:{name},subtype=lmdbfs"]
+    for group in options:
+        args += ["-o", group]
+    return args + (["-d"] if debug else [])
+
+
+def run(mnt: str, served: Served, args: list[str], on_ready: Callable[[], None], threads: bool = True) -> int:
+    """Mount and serve until unmounted or signalled; ``on_ready`` runs (in a thread) once
+    the kernel has the mount. Returns libfuse's status (the signal that ended it, or 0)."""
+    from . import _serve
+
+    read_end, write_end = os.pipe()
+
+    def wait_init() -> None:
+        with os.fdopen(read_end, "rb", buffering=0) as pipe:
+            if pipe.read(1):
+                on_ready()
+
+    waiter = threading.Thread(target=wait_init, name="lmdbfs-ready", daemon=True)
+    waiter.start()
+    try:
+        return _serve.serve(
+            mnt,
+            served.layers,
+            args,
+            notify_fd=write_end,  # C writes a byte at INIT, then closes it
+            threads=THREADS if threads else 0,
+            max_background=MAX_BACKGROUND,
+            cache_bytes=CACHE_BYTES,
+            statfs_blocks=served.blocks,
+            statfs_files=served.files,
+        )
+    except _serve.LayerError as exc:
+        raise BadDatabase(str(exc), "re-pack the DB") from None
+    except _serve.FuseError as exc:
+        raise MountError(f"mounting {mnt} failed: {exc}", "see --log-file for details") from None
+    finally:
+        waiter.join(timeout=5)
