@@ -218,6 +218,12 @@ static int locate(struct node *n, int layer, struct record *rec, const struct ro
     return rc ? -rc : 0;
 }
 
+static pthread_mutex_t verify_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t verify_done = PTHREAD_COND_INITIALIZER;
+
+static int check(struct node *n, struct record *rec, uint32_t row_i, const struct row *r, const unsigned char *mem,
+                 int fd, uint64_t pos, const unsigned char **whole, uint8_t *bits);
+
 /* Check the stored bytes against the row's xxh3 once per file. Returns 0 or an errno; a
  * file of at most HASH_CHUNK bytes is left in *whole for the reply. */
 static int verify(struct node *n, int layer, struct record *rec, uint32_t row_i, const struct row *r,
@@ -233,8 +239,35 @@ static int verify(struct node *n, int layer, struct record *rec, uint32_t row_i,
             free(fresh);
         bits = __atomic_load_n(&ln->bits, __ATOMIC_ACQUIRE);
     }
-    if (__atomic_load_n(&bits[row_i], __ATOMIC_RELAXED) & 1)
+    if (__atomic_load_n(&bits[row_i], __ATOMIC_ACQUIRE) & 1)
         return 0;
+    /* A large file is checked by one thread; READs of its other parts wait for the verdict
+     * instead of each hashing the whole file again. */
+    if (r->size > HASH_CHUNK) {
+        pthread_mutex_lock(&verify_lock);
+        uint8_t b;
+        while (((b = __atomic_load_n(&bits[row_i], __ATOMIC_ACQUIRE)) & 7) == 4)
+            pthread_cond_wait(&verify_done, &verify_lock);
+        if (!(b & 3))
+            __atomic_fetch_or(&bits[row_i], 4, __ATOMIC_ACQ_REL);
+        pthread_mutex_unlock(&verify_lock);
+        if (b & 1)
+            return 0;
+        if (b & 2)
+            return EIO;
+        int err = check(n, rec, row_i, r, mem, fd, pos, whole, bits);
+        pthread_mutex_lock(&verify_lock);
+        __atomic_fetch_and(&bits[row_i], (uint8_t)~4, __ATOMIC_ACQ_REL);
+        pthread_cond_broadcast(&verify_done);
+        pthread_mutex_unlock(&verify_lock);
+        return err;
+    }
+    return check(n, rec, row_i, r, mem, fd, pos, whole, bits);
+}
+
+static int check(struct node *n, struct record *rec, uint32_t row_i, const struct row *r, const unsigned char *mem,
+                 int fd, uint64_t pos, const unsigned char **whole, uint8_t *bits)
+{
     XXH64_hash_t sum;
     if (mem) {
         sum = XXH3_64bits(mem, r->size);
@@ -271,12 +304,12 @@ static int verify(struct node *n, int layer, struct record *rec, uint32_t row_i,
     }
     if (sum != r->checksum) {
         *whole = NULL;
-        if (!(__atomic_fetch_or(&bits[row_i], 2, __ATOMIC_RELAXED) & 2))
+        if (!(__atomic_fetch_or(&bits[row_i], 2, __ATOMIC_ACQ_REL) & 2))
             log_line("ERROR", "EIO for %s%s%.*s: checksum mismatch (the DB file is damaged)", n->path,
                      n->path_len ? "/" : "", r->name_len, row_name(rec, r));
         return EIO;
     }
-    __atomic_fetch_or(&bits[row_i], 1, __ATOMIC_RELAXED);
+    __atomic_fetch_or(&bits[row_i], 1, __ATOMIC_RELEASE);
     return 0;
 }
 

@@ -98,7 +98,7 @@ struct lnode {
     uint8_t state;
     uint8_t logged;
     struct record *rec;          /* cached record (guarded by the cache lock) */
-    uint8_t *bits;               /* per row: 1 verified, 2 mismatch logged (atomic bytes) */
+    uint8_t *bits;               /* per row: 1 verified, 2 mismatch (logged), 4 being checked */
     uint32_t nbits;
 };
 

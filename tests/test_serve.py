@@ -19,6 +19,7 @@ from pathlib import Path
 import lmdb
 import pytest
 
+from lmdbfs import open as lmdbfs_open
 from lmdbfs import store
 from lmdbfs.format import INDEX_DB, decode_dir, dir_key
 
@@ -189,3 +190,21 @@ def test_layers_merge_directories_and_sit_under_prefixes(
             os.stat(mnt / "datasets" / "nope")
     finally:
         _stop(proc, mnt)
+
+
+def test_key_lookups_with_prefix_and_separator_once_offsets_are_stale(
+    got10k_tree: Path, tmp_path: Path, mount_db
+) -> None:
+    db = tmp_path / "keyed.lmdb"
+    run_cli("pack", got10k_tree, db, "--key-prefix", "got10k\\", "--key-sep", "\\", "--no-progress")
+    # Any later write makes the recorded offsets stale: every value is then found by its key.
+    env = lmdb.open(str(db), subdir=False, max_dbs=4)
+    with env.begin(write=True) as txn:
+        txn.put(b"an unrelated key", b"x")
+    env.close()
+    with lmdbfs_open(db) as archive:
+        assert not archive._h().offsets_ok
+    m = mount_db(db)
+    got = snapshot(got10k_tree)
+    expected = {rel: (k, None if mode is None else mode & ~0o222, *rest) for rel, (k, mode, *rest) in got.items()}
+    assert differences(expected, snapshot(m.mnt)) == []
