@@ -6,6 +6,7 @@
 #include "serve.h"
 
 #include <errno.h>
+#include <malloc.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
@@ -170,6 +171,12 @@ static PyObject *serve(PyObject *self, PyObject *args, PyObject *kw)
     }
     if (!PyUnicode_FSConverter(mnt_obj, &mnt_bytes))
         return NULL;
+    /* Records come and go from the cache on every worker thread: one malloc arena, and
+     * anything over 64 KiB mapped on its own, so freed memory goes back to the system
+     * instead of fragmenting per-thread heaps (the daemon's RSS stays near the cache size). */
+    mallopt(M_ARENA_MAX, 1);
+    mallopt(M_MMAP_THRESHOLD, 64 << 10);
+    mallopt(M_TRIM_THRESHOLD, 1 << 20);
     memset(&srv, 0, sizeof(srv));
     srv.layers = calloc((size_t)nl, sizeof(struct layer));
     srv.verify = verify;

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 THREADS = 16  # libfuse worker threads (measured: docs/benchmarks.md)
 MAX_BACKGROUND = 64  # kernel readahead requests in flight (its default is 12)
+CLONE_FD = False  # one /dev/fuse descriptor per worker thread
 CACHE_BYTES = 32 << 20  # decoded directory records kept, by size
 
 
@@ -96,6 +97,7 @@ def run(mnt: str, served: Served, args: list[str], on_ready: Callable[[], None],
             args,
             notify_fd=write_end,  # C writes a byte at INIT, then closes it
             threads=THREADS if threads else 0,
+            clone_fd=CLONE_FD,
             max_background=MAX_BACKGROUND,
             cache_bytes=CACHE_BYTES,
             statfs_blocks=served.blocks,
