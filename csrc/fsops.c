@@ -196,7 +196,7 @@ static int list_single(fuse_req_t req, struct node *dir, int layer, char *buf, s
         row_get(rec, (uint32_t)i, &r);
         memset(&e, 0, sizeof(e));
         e.attr_timeout = e.entry_timeout = srv.timeout;
-        if (r.kind == KIND_DIR && plus) {
+        if (r.kind == KIND_DIR) {  /* a directory's number is its node's, listed or looked up */
             struct node *child = tree_child_single(dir, layer, rec, (uint32_t)i, &r, &err);
             if (!child)
                 break;
