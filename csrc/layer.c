@@ -258,11 +258,15 @@ int layer_fetch_record(struct layer *ly, const char *rel, size_t rel_len, unsign
     touched(ly);
     if (val.mv_size > RECORD_MAX)
         return -EFBIG;
+    uint64_t off = (uint64_t)((char *)val.mv_data - ly->env_base);
+    if (off > ly->env_size || val.mv_size > ly->env_size - off) {  /* a damaged B-tree: never touch it */
+        log_line("ERROR", "layer %d: directory record of '%.*s' lies outside the file", ly->index, (int)rel_len, rel);
+        return -EIO;
+    }
     unsigned char *buf = malloc(val.mv_size ? val.mv_size : 1);
     if (!buf)
         return -ENOMEM;
-    uint64_t off = (uint64_t)((char *)val.mv_data - ly->env_base);
-    if (val.mv_size > 4096 && off + val.mv_size <= ly->env_size) {
+    if (val.mv_size > 4096) {
         ssize_t got = pread(ly->env_fd, buf, val.mv_size, (off_t)off);
         if (got != (ssize_t)val.mv_size) {
             free(buf);
