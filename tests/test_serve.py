@@ -208,3 +208,30 @@ def test_key_lookups_with_prefix_and_separator_once_offsets_are_stale(
     got = snapshot(got10k_tree)
     expected = {rel: (k, None if mode is None else mode & ~0o222, *rest) for rel, (k, mode, *rest) in got.items()}
     assert differences(expected, snapshot(m.mnt)) == []
+
+
+def test_rows_pointing_outside_the_file_or_with_bad_names_are_left_out(
+    got10k_tree: Path, got10k_db: Path, mount_db, tmp_path: Path
+) -> None:
+    broken = tmp_path / "rows.lmdb"
+    shutil.copy(got10k_db, broken)
+    seq = "train/GOT-10k_Train_000001"
+    at, raw = _record_at(broken, seq)
+    rec = decode_dir(raw, seq)
+    names = rec.names
+    rows_at = at + 16 + len(seq.encode())
+    far = rec.index_of("00000002.jpg")
+    assert int(rec.rows[far]["data_off"]) != 0  # a frame read by offset
+    _patch(broken, rows_at + far * 44 + 36, (1 << 60).to_bytes(8, "little"))
+    slash = rec.index_of("00000003.jpg")
+    name_at = rows_at + len(rec) * 44 + int(rec.rows[slash]["name_off"])
+    _patch(broken, name_at + 8, b"/")  # "00000003/jpg" still sorts in place
+    m = mount_db(broken)
+    listed = sorted(os.listdir(m.mnt / seq))
+    assert listed == sorted(set(names) - {"00000002.jpg", "00000003.jpg"})
+    for gone in ("00000002.jpg", "00000003.jpg"):
+        with pytest.raises(OSError) as err:
+            os.stat(m.mnt / seq / gone)
+        assert err.value.errno in (errno.EIO, errno.ENOENT)
+    for name in listed:
+        assert (m.mnt / seq / name).read_bytes() == (got10k_tree / seq / name).read_bytes()
