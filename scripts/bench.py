@@ -54,6 +54,7 @@ SCRIPTS = REPO / "scripts"
 DEFAULT_WORKDIR = Path(os.environ.get("LMDBFS_BENCH_WORKDIR", "/var/tmp/lmdbfs-bench"))
 ALL_SYSTEMS = ("native", "lmdbfs", "lmdbfs-py", "squashfs", "squashfuse", "ratarmount", "seed")
 MOUNTED = ("lmdbfs", "lmdbfs-py", "squashfs", "squashfuse", "ratarmount")
+OPT_IN = ("lmdbfs-py", "squashfs")  # need --old-lmdbfs / root: only when named in --systems
 PHASES = ("first", "steady", "cold")
 SIZE_ORDER = ("smoke", "medium", "full")
 
@@ -1648,7 +1649,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="where benchmarks.md and bench-<size>.png go (default docs/)",
     )
     ap.add_argument(
-        "--systems", default=",".join(ALL_SYSTEMS), help=f"comma list of {','.join(ALL_SYSTEMS)} (default all)"
+        "--systems",
+        default=",".join(n for n in ALL_SYSTEMS if n not in OPT_IN),
+        help=f"comma list of {','.join(ALL_SYSTEMS)} (default all but {','.join(OPT_IN)})",
     )
     ap.add_argument("--readers", default=None, help="comma list of reader process counts (default per size)")
     ap.add_argument("--phases", default=",".join(PHASES), help="comma list of first,steady,cold")
