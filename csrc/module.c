@@ -215,7 +215,7 @@ static PyObject *serve(PyObject *self, PyObject *args, PyObject *kw)
     se = fuse_session_new(&fargs, &lmdbfs_ops, sizeof(lmdbfs_ops), NULL);
     fuse_opt_free_args(&fargs);
     if (!se) {
-        PyErr_SetString(FuseError, "libfuse refused the options (see the message above)");
+        PyErr_SetString(FuseError, "options");
         goto out;
     }
     /* libfuse installs its handlers only where none is set: Python's own SIGINT handler
@@ -228,7 +228,7 @@ static PyObject *serve(PyObject *self, PyObject *args, PyObject *kw)
         fuse_remove_signal_handlers(se);
         for (int i = 0; i < 3; i++)
             sigaction(sigs[i], &old[i], NULL);
-        PyErr_SetString(FuseError, "libfuse could not mount (see the message above)");
+        PyErr_SetString(FuseError, "mount");
         goto out;
     }
     serving = 1;

@@ -109,6 +109,9 @@ def run(mnt: str, served: Served, args: list[str], on_ready: Callable[[], None],
     except _serve.LayerError as exc:
         raise BadDatabase(str(exc), "re-pack the DB") from None
     except _serve.FuseError as exc:
-        raise MountError(f"mounting {mnt} failed: {exc}", "see --log-file for details") from None
+        if str(exc) == "options":
+            given = " ".join(a for a in args if a not in ("-o", "-d"))
+            raise MountError(f"libfuse refused the FUSE options ({given})", "drop the unknown -o option") from None
+        raise MountError(f"libfuse could not mount {mnt}", "see --log-file for libfuse's reason") from None
     finally:
         waiter.join(timeout=5)

@@ -23,7 +23,7 @@ from lmdbfs import open as lmdbfs_open
 from lmdbfs import store
 from lmdbfs.format import INDEX_DB, decode_dir, dir_key
 
-from .conftest import is_mounted, run_cli
+from .conftest import is_mounted, one_error_line, run_cli
 from .treecmp import differences, snapshot
 
 
@@ -235,3 +235,11 @@ def test_rows_pointing_outside_the_file_or_with_bad_names_are_left_out(
         assert err.value.errno in (errno.EIO, errno.ENOENT)
     for name in listed:
         assert (m.mnt / seq / name).read_bytes() == (got10k_tree / seq / name).read_bytes()
+
+
+def test_an_unknown_fuse_option_is_one_clear_line(edge_db: Path, tmp_path: Path) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    line = one_error_line(run_cli("mount", "-o", "no_such_option", edge_db, mnt, check=False))
+    assert "refused the FUSE options" in line and "no_such_option" in line
+    assert not is_mounted(mnt)
