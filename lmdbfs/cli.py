@@ -437,8 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--threads",
         action=argparse.BooleanOptionalAction,
-        default=False,
-        help="serve on several libfuse threads (default: one, measured faster: the GIL serialises Python anyway)",
+        default=True,
+        help="serve on several libfuse threads (default; --no-threads answers one request at a time)",
     )
     p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
 

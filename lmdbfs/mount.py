@@ -20,7 +20,6 @@ import stat
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -33,8 +32,6 @@ FUSE_DEVICE = "/dev/fuse"
 FUSE_CONF = "/etc/fuse.conf"
 _OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")  # mountinfo writes ' ' as \040
 READAHEAD_KB = 1024  # matches libfuse3's largest READ (max_pages = 256)
-# mfusepy loads libfuse2 when both are installed; libfuse3 gives 1 MiB reads and no-open.
-os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
 
 
 @dataclass
@@ -43,18 +40,13 @@ class MountOptions:
     fuse_options: list[str] = field(default_factory=list)
     log_file: str | None = None
     debug: bool = False
-    threads: bool = False  # one libfuse thread: 2 readers got 6.8-7.4k files/s vs 5.4-5.7k threaded
+    threads: bool = True  # the C server answers on several libfuse threads
     ready_fd: int | None = None
 
 
-def _fuse_kwargs(options: list[str]) -> dict[str, object]:
-    """-o a,b=c (repeatable) as mfusepy keyword options."""
-    kwargs: dict[str, object] = {}
-    for group in options:
-        for item in filter(None, (part.strip() for part in group.split(","))):
-            key, sep, value = item.partition("=")
-            kwargs[key] = value if sep else True
-    return kwargs
+def _option_names(options: list[str]) -> set[str]:
+    """The option names in -o a,b=c groups (repeatable)."""
+    return {item.partition("=")[0].strip() for group in options for item in group.split(",") if item.strip()}
 
 
 def fuse_option_value(text: str) -> str:
@@ -112,7 +104,7 @@ def _check_fuse_available(opts: MountOptions) -> None:
             f"as root, add the user to the device's group (chgrp fuse {FUSE_DEVICE}; chmod 0660 {FUSE_DEVICE}; "
             f"usermod -aG fuse {_user_name()}; log in again) or open the device up (chmod 0666 {FUSE_DEVICE})",
         )
-    wanted = {key for key in _fuse_kwargs(opts.fuse_options) if key in ("allow_other", "allow_root")}
+    wanted = {key for key in _option_names(opts.fuse_options) if key in ("allow_other", "allow_root")}
     if wanted and not _fuse_conf_allows_other():
         raise MountError(
             f"-o {sorted(wanted)[0]} is refused for non-root users: {FUSE_CONF} lacks the line user_allow_other",
@@ -281,14 +273,12 @@ def serve(dbs: list[str], mnt: str, opts: MountOptions) -> None:
             ready_fd = None
 
     try:
-        from .fuse_ops import LmdbfsFUSE, LmdbfsOperations
-        from .union import open_tree
+        from . import serve as server
 
-        archive = open_tree(*dbs)
-        shard_warnings = [line for _kind, line in getattr(archive, "shard_problems", list)()]
-    except OSError as exc:  # libfuse missing: mfusepy raises at import
-        report(f"cannot load libfuse3 ({exc}); install it: apt-get install fuse3 libfuse3-3")
-        raise MountError("cannot load libfuse3", "install it: apt-get install fuse3 libfuse3-3") from None
+        served = server.describe(dbs)
+    except ImportError as exc:  # the C server or libfuse3 itself is missing
+        report(f"cannot load the FUSE server ({exc}); install libfuse3: apt-get install fuse3 libfuse3-3")
+        raise MountError("cannot load the FUSE server", "install libfuse3: apt-get install fuse3 libfuse3-3") from None
     except LmdbfsError as exc:
         report(f"error {exc.exit_code} {exc.one_line()}")
         raise
@@ -298,10 +288,11 @@ def serve(dbs: list[str], mnt: str, opts: MountOptions) -> None:
     def on_ready() -> None:
         nonlocal ready
         ready = True
-        threading.Thread(target=_raise_readahead, args=(mnt,), daemon=True).start()
+        _raise_readahead(mnt)
         detached = opts.ready_fd is not None
-        report(" ".join(["ok", *shard_warnings[:1]]))
-        for line in shard_warnings:
+        log.info("serving %s at %s", " ".join(dbs), mnt)
+        report(" ".join(["ok", *served.warnings[:1]]))
+        for line in served.warnings:
             log.warning("%s", line)
         if detached and not opts.log_file:
             # Nobody reads a background daemon's stderr once it is up: without
@@ -310,25 +301,17 @@ def serve(dbs: list[str], mnt: str, opts: MountOptions) -> None:
             os.dup2(devnull, 2)
             os.close(devnull)
 
-    # A DB adopted without --checksum has no checksums to verify first reads against.
-    ops = LmdbfsOperations(archive, on_ready=on_ready, verify=archive.checksummed)
-    kwargs: dict[str, object] = {
-        "ro": True,
-        "default_permissions": True,
-        "fsname": fuse_option_value("lmdbfs:" + "+".join(os.path.basename(d) for d in dbs)),
-        "subtype": "lmdbfs",
-    }
-    kwargs.update(_fuse_kwargs(opts.fuse_options))
+    fsname = fuse_option_value("lmdbfs:" + "+".join(os.path.basename(d) for d in dbs))
+    args = server.fuse_args(fsname, opts.fuse_options, opts.debug)
     try:
-        LmdbfsFUSE(ops, mnt, foreground=True, nothreads=not opts.threads, debug=opts.debug, **kwargs)
-    except RuntimeError as exc:
-        if ready:  # libfuse3 reports the signal that ended a healthy session as a status
-            log.info("unmounted %s (libfuse status %s)", mnt, exc)
-            return
-        report(f"libfuse refused the mount (status {exc})")
-        raise MountError(f"libfuse refused to mount {mnt}", "see the messages above, or --log-file") from None
+        status = server.run(mnt, served, args, on_ready, threads=opts.threads)
+    except LmdbfsError as exc:
+        report(f"error {exc.exit_code} {exc.one_line()}")
+        raise
     finally:
         report("the daemon stopped before the mount was ready")
+    if not ready:
+        raise MountError(f"libfuse refused to mount {mnt} (status {status})", "see the messages above, or --log-file")
     log.info("unmounted %s", mnt)
 
 

@@ -443,6 +443,9 @@ def layer_descriptions(tree: Archive) -> list[dict[str, Any]]:
                 "data_path": os.path.abspath(h.loc.data_file),
                 "offsets_ok": bool(h.offsets_ok),
                 "checksummed": archive.checksummed,
+                # An adopted DB: values (and key lookups) in the foreign DB, not the index's.
+                "values_path": os.path.abspath(h.loc.path) if h.venv is not h.env else None,
+                "values_subdir": h.loc.subdir,
                 "keys": meta.keys,
                 "key_prefix": meta.key_prefix,
                 "key_sep": meta.key_sep,

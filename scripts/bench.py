@@ -52,8 +52,9 @@ log = logging.getLogger("bench")
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO / "scripts"
 DEFAULT_WORKDIR = Path(os.environ.get("LMDBFS_BENCH_WORKDIR", "/var/tmp/lmdbfs-bench"))
-ALL_SYSTEMS = ("native", "lmdbfs", "squashfuse", "ratarmount", "seed")
-MOUNTED = ("lmdbfs", "squashfuse", "ratarmount")
+ALL_SYSTEMS = ("native", "lmdbfs", "lmdbfs-py", "squashfs", "squashfuse", "ratarmount", "seed")
+MOUNTED = ("lmdbfs", "lmdbfs-py", "squashfs", "squashfuse", "ratarmount")
+OPT_IN = ("lmdbfs-py", "squashfs")  # need --old-lmdbfs / root: only when named in --systems
 PHASES = ("first", "steady", "cold")
 SIZE_ORDER = ("smoke", "medium", "full")
 
@@ -718,9 +719,47 @@ def measured_dict(*ms: Measured) -> dict[str, Any]:
     }
 
 
+class LmdbfsPy(Lmdbfs):
+    """The same DB served by an older lmdbfs (e.g. the Python server), side by side:
+    --old-lmdbfs names a directory holding that version's lmdbfs/ package."""
+
+    name = "lmdbfs-py"
+    pack_tool = "(the lmdbfs DB)"
+
+    @property
+    def db(self) -> Path:
+        return self.art / "tree.lmdb"
+
+    def cli(self) -> list[str]:
+        if not self.ctx.args.old_lmdbfs:
+            raise SystemExit("lmdbfs-py needs --old-lmdbfs DIR")
+        return ["env", f"PYTHONPATH={self.ctx.args.old_lmdbfs}", sys.executable, "-m", "lmdbfs"]
+
+    def pack(self) -> dict[str, Any]:
+        return Lmdbfs(self.ctx).pack()
+
+
+class KernelSquashfs(Squashfuse):
+    """The squashfuse image mounted by the kernel's own squashfs (root only): an anchor
+    with no FUSE round trips at all."""
+
+    name = "squashfs"
+    pack_tool = "(the squashfuse image)"
+
+    def mount_cmd(self) -> list[str]:
+        return ["mount", "-t", "squashfs", "-o", "loop,ro", str(self.img), str(self.mnt)]
+
+    def umount(self) -> None:
+        if is_mounted(self.mnt):
+            subprocess.run(["umount", str(self.mnt)], capture_output=True)
+        self.pid = None
+
+
 SYSTEM_CLASSES: dict[str, type[System]] = {
     "native": Native,
     "lmdbfs": Lmdbfs,
+    "lmdbfs-py": LmdbfsPy,
+    "squashfs": KernelSquashfs,
     "squashfuse": Squashfuse,
     "ratarmount": Ratarmount,
     "seed": Seed,
@@ -1538,6 +1577,8 @@ def make_chart(res: dict[str, Any], path: Path) -> bool:
     colors = {
         "native": "#777777",
         "lmdbfs": "#1f77b4",
+        "lmdbfs-py": "#aec7e8",
+        "squashfs": "#8c564b",
         "squashfuse": "#ff7f0e",
         "ratarmount": "#2ca02c",
         "seed": "#9467bd",
@@ -1715,7 +1756,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="where benchmarks.md and bench-<size>.png go (default docs/)",
     )
     ap.add_argument(
-        "--systems", default=",".join(ALL_SYSTEMS), help=f"comma list of {','.join(ALL_SYSTEMS)} (default all)"
+        "--systems",
+        default=",".join(n for n in ALL_SYSTEMS if n not in OPT_IN),
+        help=f"comma list of {','.join(ALL_SYSTEMS)} (default all but {','.join(OPT_IN)})",
     )
     ap.add_argument("--readers", default=None, help="comma list of reader process counts (default per size)")
     ap.add_argument("--phases", default=",".join(PHASES), help="comma list of first,steady,cold")
@@ -1751,6 +1794,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--gen-workers", type=int, default=os.cpu_count() or 1, help="tree generator processes")
     ap.add_argument("--pack-workers", type=int, default=None, help="--workers for lmdbfs pack (default: its own)")
     ap.add_argument("--squashfuse-bin", default="squashfuse", help="squashfuse or squashfuse_ll")
+    ap.add_argument("--old-lmdbfs", help="directory holding an older lmdbfs/ package (system lmdbfs-py)")
     ap.add_argument("--ratarmount-bin", default=None, help="use this ratarmount instead of the work-dir venv")
     ap.add_argument("--ratarmount-spec", default="ratarmount", help="pip spec for the ratarmount venv")
     ap.add_argument("--timeout", type=float, default=4 * 3600, help="per command / epoch timeout (s)")

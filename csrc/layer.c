@@ -1,0 +1,330 @@
+/* One layer's LMDB side: environments, a read transaction per thread, keys, and copies
+ * of stored bytes made with pread rather than through the map (the map is opened without
+ * readahead, so touching a value page by page would fault 4 KiB at a time). */
+#include "serve.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <nettle/md5.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
+#include <time.h>
+#include <unistd.h>
+
+#define UNMAP_EVERY 256  /* LMDB lookups between handing the mapped pages back */
+
+void log_line(const char *level, const char *fmt, ...)
+{
+    char when[64], msg[1024];
+    struct timespec ts;
+    struct tm tm;
+    va_list ap;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    localtime_r(&ts.tv_sec, &tm);
+    strftime(when, sizeof(when), "%Y-%m-%d %H:%M:%S", &tm);
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    va_end(ap);
+    fprintf(stderr, "%s,%03ld %s lmdbfs.serve: %s\n", when, ts.tv_nsec / 1000000, level, msg);
+    fflush(stderr);
+}
+
+void md5_of(const void *a, size_t alen, const void *b, size_t blen, unsigned char out[16])
+{
+    struct md5_ctx ctx;
+    md5_init(&ctx);
+    md5_update(&ctx, alen, a);
+    if (blen)
+        md5_update(&ctx, blen, b);
+    md5_digest(&ctx, 16, out);
+}
+
+/* ---- read transactions: one per thread and environment, kept open -------------------- */
+static pthread_key_t txn_key;
+static pthread_once_t txn_once = PTHREAD_ONCE_INIT;
+
+struct txns {
+    MDB_txn *t[LAYER_MAX][2];
+};
+
+static void txns_free(void *p)
+{
+    struct txns *ts = p;
+    for (int i = 0; i < LAYER_MAX; i++)
+        for (int j = 0; j < 2; j++)
+            if (ts->t[i][j])
+                mdb_txn_abort(ts->t[i][j]);
+    free(ts);
+}
+
+static int txn_key_ok;
+
+static void txn_key_make(void) { txn_key_ok = pthread_key_create(&txn_key, txns_free) == 0; }
+
+static MDB_txn *txn_get(struct layer *ly, int vals, int *rc)
+{
+    pthread_once(&txn_once, txn_key_make);
+    if (!txn_key_ok) {
+        *rc = ENOMEM;
+        return NULL;
+    }
+    struct txns *ts = pthread_getspecific(txn_key);
+    if (!ts) {
+        ts = calloc(1, sizeof(*ts));
+        if (!ts) {
+            *rc = ENOMEM;
+            return NULL;
+        }
+        pthread_setspecific(txn_key, ts);
+    }
+    MDB_txn **slot = &ts->t[ly->index][vals];
+    if (!*slot) {
+        *rc = mdb_txn_begin(vals ? ly->vals_env : ly->env, NULL, MDB_RDONLY, slot);
+        if (*rc) {
+            *slot = NULL;
+            return NULL;
+        }
+    }
+    return *slot;
+}
+
+/* After an LMDB error, start this thread afresh so one bad page poisons nothing later. */
+static void txn_drop(struct layer *ly, int vals)
+{
+    struct txns *ts = pthread_getspecific(txn_key);
+    if (ts && ts->t[ly->index][vals]) {
+        mdb_txn_abort(ts->t[ly->index][vals]);
+        ts->t[ly->index][vals] = NULL;
+    }
+}
+
+/* Map pages LMDB touched stay mapped; hand them back now and then (they stay cached). */
+static void touched(struct layer *ly)
+{
+    if (__atomic_add_fetch(&ly->lookups, 1, __ATOMIC_RELAXED) % UNMAP_EVERY == 0) {
+        madvise(ly->env_base, ly->env_map, MADV_DONTNEED);
+        if (ly->vals_env != ly->env)
+            madvise(ly->vals_base, ly->vals_map, MADV_DONTNEED);
+    }
+}
+
+static int env_open(MDB_env **env, const char *path, int subdir, char *why, size_t why_len)
+{
+    struct stat st;
+    char file[4096];
+    snprintf(file, sizeof(file), subdir ? "%s/data.mdb" : "%s", path);
+    int rc = stat(file, &st) ? errno : mdb_env_create(env);
+    if (!rc)
+        rc = mdb_env_set_maxdbs(*env, 4);
+    if (!rc)
+        rc = mdb_env_set_mapsize(*env, st.st_size > (1 << 20) ? (size_t)st.st_size : (1 << 20));
+    if (!rc)
+        rc = mdb_env_open(*env, path,
+                          MDB_RDONLY | MDB_NOLOCK | MDB_NORDAHEAD | MDB_NOTLS | (subdir ? 0 : MDB_NOSUBDIR), 0);
+    if (rc)
+        snprintf(why, why_len, "%s: cannot open as LMDB (%s)", path, mdb_strerror(rc));
+    return rc;
+}
+
+/* LMDB does not say where it mapped the file (me_mapaddr is only the FIXEDMAP hint), so
+ * find the mapping of this file in /proc/self/maps, skipping ones other layers own. */
+static int map_find(int fd, char **base, size_t *len)
+{
+    struct stat st;
+    char line[512];
+    int found = 0;
+    if (fstat(fd, &st))
+        return errno;
+    FILE *maps = fopen("/proc/self/maps", "re");
+    if (!maps)
+        return errno;
+    while (!found && fgets(line, sizeof(line), maps)) {
+        unsigned long start, end, ino;
+        unsigned long long off;
+        unsigned maj, min;
+        char perms[8];
+        if (sscanf(line, "%lx-%lx %7s %llx %x:%x %lu", &start, &end, perms, &off, &maj, &min, &ino) != 7)
+            continue;
+        if (off || ino != st.st_ino || maj != major(st.st_dev) || min != minor(st.st_dev))
+            continue;
+        found = 1;
+        for (int i = 0; i < srv.nlayers; i++)
+            if (srv.layers[i].env_base == (char *)start || srv.layers[i].vals_base == (char *)start)
+                found = 0;
+        if (found) {
+            *base = (char *)start;
+            *len = end - start;
+        }
+    }
+    fclose(maps);
+    return found ? 0 : ENOENT;
+}
+
+static int env_view(MDB_env *env, int *fd, char **base, size_t *map, uint64_t *size)
+{
+    struct stat st;
+    int rc = mdb_env_get_fd(env, fd);
+    if (!rc && fstat(*fd, &st))
+        rc = errno;
+    if (!rc)
+        rc = map_find(*fd, base, map);
+    *size = rc ? 0 : (uint64_t)st.st_size;
+    return rc;
+}
+
+int layer_open(struct layer *ly, const char *index_path, int index_subdir, const char *vals_path,
+               int vals_subdir, const char *data_path, char *why, size_t why_len)
+{
+    MDB_txn *txn;
+    struct stat st;
+    int rc = env_open(&ly->env, index_path, index_subdir, why, why_len);
+    if (rc)
+        return rc;
+    ly->vals_env = ly->env;
+    if (vals_path && (rc = env_open(&ly->vals_env, vals_path, vals_subdir, why, why_len)))
+        return rc;
+    rc = mdb_txn_begin(ly->env, NULL, MDB_RDONLY, &txn);
+    if (!rc) {
+        rc = mdb_dbi_open(txn, "lmdbfs.index", 0, &ly->index_dbi);
+        rc = rc ? (mdb_txn_abort(txn), rc) : mdb_txn_commit(txn);  /* commit keeps the handle */
+    }
+    if (!rc && !(rc = mdb_txn_begin(ly->vals_env, NULL, MDB_RDONLY, &txn))) {
+        rc = mdb_dbi_open(txn, NULL, 0, &ly->main_dbi);
+        rc = rc ? (mdb_txn_abort(txn), rc) : mdb_txn_commit(txn);
+    }
+    if (rc) {
+        snprintf(why, why_len, "%s: cannot open its databases (%s)", index_path, mdb_strerror(rc));
+        return rc;
+    }
+    if (env_view(ly->env, &ly->env_fd, &ly->env_base, &ly->env_map, &ly->env_size) ||
+        (ly->vals_env == ly->env ? (ly->vals_fd = ly->env_fd, ly->vals_base = ly->env_base, ly->vals_map = ly->env_map,
+                                    ly->vals_size = ly->env_size, 0)
+                                 : env_view(ly->vals_env, &ly->vals_fd, &ly->vals_base, &ly->vals_map, &ly->vals_size))) {
+        snprintf(why, why_len, "%s: cannot inspect the LMDB map", index_path);
+        return EIO;
+    }
+    ly->data_fd = open(data_path, O_RDONLY | O_CLOEXEC);
+    if (ly->data_fd < 0 || fstat(ly->data_fd, &st)) {
+        snprintf(why, why_len, "%s: %s", data_path, strerror(errno));
+        return errno;
+    }
+    ly->data_size = (uint64_t)st.st_size;
+    return 0;
+}
+
+void layer_close(struct layer *ly)
+{
+    struct txns *ts = txn_key_ok ? pthread_getspecific(txn_key) : NULL;
+    if (ts) {  /* this thread's own transactions (single-threaded serving) */
+        txns_free(ts);
+        pthread_setspecific(txn_key, NULL);
+    }
+    if (ly->data_fd > 0)
+        close(ly->data_fd);
+    if (ly->vals_env && ly->vals_env != ly->env)
+        mdb_env_close(ly->vals_env);
+    if (ly->env)
+        mdb_env_close(ly->env);
+    ly->env = ly->vals_env = NULL;
+    ly->data_fd = -1;
+}
+
+static int lmdb_get(struct layer *ly, int vals, MDB_val *key, MDB_val *val, const char *what)
+{
+    int rc;
+    MDB_txn *txn = txn_get(ly, vals, &rc);
+    if (txn)
+        rc = mdb_get(txn, vals ? ly->main_dbi : ly->index_dbi, key, val);
+    if (rc == 0 || rc == MDB_NOTFOUND)
+        return rc;
+    txn_drop(ly, vals);
+    log_line("ERROR", "layer %d: LMDB error looking up %s: %s", ly->index, what, mdb_strerror(rc));
+    return -EIO;
+}
+
+int layer_fetch_record(struct layer *ly, const char *rel, size_t rel_len, unsigned char **raw, size_t *len)
+{
+    unsigned char digest[16];
+    MDB_val key = {16, digest}, val;
+    md5_of(rel, rel_len, NULL, 0, digest);
+    int rc = lmdb_get(ly, 0, &key, &val, "a directory record");
+    if (rc)
+        return rc;
+    touched(ly);
+    if (val.mv_size > RECORD_MAX)
+        return -EFBIG;
+    uint64_t off = (uint64_t)((char *)val.mv_data - ly->env_base);
+    if (off > ly->env_size || val.mv_size > ly->env_size - off) {  /* a damaged B-tree: never touch it */
+        log_line("ERROR", "layer %d: directory record of '%.*s' lies outside the file", ly->index, (int)rel_len, rel);
+        return -EIO;
+    }
+    unsigned char *buf = malloc(val.mv_size ? val.mv_size : 1);
+    if (!buf)
+        return -ENOMEM;
+    if (val.mv_size > 4096) {
+        ssize_t got = pread(ly->env_fd, buf, val.mv_size, (off_t)off);
+        if (got != (ssize_t)val.mv_size) {
+            free(buf);
+            return -EIO;
+        }
+    } else {
+        memcpy(buf, val.mv_data, val.mv_size);
+    }
+    *raw = buf;
+    *len = val.mv_size;
+    return 0;
+}
+
+int layer_value_pos(struct layer *ly, const char *rel, size_t rel_len, uint64_t size, uint64_t *pos)
+{
+    size_t klen = ly->key_prefix_len + rel_len * (ly->key_sep_len ? ly->key_sep_len : 1);
+    unsigned char digest[16];
+    char *buf = malloc(klen + 1), *p = buf;
+    if (!buf)
+        return -ENOMEM;
+    memcpy(p, ly->key_prefix, ly->key_prefix_len);
+    p += ly->key_prefix_len;
+    for (size_t i = 0; i < rel_len; i++) {
+        if (rel[i] == '/') {
+            memcpy(p, ly->key_sep, ly->key_sep_len);
+            p += ly->key_sep_len;
+        } else {
+            *p++ = rel[i];
+        }
+    }
+    MDB_val key, val;
+    if (ly->keys_path) {
+        key.mv_data = buf;
+        key.mv_size = (size_t)(p - buf);
+        if (key.mv_size == 0 || key.mv_size > (size_t)mdb_env_get_maxkeysize(ly->vals_env)) {
+            free(buf);
+            return -EIO;
+        }
+    } else {
+        md5_of(buf, (size_t)(p - buf), NULL, 0, digest);
+        key.mv_data = digest;
+        key.mv_size = 16;
+    }
+    int rc = lmdb_get(ly, 1, &key, &val, "a value");
+    free(buf);
+    if (rc == MDB_NOTFOUND) {
+        log_line("ERROR", "EIO for %.*s: listed in the index but its contents are missing", (int)rel_len, rel);
+        return -EIO;
+    }
+    if (rc)
+        return rc;
+    touched(ly);
+    uint64_t off = (uint64_t)((char *)val.mv_data - ly->vals_base);
+    if (val.mv_size != size || off > ly->vals_size || size > ly->vals_size - off) {
+        log_line("ERROR", "EIO for %.*s: stored size %zu != indexed size %llu", (int)rel_len, rel,
+                 val.mv_size, (unsigned long long)size);
+        return -EIO;
+    }
+    *pos = off;
+    return 0;
+}

@@ -1,0 +1,199 @@
+/* READ: find a file's bytes, check them against the row's xxh3 the first time this
+ * daemon reads the file, then answer from memory or hand libfuse (descriptor, offset)
+ * so it splices the bytes to the kernel. */
+#include "serve.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <xxhash.h>
+
+static pthread_key_t buf_key;
+static pthread_once_t buf_once = PTHREAD_ONCE_INIT;
+
+static void buf_key_make(void) { pthread_key_create(&buf_key, free); }
+
+/* A per-thread buffer of HASH_CHUNK bytes for verification reads. */
+static unsigned char *thread_buf(void)
+{
+    pthread_once(&buf_once, buf_key_make);
+    unsigned char *p = pthread_getspecific(buf_key);
+    if (!p && (p = malloc(HASH_CHUNK)))
+        pthread_setspecific(buf_key, p);
+    return p;
+}
+
+/* The file's bytes: in the record (inline), or (fd, pos) in a data file. */
+static int locate(struct node *n, int layer, struct record *rec, const struct row *r, const unsigned char **mem,
+                  int *fd, uint64_t *pos)
+{
+    struct layer *ly = &srv.layers[layer];
+    *mem = NULL;
+    if (r->flags & FLAG_INLINE) {
+        *mem = (const unsigned char *)row_name(rec, r) + r->name_len + r->target_len;
+        return 0;
+    }
+    if (ly->offsets_ok && r->data_off) {
+        *fd = ly->data_fd;
+        *pos = r->data_off;
+        return 0;
+    }
+    const char *dir;
+    size_t dlen;
+    layer_rel(n, layer, &dir, &dlen);
+    char *rel = malloc(dlen + 1 + r->name_len);
+    if (!rel)
+        return ENOMEM;
+    memcpy(rel, dir, dlen);
+    size_t len = dlen;
+    if (dlen)
+        rel[len++] = '/';
+    memcpy(rel + len, row_name(rec, r), r->name_len);
+    len += r->name_len;
+    *fd = ly->vals_fd;
+    int rc = layer_value_pos(ly, rel, len, r->size, pos);
+    free(rel);
+    return rc ? -rc : 0;
+}
+
+static pthread_mutex_t verify_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t verify_done = PTHREAD_COND_INITIALIZER;
+
+static int check(struct node *n, struct record *rec, uint32_t row_i, const struct row *r, const unsigned char *mem,
+                 int fd, uint64_t pos, const unsigned char **whole, uint8_t *bits);
+
+/* Check the stored bytes against the row's xxh3 once per file. Returns 0 or an errno; a
+ * file of at most HASH_CHUNK bytes is left in *whole for the reply. */
+static int verify(struct node *n, int layer, struct record *rec, uint32_t row_i, const struct row *r,
+                  const unsigned char *mem, int fd, uint64_t pos, const unsigned char **whole)
+{
+    struct lnode *ln = &n->l[layer];
+    uint8_t *bits = __atomic_load_n(&ln->bits, __ATOMIC_ACQUIRE);
+    if (!bits) {
+        uint8_t *fresh = calloc(rec->count ? rec->count : 1, 1), *none = NULL;
+        if (!fresh)
+            return ENOMEM;
+        if (!__atomic_compare_exchange_n(&ln->bits, &none, fresh, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+            free(fresh);
+        bits = __atomic_load_n(&ln->bits, __ATOMIC_ACQUIRE);
+    }
+    if (__atomic_load_n(&bits[row_i], __ATOMIC_ACQUIRE) & 1)
+        return 0;
+    /* A large file is checked by one thread; READs of its other parts wait for the verdict
+     * instead of each hashing the whole file again. */
+    if (r->size > HASH_CHUNK) {
+        pthread_mutex_lock(&verify_lock);
+        uint8_t b;
+        while (((b = __atomic_load_n(&bits[row_i], __ATOMIC_ACQUIRE)) & 7) == 4)
+            pthread_cond_wait(&verify_done, &verify_lock);
+        if (!(b & 3))
+            __atomic_fetch_or(&bits[row_i], 4, __ATOMIC_ACQ_REL);
+        pthread_mutex_unlock(&verify_lock);
+        if (b & 1)
+            return 0;
+        if (b & 2)
+            return EIO;
+        int err = check(n, rec, row_i, r, mem, fd, pos, whole, bits);
+        pthread_mutex_lock(&verify_lock);
+        __atomic_fetch_and(&bits[row_i], (uint8_t)~4, __ATOMIC_ACQ_REL);
+        pthread_cond_broadcast(&verify_done);
+        pthread_mutex_unlock(&verify_lock);
+        return err;
+    }
+    return check(n, rec, row_i, r, mem, fd, pos, whole, bits);
+}
+
+static int check(struct node *n, struct record *rec, uint32_t row_i, const struct row *r, const unsigned char *mem,
+                 int fd, uint64_t pos, const unsigned char **whole, uint8_t *bits)
+{
+    XXH64_hash_t sum;
+    if (mem) {
+        sum = XXH3_64bits(mem, r->size);
+    } else {
+        unsigned char *buf = thread_buf();
+        if (!buf)
+            return ENOMEM;
+        XXH3_state_t *state = r->size > HASH_CHUNK ? XXH3_createState() : NULL;
+        if (state)
+            XXH3_64bits_reset(state);
+        uint64_t done = 0;
+        sum = 0;
+        do {
+            size_t want = r->size - done > HASH_CHUNK ? HASH_CHUNK : (size_t)(r->size - done);
+            ssize_t got = want ? pread(fd, buf, want, (off_t)(pos + done)) : 0;
+            if (got != (ssize_t)want) {
+                XXH3_freeState(state);
+                log_line("ERROR", "EIO for %s/%.*s: short read from the DB file", n->path, r->name_len,
+                         row_name(rec, r));
+                return EIO;
+            }
+            if (state)
+                XXH3_64bits_update(state, buf, want);
+            else
+                sum = XXH3_64bits(buf, want);
+            done += want;
+        } while (done < r->size);
+        if (state) {
+            sum = XXH3_64bits_digest(state);
+            XXH3_freeState(state);
+        } else {
+            *whole = buf;
+        }
+    }
+    if (sum != r->checksum) {
+        *whole = NULL;
+        if (!(__atomic_fetch_or(&bits[row_i], 2, __ATOMIC_ACQ_REL) & 2))
+            log_line("ERROR", "EIO for %s%s%.*s: checksum mismatch (the DB file is damaged)", n->path,
+                     n->path_len ? "/" : "", r->name_len, row_name(rec, r));
+        return EIO;
+    }
+    __atomic_fetch_or(&bits[row_i], 1, __ATOMIC_RELEASE);
+    return 0;
+}
+
+void lmdbfs_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi)
+{
+    (void)fi;
+    struct node *n;
+    struct record *rec;
+    struct row r;
+    int layer, fd = -1, err;
+    uint32_t row_i;
+    uint64_t pos = 0;
+    const unsigned char *mem, *whole = NULL;
+    if (!(ino & FILE_INO_BIT)) {
+        fuse_reply_err(req, EISDIR);
+        return;
+    }
+    if ((err = file_of(ino, &n, &layer, &row_i, &r, &rec))) {
+        fuse_reply_err(req, err);
+        return;
+    }
+    if (r.kind != KIND_FILE) {
+        record_put(rec);
+        fuse_reply_err(req, EINVAL);
+        return;
+    }
+    err = locate(n, layer, rec, &r, &mem, &fd, &pos);
+    if (!err && srv.verify && srv.layers[layer].verify)
+        err = verify(n, layer, rec, row_i, &r, mem, fd, pos, &whole);
+    if (err) {
+        fuse_reply_err(req, err);
+    } else if (off < 0 || (uint64_t)off >= r.size || size == 0) {
+        fuse_reply_buf(req, NULL, 0);
+    } else {
+        size_t n_bytes = r.size - (uint64_t)off < size ? (size_t)(r.size - (uint64_t)off) : size;
+        if (mem || whole) {
+            fuse_reply_buf(req, (const char *)(mem ? mem : whole) + off, n_bytes);
+        } else {
+            struct fuse_bufvec bv = FUSE_BUFVEC_INIT(n_bytes);
+            bv.buf[0].flags = FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK | FUSE_BUF_FD_RETRY;
+            bv.buf[0].fd = fd;
+            bv.buf[0].pos = (off_t)(pos + (uint64_t)off);
+            fuse_reply_data(req, &bv, FUSE_BUF_SPLICE_MOVE);
+        }
+    }
+    record_put(rec);
+}
+

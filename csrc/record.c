@@ -1,0 +1,203 @@
+/* Directory records (docs/format.md): parse, and check every byte before it is used.
+ *
+ * A DB is untrusted input. A record whose header, own path, name bounds or order is wrong
+ * is refused as a whole (its directory answers EIO); a row that is wrong in any other way
+ * is marked bad: left out of listings, EIO when named.
+ */
+#include "serve.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define HEADER_SIZE 16
+#define ROW_SIZE 44
+
+static uint16_t get16(const unsigned char *p) { return (uint16_t)(p[0] | p[1] << 8); }
+static uint32_t get32(const unsigned char *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+static uint64_t get64(const unsigned char *p) { uint64_t v; memcpy(&v, p, 8); return v; }
+
+void row_get(const struct record *rec, uint32_t i, struct row *r)
+{
+    const unsigned char *p = rec->rows + (size_t)i * ROW_SIZE;
+    r->name_off = get32(p);
+    r->name_len = get16(p + 4);
+    r->target_len = get16(p + 6);
+    r->kind = p[8];
+    r->flags = p[9];
+    r->mode = get16(p + 10);
+    r->size = get64(p + 12);
+    r->mtime_ns = (int64_t)get64(p + 20);
+    r->checksum = get64(p + 28);
+    r->data_off = get64(p + 36);
+}
+
+const char *row_name(const struct record *rec, const struct row *r)
+{
+    return (const char *)rec->blob + r->name_off;
+}
+
+static int name_cmp(const char *a, size_t alen, const char *b, size_t blen)
+{
+    int c = memcmp(a, b, alen < blen ? alen : blen);
+    if (c)
+        return c;
+    return alen < blen ? -1 : alen > blen;
+}
+
+/* Whatever is wrong with one row that does not stop names being compared. */
+static const char *row_problem(const struct record *rec, const struct row *r, const struct layer *ly)
+{
+    const char *name = row_name(rec, r);
+    uint64_t end = (uint64_t)r->name_off + r->name_len + r->target_len;
+    if (r->name_len == 0 || r->name_len > NAME_MAX_LEN)
+        return "name length";
+    if (memchr(name, '/', r->name_len) || memchr(name, 0, r->name_len))
+        return "name holds '/' or NUL";
+    if ((r->name_len == 1 && name[0] == '.') || (r->name_len == 2 && name[0] == '.' && name[1] == '.'))
+        return "name is '.' or '..'";
+    if (r->kind < KIND_FILE || r->kind > KIND_SYMLINK)
+        return "unknown kind";
+    if (r->flags & ~FLAG_INLINE)
+        return "unknown flag bits";
+    if (end > rec->blob_len)
+        return "link target outside the record";
+    if (r->kind == KIND_SYMLINK) {
+        if (r->size != r->target_len || memchr(name + r->name_len, 0, r->target_len))
+            return "bad link target";
+    }
+    if ((r->flags & FLAG_INLINE) && r->kind != KIND_FILE)
+        return "inline bytes on a non-file";
+    if (r->kind == KIND_FILE && (r->flags & FLAG_INLINE)) {
+        if (r->size > rec->blob_len || end + r->size > rec->blob_len)
+            return "inline bytes outside the record";
+    } else if (r->kind == KIND_FILE && ly->offsets_ok && r->data_off) {
+        if (r->size > ly->data_size || r->data_off > ly->data_size - r->size)
+            return "value outside the data file";
+    }
+    return NULL;
+}
+
+struct record *record_parse(unsigned char *raw, size_t len, const char *own, size_t own_len,
+                            const struct layer *ly, char *why, size_t why_len)
+{
+    struct record *rec = NULL;
+    uint32_t count, plen, blen;
+    uint64_t need;
+
+    if (len < HEADER_SIZE || memcmp(raw, "LDR1", 4) != 0) {
+        snprintf(why, why_len, "not a directory record");
+        goto fail;
+    }
+    count = get32(raw + 4);
+    plen = get32(raw + 8);
+    blen = get32(raw + 12);
+    need = (uint64_t)HEADER_SIZE + plen + (uint64_t)count * ROW_SIZE + blen;
+    if (need != len) {
+        snprintf(why, why_len, "record length %zu does not match its header (%llu)", len,
+                 (unsigned long long)need);
+        goto fail;
+    }
+    if (plen != own_len || memcmp(raw + HEADER_SIZE, own, own_len) != 0) {
+        snprintf(why, why_len, "record belongs to another directory");
+        goto fail;
+    }
+    if (count >= ROW_MAX) {
+        snprintf(why, why_len, "%u entries, more than this server addresses (%u)", count, ROW_MAX - 1);
+        goto fail;
+    }
+    rec = calloc(1, sizeof(*rec));
+    if (!rec || !(rec->bad = calloc(count ? count : 1, 1))) {
+        snprintf(why, why_len, "out of memory");
+        goto fail;
+    }
+    rec->raw = raw;
+    rec->nbytes = len + count + sizeof(*rec);
+    rec->count = count;
+    rec->blob_len = blen;
+    rec->rows = raw + HEADER_SIZE + plen;
+    rec->blob = rec->rows + (size_t)count * ROW_SIZE;
+    rec->refs = 1;
+
+    if (!(rec->good = malloc((count ? count : 1) * sizeof(uint32_t)))) {
+        snprintf(why, why_len, "out of memory");
+        goto fail;
+    }
+    rec->nbytes += (size_t)count * sizeof(uint32_t);
+    /* A bad row is left out, and so is one out of order among the good ones, so the
+     * binary search over `good` stays exact (the Python reader keeps the same rows). */
+    const char *prev = NULL;
+    size_t prev_len = 0;
+    for (uint32_t i = 0; i < count; i++) {
+        struct row r;
+        row_get(rec, i, &r);
+        const char *problem = NULL;
+        if ((uint64_t)r.name_off + r.name_len > blen)
+            problem = "name outside the record";
+        else if (!(problem = row_problem(rec, &r, ly))) {
+            const char *name = row_name(rec, &r);
+            if (prev && name_cmp(prev, prev_len, name, r.name_len) >= 0)
+                problem = "out of order";
+            else {
+                prev = name;
+                prev_len = r.name_len;
+            }
+        }
+        if (problem) {
+            rec->bad[i] = 1;
+            log_line("ERROR", "layer %d, directory '%.*s': entry %u left out: %s", ly->index, (int)own_len,
+                     own, i, problem);
+            continue;
+        }
+        rec->good[rec->ngood++] = i;
+        if (r.kind == KIND_DIR)
+            rec->subdirs++;
+    }
+    return rec;
+fail:
+    if (rec) {
+        free(rec->bad);
+        free(rec->good);
+        free(rec);
+    }
+    free(raw);
+    return NULL;
+}
+
+void record_free(struct record *rec)
+{
+    if (!rec)
+        return;
+    free(rec->raw);
+    free(rec->bad);
+    free(rec->good);
+    free(rec);
+}
+
+long record_find(const struct record *rec, const char *name, size_t len)
+{
+    uint32_t lo = 0, hi = rec->ngood;
+    while (lo < hi) {
+        uint32_t mid = lo + (hi - lo) / 2;
+        struct row r;
+        row_get(rec, rec->good[mid], &r);
+        int c = name_cmp(row_name(rec, &r), r.name_len, name, len);
+        if (c == 0)
+            return rec->good[mid];
+        if (c < 0)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    /* A damaged row is still found by its exact name, so it answers EIO, not ENOENT. */
+    for (uint32_t k = 0; rec->ngood < rec->count && k < rec->count; k++) {
+        struct row r;
+        if (!rec->bad[k])
+            continue;
+        row_get(rec, k, &r);
+        if ((uint64_t)r.name_off + r.name_len <= rec->blob_len && r.name_len == len &&
+            memcmp(row_name(rec, &r), name, len) == 0)
+            return k;
+    }
+    return -1;
+}

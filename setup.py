@@ -1,0 +1,32 @@
+"""Builds lmdbfs._serve, the FUSE server in C; everything else lives in pyproject.toml."""
+
+import glob
+import subprocess
+
+from setuptools import Extension, setup
+
+LIBS = ["fuse3", "lmdb", "libxxhash", "nettle"]
+
+
+def pkg_config(flag: str) -> list[str]:
+    try:
+        out = subprocess.run(["pkg-config", flag, *LIBS], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return []
+    return out.split()
+
+
+cflags = pkg_config("--cflags") or ["-I/usr/include/fuse3"]
+libs = pkg_config("--libs") or ["-lfuse3", "-llmdb", "-lxxhash", "-lnettle"]
+
+setup(
+    ext_modules=[
+        Extension(
+            "lmdbfs._serve",
+            sources=sorted(glob.glob("csrc/*.c")),
+            depends=glob.glob("csrc/*.h"),
+            extra_compile_args=[*cflags, "-std=gnu11", "-O2", "-Wall", "-Wextra", "-Wno-missing-field-initializers"],
+            extra_link_args=[*libs, "-lpthread"],
+        )
+    ]
+)
