@@ -14,11 +14,9 @@ import logging
 import os
 import posixpath
 import threading
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import lmdb
 import xxhash
 
 from . import foreign, store
@@ -35,6 +33,7 @@ from .format import (
     decode_path,
     dir_key,
 )
+from .handle import DirCache, Handle
 
 log = logging.getLogger(__name__)
 
@@ -44,149 +43,12 @@ MAX_DEPTH = 1024  # directory levels a walk descends (a path that deep exceeds P
 _REPORTED_MAX = 1000  # directories whose damaged rows were logged
 _HASH_CHUNK = 1 << 20
 _THREAD = threading.local()
-UNMAP_EVERY = 64  # key lookups between handing mapped pages back (~50 MB mapped at most)
 
 
 def normpath(path: str) -> str:
     """Archive-relative form of ``path``: no leading slash, '' for the root, never above it."""
     path = posixpath.normpath("/" + path.replace(os.sep, "/"))
     return path.lstrip("/")
-
-
-class _DirCache:
-    """Decoded directory records, bounded by their encoded size so the daemon's memory
-    does not grow with the dataset."""
-
-    def __init__(self, max_bytes: int) -> None:
-        self._max = max_bytes
-        self._used = 0
-        self._items: OrderedDict[str, DirRecord] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, path: str) -> DirRecord | None:
-        with self._lock:
-            rec = self._items.get(path)
-            if rec is not None:
-                self._items.move_to_end(path)
-            return rec
-
-    def put(self, rec: DirRecord) -> None:
-        with self._lock:
-            if rec.path in self._items:
-                return
-            self._items[rec.path] = rec
-            self._used += rec.nbytes
-            while self._used > self._max and len(self._items) > 1:
-                _, old = self._items.popitem(last=False)
-                self._used -= old.nbytes
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-            self._used = 0
-
-
-class _Handle:
-    """Per-process LMDB state of an archive: where its index lives and where its values do.
-
-    A packed DB holds both in one environment. An adopted DB (`lmdbfs adopt`) takes its
-    index from the sidecar file and its values from the foreign DB beside it: then the
-    ``index_*`` fields and the value fields (``venv``, ``loc``, ``fd``, ``map_base``)
-    name different files.
-    """
-
-    def __init__(self, path: str) -> None:
-        index_path = foreign.index_for(path)
-        self.path = index_path
-        self.env, self.index_loc = store.acquire_readonly(index_path)
-        self.venv, self.loc = self.env, self.index_loc
-        self.index_fd = self.fd = -1
-        try:
-            self.index_fd = _open_fd(self.index_loc.data_file)
-            self.index_base = store.map_base(self.index_loc.data_file)
-            self.index_size = os.fstat(self.index_fd).st_size  # bounds every record a lookup returns
-            self.psize = self.env.stat()["psize"]
-            self.meta = store.read_meta(self.env, index_path, self.index_base)
-            self.index_db = store.open_index(self.env, index_path)
-            if self.meta.data is None:
-                self.fd = self.index_fd
-                # Value offsets in the index hold only for the file exactly as packed.
-                self.offsets_ok = (
-                    self.meta.offsets_txnid != 0 and self.env.info()["last_txnid"] == self.meta.offsets_txnid
-                )
-            else:
-                # Values from the foreign DB it was made from, while it is as adopted.
-                self.venv, self.loc = store.acquire_adopted(index_path, self.meta.data)
-                self.fd = _open_fd(self.loc.data_file)
-                self.offsets_ok = True
-            self.vpsize = self.venv.stat()["psize"]
-            self.data_size = os.fstat(self.fd).st_size  # bounds every size and offset the index gives
-            with store.lmdb_errors(index_path):
-                self.main_db = self.venv.open_db()
-        except BaseException:
-            self._release()
-            raise
-        self.map_base = self.index_base if self.venv is self.env else store.map_base(self.loc.data_file)
-        self.local = threading.local()
-        self.lookups = 0  # key lookups since the map was last unmapped
-
-    def touched(self) -> None:
-        """Count a key lookup; every UNMAP_EVERY, hand the mapped pages back.
-
-        A lookup maps far more than its value (the kernel maps up to 16 neighbouring
-        cached pages per fault, B-tree pages included): 1,287 lookups of 500-byte
-        values mapped 939 MB of a 1 GB DB. The pages stay in the page cache."""
-        self.lookups += 1
-        if self.lookups >= UNMAP_EVERY and self.map_base is not None:
-            self.lookups = 0
-            store.unmap_pages(self.map_base, self.venv.info()["map_size"])
-
-    def _txn(self, slot: str, env: lmdb.Environment) -> lmdb.Transaction:
-        """A read transaction per thread and environment, kept open: the DB never changes."""
-        txn = getattr(self.local, slot, None)
-        if txn is None:
-            with store.lmdb_errors(self.path):
-                txn = env.begin(buffers=True)
-            setattr(self.local, slot, txn)
-        return txn
-
-    def _get(self, slot: str, env: lmdb.Environment, key: bytes, db: Any, base: int | None, size: int, psize: int):
-        """One lookup in this thread's transaction. A failure (damaged pages) discards
-        the transaction, so the next lookup starts afresh instead of failing too."""
-        txn = self._txn(slot, env)
-        try:
-            return store.checked_get(txn, key, db, base, size, psize, self.path)
-        except lmdb.Error as exc:
-            setattr(self.local, slot, None)
-            with contextlib.suppress(lmdb.Error):
-                txn.abort()
-            raise store.lmdb_error(exc, self.path) from None
-
-    def get(self, key: bytes, db: Any) -> memoryview | None:
-        """A lookup in the index's environment (directory records)."""
-        return self._get("txn", self.env, key, db, self.index_base, self.index_size, self.psize)
-
-    def vget(self, key: bytes, db: Any) -> memoryview | None:
-        """A lookup in the environment holding the values (the index's own, unless adopted)."""
-        if self.venv is self.env:
-            return self.get(key, db)
-        return self._get("vtxn", self.venv, key, db, self.map_base, self.data_size, self.vpsize)
-
-    def close(self) -> None:
-        self._release()
-
-    def _release(self) -> None:
-        for fd in {self.index_fd, self.fd} - {-1}:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self.index_fd = self.fd = -1
-        if self.venv is not self.env:
-            store.release_readonly(self.venv)
-        store.release_readonly(self.env)
-
-
-def _open_fd(path: str) -> int:
-    return os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
 
 
 class Archive:
@@ -196,15 +58,15 @@ class Archive:
         self.path = os.fspath(path)
         self.verify = verify
         self._dir_cache_bytes = dir_cache_bytes
-        self._handle: _Handle | None = None
+        self._handle: Handle | None = None
         self._pid = -1
         self._lock = threading.Lock()
-        self._dirs = _DirCache(dir_cache_bytes)
+        self._dirs = DirCache(dir_cache_bytes)
         self._reported: set[str] = set()
         self._h()  # fail early on a bad DB, in the process that asked
 
     # -- process-local state -------------------------------------------------------------
-    def _h(self) -> _Handle:
+    def _h(self) -> Handle:
         handle = self._handle
         if handle is not None and self._pid == os.getpid():
             return handle
@@ -216,9 +78,9 @@ class Archive:
                     for fd in {self._handle.index_fd, self._handle.fd} - {-1}:
                         with contextlib.suppress(OSError):
                             os.close(fd)
-                self._handle = _Handle(self.path)
+                self._handle = Handle(self.path)
                 self._pid = os.getpid()
-                self._dirs = _DirCache(self._dir_cache_bytes)
+                self._dirs = DirCache(self._dir_cache_bytes)
             return self._handle
 
     def __getstate__(self) -> dict[str, Any]:
@@ -285,7 +147,7 @@ class Archive:
         )
 
     @staticmethod
-    def _copy_out(h: _Handle, view: memoryview) -> bytes:
+    def _copy_out(h: Handle, view: memoryview) -> bytes:
         """Bytes of a stored value: one pread rather than a page fault per 4 KiB of map
         (the map is opened without readahead, which suits B-tree pages, not values)."""
         if h.index_base is None or len(view) <= 4096:

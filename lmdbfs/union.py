@@ -36,7 +36,8 @@ from .format import (
     encode_path,
     new_rows,
 )
-from .reader import DEFAULT_DIR_CACHE_BYTES, Archive, _DirCache, normpath
+from .handle import DirCache
+from .reader import DEFAULT_DIR_CACHE_BYTES, Archive, normpath
 from .shard import set_problems
 
 _SOURCES_MAX = 1 << 16  # remembered directory -> layers answers (~10 MB at most)
@@ -138,7 +139,7 @@ class Union(Archive):
 
     def _reset(self) -> None:
         self._pid = os.getpid()
-        self._merged = _DirCache(self._dir_cache_bytes)
+        self._merged = DirCache(self._dir_cache_bytes)
         self._sources_memo: OrderedDict[str, tuple[tuple[int, str], ...]] = OrderedDict()
         self._last_owner: tuple[str | None, Any, str] = (None, None, "")
 
