@@ -55,7 +55,12 @@ DEFAULT_WORKDIR = Path(os.environ.get("LMDBFS_BENCH_WORKDIR", "/var/tmp/lmdbfs-b
 ALL_SYSTEMS = ("native", "lmdbfs", "lmdbfs-py", "squashfs", "squashfuse", "ratarmount", "seed")
 MOUNTED = ("lmdbfs", "lmdbfs-py", "squashfs", "squashfuse", "ratarmount")
 OPT_IN = ("lmdbfs-py", "squashfs")  # need --old-lmdbfs / root: only when named in --systems
-PHASES = ("first", "steady", "cold")
+# first/steady/cold: every file once, uniform random order. seq-*: trackers' pattern, a
+# random sequence then SEQ_RUN consecutive frames of it. pil: a warm epoch decoding a
+# sample of the JPEGs with PIL (what a loader spends per frame beside the read).
+PHASES = ("first", "steady", "cold", "seq-steady", "seq-cold", "pil")
+SEQ_RUN = 8
+PIL_SAMPLE = 2000
 SIZE_ORDER = ("smoke", "medium", "full")
 
 # Tree shapes.  ``seqs`` is per split as make_fake_got10k understands it.
@@ -105,6 +110,11 @@ TARGETS: list[tuple[str, str, tuple[str, ...], str, float]] = [
     ("first_vs_ratarmount", "first epoch files/s lmdbfs / ratarmount (2 readers)", ("medium",), ">=", 4.0),
     ("steady_vs_native", "steady epoch files/s lmdbfs / native (2 readers)", ("medium",), ">=", 0.75),
     ("cold_vs_native", "cold-cache epoch files/s lmdbfs / native (2 readers)", ("medium",), ">=", 0.9),
+    ("cold8_vs_native", "cold-cache epoch files/s lmdbfs / native (8 readers)", ("medium", "full"), ">=", 0.9),
+    ("cold16_vs_native", "cold-cache epoch files/s lmdbfs / native (16 readers)", ("medium", "full"), ">=", 0.9),
+    ("cold16_vs_cold1", "cold-cache epoch files/s lmdbfs, 16 readers / 1 reader", ("medium", "full"), ">=", 1.5),
+    ("first8_vs_squashfs", "first epoch files/s lmdbfs / kernel squashfs (8 readers)", ("medium",), ">=", 2.0),
+    ("steady8_vs_native", "steady epoch files/s lmdbfs / native (8 readers)", ("medium",), ">=", 0.9),
     ("walk_cold_vs_native", "walk+stat time, cold, lmdbfs / native", ("medium", "full"), "<=", 2.0),
     ("walk_warm_vs_native", "walk+stat time, warm, lmdbfs / native", ("medium", "full"), "<=", 2.0),
     ("mount_s", "lmdbfs mount time, cold (s)", ("full",), "<", 0.5),
@@ -790,13 +800,28 @@ def _reader(mode: str, root: str, rels: list[str], barrier: Any, q: Any) -> None
             t1 = now()
             txn.abort()
             env.close()
+        elif mode == "pil":
+            from PIL import Image
+
+            paths = [os.path.join(root, r) for r in rels]
+            barrier.wait()
+            t0 = now()
+            n = nb = 0
+            for p in paths:
+                with Image.open(p) as im:  # a plain buffered open(), as every loader does
+                    im.load()
+                    nb += im.width * im.height
+                n += 1
+            t1 = now()
         else:
             paths = [os.path.join(root, r) for r in rels]
             barrier.wait()
             t0 = now()
             n = nb = 0
             for p in paths:
-                with open(p, "rb", buffering=0) as f:
+                # Default buffering, as PIL, pandas and np.loadtxt open files: Python then
+                # asks isatty() per open, which a FUSE mount answers with a round trip.
+                with open(p, "rb") as f:
                     nb += len(f.read())
                 n += 1
             t1 = now()
@@ -809,14 +834,33 @@ def _reader(mode: str, root: str, rels: list[str], barrier: Any, q: Any) -> None
         q.put((0, 0, 0.0, 0.0, f"{type(e).__name__}: {e}"))
 
 
-def read_epoch(mode: str, root: Path, files: list[str], readers: int, seed: int, timeout: float) -> dict[str, Any]:
-    """Read every file once in a seeded random order, split over N processes."""
-    order = list(files)
-    random.Random(seed).shuffle(order)
+def seq_shares(files: list[str], readers: int, seed: int) -> list[list[str]]:
+    """Trackers' sampling: runs of SEQ_RUN consecutive frames of one sequence, the runs
+    in a seeded random order and dealt to the readers; every file once."""
+    by_dir: dict[str, list[str]] = {}
+    for rel in files:
+        by_dir.setdefault(os.path.dirname(rel), []).append(rel)
+    for names in by_dir.values():
+        names.sort()
+    runs = [names[i : i + SEQ_RUN] for _d, names in sorted(by_dir.items()) for i in range(0, len(names), SEQ_RUN)]
+    random.Random(seed).shuffle(runs)
+    return [[rel for run in runs[i::readers] for rel in run] for i in range(readers)]
+
+
+def read_epoch(
+    mode: str, root: Path, files: list[str], readers: int, seed: int, timeout: float, pattern: str = "uniform"
+) -> dict[str, Any]:
+    """Read every file once in a seeded random order (or in sequence runs), split over N processes."""
+    if pattern == "seq":
+        shares = seq_shares(files, readers, seed)
+    else:
+        order = list(files)
+        random.Random(seed).shuffle(order)
+        shares = [order[i::readers] for i in range(readers)]
     ctx = mp.get_context("fork")
     barrier = ctx.Barrier(readers)
     q = ctx.Queue()
-    procs = [ctx.Process(target=_reader, args=(mode, str(root), order[i::readers], barrier, q)) for i in range(readers)]
+    procs = [ctx.Process(target=_reader, args=(mode, str(root), shares[i], barrier, q)) for i in range(readers)]
     for p in procs:
         p.start()
     outs = []
@@ -1023,7 +1067,15 @@ def do_reads(ctx: Ctx, s: System) -> None:
             finally:
                 s.umount()
             add_epoch(ctx, name, r, "cold", e, cold, sampled)
-        if "first" in a.phases or "steady" in a.phases:
+        if "seq-cold" in a.phases:
+            cold = drop_caches(ctx.cold_ok)
+            s.mount()
+            try:
+                e = read_epoch(mode, s.read_root(), files, r, base + 4, timeout, pattern="seq")
+            finally:
+                s.umount()
+            add_epoch(ctx, name, r, "seq-cold", e, cold, sampled)
+        if {"first", "steady", "seq-steady", "pil"} & set(a.phases):
             warm_files(s.backing())
             s.mount()
             try:
@@ -1039,6 +1091,15 @@ def do_reads(ctx: Ctx, s: System) -> None:
                     e = sorted(runs, key=lambda x: x["files_per_s"])[len(runs) // 2]
                     e["repeats"] = [round(x["files_per_s"]) for x in runs]
                     add_epoch(ctx, name, r, "steady", e, False, sampled)
+                if "seq-steady" in a.phases:
+                    e = read_epoch(mode, s.read_root(), files, r, base + 5, timeout, pattern="seq")
+                    add_epoch(ctx, name, r, "seq-steady", e, False, sampled)
+                if "pil" in a.phases and mode != "seed":
+                    jpgs = [f for f in files if f.endswith(".jpg")]
+                    jpgs = random.Random(base + 6).sample(jpgs, min(PIL_SAMPLE, len(jpgs)))
+                    add_epoch(
+                        ctx, name, r, "pil", read_epoch("pil", s.read_root(), jpgs, r, base + 6, timeout), False, True
+                    )
                 rss2 = s.daemon_rss()
                 if s.mountable:
                     ctx.res["daemon_rss"].setdefault(name, {})[str(r)] = {
@@ -1252,6 +1313,11 @@ def compute_ratios(res: dict[str, Any]) -> list[dict[str, Any]]:
         "cold_vs_native": _div(epoch_rate(res, "lmdbfs", 2, "cold"), epoch_rate(res, "native", 2, "cold"))
         if r2
         else None,
+        "cold8_vs_native": _div(epoch_rate(res, "lmdbfs", 8, "cold"), epoch_rate(res, "native", 8, "cold")),
+        "cold16_vs_native": _div(epoch_rate(res, "lmdbfs", 16, "cold"), epoch_rate(res, "native", 16, "cold")),
+        "cold16_vs_cold1": _div(epoch_rate(res, "lmdbfs", 16, "cold"), epoch_rate(res, "lmdbfs", 1, "cold")),
+        "first8_vs_squashfs": _div(epoch_rate(res, "lmdbfs", 8, "first"), epoch_rate(res, "squashfs", 8, "first")),
+        "steady8_vs_native": _div(epoch_rate(res, "lmdbfs", 8, "steady"), epoch_rate(res, "native", 8, "steady")),
         "walk_cold_vs_native": _div(walk.get("lmdbfs", {}).get("cold_s"), walk.get("native", {}).get("cold_s")),
         "walk_warm_vs_native": _div(walk.get("lmdbfs", {}).get("warm_s"), walk.get("native", {}).get("warm_s")),
         "mount_s": res.get("mount", {}).get("lmdbfs", {}).get("cold_s"),
@@ -1761,7 +1827,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"comma list of {','.join(ALL_SYSTEMS)} (default all but {','.join(OPT_IN)})",
     )
     ap.add_argument("--readers", default=None, help="comma list of reader process counts (default per size)")
-    ap.add_argument("--phases", default=",".join(PHASES), help="comma list of first,steady,cold")
+    ap.add_argument("--phases", default=",".join(PHASES), help="comma list of " + ",".join(PHASES))
     ap.add_argument(
         "--sample",
         type=int,
