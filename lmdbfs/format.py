@@ -17,6 +17,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import os
 import posixpath
 import stat as _stat
 import struct
@@ -86,6 +87,12 @@ META_MAX_DEPTH = 32  # nesting of the meta record's JSON
 
 _DIR_HEADER = struct.Struct("<4sIII")  # magic, entry count, own-path length, blob length
 _DIR_MAGIC = b"LDR1"
+
+
+def output_files(db: str) -> list[bytes]:
+    """The files a pack into ``db`` writes: never packed, should they sit inside SRC."""
+    out_abs = os.fsencode(os.path.abspath(db))
+    return [out_abs + s for s in (b"", b"-lock", PARTIAL_SUFFIX.encode(), PARTIAL_SUFFIX.encode() + b"-lock")]
 
 
 def encode_path(relpath: str) -> bytes:

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from .errors import BadDatabase, CorruptValue, DestinationExists, LmdbfsError, UnsafePath
 from .feed import read_in_order
 from .foreign import CHECKSUM_NONE, KIND_MD5, KIND_PATH
-from .format import BAD_NAME, KIND_NAMES, PARTIAL_SUFFIX, checksum, decode_path
+from .format import BAD_NAME, KIND_NAMES, checksum, decode_path, output_files
 from .reader import Archive
 from .sources import build_scan
 
@@ -144,11 +144,10 @@ def _compare_tree(archive: Archive, against: list[str], report: VerifyReport) ->
     """Same names, kinds, sizes, modes, mtimes, link targets and bytes as the sources
     (folders or archives, placed and stripped as they were packed)."""
     extra = archive.meta.extra
-    db_abs = os.fsencode(os.path.abspath(archive.path))
     scan = build_scan(
         against,
         excludes=extra.get("excludes", []),
-        skip_abs=[db_abs + s for s in (b"", b"-lock", PARTIAL_SUFFIX.encode(), PARTIAL_SUFFIX.encode() + b"-lock")],
+        skip_abs=output_files(archive.path),
         strip=str(extra.get("strip", "0")),
         expand_zips=bool(extra.get("expand_zips", False)),
         quiet=True,  # what packing left out was reported then

@@ -41,6 +41,7 @@ from .format import (
     PARTIAL_SUFFIX,
     Meta,
     checksum,
+    output_files,
 )
 from .scan import Scan
 from .sources import SourceSpec, build_scan
@@ -137,12 +138,6 @@ def pack(src: str | list[str], db: str, opts: PackOptions | None = None) -> Pack
         skipped=scan.skipped,
         errors=scan.errors,
     )
-
-
-def output_files(db: str) -> list[bytes]:
-    """The files a pack into ``db`` writes: never packed, should they sit inside SRC."""
-    out_abs = os.fsencode(os.path.abspath(db))
-    return [out_abs + s for s in (b"", b"-lock", PARTIAL_SUFFIX.encode(), PARTIAL_SUFFIX.encode() + b"-lock")]
 
 
 def _check_destination(db: str, partial: str, opts: PackOptions) -> None:

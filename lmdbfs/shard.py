@@ -200,7 +200,7 @@ def plan_for_source(
     specs: list[str], index: int, count: int, depth: int | None, excludes: list[str], db: str, **scan_opts: Any
 ) -> ShardPlan:
     """Scan the sources (names and sizes only, as `pack` would, excludes applied) and plan."""
-    from .packer import output_files
+    from .format import output_files
     from .sources import build_scan
 
     scan = build_scan(

@@ -307,16 +307,6 @@ class Union(Archive):
         root = self._dir("")
         return Entry("", KIND_DIR, mode, 0, first.root_mtime_ns, checksum=root.subdir_count if root else 0)
 
-    def lstat_rel(self, rel: str) -> Entry:
-        if not rel:
-            return self._root_entry()
-        parent, name = posixpath.split(rel)
-        rec = self._dir(parent)
-        entry = rec.lookup(name) if rec is not None else None
-        if entry is None:
-            self._raise_missing(rel)
-        return entry
-
     def owner(self, rel: str) -> tuple[Archive, str]:
         """The layer holding file ``rel`` and the file's path inside it."""
         last = self._last_owner  # a read asks twice (checksum, then location)
