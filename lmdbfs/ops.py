@@ -109,12 +109,11 @@ def verify(archive: Archive, against: list[str] | str | None = None, progress: b
     (folders or archives) it was packed from."""
     report = VerifyReport()
     bar = tqdm(total=archive.meta.files, unit="file", desc="verify", disable=not progress)
-    packed = archive.meta.data is None  # adopted DBs keep converted files only inline
     for dirpath, _dirs, files in archive.walk(onerror=lambda exc: report.problems.append(exc.message)):
         for name, why in getattr(archive.dir_record(dirpath), "bad", {}).items():
             report.problems.append(f"{posixpath.join(dirpath, decode_path(name))!r}: damaged index entry ({why})")
         for name in files:
-            _verify_file(archive, posixpath.join(dirpath, name), packed, report)
+            _verify_file(archive, posixpath.join(dirpath, name), report)
             bar.update(1)
     bar.close()
     if against:
@@ -122,13 +121,21 @@ def verify(archive: Archive, against: list[str] | str | None = None, progress: b
     return report
 
 
-def _verify_file(archive: Archive, rel: str, packed: bool, report: VerifyReport) -> None:
+def _keyed_copy(archive: Archive, rel: str) -> bool:
+    """Whether the DB holding ``rel`` keeps a second copy of inline files under their keys:
+    a packed DB does; an adopted one keeps converted files only inline."""
+    owner = getattr(archive, "owner", None)  # a union: the layer that lists rel
+    layer = owner(rel)[0] if owner is not None else archive
+    return layer.meta.data is None
+
+
+def _verify_file(archive: Archive, rel: str, report: VerifyReport) -> None:
     try:
         entry = archive.lstat(rel)
         if not entry.is_file:
             return
         ok = archive.check(rel)
-        if ok and entry.inline is not None and packed:
+        if ok and entry.inline is not None and _keyed_copy(archive, rel):
             # Small files are stored twice: in the record and under their key.
             ok = checksum(archive.keyed_value(rel, entry)) == entry.checksum
     except (CorruptValue, BadDatabase) as exc:

@@ -338,6 +338,13 @@ class Union(Archive):
         layer, sub = self.owner(rel)
         return layer.value_view(sub, entry)
 
+    def check(self, path: str) -> bool:
+        """`Archive.check` by the layer holding the file: with checksums, or without them
+        (an adopted DB) by its key, size and offset."""
+        rel, _entry = self._file_entry(path)
+        layer, sub = self.owner(rel)
+        return layer.check(sub)
+
     def keyed_value(self, rel: str, entry: Entry) -> memoryview:
         layer, sub = self.owner(rel)
         return layer.keyed_value(sub, entry)

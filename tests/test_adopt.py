@@ -181,7 +181,7 @@ def seed_db(got10k_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 
 def test_md5_converter_db_through_the_got10k_toolkit(
-    seed_db: Path, got10k_tree: Path, tmp_path: Path, mount_db
+    seed_db: Path, got10k_tree: Path, got10k_db: Path, tmp_path: Path, mount_db
 ) -> None:
     line = one_error_line(run_cli("info", seed_db, check=False))
     assert "md5-keyed converter DB" in line and "--paths" in line
@@ -195,6 +195,8 @@ def test_md5_converter_db_through_the_got10k_toolkit(
     assert state_of(seed_db) == before
     assert "converted back to files" in run_cli("info", seed_db).stdout
     assert "checked (found by key, same size and offset" in run_cli("verify", seed_db).stdout
+    # Beside a packed DB in one tree: each layer's inline files are checked as that DB keeps them.
+    assert run_cli("verify", f"seed={seed_db}", f"packed={got10k_db}").stdout.startswith("ok: ")
     mnt = mount_db(seed_db).mnt
     datasets = importlib.import_module("got10k.datasets")
     for subset in ("train", "val", "test"):
