@@ -134,6 +134,20 @@ def is_mounted(path: Path) -> bool:
         return any(line.split()[4] == str(path) for line in fh)
 
 
+def daemon_pids(mnt: Path, *words: bytes) -> list[int]:
+    """Processes whose command line names lmdbfs, ``mnt`` and each of ``words``."""
+    pids = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                args = Path(f"/proc/{name}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"lmdbfs" in args and str(mnt).encode() in args and all(w in args for w in words):
+                pids.append(int(name))
+    return pids
+
+
 class Mount:
     """A real `lmdbfs mount` (of one DB, or of a list of DBs as one tree); unmounted (and
     checked gone) at exit."""
@@ -148,15 +162,10 @@ class Mount:
         assert is_mounted(mnt), "mount returned but the kernel has no such mount"
 
     def daemon_pid(self) -> int:
-        for name in os.listdir("/proc"):
-            if name.isdigit():
-                try:
-                    args = Path(f"/proc/{name}/cmdline").read_bytes().split(b"\0")
-                except OSError:
-                    continue
-                if b"lmdbfs" in args and b"-f" in args and str(self.mnt).encode() in args:
-                    return int(name)
-        raise AssertionError("no daemon process found for the mount")
+        pids = daemon_pids(self.mnt, b"-f")
+        if not pids:
+            raise AssertionError("no daemon process found for the mount")
+        return pids[0]
 
     def close(self) -> None:
         if is_mounted(self.mnt):

@@ -16,29 +16,16 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ROOT, is_mounted, one_error_line, run_cli
+from .conftest import ROOT, daemon_pids, is_mounted, one_error_line, run_cli
 from .test_mount import _without_write_bits
 from .treecmp import differences, snapshot
 
 HELPER = Path("/sbin/mount.fuse.lmdbfs")
 
 
-def _daemons(mnt: Path) -> list[int]:
-    pids = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                args = Path(f"/proc/{name}/cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if b"lmdbfs" in args and str(mnt).encode() in args:
-                pids.append(int(name))
-    return pids
-
-
 def _umount8(mnt: Path) -> None:
     """umount(8), as an admin or systemd would; the daemon must go away with the mount."""
-    pids = _daemons(mnt)
+    pids = daemon_pids(mnt)
     subprocess.run(["umount", str(mnt)], check=True, capture_output=True, text=True)
     deadline = time.monotonic() + 10
     while any(Path(f"/proc/{p}").exists() for p in pids) and time.monotonic() < deadline:
@@ -141,7 +128,7 @@ def test_a_failing_mount_leaves_the_directory_unmounted_and_empty(
     one_error_line(proc)
     assert proc.stdout == ""
     assert not is_mounted(mnt) and os.listdir(mnt) == []
-    assert _daemons(mnt) == []
+    assert daemon_pids(mnt) == []
 
 
 # -- a user who is not root ------------------------------------------------------------------
