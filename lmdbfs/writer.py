@@ -128,7 +128,10 @@ class Writer:
             self._grow_and_replay()
         else:
             self.pending.append((i, key, value))
-        self.pending_bytes += len(value)
+        # A put dirties at least the leaf page its key lands in (keys arrive in source
+        # order, so each small value touches another leaf): count that page, so a
+        # transaction's dirty pages, held in memory until commit, stay near BATCH_BYTES.
+        self.pending_bytes += max(len(value), _PAGE)
         if self.pending_bytes >= BATCH_BYTES:
             self.commit()
 
@@ -194,7 +197,7 @@ class Writer:
                 continue
 
     def finish(self, scan: Scan, meta: Meta) -> None:
-        """The final commit: index and meta together, so 'complete' is atomic.
+        """The index, then the meta record in the final commit, so 'complete' is atomic.
 
         Small files' bytes go into their directory's record here, read back from the
         main database (bounded memory: one directory at a time)."""
@@ -207,11 +210,24 @@ class Writer:
             self.env.set_mapsize(need)
         index = self.env.open_db(INDEX_DB, create=True)
         meta_db = self.env.open_db(META_DB, create=True)
-        with self.env.begin(write=True) as txn:
+        # Records go in BATCH_BYTES commits: LMDB keeps a transaction's dirty pages in
+        # memory, and 1.4M inline tiny frames make ~1 GB of records. Only the meta record,
+        # which marks the DB complete, waits for the final commit.
+        txn, batch = self.env.begin(write=True), 0
+        try:
             for d in scan.dirs:
-                txn.put(dir_key(d.path), encode_dir(d.path, d.rows, self._with_inline(txn, d)), db=index)
+                record = encode_dir(d.path, d.rows, self._with_inline(txn, d))
+                txn.put(dir_key(d.path), record, db=index)
+                batch += len(record)
+                if batch >= BATCH_BYTES:
+                    txn.commit()
+                    txn, batch = self.env.begin(write=True), 0
             meta.offsets_txnid = txn.id() if self.offsets_ok else 0
             txn.put(META_KEY, meta.encode(), db=meta_db)
+            txn.commit()
+        except BaseException:
+            txn.abort()
+            raise
         self.env.sync(True)
 
     def _with_inline(self, txn: lmdb.Transaction, d: ScannedDir) -> bytes:
