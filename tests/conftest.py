@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -132,6 +133,20 @@ def got10k_db(got10k_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 def is_mounted(path: Path) -> bool:
     with open("/proc/self/mountinfo") as fh:
         return any(line.split()[4] == str(path) for line in fh)
+
+
+def kill_pack_at(proc: subprocess.Popen, partial: Path, at_bytes: int, what: str) -> None:
+    """kill -9 a running pack once its ``partial`` file holds ``at_bytes`` (or it has
+    run 60 s); fail if the pack finished first (``what`` should then be bigger)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        if partial.exists() and partial.stat().st_size >= at_bytes:
+            break
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if Path(str(partial).removesuffix(".partial")).exists():
+        pytest.fail(f"the pack finished before it could be killed; make the {what} bigger")
 
 
 def daemon_pids(mnt: Path, *words: bytes) -> list[int]:

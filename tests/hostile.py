@@ -63,6 +63,13 @@ def pack_tree(src: Path, db: Path) -> None:
     pack(str(src), str(db), PackOptions(workers=2, progress=False))
 
 
+def base_db(root: Path) -> tuple[Path, dict[str, bytes]]:
+    """The undamaged DB every hostile case starts from, and its files' bytes."""
+    files = build_tree(root / "src")
+    pack_tree(root / "src", root / "base.lmdb")
+    return root / "base.lmdb", files
+
+
 def _writable(db: Path) -> lmdb.Environment:
     return lmdb.open(str(db), subdir=False, max_dbs=4, lock=False, map_size=4 * db.stat().st_size + (8 << 20))
 

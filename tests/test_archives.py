@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import os
-import signal
 import stat
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import pytest
 
 import lmdbfs
 
-from .conftest import one_error_line, run_cli
+from .conftest import kill_pack_at, one_error_line, run_cli
 from .treecmp import differences, snapshot
 
 EVEN_MTIME = 1_600_000_000  # zips keep 2-second steps: every time in the tree is even
@@ -209,15 +208,7 @@ def test_a_killed_pack_from_a_zip_resumes(tmp_path: Path) -> None:
     partial = Path(f"{db}.partial")
     cmd = [sys.executable, "-m", "lmdbfs", "pack", str(archive), str(db), "--no-progress", "-j", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and proc.poll() is None:
-        if partial.exists() and partial.stat().st_size >= 40 << 20:
-            break
-        time.sleep(0.001)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    if db.exists():
-        pytest.fail("the pack finished before it could be killed; make the archive bigger")
+    kill_pack_at(proc, partial, 40 << 20, "archive")
     done = run_cli("pack", archive, db, "--resume", "--no-progress")
     assert "packed 300 files" in done.stdout and "kept from the interrupted run" in done.stdout
     run_cli("verify", db, "--against", archive)

@@ -26,10 +26,7 @@ from .conftest import one_error_line, run_cli
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, bytes]]:
-    root = tmp_path_factory.mktemp("hostile")
-    files = H.build_tree(root / "src")
-    H.pack_tree(root / "src", root / "base.lmdb")
-    return root / "base.lmdb", files
+    return H.base_db(tmp_path_factory.mktemp("hostile"))
 
 
 def _rows_of(db: Path, rel: str, edit: Callable[[np.ndarray, bytes], tuple[np.ndarray, bytes]]) -> None:

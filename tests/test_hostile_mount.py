@@ -89,10 +89,7 @@ MOUNT_CASES = [
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, bytes]]:
-    root = tmp_path_factory.mktemp("hostile_mount")
-    files = H.build_tree(root / "src")
-    H.pack_tree(root / "src", root / "base.lmdb")
-    return root / "base.lmdb", files
+    return H.base_db(tmp_path_factory.mktemp("hostile_mount"))
 
 
 def _walk(mnt: Path) -> dict[str, str]:

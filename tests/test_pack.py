@@ -6,10 +6,8 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import lmdb
@@ -20,7 +18,7 @@ import lmdbfs
 from lmdbfs import store
 from lmdbfs.format import INDEX_DB, META_DB, META_KEY, content_key, dir_key, encode_dir, new_rows, pack_names
 
-from .conftest import BIG_FILE_BYTES, one_error_line, run_cli
+from .conftest import BIG_FILE_BYTES, kill_pack_at, one_error_line, run_cli
 from .treecmp import differences, snapshot
 
 
@@ -227,15 +225,7 @@ def test_a_killed_pack_is_refused_then_resumed(tmp_path: Path, kill_at_bytes: in
     db = tmp_path / "out.lmdb"
     partial = Path(str(db) + ".partial")
     proc = _start_pack(src, db)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and proc.poll() is None:
-        if partial.exists() and partial.stat().st_size >= kill_at_bytes:
-            break
-        time.sleep(0.001)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    if db.exists():
-        pytest.fail("the pack finished before it could be killed; make the tree bigger")
+    kill_pack_at(proc, partial, kill_at_bytes, "tree")
     for target in (db, partial):
         line = one_error_line(run_cli("info", target, check=False))
         assert "unfinished pack" in line or "interrupted" in line, line
