@@ -103,7 +103,8 @@ static void txn_drop(struct layer *ly, int vals)
     }
 }
 
-/* Map pages LMDB touched stay mapped; hand them back now and then (they stay cached). */
+/* Map pages LMDB touched stay mapped and count in the daemon's RSS; hand them back now
+ * and then (they stay in the page cache, so the next touch is a minor fault). */
 static void touched(struct layer *ly)
 {
     if (__atomic_add_fetch(&ly->lookups, 1, __ATOMIC_RELAXED) % UNMAP_EVERY == 0) {
@@ -131,9 +132,28 @@ static int env_open(MDB_env **env, const char *path, int subdir, char *why, size
     return rc;
 }
 
-/* LMDB does not say where it mapped the file (me_mapaddr is only the FIXEDMAP hint), so
- * find the mapping of this file in /proc/self/maps, skipping ones other layers own. */
-static int map_find(int fd, char **base, size_t *len)
+/* LMDB does not say where it mapped the file (me_mapaddr is only the FIXEDMAP hint), and
+ * the same file may be mapped more than once in this process (Python opened it to check
+ * it). So take the address of any value LMDB returns, which lies in its map, and find
+ * the mapping of this file around it in /proc/self/maps. */
+static void *map_hint(MDB_env *env, MDB_dbi dbi)
+{
+    MDB_txn *txn;
+    MDB_cursor *cur;
+    MDB_val k, v;
+    void *hint = NULL;
+    if (mdb_txn_begin(env, NULL, MDB_RDONLY, &txn))
+        return NULL;
+    if (!mdb_cursor_open(txn, dbi, &cur)) {
+        if (!mdb_cursor_get(cur, &k, &v, MDB_FIRST))
+            hint = v.mv_data;
+        mdb_cursor_close(cur);
+    }
+    mdb_txn_abort(txn);
+    return hint;
+}
+
+static int map_find(int fd, const void *hint, char **base, size_t *len)
 {
     struct stat st;
     char line[512];
@@ -152,8 +172,10 @@ static int map_find(int fd, char **base, size_t *len)
             continue;
         if (off || ino != st.st_ino || maj != major(st.st_dev) || min != minor(st.st_dev))
             continue;
+        if (hint && ((unsigned long)hint < start || (unsigned long)hint >= end))
+            continue;
         found = 1;
-        for (int i = 0; i < srv.nlayers; i++)
+        for (int i = 0; !hint && i < srv.nlayers; i++)
             if (srv.layers[i].env_base == (char *)start || srv.layers[i].vals_base == (char *)start)
                 found = 0;
         if (found) {
@@ -165,14 +187,14 @@ static int map_find(int fd, char **base, size_t *len)
     return found ? 0 : ENOENT;
 }
 
-static int env_view(MDB_env *env, int *fd, char **base, size_t *map, uint64_t *size)
+static int env_view(MDB_env *env, MDB_dbi dbi, int *fd, char **base, size_t *map, uint64_t *size)
 {
     struct stat st;
     int rc = mdb_env_get_fd(env, fd);
     if (!rc && fstat(*fd, &st))
         rc = errno;
     if (!rc)
-        rc = map_find(*fd, base, map);
+        rc = map_find(*fd, map_hint(env, dbi), base, map);
     *size = rc ? 0 : (uint64_t)st.st_size;
     return rc;
 }
@@ -201,13 +223,18 @@ int layer_open(struct layer *ly, const char *index_path, int index_subdir, const
         snprintf(why, why_len, "%s: cannot open its databases (%s)", index_path, mdb_strerror(rc));
         return rc;
     }
-    if (env_view(ly->env, &ly->env_fd, &ly->env_base, &ly->env_map, &ly->env_size) ||
+    if (env_view(ly->env, ly->index_dbi, &ly->env_fd, &ly->env_base, &ly->env_map, &ly->env_size) ||
         (ly->vals_env == ly->env ? (ly->vals_fd = ly->env_fd, ly->vals_base = ly->env_base, ly->vals_map = ly->env_map,
                                     ly->vals_size = ly->env_size, 0)
-                                 : env_view(ly->vals_env, &ly->vals_fd, &ly->vals_base, &ly->vals_map, &ly->vals_size))) {
+                                 : env_view(ly->vals_env, ly->main_dbi, &ly->vals_fd, &ly->vals_base, &ly->vals_map, &ly->vals_size))) {
         snprintf(why, why_len, "%s: cannot inspect the LMDB map", index_path);
         return EIO;
     }
+    /* The page cache may hold the file in 2 MiB folios; mapped whole, each touch would add
+     * 2 MiB to the daemon's RSS. Small mappings only. */
+    madvise(ly->env_base, ly->env_map, MADV_NOHUGEPAGE);
+    if (ly->vals_base != ly->env_base)
+        madvise(ly->vals_base, ly->vals_map, MADV_NOHUGEPAGE);
     ly->data_fd = open(data_path, O_RDONLY | O_CLOEXEC);
     if (ly->data_fd < 0 || fstat(ly->data_fd, &st)) {
         snprintf(why, why_len, "%s: %s", data_path, strerror(errno));
@@ -247,7 +274,53 @@ static int lmdb_get(struct layer *ly, int vals, MDB_val *key, MDB_val *val, cons
     return -EIO;
 }
 
-int layer_fetch_record(struct layer *ly, const char *rel, size_t rel_len, unsigned char **raw, size_t *len)
+/* Records are read into a buffer per thread, kept between calls up to KEEP_BUF bytes, so
+ * a cache miss costs one pread and no fresh pages. */
+#define KEEP_BUF (1u << 20)
+static pthread_key_t rbuf_key;
+static pthread_once_t rbuf_once = PTHREAD_ONCE_INIT;
+struct rbuf {
+    unsigned char *p;
+    size_t cap;
+    unsigned char *big;  /* a record larger than KEEP_BUF: freed at this thread's next call */
+};
+static void rbuf_free(void *v)
+{
+    struct rbuf *b = v;
+    free(b->p);
+    free(b->big);
+    free(b);
+}
+static void rbuf_key_make(void) { pthread_key_create(&rbuf_key, rbuf_free); }
+
+static unsigned char *record_buf(size_t len)
+{
+    pthread_once(&rbuf_once, rbuf_key_make);
+    struct rbuf *b = pthread_getspecific(rbuf_key);
+    if (!b) {
+        if (!(b = calloc(1, sizeof(*b))))
+            return NULL;
+        pthread_setspecific(rbuf_key, b);
+    }
+    free(b->big);
+    b->big = NULL;
+    if (len > KEEP_BUF)
+        return b->big = malloc(len);
+    if (len > b->cap) {
+        size_t cap = b->cap ? b->cap : 64 << 10;
+        while (cap < len)
+            cap *= 2;
+        unsigned char *p = realloc(b->p, cap);
+        if (!p)
+            return NULL;
+        b->p = p;
+        b->cap = cap;
+    }
+    return b->p;
+}
+
+int layer_fetch_record(struct layer *ly, const char *rel, size_t rel_len, const unsigned char **raw, size_t *len,
+                       uint64_t *pos)
 {
     unsigned char digest[16];
     MDB_val key = {16, digest}, val;
@@ -263,20 +336,17 @@ int layer_fetch_record(struct layer *ly, const char *rel, size_t rel_len, unsign
         log_line("ERROR", "layer %d: directory record of '%.*s' lies outside the file", ly->index, (int)rel_len, rel);
         return -EIO;
     }
-    unsigned char *buf = malloc(val.mv_size ? val.mv_size : 1);
+    unsigned char *buf = record_buf(val.mv_size ? val.mv_size : 1);
     if (!buf)
         return -ENOMEM;
-    if (val.mv_size > 4096) {
-        ssize_t got = pread(ly->env_fd, buf, val.mv_size, (off_t)off);
-        if (got != (ssize_t)val.mv_size) {
-            free(buf);
-            return -EIO;
-        }
-    } else {
-        memcpy(buf, val.mv_data, val.mv_size);
+    ssize_t got = val.mv_size ? pread(ly->env_fd, buf, val.mv_size, (off_t)off) : 0;
+    if (got != (ssize_t)val.mv_size) {
+        log_line("ERROR", "layer %d: short read of the directory record of '%.*s'", ly->index, (int)rel_len, rel);
+        return -EIO;
     }
     *raw = buf;
     *len = val.mv_size;
+    *pos = off;
     return 0;
 }
 

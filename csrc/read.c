@@ -24,14 +24,14 @@ static unsigned char *thread_buf(void)
     return p;
 }
 
-/* The file's bytes: in the record (inline), or (fd, pos) in a data file. */
-static int locate(struct node *n, int layer, struct record *rec, const struct row *r, const unsigned char **mem,
-                  int *fd, uint64_t *pos)
+/* Where the file's bytes lie: (fd, pos) in the index file (inline), a data file, or at
+ * its key. */
+static int locate(struct node *n, int layer, struct record *rec, const struct row *r, int *fd, uint64_t *pos)
 {
     struct layer *ly = &srv.layers[layer];
-    *mem = NULL;
-    if (r->flags & FLAG_INLINE) {
-        *mem = (const unsigned char *)row_name(rec, r) + r->name_len + r->target_len;
+    if (r->flags & FLAG_INLINE) {  /* in the directory's record: data_off is in the index file */
+        *fd = ly->env_fd;
+        *pos = r->data_off;
         return 0;
     }
     if (ly->offsets_ok && r->data_off) {
@@ -60,13 +60,13 @@ static int locate(struct node *n, int layer, struct record *rec, const struct ro
 static pthread_mutex_t verify_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t verify_done = PTHREAD_COND_INITIALIZER;
 
-static int check(struct node *n, struct record *rec, uint32_t row_i, const struct row *r, const unsigned char *mem,
-                 int fd, uint64_t pos, const unsigned char **whole, uint8_t *bits);
+static int check(struct node *n, struct record *rec, uint32_t row_i, const struct row *r, int fd, uint64_t pos,
+                 const unsigned char **whole, uint8_t *bits);
 
 /* Check the stored bytes against the row's xxh3 once per file. Returns 0 or an errno; a
  * file of at most HASH_CHUNK bytes is left in *whole for the reply. */
-static int verify(struct node *n, int layer, struct record *rec, uint32_t row_i, const struct row *r,
-                  const unsigned char *mem, int fd, uint64_t pos, const unsigned char **whole)
+static int verify(struct node *n, int layer, struct record *rec, uint32_t row_i, const struct row *r, int fd,
+                  uint64_t pos, const unsigned char **whole)
 {
     struct lnode *ln = &n->l[layer];
     uint8_t *bits = __atomic_load_n(&ln->bits, __ATOMIC_ACQUIRE);
@@ -94,52 +94,47 @@ static int verify(struct node *n, int layer, struct record *rec, uint32_t row_i,
             return 0;
         if (b & 2)
             return EIO;
-        int err = check(n, rec, row_i, r, mem, fd, pos, whole, bits);
+        int err = check(n, rec, row_i, r, fd, pos, whole, bits);
         pthread_mutex_lock(&verify_lock);
         __atomic_fetch_and(&bits[row_i], (uint8_t)~4, __ATOMIC_ACQ_REL);
         pthread_cond_broadcast(&verify_done);
         pthread_mutex_unlock(&verify_lock);
         return err;
     }
-    return check(n, rec, row_i, r, mem, fd, pos, whole, bits);
+    return check(n, rec, row_i, r, fd, pos, whole, bits);
 }
 
-static int check(struct node *n, struct record *rec, uint32_t row_i, const struct row *r, const unsigned char *mem,
-                 int fd, uint64_t pos, const unsigned char **whole, uint8_t *bits)
+static int check(struct node *n, struct record *rec, uint32_t row_i, const struct row *r, int fd, uint64_t pos,
+                 const unsigned char **whole, uint8_t *bits)
 {
-    XXH64_hash_t sum;
-    if (mem) {
-        sum = XXH3_64bits(mem, r->size);
-    } else {
-        unsigned char *buf = thread_buf();
-        if (!buf)
-            return ENOMEM;
-        XXH3_state_t *state = r->size > HASH_CHUNK ? XXH3_createState() : NULL;
-        if (state)
-            XXH3_64bits_reset(state);
-        uint64_t done = 0;
-        sum = 0;
-        do {
-            size_t want = r->size - done > HASH_CHUNK ? HASH_CHUNK : (size_t)(r->size - done);
-            ssize_t got = want ? pread(fd, buf, want, (off_t)(pos + done)) : 0;
-            if (got != (ssize_t)want) {
-                XXH3_freeState(state);
-                log_line("ERROR", "EIO for %s/%.*s: short read from the DB file", n->path, r->name_len,
-                         row_name(rec, r));
-                return EIO;
-            }
-            if (state)
-                XXH3_64bits_update(state, buf, want);
-            else
-                sum = XXH3_64bits(buf, want);
-            done += want;
-        } while (done < r->size);
-        if (state) {
-            sum = XXH3_64bits_digest(state);
+    XXH64_hash_t sum = 0;
+    unsigned char *buf = thread_buf();
+    if (!buf)
+        return ENOMEM;
+    XXH3_state_t *state = r->size > HASH_CHUNK ? XXH3_createState() : NULL;
+    if (state)
+        XXH3_64bits_reset(state);
+    uint64_t done = 0;
+    do {
+        size_t want = r->size - done > HASH_CHUNK ? HASH_CHUNK : (size_t)(r->size - done);
+        ssize_t got = want ? pread(fd, buf, want, (off_t)(pos + done)) : 0;
+        if (got != (ssize_t)want) {
             XXH3_freeState(state);
-        } else {
-            *whole = buf;
+            log_line("ERROR", "EIO for %s/%.*s: short read from the DB file", n->path, r->name_len,
+                     row_name(rec, r));
+            return EIO;
         }
+        if (state)
+            XXH3_64bits_update(state, buf, want);
+        else
+            sum = XXH3_64bits(buf, want);
+        done += want;
+    } while (done < r->size);
+    if (state) {
+        sum = XXH3_64bits_digest(state);
+        XXH3_freeState(state);
+    } else {
+        *whole = buf;
     }
     if (sum != r->checksum) {
         *whole = NULL;
@@ -161,7 +156,7 @@ void lmdbfs_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct 
     int layer, fd = -1, err;
     uint32_t row_i;
     uint64_t pos = 0;
-    const unsigned char *mem, *whole = NULL;
+    const unsigned char *whole = NULL;
     if (!(ino & FILE_INO_BIT)) {
         fuse_reply_err(req, EISDIR);
         return;
@@ -175,17 +170,17 @@ void lmdbfs_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct 
         fuse_reply_err(req, EINVAL);
         return;
     }
-    err = locate(n, layer, rec, &r, &mem, &fd, &pos);
+    err = locate(n, layer, rec, &r, &fd, &pos);
     if (!err && srv.verify && srv.layers[layer].verify)
-        err = verify(n, layer, rec, row_i, &r, mem, fd, pos, &whole);
+        err = verify(n, layer, rec, row_i, &r, fd, pos, &whole);
     if (err) {
         fuse_reply_err(req, err);
     } else if (off < 0 || (uint64_t)off >= r.size || size == 0) {
         fuse_reply_buf(req, NULL, 0);
     } else {
         size_t n_bytes = r.size - (uint64_t)off < size ? (size_t)(r.size - (uint64_t)off) : size;
-        if (mem || whole) {
-            fuse_reply_buf(req, (const char *)(mem ? mem : whole) + off, n_bytes);
+        if (whole) {
+            fuse_reply_buf(req, (const char *)whole + off, n_bytes);
         } else {
             struct fuse_bufvec bv = FUSE_BUFVEC_INIT(n_bytes);
             bv.buf[0].flags = FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK | FUSE_BUF_FD_RETRY;

@@ -1,4 +1,5 @@
-/* Directory records (docs/format.md): parse, and check every byte before it is used.
+/* Directory records (docs/format.md): parse, check every byte before it is used, and
+ * keep a compact copy (rows and names, no inline file bytes) for the record cache.
  *
  * A DB is untrusted input. A record whose header, own path, name bounds or order is wrong
  * is refused as a whole (its directory answers EIO); a row that is wrong in any other way
@@ -78,8 +79,64 @@ static const char *row_problem(const struct record *rec, const struct row *r, co
     return NULL;
 }
 
-struct record *record_parse(unsigned char *raw, size_t len, const char *own, size_t own_len,
-                            const struct layer *ly, char *why, size_t why_len)
+static void put32(unsigned char *p, uint32_t v) { memcpy(p, &v, 4); }
+static void put16(unsigned char *p, uint16_t v) { p[0] = (unsigned char)v; p[1] = (unsigned char)(v >> 8); }
+static void put64(unsigned char *p, uint64_t v) { memcpy(p, &v, 8); }
+
+/* The cached form keeps the rows and the names (and link targets) only: inline file
+ * bytes, most of a record of small files, stay in the DB file. An inline row's data_off
+ * becomes the file offset of its bytes, so READ takes them from the file like any value.
+ * Rows that share their name bytes (only a crafted record does) could make the names
+ * longer than the blob: then the blob is kept whole, so the copy never outgrows the record. */
+static unsigned char *compact(struct record *rec, const unsigned char *rows, const unsigned char *blob,
+                              uint64_t blob_pos)
+{
+    uint64_t names = 0;
+    for (uint32_t i = 0; i < rec->count; i++) {
+        const unsigned char *p = rows + (size_t)i * ROW_SIZE;
+        uint16_t nlen = get16(p + 4);
+        if (!rec->bad[i])
+            names += (uint64_t)nlen + get16(p + 6);
+        else if (nlen <= NAME_MAX_LEN && (uint64_t)get32(p) + nlen <= rec->blob_len)
+            names += nlen;
+    }
+    int whole = names > rec->blob_len;
+    size_t blob_size = whole ? rec->blob_len : (size_t)names;
+    unsigned char *out = malloc((size_t)rec->count * ROW_SIZE + blob_size + 1);
+    if (!out)
+        return NULL;
+    unsigned char *orows = out, *oblob = out + (size_t)rec->count * ROW_SIZE, *w = oblob;
+    memcpy(orows, rows, (size_t)rec->count * ROW_SIZE);
+    if (whole)
+        memcpy(oblob, blob, rec->blob_len);
+    for (uint32_t i = 0; i < rec->count; i++) {
+        unsigned char *p = orows + (size_t)i * ROW_SIZE;
+        uint32_t off = get32(p);
+        uint16_t nlen = get16(p + 4), tlen = get16(p + 6);
+        if (rec->bad[i]) {  /* kept only so that its exact name answers EIO */
+            tlen = 0;
+            if (nlen > NAME_MAX_LEN || (uint64_t)off + nlen > rec->blob_len)
+                nlen = 0;
+            put16(p + 4, nlen);
+            put16(p + 6, 0);
+        } else if (p[9] & FLAG_INLINE) {
+            put64(p + 36, blob_pos + off + nlen + tlen);
+        }
+        if (whole)
+            continue;
+        memcpy(w, blob + off, (size_t)nlen + tlen);
+        put32(p, (uint32_t)(w - oblob));
+        w += nlen + tlen;
+    }
+    rec->blob_len = (uint32_t)blob_size;
+    rec->rows = orows;
+    rec->blob = oblob;
+    rec->nbytes += (size_t)rec->count * ROW_SIZE + blob_size;
+    return out;
+}
+
+struct record *record_parse(const unsigned char *raw, size_t len, uint64_t file_off, const char *own,
+                            size_t own_len, const struct layer *ly, char *why, size_t why_len)
 {
     struct record *rec = NULL;
     uint32_t count, plen, blen;
@@ -111,8 +168,7 @@ struct record *record_parse(unsigned char *raw, size_t len, const char *own, siz
         snprintf(why, why_len, "out of memory");
         goto fail;
     }
-    rec->raw = raw;
-    rec->nbytes = len + count + sizeof(*rec);
+    rec->nbytes = count + sizeof(*rec);
     rec->count = count;
     rec->blob_len = blen;
     rec->rows = raw + HEADER_SIZE + plen;
@@ -153,6 +209,10 @@ struct record *record_parse(unsigned char *raw, size_t len, const char *own, siz
         if (r.kind == KIND_DIR)
             rec->subdirs++;
     }
+    if (!(rec->mem = compact(rec, rec->rows, rec->blob, file_off + HEADER_SIZE + plen + (uint64_t)count * ROW_SIZE))) {
+        snprintf(why, why_len, "out of memory");
+        goto fail;
+    }
     return rec;
 fail:
     if (rec) {
@@ -160,7 +220,6 @@ fail:
         free(rec->good);
         free(rec);
     }
-    free(raw);
     return NULL;
 }
 
@@ -168,7 +227,7 @@ void record_free(struct record *rec)
 {
     if (!rec)
         return;
-    free(rec->raw);
+    free(rec->mem);
     free(rec->bad);
     free(rec->good);
     free(rec);

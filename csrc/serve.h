@@ -73,7 +73,7 @@ struct row {
 struct record {
     int refs;                /* atomic */
     size_t nbytes;
-    unsigned char *raw;      /* the whole record, copied out of the map */
+    unsigned char *mem;      /* rows, then names and link targets (inline bytes left out) */
     uint32_t count, blob_len;
     const unsigned char *rows, *blob;
     unsigned char *bad;      /* one byte per row: nonzero = left out of listings, EIO */
@@ -86,9 +86,11 @@ struct record {
 
 void row_get(const struct record *rec, uint32_t i, struct row *out);
 const char *row_name(const struct record *rec, const struct row *r);
-/* Parse and check; on failure returns NULL and fills why. Takes ownership of raw. */
-struct record *record_parse(unsigned char *raw, size_t len, const char *own, size_t own_len,
-                            const struct layer *ly, char *why, size_t why_len);
+/* Parse and check raw (the record as stored, at file_off in the index env's file) into a
+ * compact copy; raw is not kept. On failure returns NULL and fills why. An inline file's
+ * row then has FLAG_INLINE and data_off = where its bytes lie in that file. */
+struct record *record_parse(const unsigned char *raw, size_t len, uint64_t file_off, const char *own,
+                            size_t own_len, const struct layer *ly, char *why, size_t why_len);
 void record_free(struct record *rec);
 /* Row index of name, or -1. */
 long record_find(const struct record *rec, const char *name, size_t len);
@@ -136,8 +138,10 @@ int layer_open(struct layer *ly, const char *index_path, int index_subdir, const
                int vals_subdir, const char *data_path, char *why, size_t why_len);
 void layer_close(struct layer *ly);
 void md5_of(const void *a, size_t alen, const void *b, size_t blen, unsigned char out[16]);
-/* 0 ok (raw/len set, caller frees raw), MDB_NOTFOUND, or -EIO (logged). */
-int layer_fetch_record(struct layer *ly, const char *rel, size_t rel_len, unsigned char **raw, size_t *len);
+/* 0 ok, MDB_NOTFOUND, -EFBIG, -ENOMEM or -EIO (logged). *raw is the record read into a
+ * buffer of this thread's (valid until its next call), *off where it lies in env_fd. */
+int layer_fetch_record(struct layer *ly, const char *rel, size_t rel_len, const unsigned char **raw, size_t *len,
+                       uint64_t *off);
 /* Where a file's bytes live in vals_fd: 0 ok, -errno otherwise. */
 int layer_value_pos(struct layer *ly, const char *rel, size_t rel_len, uint64_t size, uint64_t *pos);
 void log_line(const char *level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));

@@ -180,11 +180,12 @@ struct record *node_record(struct node *n, int layer, int *err)
     }
     const char *rel;
     size_t len;
-    unsigned char *raw;
+    const unsigned char *raw;
     size_t raw_len;
+    uint64_t raw_off;
     char why[200];
     layer_rel(n, layer, &rel, &len);
-    int rc = layer_fetch_record(&srv.layers[layer], rel, len, &raw, &raw_len);
+    int rc = layer_fetch_record(&srv.layers[layer], rel, len, &raw, &raw_len, &raw_off);
     if (rc == MDB_NOTFOUND || rc == -EFBIG) {
         mark_bad(n, layer, rc == -EFBIG ? "its record is larger than 256 MiB" : "listed, but its record is missing");
         *err = EIO;
@@ -194,7 +195,7 @@ struct record *node_record(struct node *n, int layer, int *err)
         *err = rc == -ENOMEM ? ENOMEM : EIO;
         return NULL;
     }
-    rec = record_parse(raw, raw_len, rel, len, &srv.layers[layer], why, sizeof(why));
+    rec = record_parse(raw, raw_len, raw_off, rel, len, &srv.layers[layer], why, sizeof(why));
     if (!rec) {
         mark_bad(n, layer, why);
         *err = EIO;

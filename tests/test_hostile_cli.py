@@ -48,6 +48,16 @@ def _repeated(db: Path, name_len: int) -> None:
         H.put_rows(db, rel, np.repeat(rows[H.split_blob(rows, blob)[0].index(name)], 300), blob)
 
 
+def _shared_names(db: Path) -> None:
+    """255 valid rows whose names ("s", "ss", ... 255 's') all start at one place in the
+    blob: their names together are far longer than the record that holds them."""
+    rows, blob, _own = H.read_record(db, "many")
+    row = rows[H.split_blob(rows, blob)[0].index(b"m07.txt")]
+    many = np.repeat(row, 255)
+    many["name_off"], many["name_len"] = 0, np.arange(1, 256)
+    H.put_rows(db, "many", many, b"s" * 255 + bytes(int(row["size"])))
+
+
 def _meta(change: dict | None = None, raw: bytes | None = None) -> Callable[[Path], None]:
     return lambda db: H.put_records(db, {}, meta_change=change, meta_raw=raw)
 
@@ -77,6 +87,7 @@ CASES: dict[str, Callable[[Path], None]] = {
     "duplicate_row": lambda db: _rows_of(db, "seq1", lambda r, b: (np.concatenate([r[:2], r[1:]]), b)),
     "repeated_dir_name": lambda db: _repeated(db, 0),
     "repeated_64k_name": lambda db: _repeated(db, 65535),
+    "shared_name_bytes": _shared_names,
     # kinds, flags, attributes
     "kind_0": lambda db: H.edit_row(db, "", b"a.txt", kind=0),
     "kind_9": lambda db: H.edit_row(db, "seq1", b"frame.jpg", kind=9),
@@ -157,7 +168,7 @@ def test_hostile_db_keeps_the_contract(case: str, base, tmp_path: Path) -> None:
     if case.startswith("meta_") and case != "meta_nested_40":
         assert results["info " + str(db)].code != 0  # a damaged meta record refuses the DB
         return
-    if not case.startswith(("node_", "meta_", "repeated_", "unsorted_")):
+    if not case.startswith(("node_", "meta_", "repeated_", "unsorted_", "shared_")):
         # Damage to one row leaves the rest of the DB readable.
         res = H.run_forked(["cat", str(db), untouched], tmp_path)
         assert res.code == 0 and res.stdout == files[untouched], res.stderr

@@ -80,6 +80,7 @@ MOUNT_CASES = [
     "inline_beyond_blob",
     "symlink_target_nul",
     "repeated_64k_name",
+    "shared_name_bytes",
     "unsorted_rows",
     "node_pgno_far",
     "node_size_overflow_record",
@@ -137,6 +138,10 @@ def test_a_mount_of_a_damaged_db_serves_everything_else(case: str, base, mount_d
         intact = [rel for rel in files if not rel.startswith(broken + "/")]
     elif case.startswith("repeated_"):
         intact = []  # the root record itself was replaced
+    elif case == "shared_name_bytes":
+        intact = [rel for rel in files if not rel.startswith("many/")]
+        assert len(os.listdir(m.mnt / "many")) == 255
+        assert (m.mnt / "many" / ("s" * 200)).stat().st_size == len(files["many/m07.txt"])
     elif case.startswith("unsorted_"):
         intact = [rel for rel in files if rel.startswith("seq2/")]  # seq2 sorts first, reversed
     else:
