@@ -1,4 +1,5 @@
-"""Builds lmdbfs._serve, the FUSE server in C; everything else lives in pyproject.toml."""
+"""Builds lmdbfs._serve, the FUSE server in C, and lmdbfs._readfiles, the packer's reader of
+small files; everything else lives in pyproject.toml."""
 
 import glob
 import subprocess
@@ -27,6 +28,11 @@ setup(
             depends=glob.glob("csrc/*.h"),
             extra_compile_args=[*cflags, "-std=gnu11", "-O2", "-Wall", "-Wextra", "-Wno-missing-field-initializers"],
             extra_link_args=[*libs, "-lpthread"],
-        )
+        ),
+        Extension(
+            "lmdbfs._readfiles",
+            sources=["csrc/readfiles/readfiles.c"],
+            extra_compile_args=["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Wno-missing-field-initializers"],
+        ),
     ]
 )

@@ -74,11 +74,16 @@ def _pooled(
 
     def read_chunk(chunk: np.ndarray) -> list[tuple[int, bytes | None]]:
         read = reader()
+        files = chunk.tolist()
+        rels = [scan.file_relpath(i) for i in files]
+        many = read.read_many(rels, scan.file_size[chunk].tolist())
         out: list[tuple[int, bytes | None]] = []
-        for i in chunk.tolist():
-            rel = scan.file_relpath(i)
+        for k, (i, rel) in enumerate(zip(files, rels)):
+            got = many[k] if many is not None else None
             try:
-                data, mtime = read(rel, scan.file_ref[i])
+                if isinstance(got, OSError):
+                    raise got
+                data, mtime = got if got is not None else read(rel, scan.file_ref[i])
             except OSError as exc:
                 out.append((i, on_error(rel, exc)))
                 continue

@@ -50,7 +50,8 @@ from .writer import DATA_FILE, Keys, Writer
 log = logging.getLogger(__name__)
 
 _PAGE = 4096
-_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+# glibc mallopt parameters
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
 _MAX_KEY = 511  # LMDB's default maximum key size
 _KEY_SCHEMES = {
     KEYS_MD5: "md5(key_prefix + relpath with '/' replaced by key_sep)",
@@ -95,7 +96,7 @@ def pack(src: str | list[str], db: str, opts: PackOptions | None = None) -> Pack
     opts = opts or PackOptions()
     specs = [src] if isinstance(src, str) else list(src)
     started = time.monotonic()
-    _fixed_mmap_threshold()
+    _tune_malloc()
     partial = db + PARTIAL_SUFFIX
     _check_destination(db, partial, opts)
     skip = output_files(db)
@@ -290,16 +291,23 @@ def _source_name(spec: str) -> str:
     return f"{parsed.under}={name}" if parsed.under else name
 
 
-def _fixed_mmap_threshold() -> None:
-    """Give file buffers back to the OS as soon as they are freed.
+def _tune_malloc() -> None:
+    """Reuse freed file buffers instead of handing them back to the OS and faulting
+    fresh zeroed pages in for the next file.
 
-    glibc raises its mmap threshold after large frees, so the reader threads' buffers
-    of a few hundred KB would pile up in per-thread arenas (~300 MB on a GOT-10k-like
-    tree). Fixing the threshold at 128 KiB keeps peak memory near the bounded window.
+    Every file passes through two buffers of its size: the bytes read, and the pages
+    LMDB allocates for its value until the commit writes them. With glibc's defaults
+    each is a fresh mmap (or a trimmed heap), so packing 3.4 GB zeroed ~5.7 GB of
+    new pages: 1.4M page faults, and most of the time in the kernel. Two arenas (the
+    readers' and the writer's) that keep up to 64 MB of free memory cut a medium pack
+    from ~12 s to ~6 s; peak anonymous memory stays near the bounded read window plus
+    one batch of dirty pages.
     """
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
-        libc.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
+        libc.mallopt(_M_ARENA_MAX, 2)
+        libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+        libc.mallopt(_M_TRIM_THRESHOLD, 64 << 20)
     except (OSError, AttributeError):
         pass  # not glibc: nothing to tune
 

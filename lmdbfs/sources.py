@@ -22,6 +22,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from ._readfiles import read_files
 from .errors import SourceError
 from .format import KIND_DIR, KIND_FILE, KIND_SYMLINK, decode_path
 from .scan import Excluder, Scan, TreeBuilder
@@ -97,6 +98,12 @@ class Reader:
 
     def __call__(self, rel: str | None, ref: Any) -> tuple[bytes, int | None]:
         raise NotImplementedError
+
+    def read_many(self, rels: list[str], sizes: list[int]) -> list[tuple[bytes, int] | OSError | None] | None:
+        """Several files at once, where a source can do that cheaper: each file's
+        (bytes, mtime_ns), an OSError, or None when its size is no longer the listed
+        one (then it is read again with ``__call__``). None: not supported here."""
+        return None
 
     def close(self) -> None:
         pass
@@ -181,6 +188,14 @@ class _FolderReader(Reader):
         path = os.path.join(self.root, os.fsencode(rel[self.cut :]))
         with open(path, "rb", buffering=0) as fh:
             return fh.read(), os.fstat(fh.fileno()).st_mtime_ns
+
+    def read_many(self, rels: list[str], sizes: list[int]) -> list[tuple[bytes, int] | OSError | None] | None:
+        # In C, with the GIL released once for the chunk rather than four times a file.
+        datas, mtimes, errs = read_files(self.root, [os.fsencode(r[self.cut :]) for r in rels], sizes)
+        return [
+            (data, mtime) if not err else (None if err < 0 else OSError(err, os.strerror(err)))
+            for data, mtime, err in zip(datas, mtimes, errs)
+        ]
 
 
 def _problem(listing: Listing, rel: str, exc: OSError) -> None:

@@ -214,6 +214,7 @@ class Writer:
         # memory, and 1.4M inline tiny frames make ~1 GB of records. Only the meta record,
         # which marks the DB complete, waits for the final commit.
         txn, batch = self.env.begin(write=True), 0
+        base = map_base(self.data_file)
         try:
             for d in scan.dirs:
                 record = encode_dir(d.path, d.rows, self._with_inline(txn, d))
@@ -222,6 +223,7 @@ class Writer:
                 if batch >= BATCH_BYTES:
                     txn.commit()
                     txn, batch = self.env.begin(write=True), 0
+                    self._unmap(base)  # the pages the inline bytes were read from
             meta.offsets_txnid = txn.id() if self.offsets_ok else 0
             txn.put(META_KEY, meta.encode(), db=meta_db)
             txn.commit()
