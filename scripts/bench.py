@@ -52,9 +52,9 @@ log = logging.getLogger("bench")
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO / "scripts"
 DEFAULT_WORKDIR = Path(os.environ.get("LMDBFS_BENCH_WORKDIR", "/var/tmp/lmdbfs-bench"))
-ALL_SYSTEMS = ("native", "lmdbfs", "lmdbfs-py", "squashfs", "squashfuse", "ratarmount", "seed")
+ALL_SYSTEMS = ("native", "lmdbfs", "lmdbfs-py", "squashfs", "squashfuse", "ratarmount", "tar", "seed")
 MOUNTED = ("lmdbfs", "lmdbfs-py", "squashfs", "squashfuse", "ratarmount")
-OPT_IN = ("lmdbfs-py", "squashfs")  # need --old-lmdbfs / root: only when named in --systems
+OPT_IN = ("lmdbfs-py", "squashfs", "tar")  # need --old-lmdbfs / root, or only time a yardstick: when named
 # first/steady/cold: every file once, uniform random order. seq-*: trackers' pattern, a
 # random sequence then SEQ_RUN consecutive frames of it. pil: a warm epoch decoding a
 # sample of the JPEGs with PIL (what a loader spends per frame beside the read).
@@ -475,6 +475,7 @@ class System:
     name = "?"
     pack_tool = "?"
     mountable = True
+    readable = True  # has walks and epochs (tar: only a pack time)
 
     def __init__(self, ctx: Ctx) -> None:
         self.ctx = ctx
@@ -765,6 +766,33 @@ class KernelSquashfs(Squashfuse):
         self.pid = None
 
 
+class Tar(System):
+    """``tar cf`` of the tree, timed as a packer and never read: the issue's yardstick
+    for pack speed at full size, without ratarmount's indexing."""
+
+    name = "tar"
+    pack_tool = "tar cf"
+    mountable = False
+    readable = False
+
+    @property
+    def tar(self) -> Path:
+        return self.art / "plain.tar"
+
+    def outputs(self) -> list[Path]:
+        return [self.tar]
+
+    def pack(self) -> dict[str, Any]:
+        self.tar.unlink(missing_ok=True)
+        cold = drop_caches(self.ctx.cold_ok)
+        m = run_measured(
+            ["tar", "cf", str(self.tar), "-C", str(self.ctx.tree.root), "."], timeout=self.ctx.args.timeout
+        )
+        out = {"tool": self.pack_tool, "cold": cold, **measured_dict(m), "out_bytes": path_bytes(self.tar)}
+        self.tar.unlink(missing_ok=True)  # only the time matters; keep the disk
+        return out
+
+
 SYSTEM_CLASSES: dict[str, type[System]] = {
     "native": Native,
     "lmdbfs": Lmdbfs,
@@ -772,6 +800,7 @@ SYSTEM_CLASSES: dict[str, type[System]] = {
     "squashfs": KernelSquashfs,
     "squashfuse": Squashfuse,
     "ratarmount": Ratarmount,
+    "tar": Tar,
     "seed": Seed,
 }
 
@@ -1297,8 +1326,8 @@ def compute_ratios(res: dict[str, Any]) -> list[dict[str, Any]]:
     anon = max((v.get("after_steady", {}).get("anon_mb", 0) for v in rss.values()), default=None) if rss else None
     r2 = 2 if any(e["readers"] == 2 for e in res.get("epochs", [])) else None
     vals: dict[str, float | None] = {
-        "pack_vs_squashfs": _div(ps("lmdbfs"), ps("squashfuse")),
-        "pack_vs_tar": _div(ps("lmdbfs"), ps("ratarmount", "tar cf")),
+        "pack_vs_squashfs": _div(ps("lmdbfs"), ps("squashfs") or ps("squashfuse")),  # both run mksquashfs
+        "pack_vs_tar": _div(ps("lmdbfs"), ps("tar") or ps("ratarmount", "tar cf")),
         "seed_vs_pack": _div(ps("seed"), ps("lmdbfs")),
         "pack_rss": pack.get("lmdbfs", {}).get("tree_anon_mb"),
         "first_vs_squashfuse": _div(epoch_rate(res, "lmdbfs", 2, "first"), epoch_rate(res, "squashfuse", 2, "first"))
@@ -1575,7 +1604,8 @@ METHOD = """\
   (`scripts/seed_convert.py`: md5 keys, PIL re-encode of every JPEG, `Pool(cpu_count()).imap_unordered`,
   one commit per 50k puts, `map_size` = 2× tree size instead of the original 112 GB);
   `tar cf` followed by ratarmount's index creation (first mount with `--recreate-index`, timed to the
-  mount being ready); `mksquashfs SRC IMG -noI -noD -noF -noX -noappend`.
+  mount being ready); `mksquashfs SRC IMG -noI -noD -noF -noX -noappend`; **tar** (opt-in): `tar cf`
+  alone, only timed, the yardstick for pack speed.
 - **Walk+stat**: `os.walk` + `os.stat` of every file on a fresh mount after dropping caches (*cold*),
   then again (*warm*; median of `--repeat` runs, 3 at medium size). The listing (paths and sizes) must equal the source's.
 - **Mount**: wall time from starting the mount command to the mount point answering `readdir`, on
@@ -1647,6 +1677,7 @@ def make_chart(res: dict[str, Any], path: Path) -> bool:
         "squashfs": "#8c564b",
         "squashfuse": "#ff7f0e",
         "ratarmount": "#2ca02c",
+        "tar": "#bcbd22",
         "seed": "#9467bd",
     }
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
@@ -1981,6 +2012,8 @@ def main(argv: list[str] | None = None) -> int:
                 ctx.res["errors"]["zip source"] = str(e)
         if not a.no_reads:
             for s in systems:
+                if not s.readable:
+                    continue
                 if s.name != "native" and not s.packed():
                     ctx.res["errors"].setdefault(f"{s.name} reads", "not packed")
                     continue

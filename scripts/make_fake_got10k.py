@@ -49,8 +49,8 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Self
 from pathlib import Path
+from typing import Self
 
 import numpy as np
 from PIL import Image
@@ -325,6 +325,7 @@ def _draw_target(pixels: np.ndarray, box: np.ndarray, colour: np.ndarray) -> np.
 
 def _pick_setting(background: np.ndarray, noise: np.ndarray, target: int) -> tuple[int, int]:
     """Binary-search SIZE_LADDER for the (quality, amplitude) closest to target bytes."""
+
     @functools.cache
     def size(i: int) -> int:
         quality, amplitude = SIZE_LADDER[i]
@@ -432,7 +433,9 @@ def _write_sequence_job(root: Path, opts: GenOptions, split: str, index: int) ->
     return write_sequence(root, plan_sequence(split, index, opts), opts)
 
 
-def _worker(root: Path, opts: GenOptions, tasks: multiprocessing.queues.Queue, results: multiprocessing.queues.Queue) -> None:
+def _worker(
+    root: Path, opts: GenOptions, tasks: multiprocessing.queues.Queue, results: multiprocessing.queues.Queue
+) -> None:
     """Forked worker: pull (split, index) jobs until None, report (files, bytes)."""
     try:
         while (job := tasks.get()) is not None:
@@ -503,7 +506,9 @@ def _run_forked(
 # --------------------------------------------------------------------------- tree
 
 
-def _validate(seqs: int, frames: int, splits: Sequence[str], workers: int, min_kb: float, max_kb: float, seed: int) -> None:
+def _validate(
+    seqs: int, frames: int, splits: Sequence[str], workers: int, min_kb: float, max_kb: float, seed: int
+) -> None:
     if seqs < 1:
         raise UsageError(f"--seqs must be >= 1, got {seqs}")
     if frames < 1:
@@ -587,8 +592,17 @@ def make_tree(
 
     start = time.perf_counter()
     _prepare_root(root, splits, force)
-    log.info("writing %d files: %d sequences x %d frames per split %s, tiny=%s, seed=%d, %d worker(s) -> %s",
-             total, seqs, frames, ",".join(splits), tiny, seed, workers, root)
+    log.info(
+        "writing %d files: %d sequences x %d frames per split %s, tiny=%s, seed=%d, %d worker(s) -> %s",
+        total,
+        seqs,
+        frames,
+        ",".join(splits),
+        tiny,
+        seed,
+        workers,
+        root,
+    )
     files, nbytes = _write_lists(root, splits, seqs)
     bars = functools.partial(_progress_bar, total, files, progress)
     if workers == 1:
@@ -624,7 +638,9 @@ def _build_parser() -> _Parser:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: CPU count)")
     p.add_argument("--min-kb", type=float, default=35.0, help="frame size goal, low end, 1000-byte KB (default 35)")
     p.add_argument("--max-kb", type=float, default=400.0, help="frame size goal, high end (default 400)")
-    p.add_argument("--force", action="store_true", help="allow a non-empty ROOT; deletes the chosen split folders first")
+    p.add_argument(
+        "--force", action="store_true", help="allow a non-empty ROOT; deletes the chosen split folders first"
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or info logging")
     return p
 
@@ -632,13 +648,26 @@ def _build_parser() -> _Parser:
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit code."""
     args = _build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(name)s: %(levelname)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(name)s: %(levelname)s: %(message)s",
+        stream=sys.stderr,
+    )
     prog = "make_fake_got10k.py"
     try:
-        summary = make_tree(args.root, args.seqs, args.frames, args.splits, tiny=args.tiny, seed=args.seed,
-                            workers=args.workers, min_kb=args.min_kb, max_kb=args.max_kb, force=args.force,
-                            progress=not args.quiet)
+        summary = make_tree(
+            args.root,
+            args.seqs,
+            args.frames,
+            args.splits,
+            tiny=args.tiny,
+            seed=args.seed,
+            workers=args.workers,
+            min_kb=args.min_kb,
+            max_kb=args.max_kb,
+            force=args.force,
+            progress=not args.quiet,
+        )
     except UsageError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
