@@ -13,6 +13,7 @@ everything in, and zips inside a source can be expanded into folders.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import stat as st
@@ -193,9 +194,14 @@ class _FolderReader(Reader):
         # In C, with the GIL released once for the chunk rather than four times a file.
         datas, mtimes, errs = read_files(self.root, [os.fsencode(r[self.cut :]) for r in rels], sizes)
         return [
-            (data, mtime) if not err else (None if err < 0 else OSError(err, os.strerror(err)))
+            (data, mtime) if not err else (None if err < 0 else _read_error(err))
             for data, mtime, err in zip(datas, mtimes, errs)
         ]
+
+
+def _read_error(err: int) -> OSError:
+    # _readfiles answers EINVAL for what was listed as a file and is no longer one.
+    return OSError(err, "no longer a regular file" if err == errno.EINVAL else os.strerror(err))
 
 
 def _problem(listing: Listing, rel: str, exc: OSError) -> None:

@@ -43,6 +43,13 @@ def test_read_many_reads_exact_bytes_and_flags_what_changed(tmp_path: Path) -> N
     assert got[3] is None
     assert isinstance(got[5], OSError) and got[5].errno == errno.ENOENT
     assert got[4] == (files[rels[4]], os.stat(tmp_path / "src" / rels[4]).st_mtime_ns)
+    # a file swapped for a FIFO is refused at once, not waited on
+    fifo = tmp_path / "src" / rels[9]
+    fifo.unlink()
+    os.mkfifo(fifo)
+    got = reader.read_many(rels, sizes)
+    assert isinstance(got[9], OSError) and got[9].errno == errno.EINVAL
+    assert got[9].strerror == "no longer a regular file"
     if os.geteuid() != 0:  # root reads mode-0 files
         assert isinstance(got[7], OSError) and got[7].errno == errno.EACCES
 

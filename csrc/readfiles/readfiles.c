@@ -10,8 +10,9 @@
  *   sizes  list of int, the sizes the scan listed
  *   datas  list: bytes of each file, or None when errs[i] != 0
  *   mtimes list of int (st_mtime in ns, 0 on error)
- *   errs   list of int: 0, an errno, or -1 when the file's size is no longer the
- *          listed one (the caller reads it again its own way and decides)
+ *   errs   list of int: 0, an errno (EINVAL: no longer a regular file), or -1 when
+ *          the file's size is no longer the listed one (the caller reads it again its
+ *          own way and decides)
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -45,7 +46,8 @@ static void read_one(int dirfd, struct job *j)
     }
     memcpy(path, j->rel, (size_t)j->rel_len);
     path[j->rel_len] = 0;
-    int fd = openat(dirfd, path, O_RDONLY | O_CLOEXEC);
+    /* O_NONBLOCK: a file swapped for a FIFO since the scan must not hang the pack. */
+    int fd = openat(dirfd, path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0) {
         j->err = errno;
         return;
@@ -53,6 +55,11 @@ static void read_one(int dirfd, struct job *j)
     struct stat st;
     if (fstat(fd, &st)) {
         j->err = errno;
+        close(fd);
+        return;
+    }
+    if (!S_ISREG(st.st_mode)) {
+        j->err = EINVAL;  /* listed as a file, no longer one */
         close(fd);
         return;
     }
