@@ -282,7 +282,7 @@ static pthread_once_t rbuf_once = PTHREAD_ONCE_INIT;
 struct rbuf {
     unsigned char *p;
     size_t cap;
-    unsigned char *big;  /* a record larger than KEEP_BUF: freed at this thread's next call */
+    unsigned char *big;  /* a record larger than KEEP_BUF: freed once it is parsed */
 };
 static void rbuf_free(void *v)
 {
@@ -317,6 +317,16 @@ static unsigned char *record_buf(size_t len)
         b->cap = cap;
     }
     return b->p;
+}
+
+void layer_record_done(void)
+{
+    pthread_once(&rbuf_once, rbuf_key_make);
+    struct rbuf *b = pthread_getspecific(rbuf_key);
+    if (b) {
+        free(b->big);
+        b->big = NULL;
+    }
 }
 
 int layer_fetch_record(struct layer *ly, const char *rel, size_t rel_len, const unsigned char **raw, size_t *len,

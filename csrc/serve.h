@@ -142,6 +142,8 @@ void md5_of(const void *a, size_t alen, const void *b, size_t blen, unsigned cha
  * buffer of this thread's (valid until its next call), *off where it lies in env_fd. */
 int layer_fetch_record(struct layer *ly, const char *rel, size_t rel_len, const unsigned char **raw, size_t *len,
                        uint64_t *off);
+/* The record of the last fetch is parsed: a buffer kept only for a large one is freed. */
+void layer_record_done(void);
 /* Where a file's bytes live in vals_fd: 0 ok, -errno otherwise. */
 int layer_value_pos(struct layer *ly, const char *rel, size_t rel_len, uint64_t size, uint64_t *pos);
 void log_line(const char *level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));

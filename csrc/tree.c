@@ -196,6 +196,7 @@ struct record *node_record(struct node *n, int layer, int *err)
         return NULL;
     }
     rec = record_parse(raw, raw_len, raw_off, rel, len, &srv.layers[layer], why, sizeof(why));
+    layer_record_done();
     if (!rec) {
         mark_bad(n, layer, why);
         *err = EIO;

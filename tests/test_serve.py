@@ -244,3 +244,25 @@ def test_an_unknown_fuse_option_is_one_clear_line(edge_db: Path, tmp_path: Path)
     line = one_error_line(run_cli("mount", "-o", "no_such_option", edge_db, mnt, check=False))
     assert "refused the FUSE options" in line and "no_such_option" in line
     assert not is_mounted(mnt)
+
+
+def test_a_directory_larger_than_the_kept_record_buffer_reads_right(tmp_path: Path, mount_db) -> None:
+    """A record over 1 MiB (the buffer a serving thread keeps) goes through a one-off
+    buffer; its files, inline and not, read back exactly, many threads at once."""
+    src = tmp_path / "src" / "wide"
+    src.mkdir(parents=True)
+    rng = random.Random(11)
+    files = {f"f{n:06d}.txt": rng.randbytes(rng.choice((0, 9, 700, 3000))) for n in range(30_000)}
+    for name, data in files.items():
+        (src / name).write_bytes(data)
+    run_cli("pack", tmp_path / "src", tmp_path / "wide.lmdb", "--no-progress")
+    with lmdb.open(str(tmp_path / "wide.lmdb"), subdir=False, readonly=True, lock=False, max_dbs=4) as env:
+        with env.begin() as txn:
+            record = txn.get(dir_key("wide"), db=env.open_db(INDEX_DB, txn=txn, create=False))
+    assert len(record) > 1 << 20, "the test needs a record larger than the kept buffer"
+    m = mount_db(tmp_path / "wide.lmdb")
+    assert sorted(os.listdir(m.mnt / "wide")) == sorted(files)
+    sample = rng.sample(sorted(files), 3000)
+    with ThreadPoolExecutor(16) as pool:
+        same = list(pool.map(lambda name: (m.mnt / "wide" / name).read_bytes() == files[name], sample))
+    assert all(same)
