@@ -638,6 +638,11 @@ class Squashfuse(System):
         return [self.ctx.args.squashfuse_bin, str(self.img), str(self.mnt)]
 
 
+def tar_cf(ctx: Ctx, out: Path) -> Measured:
+    """``tar cf`` of the tree, measured (the tar half of ratarmount's pack, and the tar yardstick)."""
+    return run_measured(["tar", "cf", str(out), "-C", str(ctx.tree.root), "."], timeout=ctx.args.timeout)
+
+
 class Ratarmount(System):
     name = "ratarmount"
     pack_tool = "tar cf + ratarmount index"
@@ -660,9 +665,7 @@ class Ratarmount(System):
         self.tar.unlink(missing_ok=True)
         self.index.unlink(missing_ok=True)
         cold = drop_caches(self.ctx.cold_ok)
-        m_tar = run_measured(
-            ["tar", "cf", str(self.tar), "-C", str(self.ctx.tree.root), "."], timeout=self.ctx.args.timeout
-        )
+        m_tar = tar_cf(self.ctx, self.tar)
         # Index creation happens on the first mount; time mount-with-indexing.
         cold2 = drop_caches(self.ctx.cold_ok)
         self.mnt.mkdir(parents=True, exist_ok=True)
@@ -792,9 +795,7 @@ class Tar(System):
     def pack(self) -> dict[str, Any]:
         self.tar.unlink(missing_ok=True)
         cold = drop_caches(self.ctx.cold_ok)
-        m = run_measured(
-            ["tar", "cf", str(self.tar), "-C", str(self.ctx.tree.root), "."], timeout=self.ctx.args.timeout
-        )
+        m = tar_cf(self.ctx, self.tar)
         out = {"tool": self.pack_tool, "cold": cold, **measured_dict(m), "out_bytes": path_bytes(self.tar)}
         self.tar.unlink(missing_ok=True)  # only the time matters; keep the disk
         return out
