@@ -301,7 +301,8 @@ def _tune_malloc() -> None:
     new pages: 1.4M page faults, and most of the time in the kernel. Two arenas (the
     readers' and the writer's) that keep up to 64 MB of free memory cut a medium pack
     from ~12 s to ~6 s; peak anonymous memory stays near the bounded read window plus
-    one batch of dirty pages.
+    one batch of dirty pages. The settings are process-wide; `lmdbfs pack` is a process
+    of its own, so nothing else shares them.
     """
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
