@@ -230,11 +230,6 @@ int layer_open(struct layer *ly, const char *index_path, int index_subdir, const
         snprintf(why, why_len, "%s: cannot inspect the LMDB map", index_path);
         return EIO;
     }
-    /* The page cache may hold the file in 2 MiB folios; mapped whole, each touch would add
-     * 2 MiB to the daemon's RSS. Small mappings only. */
-    madvise(ly->env_base, ly->env_map, MADV_NOHUGEPAGE);
-    if (ly->vals_base != ly->env_base)
-        madvise(ly->vals_base, ly->vals_map, MADV_NOHUGEPAGE);
     ly->data_fd = open(data_path, O_RDONLY | O_CLOEXEC);
     if (ly->data_fd < 0 || fstat(ly->data_fd, &st)) {
         snprintf(why, why_len, "%s: %s", data_path, strerror(errno));
