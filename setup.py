@@ -6,7 +6,7 @@ import subprocess
 
 from setuptools import Extension, setup
 
-LIBS = ["fuse3", "lmdb", "libxxhash", "nettle"]
+LIBS = ["fuse3", "lmdb", "libxxhash", "nettle", "liburing"]
 
 
 def pkg_config(flag: str) -> list[str]:
@@ -18,7 +18,7 @@ def pkg_config(flag: str) -> list[str]:
 
 
 cflags = pkg_config("--cflags") or ["-I/usr/include/fuse3"]
-libs = pkg_config("--libs") or ["-lfuse3", "-llmdb", "-lxxhash", "-lnettle"]
+libs = pkg_config("--libs") or ["-lfuse3", "-llmdb", "-lxxhash", "-lnettle", "-luring"]
 
 setup(
     ext_modules=[

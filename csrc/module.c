@@ -155,14 +155,14 @@ static PyObject *serve(PyObject *self, PyObject *args, PyObject *kw)
 {
     (void)self;
     static char *names[] = {"mountpoint", "layers", "fuse_args", "notify_fd", "verify", "threads", "clone_fd",
-                            "max_background", "cache_bytes", "statfs_blocks", "statfs_files", NULL};
+                            "max_background", "cache_bytes", "statfs_blocks", "statfs_files", "uring", NULL};
     PyObject *mnt_obj, *layers, *fuse_list, *mnt_bytes = NULL;
-    int notify_fd = -1, verify = 1, threads = 16, clone_fd = 0;
+    int notify_fd = -1, verify = 1, threads = 16, clone_fd = 0, uring = 1;
     unsigned max_background = 0;
     unsigned long long cache_bytes = 32ull << 20, blocks = 0, files = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO!O!|ipiiIKKK", names, &mnt_obj, &PyList_Type, &layers,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO!O!|ipiiIKKKp", names, &mnt_obj, &PyList_Type, &layers,
                                      &PyList_Type, &fuse_list, &notify_fd, &verify, &threads, &clone_fd,
-                                     &max_background, &cache_bytes, &blocks, &files))
+                                     &max_background, &cache_bytes, &blocks, &files, &uring))
         return NULL;
     if (serving) {
         PyErr_SetString(PyExc_RuntimeError, "already serving in this process");
@@ -237,8 +237,12 @@ static PyObject *serve(PyObject *self, PyObject *args, PyObject *kw)
     }
     serving = 1;
     Py_BEGIN_ALLOW_THREADS
-    status = session_run(se, threads, clone_fd);
+    /* With rings, libfuse's own threads see only FORGET, INTERRUPT and whatever comes
+     * before the rings are registered. */
+    int rings = uring && threads ? uring_start(se, threads) : 0;
+    status = session_run(se, rings ? 2 : threads, clone_fd);
     fuse_session_unmount(se);
+    uring_stop();
     Py_END_ALLOW_THREADS
     serving = 0;
     fuse_remove_signal_handlers(se);
@@ -262,7 +266,7 @@ out:
 static PyMethodDef methods[] = {
     {"serve", (PyCFunction)(void (*)(void))serve, METH_VARARGS | METH_KEYWORDS,
      "serve(mountpoint, layers, fuse_args, notify_fd=-1, verify=True, threads=16, clone_fd=False, "
-     "max_background=0, cache_bytes=32 MiB, statfs_blocks=0, statfs_files=0) -> libfuse status"},
+     "max_background=0, cache_bytes=32 MiB, statfs_blocks=0, statfs_files=0, uring=True) -> libfuse status"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -183,6 +183,12 @@ size_t add_entry(fuse_req_t req, char *buf, size_t room, int plus, const char *n
                  struct fuse_entry_param *e, off_t cookie);
 extern const struct fuse_lowlevel_ops lmdbfs_ops;
 
+/* uring.c: FUSE over io_uring where the kernel offers it */
+int uring_enabled(void);
+int uring_start(struct fuse_session *se, int threads);
+void uring_stop(void);
+void *uring_payload(size_t *cap);  /* the calling ring thread's reply buffer, or NULL */
+
 /* read.c */
 void lmdbfs_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi);
 

@@ -263,6 +263,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         log_file=args.log_file,
         debug=args.debug,
         threads=args.threads,
+        io_uring=args.io_uring,
         ready_fd=args.ready_fd,
     )
     mount(args.dbs, args.mountpoint, opts)
@@ -439,6 +440,13 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="serve on several libfuse threads (default; --no-threads answers one request at a time)",
+    )
+    p.add_argument(
+        "--io-uring",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="take requests through FUSE over io_uring where the kernel offers it (default; Linux 6.14+, "
+        "as root: echo Y > /sys/module/fuse/parameters/enable_uring)",
     )
     p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
 

@@ -41,6 +41,7 @@ class MountOptions:
     log_file: str | None = None
     debug: bool = False
     threads: bool = True  # the C server answers on several libfuse threads
+    io_uring: bool = True  # FUSE over io_uring where the kernel offers it
     ready_fd: int | None = None
 
 
@@ -172,6 +173,7 @@ def _spawn_daemon(dbs: list[str], mnt: str, opts: MountOptions) -> None:
     if opts.debug:
         cmd.append("--debug")
     cmd.append("--threads" if opts.threads else "--no-threads")
+    cmd.append("--io-uring" if opts.io_uring else "--no-io-uring")
     cmd += [*map(_absolute, dbs), os.path.abspath(mnt)]
     with tempfile.TemporaryFile() as errors:
         proc = subprocess.Popen(
@@ -304,7 +306,7 @@ def serve(dbs: list[str], mnt: str, opts: MountOptions) -> None:
     fsname = fuse_option_value("lmdbfs:" + "+".join(os.path.basename(d) for d in dbs))
     args = server.fuse_args(fsname, opts.fuse_options, opts.debug)
     try:
-        status = server.run(mnt, served, args, on_ready, threads=opts.threads)
+        status = server.run(mnt, served, args, on_ready, threads=opts.threads, io_uring=opts.io_uring)
     except LmdbfsError as exc:
         report(f"error {exc.exit_code} {exc.one_line()}")
         raise

@@ -49,13 +49,14 @@ def parse_source(source: str) -> list[str]:
 
 
 def split_options(groups: Sequence[str]) -> tuple[list[str], dict[str, str | bool]]:
-    """FUSE options to pass on, and lmdbfs's own (log_file=FILE, threads, debug)."""
+    """FUSE options to pass on, and lmdbfs's own (log_file=FILE, debug, no_threads,
+    no_io_uring; threads and io_uring are accepted and are the default)."""
     fuse: list[str] = []
     own: dict[str, str | bool] = {}
     for group in groups:
         for opt in filter(None, (part.strip() for part in group.split(","))):
             key, sep, value = opt.partition("=")
-            if key in ("log_file", "threads", "debug"):
+            if key in ("log_file", "debug", "threads", "no_threads", "io_uring", "no_io_uring"):
                 own[key] = value if sep else True
             elif opt not in _NOT_FOR_FUSE and not opt.startswith(_NOT_FOR_FUSE_PREFIXES):
                 fuse.append(opt)
@@ -98,7 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             fuse_options=[",".join(fuse)] if fuse else [],
             log_file=str(own["log_file"]) if "log_file" in own else None,
             debug=bool(own.get("debug")),
-            threads=bool(own.get("threads")),
+            threads=not own.get("no_threads"),
+            io_uring=not own.get("no_io_uring"),
         )
         if fake:
             return 0

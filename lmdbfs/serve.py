@@ -86,9 +86,19 @@ def fuse_args(fsname: str, options: list[str], debug: bool) -> list[str]:
     return args + (["-d"] if debug else [])
 
 
-def run(mnt: str, served: Served, args: list[str], on_ready: Callable[[], None], threads: bool = True) -> int:
+def run(
+    mnt: str,
+    served: Served,
+    args: list[str],
+    on_ready: Callable[[], None],
+    threads: bool = True,
+    io_uring: bool = True,
+) -> int:
     """Mount and serve until unmounted or signalled; ``on_ready`` runs (in a thread) once
-    the kernel has the mount. Returns libfuse's status (the signal that ended it, or 0)."""
+    the kernel has the mount. Returns libfuse's status (the signal that ended it, or 0).
+    With ``io_uring`` (and threads), requests come through FUSE over io_uring where the
+    kernel offers it (Linux 6.14+ with the fuse module's enable_uring on), through
+    /dev/fuse otherwise."""
     from . import _serve
 
     read_end, write_end = os.pipe()
@@ -112,6 +122,7 @@ def run(mnt: str, served: Served, args: list[str], on_ready: Callable[[], None],
             cache_bytes=CACHE_BYTES,
             statfs_blocks=served.blocks,
             statfs_files=served.files,
+            uring=io_uring,
         )
     except _serve.LayerError as exc:
         raise BadDatabase(str(exc), "re-pack the DB") from None

@@ -9,7 +9,7 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 # fuse3 and the -dev packages: the FUSE server is a C extension built by `pip install -e .`;
 # squashfs-tools, squashfuse, zip and unzip: benchmark baselines and archive tests.
 apt_packages=(fuse3 libfuse3-3 squashfs-tools squashfuse zip unzip
-    gcc pkg-config libfuse3-dev liblmdb-dev libxxhash-dev nettle-dev)
+    gcc pkg-config libfuse3-dev liblmdb-dev libxxhash-dev nettle-dev liburing-dev)
 if ! python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
     apt_packages+=(python3 python3-venv)
 elif ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' 2>/dev/null; then

@@ -2,6 +2,10 @@
 
 FUSE fixtures never skip: where a mount is impossible the tests fail, so a machine
 that cannot mount is noticed instead of passing quietly.
+
+Where the kernel has FUSE over io_uring, the session turns it on (root), so every
+real-mount test runs on the rings, the daemon's default transport there; the tests
+that matter for both transports also run with --no-io-uring.
 """
 
 from __future__ import annotations
@@ -20,6 +24,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 BIG_FILE_BYTES = 70 * 1000 * 1000
+URING_PARAM = Path("/sys/module/fuse/parameters/enable_uring")
+# Mount arguments for each transport: the rings (where the kernel offers them), /dev/fuse.
+TRANSPORTS = {"io_uring": (), "dev_fuse": ("--no-io-uring",)}
 FIXED_MTIME_NS = 1_600_000_000_123_456_789
 
 
@@ -128,6 +135,41 @@ def got10k_db(got10k_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     db = tmp_path_factory.mktemp("gotdb") / "got10k.lmdb"
     run_cli("pack", got10k_tree, db, "--no-progress")
     return db
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fuse_io_uring() -> Iterator[bool]:
+    """Turn the fuse module's enable_uring on for the session where the kernel has it
+    (it is off by default, and only root may turn it on); put it back afterwards."""
+    if not URING_PARAM.exists():
+        yield False
+        return
+    before = URING_PARAM.read_text().strip()
+    try:
+        URING_PARAM.write_text("Y")
+    except OSError:
+        yield before == "Y"
+        return
+    try:
+        yield True
+    finally:
+        URING_PARAM.write_text(before)
+
+
+def ring_completions(pid: int) -> int | None:
+    """Requests the daemon ``pid`` has taken from io_uring rings (the CqHead of each of
+    its rings, added up), or None when it has no ring."""
+    total = None
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") != "anon_inode:[io_uring]":
+                continue
+            info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
+        except OSError:
+            continue
+        heads = [int(line.split()[1]) for line in info.splitlines() if line.startswith("CqHead:")]
+        total = (total or 0) + sum(heads)
+    return total
 
 
 def is_mounted(path: Path) -> bool:

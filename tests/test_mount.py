@@ -21,7 +21,7 @@ import pytest
 
 import lmdbfs
 
-from .conftest import is_mounted, one_error_line, run_cli
+from .conftest import TRANSPORTS, is_mounted, one_error_line, run_cli
 from .treecmp import differences, snapshot
 
 ABSENT = {b"backup.bak", b"small/old.bak", b"a_fifo", b"a_socket"}
@@ -202,8 +202,9 @@ def test_missing_paths_are_enoent(edge_db: Path, mount_db) -> None:
         os.stat(m.mnt / "plain.txt" / "x")
 
 
-def test_kill_9_then_umount_leaves_a_usable_directory(edge_db: Path, mount_db, tmp_path: Path) -> None:
-    m = mount_db(edge_db)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_kill_9_then_umount_leaves_a_usable_directory(edge_db: Path, mount_db, tmp_path: Path, transport: str) -> None:
+    m = mount_db(edge_db, *TRANSPORTS[transport])
     assert (m.mnt / "plain.txt").read_bytes() == b"hello\n"
     os.kill(m.daemon_pid(), signal.SIGKILL)
     time.sleep(0.2)
@@ -221,9 +222,10 @@ def test_kill_9_then_umount_leaves_a_usable_directory(edge_db: Path, mount_db, t
     assert (m2.mnt / "plain.txt").read_bytes() == b"hello\n"
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signals_unmount_cleanly(edge_db: Path, mount_db, sig: int) -> None:
-    m = mount_db(edge_db)
+def test_signals_unmount_cleanly(edge_db: Path, mount_db, sig: int, transport: str) -> None:
+    m = mount_db(edge_db, *TRANSPORTS[transport])
     pid = m.daemon_pid()
     os.kill(pid, sig)
     deadline = time.monotonic() + 10
@@ -236,7 +238,10 @@ def test_signals_unmount_cleanly(edge_db: Path, mount_db, sig: int) -> None:
     assert os.listdir(m.mnt) == []
 
 
-def test_corrupted_value_is_eio_for_that_file_only(edge_tree: Path, edge_db: Path, mount_db, tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_corrupted_value_is_eio_for_that_file_only(
+    edge_tree: Path, edge_db: Path, mount_db, tmp_path: Path, transport: str
+) -> None:
     broken = tmp_path / "broken.lmdb"
     shutil.copy(edge_db, broken)
     victim = "big/seventy_mb.bin"  # small files are served from their inline copy
@@ -248,7 +253,7 @@ def test_corrupted_value_is_eio_for_that_file_only(edge_tree: Path, edge_db: Pat
         fh.seek(offset)
         fh.write(bytes([first[0] ^ 0x01]))
     log = tmp_path / "daemon.log"
-    m = mount_db(broken, "--log-file", str(log))
+    m = mount_db(broken, "--log-file", str(log), *TRANSPORTS[transport])
     with pytest.raises(OSError) as err:
         (m.mnt / victim).read_bytes()
     assert err.value.errno == errno.EIO

@@ -23,7 +23,7 @@ from lmdbfs import open as lmdbfs_open
 from lmdbfs import store
 from lmdbfs.format import INDEX_DB, decode_dir, dir_key
 
-from .conftest import is_mounted, one_error_line, run_cli
+from .conftest import TRANSPORTS, is_mounted, one_error_line, run_cli
 from .treecmp import differences, snapshot
 
 
@@ -31,11 +31,12 @@ def _files(root: Path) -> list[Path]:
     return sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file() and not p.is_symlink())
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
 def test_many_threads_read_the_same_bytes_at_once(
-    edge_tree: Path, edge_db: Path, got10k_tree: Path, got10k_db: Path, mount_db
+    edge_tree: Path, edge_db: Path, got10k_tree: Path, got10k_db: Path, mount_db, transport: str
 ) -> None:
-    edge = mount_db(edge_db, name="edge")
-    got = mount_db(got10k_db, name="got")
+    edge = mount_db(edge_db, *TRANSPORTS[transport], name="edge")
+    got = mount_db(got10k_db, *TRANSPORTS[transport], name="got")
     jobs = [(edge_tree, edge.mnt, rel) for rel in _files(edge_tree) if rel.suffix != ".bak"]
     jobs += [(got10k_tree, got.mnt, rel) for rel in _files(got10k_tree)]
     jobs *= 3  # the first reads verify checksums while later ones are served from the page cache
@@ -84,8 +85,9 @@ def _patch(db: Path, offset: int, data: bytes) -> None:
         fh.write(data)
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
 def test_damaged_records_are_eio_and_everything_else_still_reads(
-    edge_tree: Path, edge_db: Path, mount_db, tmp_path: Path
+    edge_tree: Path, edge_db: Path, mount_db, tmp_path: Path, transport: str
 ) -> None:
     broken = tmp_path / "broken.lmdb"
     shutil.copy(edge_db, broken)
@@ -102,7 +104,7 @@ def test_damaged_records_are_eio_and_everything_else_still_reads(
     at, raw = _record_at(broken, "with space")
     _patch(broken, at + 16, b"W")
     log = tmp_path / "daemon.log"
-    m = mount_db(broken, "--log-file", str(log))
+    m = mount_db(broken, "--log-file", str(log), *TRANSPORTS[transport])
 
     names = os.listdir(m.mnt / "small")
     assert "many_005.txt" not in names and "many_004.txt" in names and len(names) == 300 - 1 + 1
