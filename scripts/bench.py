@@ -52,9 +52,22 @@ log = logging.getLogger("bench")
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO / "scripts"
 DEFAULT_WORKDIR = Path(os.environ.get("LMDBFS_BENCH_WORKDIR", "/var/tmp/lmdbfs-bench"))
-ALL_SYSTEMS = ("native", "lmdbfs", "lmdbfs-py", "squashfs", "squashfuse", "ratarmount", "tar", "seed")
-MOUNTED = ("lmdbfs", "lmdbfs-py", "squashfs", "squashfuse", "ratarmount")
-OPT_IN = ("lmdbfs-py", "squashfs", "tar")  # need --old-lmdbfs / root, or only time a yardstick: when named
+ALL_SYSTEMS = (
+    "native",
+    "lmdbfs",
+    "lmdbfs-devfuse",
+    "lmdbfs-py",
+    "squashfs",
+    "squashfuse",
+    "ratarmount",
+    "tar",
+    "seed",
+)
+MOUNTED = ("lmdbfs", "lmdbfs-devfuse", "lmdbfs-py", "squashfs", "squashfuse", "ratarmount")
+OPT_IN = ("lmdbfs-devfuse", "lmdbfs-py", "squashfs", "tar")
+URING_PARAM = Path(
+    "/sys/module/fuse/parameters/enable_uring"
+)  # need --old-lmdbfs / root, or only time a yardstick: when named
 # first/steady/cold: every file once, uniform random order. seq-*: trackers' pattern, a
 # random sequence then SEQ_RUN consecutive frames of it. pil: a warm epoch decoding a
 # sample of the JPEGs with PIL (what a loader spends per frame beside the read).
@@ -760,6 +773,35 @@ class LmdbfsPy(Lmdbfs):
         return Lmdbfs(self.ctx).pack()
 
 
+class LmdbfsDevFuse(Lmdbfs):
+    """The same DB and daemon with --no-io-uring: requests through /dev/fuse even where
+    the kernel offers FUSE over io_uring, to show what the rings change side by side."""
+
+    name = "lmdbfs-devfuse"
+    pack_tool = "(the lmdbfs DB)"
+
+    def pack(self) -> dict[str, Any]:
+        done = self.ctx.res["pack"].get("lmdbfs")
+        return {**done, "tool": self.pack_tool} if done and self.db.exists() else Lmdbfs(self.ctx).pack()
+
+    def mount_cmd(self) -> list[str]:
+        return [*super().mount_cmd(), "--no-io-uring"]
+
+
+def set_fuse_io_uring(want: str) -> tuple[str, str | None]:
+    """Turn the fuse module's enable_uring on or off for the run (root; 'asis' leaves it).
+    Returns the state measured ('on', 'off', or 'unavailable') and the value to restore."""
+    if not URING_PARAM.exists():
+        return "unavailable", None
+    before = URING_PARAM.read_text().strip()
+    if want != "asis":
+        try:
+            URING_PARAM.write_text("Y" if want == "on" else "N")
+        except OSError as e:
+            log.warning("cannot set %s (%s): measuring with it as it is", URING_PARAM, e)
+    return ("on" if URING_PARAM.read_text().strip() == "Y" else "off"), before
+
+
 class KernelSquashfs(Squashfuse):
     """The squashfuse image mounted by the kernel's own squashfs (root only): an anchor
     with no FUSE round trips at all."""
@@ -804,6 +846,7 @@ class Tar(System):
 SYSTEM_CLASSES: dict[str, type[System]] = {
     "native": Native,
     "lmdbfs": Lmdbfs,
+    "lmdbfs-devfuse": LmdbfsDevFuse,
     "lmdbfs-py": LmdbfsPy,
     "squashfs": KernelSquashfs,
     "squashfuse": Squashfuse,
@@ -1592,6 +1635,8 @@ def render_doc(out_dir: Path, new: dict[str, Any]) -> str:
             for r in results
         )
         L.append(f"- lmdbfs code measured: {commits}")
+        rings = ", ".join(f"{r['size']}: {r.get('fuse_io_uring', 'not recorded')}" for r in results)
+        L.append(f"- the kernel's FUSE over io_uring (`lmdbfs` uses it where on): {rings}")
         L.append("")
     L.append("## Method")
     L.append("")
@@ -1697,6 +1742,7 @@ def make_chart(res: dict[str, Any], path: Path) -> bool:
     colors = {
         "native": "#777777",
         "lmdbfs": "#1f77b4",
+        "lmdbfs-devfuse": "#17becf",
         "lmdbfs-py": "#aec7e8",
         "squashfs": "#8c564b",
         "squashfuse": "#ff7f0e",
@@ -1932,6 +1978,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="only compare one mount of 1 DB with one of the same files as N shard DBs (source: --union-src or the --size tree)",
     )
     ap.add_argument("--union-src", type=Path, default=None, help="tree for --union-dbs")
+    ap.add_argument(
+        "--fuse-io-uring",
+        choices=("on", "off", "asis"),
+        default="on",
+        help="turn the kernel's FUSE over io_uring on (default, root) or off for the run, or leave it",
+    )
     ap.add_argument("-v", "--verbose", action="store_true")
     a = ap.parse_args(argv)
     a.systems = [s for s in a.systems.split(",") if s]
@@ -2017,6 +2069,7 @@ def main(argv: list[str] | None = None) -> int:
         "errors": {},
     }
     ctx.res["commit_at_start"] = _git_rev()
+    ctx.res["fuse_io_uring"], uring_before = set_fuse_io_uring(a.fuse_io_uring)
     systems = [SYSTEM_CLASSES[n](ctx) for n in ALL_SYSTEMS if n in a.systems]
     try:
         if not a.no_pack:
@@ -2051,6 +2104,8 @@ def main(argv: list[str] | None = None) -> int:
         for s in systems:
             if s.mountable and is_mounted(s.mnt):
                 s.umount()
+        if uring_before is not None and a.fuse_io_uring != "asis":
+            URING_PARAM.write_text(uring_before)
 
     ctx.res["machine"] = machine_info(a.workdir, ctx.ratarmount_bin if "ratarmount" in a.systems else None)
     ctx.res["elapsed_s"] = now() - t_start
