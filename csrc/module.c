@@ -238,9 +238,11 @@ static PyObject *serve(PyObject *self, PyObject *args, PyObject *kw)
     serving = 1;
     Py_BEGIN_ALLOW_THREADS
     /* With rings, libfuse's own threads see only FORGET, INTERRUPT and whatever comes
-     * before the rings are registered. */
-    int rings = uring && threads ? uring_start(se, threads) : 0;
-    status = session_run(se, rings ? 2 : threads, clone_fd);
+     * before the rings are registered (libfuse starts its threads as work arrives), and
+     * they serve everything if the kernel turns a ring down. */
+    if (uring && threads)
+        uring_start(se, threads);
+    status = session_run(se, threads, clone_fd);
     fuse_session_unmount(se);
     uring_stop();
     Py_END_ALLOW_THREADS

@@ -70,6 +70,7 @@ struct u_cmd_req {
 struct rthread {
     pthread_t tid;
     int qid, created, started;
+    uint64_t unique;  /* of the request being served */
     struct io_uring ring;
     struct u_req_header *hdr;
     unsigned char *payload, *req;
@@ -146,8 +147,14 @@ static ssize_t ring_reply(struct rthread *t, const struct iovec *iov, int count)
 static ssize_t io_writev(int fd, struct iovec *iov, int count, void *userdata)
 {
     (void)userdata;
-    if (cur)
-        return ring_reply(cur, iov, count);
+    if (cur && count >= 1 && iov[0].iov_len == sizeof(struct u_out_header)) {
+        /* the reply to the ring's request goes to the ring; another (libfuse answering
+         * an INTERRUPT that arrived first, say) to /dev/fuse, where its request came from */
+        struct u_out_header oh;
+        memcpy(&oh, iov[0].iov_base, sizeof(oh));
+        if (oh.unique == cur->unique)
+            return ring_reply(cur, iov, count);
+    }
     int init = 0;
     if (u.offered && count >= 2 && iov[0].iov_len == sizeof(struct u_out_header) && iov[1].iov_len >= 36) {
         struct u_out_header oh;
@@ -212,6 +219,7 @@ static void serve_one(struct rthread *t)
         t->hdr->ent.payload_sz = 0;
         return;
     }
+    t->unique = ih.unique;
     memcpy(t->req, &ih, sizeof(ih));
     memcpy(t->req + sizeof(ih), t->hdr->op_in, op);
     memcpy(t->req + sizeof(ih) + op, t->payload, payload);
