@@ -9,6 +9,7 @@
 #include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <unistd.h>
@@ -280,8 +281,10 @@ static void statfs_(fuse_req_t req, fuse_ino_t ino)
 static void ioctl_(fuse_req_t req, fuse_ino_t ino, unsigned int cmd, void *arg, struct fuse_file_info *fi,
                    unsigned flags, const void *in_buf, size_t in_bufsz, size_t out_bufsz)
 {
-    (void)ino, (void)cmd, (void)arg, (void)fi, (void)flags, (void)in_buf, (void)in_bufsz, (void)out_bufsz;
-    fuse_reply_err(req, ENOTTY);  /* Python's open() asks isatty() of every file */
+    (void)arg, (void)fi, (void)flags, (void)in_buf, (void)in_bufsz, (void)out_bufsz;
+    if (cmd == TCGETS)  /* Python's open() asks isatty() of every file, then reads it */
+        lmdbfs_push(ino);
+    fuse_reply_err(req, ENOTTY);
 }
 
 /* Everything that would change the tree (the mount is read-only; these only answer

@@ -155,14 +155,15 @@ static PyObject *serve(PyObject *self, PyObject *args, PyObject *kw)
 {
     (void)self;
     static char *names[] = {"mountpoint", "layers", "fuse_args", "notify_fd", "verify", "threads", "clone_fd",
-                            "max_background", "cache_bytes", "statfs_blocks", "statfs_files", "uring", NULL};
+                            "max_background", "cache_bytes", "statfs_blocks", "statfs_files", "uring", "push_bytes", NULL};
     PyObject *mnt_obj, *layers, *fuse_list, *mnt_bytes = NULL;
     int notify_fd = -1, verify = 1, threads = 16, clone_fd = 0, uring = 1;
+    unsigned long long push_bytes = 64 << 10;
     unsigned max_background = 0;
     unsigned long long cache_bytes = 32ull << 20, blocks = 0, files = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO!O!|ipiiIKKKp", names, &mnt_obj, &PyList_Type, &layers,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO!O!|ipiiIKKKpK", names, &mnt_obj, &PyList_Type, &layers,
                                      &PyList_Type, &fuse_list, &notify_fd, &verify, &threads, &clone_fd,
-                                     &max_background, &cache_bytes, &blocks, &files, &uring))
+                                     &max_background, &cache_bytes, &blocks, &files, &uring, &push_bytes))
         return NULL;
     if (serving) {
         PyErr_SetString(PyExc_RuntimeError, "already serving in this process");
@@ -193,6 +194,7 @@ static PyObject *serve(PyObject *self, PyObject *args, PyObject *kw)
     srv.statfs_blocks = blocks;
     srv.statfs_files = files;
     srv.timeout = 365.0 * 24 * 3600;
+    srv.push_max = push_bytes;
     int argc = (int)PyList_GET_SIZE(fuse_list) + 1, status = 0;
     char **argv = calloc((size_t)argc + 1, sizeof(char *));
     struct fuse_session *se = NULL;
@@ -218,6 +220,7 @@ static PyObject *serve(PyObject *self, PyObject *args, PyObject *kw)
     struct fuse_args fargs = FUSE_ARGS_INIT(argc, argv);
     se = fuse_session_new(&fargs, &lmdbfs_ops, sizeof(lmdbfs_ops), NULL);
     fuse_opt_free_args(&fargs);
+    srv.se = se;
     if (!se) {
         PyErr_SetString(FuseError, "options");
         goto out;
@@ -253,6 +256,7 @@ static PyObject *serve(PyObject *self, PyObject *args, PyObject *kw)
 out:
     if (se)
         fuse_session_destroy(se);
+    srv.se = NULL;
     if (srv.notify_fd >= 0)
         close(srv.notify_fd);
     srv.notify_fd = -1;
@@ -268,7 +272,7 @@ out:
 static PyMethodDef methods[] = {
     {"serve", (PyCFunction)(void (*)(void))serve, METH_VARARGS | METH_KEYWORDS,
      "serve(mountpoint, layers, fuse_args, notify_fd=-1, verify=True, threads=16, clone_fd=False, "
-     "max_background=0, cache_bytes=32 MiB, statfs_blocks=0, statfs_files=0, uring=True) -> libfuse status"},
+     "max_background=0, cache_bytes=32 MiB, statfs_blocks=0, statfs_files=0, uring=True, push_bytes=64 KiB) -> libfuse status"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -57,6 +57,23 @@ static int locate(struct node *n, int layer, struct record *rec, const struct ro
     return rc ? -rc : 0;
 }
 
+/* The directory's per-row state bits (1 checked, 2 mismatch, 4 being checked, 8 pushed),
+ * allocated on first need. */
+static uint8_t *row_bits(struct node *n, int layer, const struct record *rec)
+{
+    struct lnode *ln = &n->l[layer];
+    uint8_t *bits = __atomic_load_n(&ln->bits, __ATOMIC_ACQUIRE);
+    if (!bits) {
+        uint8_t *fresh = calloc(rec->count ? rec->count : 1, 1), *none = NULL;
+        if (!fresh)
+            return NULL;
+        if (!__atomic_compare_exchange_n(&ln->bits, &none, fresh, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+            free(fresh);
+        bits = __atomic_load_n(&ln->bits, __ATOMIC_ACQUIRE);
+    }
+    return bits;
+}
+
 static pthread_mutex_t verify_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t verify_done = PTHREAD_COND_INITIALIZER;
 
@@ -68,16 +85,9 @@ static int check(struct node *n, struct record *rec, uint32_t row_i, const struc
 static int verify(struct node *n, int layer, struct record *rec, uint32_t row_i, const struct row *r, int fd,
                   uint64_t pos, const unsigned char **whole)
 {
-    struct lnode *ln = &n->l[layer];
-    uint8_t *bits = __atomic_load_n(&ln->bits, __ATOMIC_ACQUIRE);
-    if (!bits) {
-        uint8_t *fresh = calloc(rec->count ? rec->count : 1, 1), *none = NULL;
-        if (!fresh)
-            return ENOMEM;
-        if (!__atomic_compare_exchange_n(&ln->bits, &none, fresh, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
-            free(fresh);
-        bits = __atomic_load_n(&ln->bits, __ATOMIC_ACQUIRE);
-    }
+    uint8_t *bits = row_bits(n, layer, rec);
+    if (!bits)
+        return ENOMEM;
     if (__atomic_load_n(&bits[row_i], __ATOMIC_ACQUIRE) & 1)
         return 0;
     /* A large file is checked by one thread; READs of its other parts wait for the verdict
@@ -209,3 +219,43 @@ void lmdbfs_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct 
     record_put(rec);
 }
 
+
+/* Python's open() asks isatty() of every file before reading it: that IOCTL round trip
+ * cannot be avoided, so it carries the file's bytes along. The bytes are checked as a
+ * first READ would check them, then stored into the kernel's page cache for the inode
+ * (FUSE_NOTIFY_STORE, whole file from offset 0, which marks the pages up to date); the
+ * read() that follows finds them there and sends no READ. Once per file per daemon:
+ * pages the kernel later drops come back through READ as usual. */
+void lmdbfs_push(fuse_ino_t ino)
+{
+    struct node *n;
+    struct record *rec;
+    struct row r;
+    int layer, fd = -1;
+    uint32_t row_i;
+    uint64_t pos = 0;
+    if (!(ino & FILE_INO_BIT) || !srv.se || file_of(ino, &n, &layer, &row_i, &r, &rec))
+        return;
+    uint8_t *bits = row_bits(n, layer, rec);
+    if (!bits || r.kind != KIND_FILE || r.size == 0 || r.size > srv.push_max || r.size > HASH_CHUNK ||
+        (__atomic_load_n(&bits[row_i], __ATOMIC_ACQUIRE) & 8) || locate(n, layer, rec, &r, &fd, &pos)) {
+        record_put(rec);
+        return;
+    }
+    const unsigned char *whole = NULL;
+    int err = 0;
+    if (srv.verify && srv.layers[layer].verify)
+        err = verify(n, layer, rec, row_i, &r, fd, pos, &whole);
+    if (!err && !whole) {  /* checked earlier, or not checked at all: read it now */
+        unsigned char *buf = thread_buf();
+        if (!buf || pread(fd, buf, (size_t)r.size, (off_t)pos) != (ssize_t)r.size)
+            err = EIO;
+        whole = buf;
+    }
+    if (!err && !(__atomic_fetch_or(&bits[row_i], 8, __ATOMIC_ACQ_REL) & 8)) {
+        struct fuse_bufvec bv = FUSE_BUFVEC_INIT((size_t)r.size);
+        bv.buf[0].mem = (void *)whole;
+        fuse_lowlevel_notify_store(srv.se, ino, 0, &bv, 0);
+    }
+    record_put(rec);
+}

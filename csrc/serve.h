@@ -129,6 +129,8 @@ struct server {
     int notify_fd;
     uint64_t statfs_blocks, statfs_files;
     double timeout;
+    struct fuse_session *se;     /* for notifications (pushing a file's pages) */
+    uint64_t push_max;           /* files up to this size are pushed at their first isatty() */
 };
 
 extern struct server srv;
@@ -191,5 +193,8 @@ void *uring_payload(size_t *cap);  /* the calling ring thread's reply buffer, or
 
 /* read.c */
 void lmdbfs_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi);
+/* Put a small file's checked bytes into the kernel's page cache (once per daemon), so
+ * the READ that would follow is answered there. */
+void lmdbfs_push(fuse_ino_t ino);
 
 #endif

@@ -268,3 +268,58 @@ def test_a_directory_larger_than_the_kept_record_buffer_reads_right(tmp_path: Pa
     with ThreadPoolExecutor(16) as pool:
         same = list(pool.map(lambda name: (m.mnt / "wide" / name).read_bytes() == files[name], sample))
     assert all(same)
+
+
+def _opcodes(log: Path, start: int) -> list[str]:
+    """The requests libfuse logged (-d) past byte ``start`` of the daemon's log."""
+    with open(log, "rb") as fh:
+        fh.seek(start)
+        text = fh.read().decode(errors="replace")
+    return [line.split("opcode: ")[1].split()[0] for line in text.splitlines() if "opcode: " in line]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_open_pushes_small_files_so_their_reads_send_no_read_request(tmp_path: Path, mount_db, transport: str) -> None:
+    rng = random.Random(8)
+    files = {f"seq/{i:08d}.jpg": rng.randbytes(rng.randrange(1, 60_000)) for i in range(1, 41)}
+    files["seq/groundtruth.txt"] = b"347.0000,443.0000,429.0000,272.0000\n" * 50
+    files["seq/big.bin"] = rng.randbytes(300_000)
+    db = _pack(tmp_path, "push", files)
+    log = tmp_path / "daemon.log"
+    m = mount_db(db, "-d", "--log-file", str(log), *TRANSPORTS[transport])
+    small = [rel for rel in files if rel.endswith(".jpg")][:30] + ["seq/groundtruth.txt"]
+    start = log.stat().st_size
+    for rel in small:  # buffered, as loaders open: the isatty() ioctl brings the bytes
+        with open(m.mnt / rel, "rb") as fh:
+            assert fh.read() == files[rel]
+    seen = _opcodes(log, start)
+    assert seen.count("IOCTL") == len(small) and "READ" not in seen
+    start = log.stat().st_size
+    with open(m.mnt / "seq/big.bin", "rb") as fh:  # larger files are read on demand
+        assert fh.read() == files["seq/big.bin"]
+    assert "READ" in _opcodes(log, start)
+    start = log.stat().st_size
+    rest = [rel for rel in files if rel.endswith(".jpg")][30:]
+    for rel in rest:  # no ioctl, no push: each file is a READ
+        with open(m.mnt / rel, "rb", buffering=0) as fh:
+            assert fh.read() == files[rel]
+    assert _opcodes(log, start).count("READ") >= len(rest)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_damaged_small_file_is_not_pushed_and_reads_eio(tmp_path: Path, mount_db, transport: str) -> None:
+    marker = b"GROUNDTRUTH-THAT-WILL-BE-DAMAGED " * 20
+    db = _pack(tmp_path, "bad", {"seq/groundtruth.txt": marker, "seq/absence.label": b"0\n" * 100})
+    raw = db.read_bytes()
+    spots = [i for i in range(len(raw)) if raw.startswith(marker, i)]
+    assert spots, "the small file's bytes are not in the DB as they are"
+    for at in spots:  # its inline copy and its copy under the md5 key
+        _patch(db, at + 5, b"X")
+    log = tmp_path / "daemon.log"
+    m = mount_db(db, "--log-file", str(log), *TRANSPORTS[transport])
+    for _ in range(2):
+        with pytest.raises(OSError) as err, open(m.mnt / "seq/groundtruth.txt", "rb") as fh:
+            fh.read()
+        assert err.value.errno == errno.EIO
+    assert (m.mnt / "seq/absence.label").read_bytes() == b"0\n" * 100
+    assert "groundtruth.txt" in log.read_text() and "checksum" in log.read_text()
