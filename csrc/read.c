@@ -67,6 +67,7 @@ static uint8_t *row_bits(struct node *n, int layer, const struct record *rec)
         uint8_t *fresh = calloc(rec->count ? rec->count : 1, 1), *none = NULL;
         if (!fresh)
             return NULL;
+        __atomic_store_n(&ln->nbits, rec->count, __ATOMIC_RELEASE);  /* fixed per directory */
         if (!__atomic_compare_exchange_n(&ln->bits, &none, fresh, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
             free(fresh);
         bits = __atomic_load_n(&ln->bits, __ATOMIC_ACQUIRE);
@@ -234,7 +235,19 @@ void lmdbfs_push(fuse_ino_t ino)
     int layer, fd = -1;
     uint32_t row_i;
     uint64_t pos = 0;
-    if (!(ino & FILE_INO_BIT) || !srv.se || file_of(ino, &n, &layer, &row_i, &r, &rec))
+    if (!(ino & FILE_INO_BIT) || !srv.se)
+        return;
+    /* Pushed already (every later epoch): answered from the bits, without the record. */
+    n = node_get((ino & ~FILE_INO_BIT) >> 30);
+    layer = (int)((ino >> ROW_BITS) & (LAYER_MAX - 1));
+    row_i = (uint32_t)(ino & (ROW_MAX - 1));
+    if (n && layer < srv.nlayers) {
+        uint8_t *seen = __atomic_load_n(&n->l[layer].bits, __ATOMIC_ACQUIRE);
+        if (seen && row_i < __atomic_load_n(&n->l[layer].nbits, __ATOMIC_ACQUIRE) &&
+            (__atomic_load_n(&seen[row_i], __ATOMIC_ACQUIRE) & 8))
+            return;
+    }
+    if (file_of(ino, &n, &layer, &row_i, &r, &rec))
         return;
     uint8_t *bits = row_bits(n, layer, rec);
     if (!bits || r.kind != KIND_FILE || r.size == 0 || r.size > srv.push_max || r.size > HASH_CHUNK ||
