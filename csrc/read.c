@@ -79,12 +79,13 @@ static pthread_mutex_t verify_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t verify_done = PTHREAD_COND_INITIALIZER;
 
 static int check(struct node *n, struct record *rec, uint32_t row_i, const struct row *r, int fd, uint64_t pos,
-                 const unsigned char **whole, uint8_t *bits);
+                 const unsigned char **whole, uint8_t *bits, unsigned char *into);
 
 /* Check the stored bytes against the row's xxh3 once per file. Returns 0 or an errno; a
- * file of at most HASH_CHUNK bytes is left in *whole for the reply. */
+ * file of at most HASH_CHUNK bytes is left in *whole for the reply (read into `into`
+ * when given: a ring entry's reply buffer, so the reply needs no copy). */
 static int verify(struct node *n, int layer, struct record *rec, uint32_t row_i, const struct row *r, int fd,
-                  uint64_t pos, const unsigned char **whole)
+                  uint64_t pos, const unsigned char **whole, unsigned char *into)
 {
     uint8_t *bits = row_bits(n, layer, rec);
     if (!bits)
@@ -105,21 +106,21 @@ static int verify(struct node *n, int layer, struct record *rec, uint32_t row_i,
             return 0;
         if (b & 2)
             return EIO;
-        int err = check(n, rec, row_i, r, fd, pos, whole, bits);
+        int err = check(n, rec, row_i, r, fd, pos, whole, bits, into);
         pthread_mutex_lock(&verify_lock);
         __atomic_fetch_and(&bits[row_i], (uint8_t)~4, __ATOMIC_ACQ_REL);
         pthread_cond_broadcast(&verify_done);
         pthread_mutex_unlock(&verify_lock);
         return err;
     }
-    return check(n, rec, row_i, r, fd, pos, whole, bits);
+    return check(n, rec, row_i, r, fd, pos, whole, bits, into);
 }
 
 static int check(struct node *n, struct record *rec, uint32_t row_i, const struct row *r, int fd, uint64_t pos,
-                 const unsigned char **whole, uint8_t *bits)
+                 const unsigned char **whole, uint8_t *bits, unsigned char *into)
 {
     XXH64_hash_t sum = 0;
-    unsigned char *buf = thread_buf();
+    unsigned char *buf = into && r->size <= HASH_CHUNK ? into : thread_buf();
     if (!buf)
         return ENOMEM;
     XXH3_state_t *state = r->size > HASH_CHUNK ? XXH3_createState() : NULL;
@@ -184,8 +185,9 @@ void lmdbfs_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct 
         return;
     }
     err = locate(n, layer, rec, &r, &fd, &pos);
+    ring = uring_payload(&cap);
     if (!err && srv.verify && srv.layers[layer].verify)
-        err = verify(n, layer, rec, row_i, &r, fd, pos, &whole);
+        err = verify(n, layer, rec, row_i, &r, fd, pos, &whole, ring && r.size <= cap ? ring : NULL);
     if (err) {
         fuse_reply_err(req, err);
     } else if (off < 0 || (uint64_t)off >= r.size || size == 0) {
@@ -194,7 +196,7 @@ void lmdbfs_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct 
         size_t n_bytes = r.size - (uint64_t)off < size ? (size_t)(r.size - (uint64_t)off) : size;
         if (whole) {
             fuse_reply_buf(req, (const char *)whole + off, n_bytes);
-        } else if ((ring = uring_payload(&cap)) && n_bytes <= cap) {
+        } else if (ring && n_bytes <= cap) {
             /* a ring thread: the bytes go straight into the entry's reply buffer */
             size_t got = 0;
             while (got < n_bytes) {
@@ -258,7 +260,7 @@ void lmdbfs_push(fuse_ino_t ino)
     const unsigned char *whole = NULL;
     int err = 0;
     if (srv.verify && srv.layers[layer].verify)
-        err = verify(n, layer, rec, row_i, &r, fd, pos, &whole);
+        err = verify(n, layer, rec, row_i, &r, fd, pos, &whole, NULL);
     if (!err && !whole) {  /* checked earlier, or not checked at all: read it now */
         unsigned char *buf = thread_buf();
         if (!buf || pread(fd, buf, (size_t)r.size, (off_t)pos) != (ssize_t)r.size)

@@ -133,8 +133,8 @@ static ssize_t ring_reply(struct rthread *t, const struct iovec *iov, int count)
             off = 0;
             break;
         }
-        if (iov[i].iov_base != t->payload + off)
-            memcpy(t->payload + off, iov[i].iov_base, iov[i].iov_len);
+        if (iov[i].iov_base != t->payload + off) /* may overlap: bytes checked in place */
+            memmove(t->payload + off, iov[i].iov_base, iov[i].iov_len);
         off += iov[i].iov_len;
     }
     oh.len = (uint32_t)(sizeof(oh) + off);
