@@ -1673,6 +1673,10 @@ METHOD = """\
   `tar cf` followed by ratarmount's index creation (first mount with `--recreate-index`, timed to the
   mount being ready); `mksquashfs SRC IMG -noI -noD -noF -noX -noappend`; **tar** (opt-in): `tar cf`
   alone, only timed, the yardstick for pack speed.
+- **Transport**: the run turns the kernel's FUSE over io_uring on (`--fuse-io-uring on`, root; the
+  fuse module's `enable_uring`), so `lmdbfs` takes its requests from io_uring rings where the kernel
+  has them; **lmdbfs-devfuse** (opt-in) is the same DB and daemon mounted with `--no-io-uring`,
+  reading /dev/fuse, measured in the same run.
 - **Walk+stat**: `os.walk` + `os.stat` of every file on a fresh mount after dropping caches (*cold*),
   then again (*warm*; median of `--repeat` runs, 3 at medium size). The listing (paths and sizes) must equal the source's.
 - **Mount**: wall time from starting the mount command to the mount point answering `readdir`, on
