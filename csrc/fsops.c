@@ -33,14 +33,19 @@ static void init(void *userdata, struct fuse_conn_info *conn)
     }
 }
 
+struct node *file_ino_split(fuse_ino_t ino, int *layer, uint32_t *row_i)
+{
+    *layer = (int)((ino >> ROW_BITS) & (LAYER_MAX - 1));
+    *row_i = (uint32_t)(ino & (ROW_MAX - 1));
+    return node_get((ino & ~FILE_INO_BIT) >> 30);
+}
+
 /* A file or symlink inode: its directory node, layer and row (with a record reference). */
 int file_of(fuse_ino_t ino, struct node **n, int *layer, uint32_t *row_i, struct row *r,
                    struct record **rec)
 {
     int err = 0;
-    *n = node_get((ino & ~FILE_INO_BIT) >> 30);
-    *layer = (int)((ino >> ROW_BITS) & (LAYER_MAX - 1));
-    *row_i = (uint32_t)(ino & (ROW_MAX - 1));
+    *n = file_ino_split(ino, layer, row_i);
     if (!*n || *layer >= srv.nlayers)
         return ENOENT;
     *rec = node_record(*n, *layer, &err);

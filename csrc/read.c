@@ -222,7 +222,6 @@ void lmdbfs_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct 
     record_put(rec);
 }
 
-
 /* Python's open() asks isatty() of every file before reading it: that IOCTL round trip
  * cannot be avoided, so it carries the file's bytes along. The bytes are checked as a
  * first READ would check them, then stored into the kernel's page cache for the inode
@@ -240,9 +239,7 @@ void lmdbfs_push(fuse_ino_t ino)
     if (!(ino & FILE_INO_BIT) || !srv.se)
         return;
     /* Pushed already (every later epoch): answered from the bits, without the record. */
-    n = node_get((ino & ~FILE_INO_BIT) >> 30);
-    layer = (int)((ino >> ROW_BITS) & (LAYER_MAX - 1));
-    row_i = (uint32_t)(ino & (ROW_MAX - 1));
+    n = file_ino_split(ino, &layer, &row_i);
     if (n && layer < srv.nlayers) {
         uint8_t *seen = __atomic_load_n(&n->l[layer].bits, __ATOMIC_ACQUIRE);
         if (seen && row_i < __atomic_load_n(&n->l[layer].nbits, __ATOMIC_ACQUIRE) &&

@@ -180,6 +180,8 @@ void synth_name(const struct node *dir, int layer, const char **name, size_t *le
 int list_merged(fuse_req_t req, struct node *dir, char *buf, size_t size, size_t *pos, off_t off, int plus);
 
 /* fsops.c */
+/* A file or symlink inode's directory node (NULL if none), layer and row. */
+struct node *file_ino_split(fuse_ino_t ino, int *layer, uint32_t *row_i);
 int file_of(fuse_ino_t ino, struct node **n, int *layer, uint32_t *row_i, struct row *r, struct record **rec);
 size_t add_entry(fuse_req_t req, char *buf, size_t room, int plus, const char *name, size_t len,
                  struct fuse_entry_param *e, off_t cookie);
