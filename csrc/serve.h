@@ -188,7 +188,6 @@ size_t add_entry(fuse_req_t req, char *buf, size_t room, int plus, const char *n
 extern const struct fuse_lowlevel_ops lmdbfs_ops;
 
 /* uring.c: FUSE over io_uring where the kernel offers it */
-int uring_enabled(void);
 int uring_start(struct fuse_session *se, int threads);
 void uring_stop(void);
 void *uring_payload(size_t *cap);  /* the calling ring thread's reply buffer, or NULL */

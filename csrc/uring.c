@@ -69,7 +69,7 @@ struct u_cmd_req {
 
 struct rthread {
     pthread_t tid;
-    int qid, created, started;
+    int qid, created;
     uint64_t unique;  /* of the request being served */
     struct io_uring ring;
     struct u_req_header *hdr;
@@ -81,7 +81,7 @@ struct rthread {
 static struct {
     struct fuse_session *se;
     int fd;
-    int nq, per_q, n;
+    int nq, n;
     struct rthread *t;
     pthread_mutex_t lock;
     pthread_cond_t cond;
@@ -234,10 +234,9 @@ static void serve_one(struct rthread *t)
     }
 }
 
-static void report(struct rthread *t, int ok)
+static void report(int ok)
 {
     pthread_mutex_lock(&u.lock);
-    t->started = ok ? 1 : -1;
     if (ok)
         u.ready_count++;
     else
@@ -254,11 +253,11 @@ static void *ring_main(void *arg)
     if (io_uring_queue_init_params(4, &t->ring, &p) < 0) {
         p.flags = IORING_SETUP_SQE128;
         if (io_uring_queue_init_params(4, &t->ring, &p) < 0) {
-            report(t, 0);
+            report(0);
             return NULL;
         }
     }
-    report(t, 1);
+    report(1);
     pthread_mutex_lock(&u.lock);
     while (!u.go && !u.stopping)
         pthread_cond_wait(&u.cond, &u.lock);
@@ -327,7 +326,7 @@ static int possible_cpus(void)
 }
 
 /* The kernel offers io_uring only where the fuse module's enable_uring is on. */
-int uring_enabled(void)
+static int uring_enabled(void)
 {
     char c = 0;
     int fd = open("/sys/module/fuse/parameters/enable_uring", O_RDONLY);
@@ -376,9 +375,8 @@ int uring_start(struct fuse_session *se, int threads)
     u.se = se;
     u.fd = fuse_session_fd(se);
     u.nq = nq;
-    u.per_q = threads / nq > 0 ? threads / nq : 1;
     u.ready_count = u.failed = u.go = u.stopping = u.offered = 0;
-    u.n = u.nq * u.per_q;
+    u.n = u.nq * (threads / nq > 0 ? threads / nq : 1);
     u.t = calloc((size_t)u.n, sizeof(*u.t));
     if (!u.t)
         return 0;

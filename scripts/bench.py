@@ -64,10 +64,9 @@ ALL_SYSTEMS = (
     "seed",
 )
 MOUNTED = ("lmdbfs", "lmdbfs-devfuse", "lmdbfs-py", "squashfs", "squashfuse", "ratarmount")
+# need --old-lmdbfs / root, or only time a yardstick / the other transport: when named
 OPT_IN = ("lmdbfs-devfuse", "lmdbfs-py", "squashfs", "tar")
-URING_PARAM = Path(
-    "/sys/module/fuse/parameters/enable_uring"
-)  # need --old-lmdbfs / root, or only time a yardstick: when named
+URING_PARAM = Path("/sys/module/fuse/parameters/enable_uring")
 # first/steady/cold: every file once, uniform random order. seq-*: trackers' pattern, a
 # random sequence then SEQ_RUN consecutive frames of it. pil: a warm epoch decoding a
 # sample of the JPEGs with PIL (what a loader spends per frame beside the read).
