@@ -19,6 +19,8 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <liburing.h>
+#include <pthread.h>
+#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -205,6 +207,20 @@ static void prep_cmd(struct rthread *t, struct io_uring_sqe *sqe, uint32_t op, u
     memcpy(sqe->cmd, &cmd, sizeof(cmd));
 }
 
+/* A ring thread runs on its queue's CPU, where the kernel queues the requests of the
+ * readers running there: a reader's wake-up of the thread, and the thread's of the
+ * reader, then stay on one CPU instead of crossing to another. Left unpinned when that
+ * CPU is outside the process's allowed set (taskset, a cgroup's cpuset). */
+static void pin_to_queue(int cpu)
+{
+    cpu_set_t allowed, one;
+    if (sched_getaffinity(0, sizeof(allowed), &allowed) || cpu >= CPU_SETSIZE || !CPU_ISSET(cpu, &allowed))
+        return;
+    CPU_ZERO(&one);
+    CPU_SET(cpu, &one);
+    pthread_setaffinity_np(pthread_self(), sizeof(one), &one);
+}
+
 /* One request from the ring, in /dev/fuse's layout, through libfuse to the handlers. */
 static void serve_one(struct rthread *t)
 {
@@ -248,6 +264,8 @@ static void report(int ok)
 static void *ring_main(void *arg)
 {
     struct rthread *t = arg;
+    pthread_setname_np(pthread_self(), "lmdbfs-ring");
+    pin_to_queue(t->qid);
     struct io_uring_params p = {.flags = IORING_SETUP_SQE128 | IORING_SETUP_SINGLE_ISSUER |
                                          IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_COOP_TASKRUN};
     if (io_uring_queue_init_params(4, &t->ring, &p) < 0) {

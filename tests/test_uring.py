@@ -62,6 +62,35 @@ def test_rings_take_the_requests_and_serve_the_tree_byte_for_byte(
     assert err.value.errno == errno.EROFS
 
 
+def _ring_threads(pid: int) -> dict[int, str]:
+    """The daemon's ring threads and the CPUs each may run on."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        if (task / "comm").read_text().strip() == "lmdbfs-ring":
+            status = (task / "status").read_text()
+            out[int(task.name)] = next(
+                ln.split(":", 1)[1].strip() for ln in status.splitlines() if ln.startswith("Cpus_allowed_list")
+            )
+    return out
+
+
+def test_each_ring_thread_runs_on_its_queues_cpu(edge_db: Path, mount_db, fuse_io_uring: bool) -> None:
+    # The kernel queues a reader's request on the ring of the CPU the reader runs on; the
+    # thread serving that ring is pinned there, so the wake-ups stay on one CPU.
+    m = mount_db(edge_db)
+    rings = _ring_threads(m.daemon_pid())
+    if not HAS_URING:
+        assert rings == {}
+        return
+    assert fuse_io_uring
+    assert len(rings) >= 16
+    allowed = {str(c) for c in os.sched_getaffinity(m.daemon_pid())}
+    pinned = [cpus for cpus in rings.values() if cpus in allowed]  # one CPU each
+    # a queue whose CPU the daemon may not use (offline, outside its cpuset) stays unpinned
+    assert len(pinned) >= len(rings) / 2 or len(allowed) == 1, rings
+    assert set(pinned) == allowed, rings  # every CPU the daemon may use has its ring threads
+
+
 def test_no_io_uring_and_a_kernel_that_does_not_offer_it_serve_through_dev_fuse(
     edge_tree: Path, edge_db: Path, mount_db, fuse_io_uring: bool
 ) -> None:
