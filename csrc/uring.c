@@ -266,6 +266,13 @@ static void *ring_main(void *arg)
     struct rthread *t = arg;
     pthread_setname_np(pthread_self(), "lmdbfs-ring");
     pin_to_queue(t->qid);
+    /* SCHED_IDLE: a CPU running only such threads counts as idle when the scheduler
+     * places a woken task, so the reader a reply wakes resumes on its own CPU (its data
+     * in that CPU's cache) and preempts this thread, which has only its next wait left,
+     * instead of being moved to the other CPU and sending its next request to the other
+     * ring. One reader of a warm tree: 2-3x the files/s (docs/benchmarks.md, finding 20). */
+    struct sched_param sp = {0};
+    pthread_setschedparam(pthread_self(), SCHED_IDLE, &sp);
     struct io_uring_params p = {.flags = IORING_SETUP_SQE128 | IORING_SETUP_SINGLE_ISSUER |
                                          IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_COOP_TASKRUN};
     if (io_uring_queue_init_params(4, &t->ring, &p) < 0) {

@@ -74,7 +74,7 @@ def _ring_threads(pid: int) -> dict[int, str]:
     return out
 
 
-def test_each_ring_thread_runs_on_its_queues_cpu(edge_db: Path, mount_db, fuse_io_uring: bool) -> None:
+def test_each_ring_thread_runs_on_its_queues_cpu_at_idle_priority(edge_db: Path, mount_db, fuse_io_uring: bool) -> None:
     # The kernel queues a reader's request on the ring of the CPU the reader runs on; the
     # thread serving that ring is pinned there, so the wake-ups stay on one CPU.
     m = mount_db(edge_db)
@@ -89,6 +89,8 @@ def test_each_ring_thread_runs_on_its_queues_cpu(edge_db: Path, mount_db, fuse_i
     # a queue whose CPU the daemon may not use (offline, outside its cpuset) stays unpinned
     assert len(pinned) >= len(rings) / 2 or len(allowed) == 1, rings
     assert set(pinned) == allowed, rings  # every CPU the daemon may use has its ring threads
+    # and they yield their CPU to the reader they wake
+    assert all(os.sched_getscheduler(tid) == os.SCHED_IDLE for tid in rings)
 
 
 def test_no_io_uring_and_a_kernel_that_does_not_offer_it_serve_through_dev_fuse(
