@@ -32,6 +32,12 @@ from .store import MAX_DBS, map_base, map_offset, unmap_pages
 log = logging.getLogger(__name__)
 
 BATCH_BYTES = 32 << 20  # dirty pages held per write transaction
+# Large values (in overflow pages of their own) are committed every few MB instead: LMDB
+# copies each into pages it allocates and writes them out at commit, and a small batch is
+# still in the CPU's cache then. Medium frames (~166 KB) packed 5.8-6.3 s a time against
+# 7.3-8.5 s with 32 MB batches; tiny files still want the large batches, which amortise
+# the B-tree pages every commit rewrites.
+LARGE_BATCH_BYTES = 4 << 20
 DATA_FILE = "data.mdb"  # the data file of an LMDB directory
 _PAGE = 4096
 _PAGE_HEADER = 16  # LMDB's PAGEHDRSZ
@@ -84,6 +90,7 @@ class Writer:
         self.txn: lmdb.Transaction | None = None
         self.pending: list[tuple[int, bytes, bytes]] = []  # (file, key, value) of the open batch
         self.pending_bytes = 0
+        self.pending_large = 0  # bytes of values over INLINE_MAX in the open batch
 
     def resume_todo(self, order: np.ndarray) -> np.ndarray:
         """The files of ``order`` a previous run has not committed yet, in order.
@@ -132,7 +139,9 @@ class Writer:
         # order, so each small value touches another leaf): count that page, so a
         # transaction's dirty pages, held in memory until commit, stay near BATCH_BYTES.
         self.pending_bytes += max(len(value), _PAGE)
-        if self.pending_bytes >= BATCH_BYTES:
+        if len(value) > INLINE_MAX:
+            self.pending_large += len(value)
+        if self.pending_bytes >= BATCH_BYTES or self.pending_large >= LARGE_BATCH_BYTES:
             self.commit()
 
     def commit(self) -> None:
@@ -144,7 +153,7 @@ class Writer:
                 self._grow_and_replay()
         self._record_offsets([(i, key) for i, key, _ in self.pending])
         self.pending.clear()
-        self.pending_bytes = 0
+        self.pending_bytes = self.pending_large = 0
 
     def _record_offsets(self, files: list[tuple[int, bytes]]) -> None:
         """Note in each just-committed file's row where its value landed in the file.
