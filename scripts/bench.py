@@ -1073,6 +1073,19 @@ def bench_zip_source(ctx: Ctx) -> dict[str, Any]:
     return out
 
 
+def rotated(items: list[Any], k: int) -> list[Any]:
+    """Round k's turn order: the list rotated by k, so no system always runs first."""
+    k %= len(items) or 1
+    return items[k:] + items[:k]
+
+
+def median_run(runs: list[dict[str, Any]], key: str, ndigits: int | None = None) -> dict[str, Any]:
+    """The run with the median ``key``, and every run's ``key`` as ``repeats`` (in run order)."""
+    out = dict(sorted(runs, key=lambda x: x[key])[len(runs) // 2])
+    out["repeats"] = [round(x[key], ndigits) for x in runs]
+    return out
+
+
 def do_packs(ctx: Ctx, systems: list[System], prev: dict[str, Any]) -> None:
     """Pack every system, in interleaved rounds (the order rotating) when --pack-rounds
     asks for more than one, keeping each packer's median; or, with --skip-pack, reuse
@@ -1093,7 +1106,7 @@ def do_packs(ctx: Ctx, systems: list[System], prev: dict[str, Any]) -> None:
     got: dict[str, list[dict[str, Any]]] = {}
     rounds = a.pack_rounds if len(todo) > 1 else 1
     for k in range(rounds):
-        for s in todo[k % len(todo) :] + todo[: k % len(todo)]:
+        for s in rotated(todo, k):
             if f"{s.name} pack" in ctx.res["errors"]:
                 continue
             log.info("%s: packing with %s (round %d of %d)", s.name, s.pack_tool, k + 1, rounds)
@@ -1113,9 +1126,7 @@ def do_packs(ctx: Ctx, systems: list[System], prev: dict[str, Any]) -> None:
                 r["out_bytes"] / 1e9,
             )
     for name, runs in got.items():
-        r = dict(sorted(runs, key=lambda x: x["seconds"])[len(runs) // 2])
-        r["repeats"] = [round(x["seconds"], 2) for x in runs]
-        ctx.res["pack"][name] = r
+        ctx.res["pack"][name] = median_run(runs, "seconds", 2)
     for s in systems:
         if s.copies_pack and s.name not in ctx.res["pack"]:
             done = ctx.res["pack"].get(s.copies_pack)
@@ -1207,8 +1218,7 @@ def do_reads(ctx: Ctx, s: System) -> None:
                     runs = [
                         read_epoch(mode, s.read_root(), files, r, base + 2 + 100 * k, timeout) for k in range(a.repeat)
                     ]
-                    e = sorted(runs, key=lambda x: x["files_per_s"])[len(runs) // 2]
-                    e["repeats"] = [round(x["files_per_s"]) for x in runs]
+                    e = median_run(runs, "files_per_s")
                     add_epoch(ctx, name, r, "steady", e, False, sampled)
                 if "seq-steady" in a.phases:
                     e = read_epoch(mode, s.read_root(), files, r, base + 5, timeout, pattern="seq")
@@ -1253,10 +1263,11 @@ def do_cold_rounds(ctx: Ctx, systems: list[System]) -> None:
     a = ctx.args
     phases = [p for p in COLD_PHASES if p in a.phases]
     sampled = len(ctx.epoch_files) < len(ctx.tree.sizes)
-    runs: dict[tuple[str, int, str], list[tuple[dict[str, Any], bool]]] = {}
+    runs: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
+    all_cold: dict[tuple[str, int, str], bool] = {}
     failed: set[str] = set()
     for k in range(a.rounds):
-        turn = systems[k % len(systems) :] + systems[: k % len(systems)]
+        turn = rotated(systems, k)
         for r in a.readers:
             for s in turn:
                 for phase in phases:
@@ -1280,12 +1291,11 @@ def do_cold_rounds(ctx: Ctx, systems: list[System]) -> None:
                         a.rounds,
                         e["files_per_s"],
                     )
-                    runs.setdefault((s.name, r, phase), []).append((e, cold))
+                    key = (s.name, r, phase)
+                    runs.setdefault(key, []).append(e)
+                    all_cold[key] = all_cold.get(key, True) and cold
     for (name, r, phase), got in runs.items():
-        ordered = sorted(got, key=lambda x: x[0]["files_per_s"])
-        e = dict(ordered[len(ordered) // 2][0])
-        e["repeats"] = [round(x[0]["files_per_s"]) for x in got]
-        add_epoch(ctx, name, r, phase, e, all(c for _, c in got), sampled)
+        add_epoch(ctx, name, r, phase, median_run(got, "files_per_s"), all_cold[(name, r, phase)], sampled)
 
 
 def check_bytes(ctx: Ctx, s: System) -> dict[str, Any]:
