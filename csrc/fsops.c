@@ -103,6 +103,8 @@ static void lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
         return;
     }
     entry_from_hit(dir, &h, &e);
+    if (h.kind == KIND_FILE)
+        lmdbfs_prefetch(dir, h.layer, h.rec, h.row_i, &h.row, 0);
     record_put(h.rec);
     fuse_reply_entry(req, &e);
 }

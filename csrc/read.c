@@ -4,6 +4,7 @@
 #include "serve.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -57,8 +58,8 @@ static int locate(struct node *n, int layer, struct record *rec, const struct ro
     return rc ? -rc : 0;
 }
 
-/* The directory's per-row state bits (1 checked, 2 mismatch, 4 being checked, 8 pushed),
- * allocated on first need. */
+/* The directory's per-row state bits (1 checked, 2 mismatch, 4 being checked, 8 pushed,
+ * 16 prefetched, 32 read), allocated on first need. */
 static uint8_t *row_bits(struct node *n, int layer, const struct record *rec)
 {
     struct lnode *ln = &n->l[layer];
@@ -159,6 +160,60 @@ static int check(struct node *n, struct record *rec, uint32_t row_i, const struc
     return 0;
 }
 
+/* Prefetch.  A file is looked up, then (Python) an IOCTL comes, then its first READ; with
+ * many readers on few CPUs each of those round trips waits its turn, so a value fetched
+ * from the disk only at READ leaves the disk idle meanwhile.  The value (up to the first
+ * READ's size) is therefore handed to the page cache's readahead when the file is looked
+ * up.  A LOOKUP does not say whether the file will be read (stat, os.path.exists), so
+ * lookups spend credit that first READs give back: a sweep of stats stops prefetching
+ * after PREFETCH_CREDIT files, and reads turn it back on.  An open is a promise to read:
+ * at the IOCTL that Python's open() sends, a file not yet prefetched is, without credit. */
+#define PREFETCH_MAX (1u << 20)   /* the mount's readahead: what the first READ asks for */
+#define PREFETCH_CREDIT 128
+
+static int prefetch_credit = PREFETCH_CREDIT;
+
+static void prefetch_refund(void)
+{
+    int c = __atomic_load_n(&prefetch_credit, __ATOMIC_RELAXED);
+    while (c < PREFETCH_CREDIT &&
+           !__atomic_compare_exchange_n(&prefetch_credit, &c, c + 1, 1, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+        ;
+}
+
+void lmdbfs_prefetch(struct node *n, int layer, struct record *rec, uint32_t row_i, const struct row *r,
+                     int at_open)
+{
+    int fd;
+    uint64_t pos;
+    /* small files come with the IOCTL's push, inline ones with their record */
+    if (r->kind != KIND_FILE || r->size <= srv.push_max || (r->flags & FLAG_INLINE) ||
+        !srv.layers[layer].offsets_ok || !r->data_off)
+        return;
+    uint8_t *bits = row_bits(n, layer, rec);
+    if (!bits || (__atomic_load_n(&bits[row_i], __ATOMIC_ACQUIRE) & (16 | 32)))
+        return;
+    if (!at_open && __atomic_sub_fetch(&prefetch_credit, 1, __ATOMIC_RELAXED) < 0) {
+        __atomic_add_fetch(&prefetch_credit, 1, __ATOMIC_RELAXED);
+        return;
+    }
+    if ((__atomic_fetch_or(&bits[row_i], 16, __ATOMIC_ACQ_REL) & 16) || locate(n, layer, rec, r, &fd, &pos)) {
+        if (!at_open)
+            prefetch_refund();
+        return;
+    }
+    posix_fadvise(fd, (off_t)pos, (off_t)(r->size < PREFETCH_MAX ? r->size : PREFETCH_MAX), POSIX_FADV_WILLNEED);
+}
+
+/* The first READ of a file gives a prefetch credit back. */
+static void mark_read(struct node *n, int layer, struct record *rec, uint32_t row_i)
+{
+    uint8_t *bits = row_bits(n, layer, rec);
+    if (bits && !(__atomic_load_n(&bits[row_i], __ATOMIC_RELAXED) & 32) &&
+        !(__atomic_fetch_or(&bits[row_i], 32, __ATOMIC_ACQ_REL) & 32))
+        prefetch_refund();
+}
+
 void lmdbfs_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi)
 {
     (void)fi;
@@ -185,6 +240,7 @@ void lmdbfs_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct 
         return;
     }
     err = locate(n, layer, rec, &r, &fd, &pos);
+    mark_read(n, layer, rec, row_i);
     ring = uring_payload(&cap);
     if (!err && srv.verify && srv.layers[layer].verify)
         err = verify(n, layer, rec, row_i, &r, fd, pos, &whole, ring && r.size <= cap ? ring : NULL);
@@ -248,6 +304,7 @@ void lmdbfs_push(fuse_ino_t ino)
     }
     if (file_of(ino, &n, &layer, &row_i, &r, &rec))
         return;
+    lmdbfs_prefetch(n, layer, rec, row_i, &r, 1);
     uint8_t *bits = row_bits(n, layer, rec);
     if (!bits || r.kind != KIND_FILE || r.size == 0 || r.size > srv.push_max || r.size > HASH_CHUNK ||
         (__atomic_load_n(&bits[row_i], __ATOMIC_ACQUIRE) & 8) || locate(n, layer, rec, &r, &fd, &pos)) {

@@ -197,5 +197,9 @@ void lmdbfs_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct 
 /* Put a small file's checked bytes into the kernel's page cache (once per daemon), so
  * the READ that would follow is answered there. */
 void lmdbfs_push(fuse_ino_t ino);
+/* A file was looked up (or opened: at_open): start reading its value from the disk, once
+ * per daemon, so the round trips before its first READ overlap the disk's latency. */
+void lmdbfs_prefetch(struct node *n, int layer, struct record *rec, uint32_t row_i, const struct row *r,
+                     int at_open);
 
 #endif
