@@ -294,12 +294,13 @@ void lmdbfs_push(fuse_ino_t ino)
     uint64_t pos = 0;
     if (!(ino & FILE_INO_BIT) || !srv.se)
         return;
-    /* Pushed already (every later epoch): answered from the bits, without the record. */
+    /* Pushed or read already (every later epoch): answered from the bits, without the
+     * record: there is nothing left to push or prefetch. */
     n = file_ino_split(ino, &layer, &row_i);
     if (n && layer < srv.nlayers) {
         uint8_t *seen = __atomic_load_n(&n->l[layer].bits, __ATOMIC_ACQUIRE);
         if (seen && row_i < __atomic_load_n(&n->l[layer].nbits, __ATOMIC_ACQUIRE) &&
-            (__atomic_load_n(&seen[row_i], __ATOMIC_ACQUIRE) & 8))
+            (__atomic_load_n(&seen[row_i], __ATOMIC_ACQUIRE) & (8 | 32)))
             return;
     }
     if (file_of(ino, &n, &layer, &row_i, &r, &rec))
