@@ -82,8 +82,11 @@ SIZES: dict[str, dict[str, Any]] = {
 
 # (key, description, size where the target applies, comparison, threshold)
 TARGETS: list[tuple[str, str, tuple[str, ...], str, float]] = [
-    ("pack_vs_squashfs", "pack time lmdbfs / mksquashfs", ("medium",), "<=", 1.0),
-    ("pack_vs_tar", "pack time lmdbfs / tar cf", ("full",), "<=", 1.0),
+    ("pack_vs_squashfs", "pack time to a durable output, lmdbfs / mksquashfs", ("medium",), "<=", 1.0),
+    ("pack_vs_tar", "pack time to a durable output, lmdbfs / tar cf", ("full",), "<=", 1.0),
+    # the packers' own exit: mksquashfs and tar return with their output still in the page cache
+    ("pack_returned_vs_squashfs", "pack time to the packer's exit, lmdbfs / mksquashfs", (), "<=", 1.0),
+    ("pack_returned_vs_tar", "pack time to the packer's exit, lmdbfs / tar cf", (), "<=", 1.0),
     ("seed_vs_pack", "pack speed-up vs seed converter (seed time / lmdbfs time)", ("medium", "full"), ">=", 10.0),
     ("pack_rss", "lmdbfs pack peak anon RSS, all processes (MB)", ("medium", "full"), "<=", 1024.0),
     ("first_vs_squashfuse", "first epoch files/s lmdbfs / squashfuse (2 readers)", ("medium",), ">=", 2.5),

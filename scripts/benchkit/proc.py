@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,6 +113,18 @@ class Measured:
     tree_rss_mb: float  # peak of the sampled sum of VmRSS over the process tree
     tree_anon_mb: float  # peak of the sampled sum of RssAnon over the process tree
     stderr_tail: str = ""
+    returned_seconds: float | None = None  # when the command exited, before its output was made durable
+
+
+def fsync_tree(path: Path) -> None:
+    """fsync a file, or every file under a directory and the directories themselves."""
+    paths = [path] if not path.is_dir() else [path, *sorted(path.rglob("*"))]
+    for q in paths:
+        fd = os.open(q, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def run_measured(
@@ -121,8 +133,13 @@ def run_measured(
     env: dict[str, str] | None = None,
     check: bool = True,
     sample_every: float = 0.2,
+    durable: Sequence[Path] = (),
 ) -> Measured:
     """Run cmd, timing it exactly and tracking peak memory of it and its children.
+
+    With ``durable``, the clock runs on after the command exits until those outputs are
+    on disk (fsync of every file): a packer that leaves its output dirty in the page
+    cache and one that syncs it are then timed to the same end state.
 
     ``os.wait4`` gives the kernel's ru_maxrss (what ``/usr/bin/time -v``
     prints); sampling /proc adds the sum over worker processes, which is what
@@ -165,9 +182,15 @@ def run_measured(
             th.join()
     dr.join(5)
     p.returncode = os.waitstatus_to_exitcode(result["status"])
+    t_end = result["t1"]
+    if durable and p.returncode == 0:
+        for path in durable:
+            fsync_tree(path)
+        t_end = now()
     tail = b"".join(stderr_chunks)[-4000:].decode(errors="replace")
     m = Measured(
-        seconds=result["t1"] - t0,
+        seconds=t_end - t0,
+        returned_seconds=result["t1"] - t0,
         returncode=p.returncode,
         max_rss_mb=result["ru"].ru_maxrss / 1024,
         tree_rss_mb=peak_rss / 1024,
