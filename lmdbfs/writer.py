@@ -27,7 +27,7 @@ from .format import (
     pack_names,
 )
 from .scan import Scan, ScannedDir
-from .store import MAX_DBS, map_base, map_offset, unmap_pages
+from .store import MAX_DBS, map_base, map_offset, start_writeback, unmap_pages
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,7 @@ class Writer:
         except lmdb.Error as exc:
             raise SourceError(f"cannot create {path}: {exc}", "check the destination is writable") from None
         self.main = self.env.open_db()
+        self.wb_fd = os.open(self.data_file, os.O_RDONLY)  # to start each commit's writeback
         self.txn: lmdb.Transaction | None = None
         self.pending: list[tuple[int, bytes, bytes]] = []  # (file, key, value) of the open batch
         self.pending_bytes = 0
@@ -151,6 +152,7 @@ class Writer:
                 self.txn = None
             except lmdb.MapFullError:
                 self._grow_and_replay()
+        start_writeback(self.wb_fd)
         self._record_offsets([(i, key) for i, key, _ in self.pending])
         self.pending.clear()
         self.pending_bytes = self.pending_large = 0
@@ -231,6 +233,7 @@ class Writer:
                 batch += len(record)
                 if batch >= BATCH_BYTES:
                     txn.commit()
+                    start_writeback(self.wb_fd)
                     txn, batch = self.env.begin(write=True), 0
                     self._unmap(base)  # the pages the inline bytes were read from
             meta.offsets_txnid = txn.id() if self.offsets_ok else 0
@@ -264,3 +267,6 @@ class Writer:
             self.txn.abort()
             self.txn = None
         self.env.close()
+        if self.wb_fd >= 0:
+            os.close(self.wb_fd)
+            self.wb_fd = -1

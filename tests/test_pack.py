@@ -388,3 +388,50 @@ def test_an_lmdb_directory_is_read_too(edge_db: Path, tmp_path: Path) -> None:
     shutil.copy(edge_db, folder / "data.mdb")
     assert run_cli("cat", folder, "plain.txt").stdout == "hello\n"
     run_cli("verify", folder)
+
+
+def _dirty_pages(fd: int) -> int:
+    """Dirty page-cache pages of a file (cachestat(2), Linux 6.5+)."""
+    import ctypes
+
+    rng = (ctypes.c_uint64 * 2)(0, 0)  # offset 0, length 0: the whole file
+    stat = (ctypes.c_uint64 * 5)()  # cache, dirty, writeback, evicted, recently evicted
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(451, fd, ctypes.byref(rng), ctypes.byref(stat), 0) != 0:
+        raise OSError(ctypes.get_errno(), "cachestat")
+    return int(stat[1])
+
+
+def test_commits_start_their_writeback_instead_of_leaving_it_to_the_final_fsync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The packer starts the writeback of each commit's pages (store.start_writeback):
+    dirty pages do not pile up until the final fsync while the source is still being read."""
+    path = tmp_path / "dirty.bin"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, os.urandom(1 << 20) * 64)
+        before = _dirty_pages(fd)
+        assert before > 8000, "64 MiB just written should be dirty in the page cache"
+        store.start_writeback(fd)
+        assert _dirty_pages(fd) < before // 10
+    finally:
+        os.close(fd)
+    # ... and the packer calls it as it commits, not only at the end.
+    from lmdbfs import packer, writer
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for n in range(60):
+        (src / f"{n:08d}.jpg").write_bytes(os.urandom(200_000))
+    calls: list[int] = []
+    real = writer.start_writeback
+
+    def counted(fd: int) -> None:
+        calls.append(_dirty_pages(fd))
+        real(fd)
+
+    monkeypatch.setattr(writer, "start_writeback", counted)
+    packer.pack(str(src), str(tmp_path / "frames.lmdb"), packer.PackOptions(progress=False))
+    assert len(calls) >= 3 and max(calls) > 0, calls  # 12 MB of frames, committed every 4 MB
+    run_cli("verify", tmp_path / "frames.lmdb")
