@@ -66,6 +66,8 @@ def test_bench_smoke_runs_and_writes_table(tmp_path: Path) -> None:
     # every epoch reads every file once; the PIL phase decodes a sample of the JPEGs
     assert all(e["files"] == res["epoch_files"] for e in res["epochs"] if e["phase"] != "pil")
     assert {e["phase"] for e in res["epochs"]} >= {"cold", "first", "steady", "seq-cold", "seq-steady", "pil"}
+    keys = [(e["system"], e["readers"], e["phase"]) for e in res["epochs"]]
+    assert len(keys) == len(set(keys)), "an epoch was recorded twice (rounds and the per-system pass)"
     # nothing is left mounted under the work dir
     mnt = tmp_path / "work" / "mnt"
     for d in mnt.rglob("*") if mnt.exists() else []:

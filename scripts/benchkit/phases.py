@@ -10,7 +10,7 @@ import statistics
 import sys
 from typing import Any
 
-from .config import COLD_PHASES, PIL_SAMPLE, log
+from .config import PIL_SAMPLE, ROUND_PHASES, log
 from .proc import drop_caches, now, path_bytes, run, run_measured, warm_files
 from .readers import read_epoch, verify_bytes
 from .systems import System, measured_dict
@@ -195,9 +195,8 @@ def do_reads(ctx: Ctx, s: System) -> None:
             s.mount()
             try:
                 rss0 = s.daemon_rss()
-                if "first" in a.phases:
-                    e = read_epoch(mode, s.read_root(), files, r, base + 1, timeout)
-                    add_epoch(ctx, name, r, "first", e, False, sampled)
+                # a first epoch fills the mount's cache; it is measured in do_cold_rounds' rounds
+                read_epoch(mode, s.read_root(), files, r, base + 1, timeout)
                 rss1 = s.daemon_rss()
                 if "steady" in a.phases:
                     runs = [
@@ -228,10 +227,15 @@ def do_reads(ctx: Ctx, s: System) -> None:
 
 
 def cold_epoch(ctx: Ctx, s: System, readers: int, phase: str, seed: int) -> tuple[dict[str, Any], bool]:
-    """One cold epoch: caches dropped, a fresh mount, the epoch's files in random order.
+    """One epoch of the rounds on a fresh mount, the epoch's files in random order: caches
+    dropped first (cold, walk-read), or the backing file read into the page cache (first).
     walk-read (the issue's full-size measure) first walks and stats the whole mount."""
     mode = "seed" if s.name == "seed" else "fs"
-    cold = drop_caches(ctx.cold_ok)
+    if phase == "first":
+        warm_files(s.backing())
+        cold = False
+    else:
+        cold = drop_caches(ctx.cold_ok)
     s.mount()
     try:
         if phase == "walk-read":
@@ -242,11 +246,11 @@ def cold_epoch(ctx: Ctx, s: System, readers: int, phase: str, seed: int) -> tupl
 
 
 def do_cold_rounds(ctx: Ctx, systems: list[System]) -> None:
-    """The cold epochs, interleaved: round after round, every system in turn, the order
-    rotating, so a slow minute of the shared machine falls on all systems alike rather
-    than on whichever ran then. Each (system, readers, phase) keeps its median epoch."""
+    """The cold and first epochs, interleaved: round after round, every system in turn,
+    the order rotating, so a slow minute of the shared machine falls on all systems alike
+    rather than on whichever ran then. Each (system, readers, phase) keeps its median epoch."""
     a = ctx.args
-    phases = [p for p in COLD_PHASES if p in a.phases]
+    phases = [p for p in ROUND_PHASES if p in a.phases]
     sampled = len(ctx.epoch_files) < len(ctx.tree.sizes)
     runs: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
     all_cold: dict[tuple[str, int, str], bool] = {}
@@ -258,7 +262,7 @@ def do_cold_rounds(ctx: Ctx, systems: list[System]) -> None:
                 for phase in phases:
                     if s.name in failed:
                         continue
-                    seed = a.seed * 1000 + r * 10 + (3 if phase == "cold" else 7) + 100 * k
+                    seed = a.seed * 1000 + r * 10 + ROUND_PHASES[phase] + 100 * k
                     try:
                         e, cold = cold_epoch(ctx, s, r, phase, seed)
                     except Exception as exc:

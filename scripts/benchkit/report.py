@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .config import ALL_SYSTEMS, COLD_PHASES, PHASES, SIZE_ORDER, SIZES, TARGETS, log
+from .config import ALL_SYSTEMS, PHASES, ROUND_PHASES, SIZE_ORDER, SIZES, TARGETS, log
 
 # --------------------------------------------------------------------------- ratios
 
@@ -218,10 +218,10 @@ def render_size(res: dict[str, Any], chart: str | None) -> str:
                 cells.append("–" if e is None else f"{e['files_per_s']:,.0f} ({e['mb_per_s']:,.0f})")
             L.append(f"| {name} | " + " | ".join(cells) + " |")
         L.append("")
-        rounds = [e for e in eps if e["phase"] in COLD_PHASES and len(e.get("repeats", ())) > 1]
+        rounds = [e for e in eps if e["phase"] in ROUND_PHASES and len(e.get("repeats", ())) > 1]
         if rounds:
             L.append(
-                "Each cold and walk-read figure above is the median of these rounds (files/s, in the order "
+                "Each cold, walk-read and first-epoch figure above is the median of these rounds (files/s, in the order "
                 "run; the systems took turns within each round):"
             )
             L.append("")
@@ -369,10 +369,12 @@ METHOD = """\
   dropped caches (*cold*) and with the backing file in the page cache (*warm*).
 - **Epochs**: N reader processes (fork) read every file (`open` + `read()`) in a seeded random
   order, each its share; files/s = files / (last reader done − first reader started).
-  *cold*: caches dropped, fresh mount; cold and walk-read epochs run in `--rounds` rounds (3 at
-  medium and full size), every system in turn within a round, the order rotating between rounds,
-  and each figure is the median of its rounds (all rounds are listed under the table). *first*: backing file (the `.lmdb`, `.sqsh`, `.tar` + index; for
-  native, the files) read into the page cache, fresh mount. *steady*: the next epoch on that mount,
+  *cold*: caches dropped, fresh mount. *first*: backing file (the `.lmdb`, `.sqsh`, `.tar` + index;
+  for native, the files) read into the page cache, fresh mount. Cold, walk-read and first epochs
+  run in `--rounds` rounds (3 at medium and full size), every system in turn within a round, the
+  order rotating between rounds, and each figure is the median of its rounds (all rounds are
+  listed under the table; first epochs joined the rounds on 2026-11-26, earlier runs have one).
+  *steady*: the next epoch on a mount that has had a first epoch,
   in another order (median of `--repeat` epochs, 3 at medium size). *walk-read*: caches dropped,
   fresh mount, a whole walk+stat, then the epoch (the issue's "random reads after a walk").
   *seq-*: a random sequence, then 8 consecutive frames of it. The seed LMDB is read directly with py-lmdb by md5 key
