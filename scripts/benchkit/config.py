@@ -83,8 +83,20 @@ SIZES: dict[str, dict[str, Any]] = {
 
 # (key, description, size where the target applies, comparison, threshold)
 TARGETS: list[tuple[str, str, tuple[str, ...], str, float]] = [
-    ("pack_vs_squashfs", "pack time to a durable output, lmdbfs / mksquashfs", ("medium",), "<=", 1.0),
-    ("pack_vs_tar", "pack time to a durable output, lmdbfs / tar cf", ("full",), "<=", 1.0),
+    (
+        "pack_vs_squashfs",
+        "pack time to a durable output (runs before 2026-11-26: to the exit), lmdbfs / mksquashfs",
+        ("medium",),
+        "<=",
+        1.0,
+    ),
+    (
+        "pack_vs_tar",
+        "pack time to a durable output (runs before 2026-11-26: to the exit), lmdbfs / tar cf",
+        ("full",),
+        "<=",
+        1.0,
+    ),
     # the packers' own exit: mksquashfs and tar return with their output still in the page cache
     ("pack_returned_vs_squashfs", "pack time to the packer's exit, lmdbfs / mksquashfs", (), "<=", 1.0),
     ("pack_returned_vs_tar", "pack time to the packer's exit, lmdbfs / tar cf", (), "<=", 1.0),

@@ -30,19 +30,16 @@ def compute_ratios(res: dict[str, Any]) -> list[dict[str, Any]]:
     pack = res.get("pack", {})
     walk = res.get("walk", {})
 
-    def ps(name: str, part: str | None = None) -> float | None:
-        p = pack.get(name)
-        if not p:
-            return None
-        if part:
-            return p.get("parts", {}).get(part, {}).get("seconds")
-        return p["seconds"]
-
-    def pr(name: str, part: str | None = None) -> float | None:  # to the packer's exit
+    def ps(name: str, part: str | None = None, key: str = "seconds") -> float | None:
+        """A packer's time (or that of one part of it); key "returned_seconds" is to its exit,
+        which results stored before the harness made outputs durable do not separate."""
         p = pack.get(name)
         if part and p:
             p = p.get("parts", {}).get(part)
-        return p.get("returned_seconds", p["seconds"]) if p else None
+        return p.get(key, p["seconds"]) if p else None
+
+    def pr(name: str, part: str | None = None) -> float | None:
+        return ps(name, part, "returned_seconds")
 
     rss = res.get("daemon_rss", {}).get("lmdbfs", {})
     daemon = max((v.get("after_steady", {}).get("rss_mb", 0) for v in rss.values()), default=None) if rss else None
