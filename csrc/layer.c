@@ -324,8 +324,8 @@ void layer_record_done(void)
     }
 }
 
-int layer_fetch_record(struct layer *ly, const char *rel, size_t rel_len, const unsigned char **raw, size_t *len,
-                       uint64_t *pos)
+int layer_fetch_record(struct layer *ly, const char *rel, size_t rel_len, size_t hint, const unsigned char **raw,
+                       size_t *len, size_t *total, uint64_t *pos)
 {
     unsigned char digest[16];
     MDB_val key = {16, digest}, val;
@@ -344,13 +344,31 @@ int layer_fetch_record(struct layer *ly, const char *rel, size_t rel_len, const 
     unsigned char *buf = record_buf(val.mv_size ? val.mv_size : 1);
     if (!buf)
         return -ENOMEM;
-    ssize_t got = val.mv_size ? pread(ly->env_fd, buf, val.mv_size, (off_t)off) : 0;
-    if (got != (ssize_t)val.mv_size) {
+    /* A version-4 record ("LDR2") keeps its inline file bytes after the names: only the
+     * head (header, path, rows, names) is read. The first read is the head's length
+     * from an earlier fetch, or a guess that covers a directory of a few hundred entries. */
+    size_t guess = hint >= 16 ? hint : RECORD_HEAD_GUESS;
+    size_t want = val.mv_size < guess ? val.mv_size : guess, need = val.mv_size;
+    ssize_t got = want ? pread(ly->env_fd, buf, want, (off_t)off) : 0;
+    if (got == (ssize_t)want && want >= 16 && memcmp(buf, "LDR2", 4) == 0) {
+        uint32_t v[4];
+        memcpy(v, buf, sizeof(v));
+        uint64_t head = 16 + (uint64_t)v[2] + (uint64_t)v[1] * RECORD_ROW_SIZE + v[3];
+        if (head <= val.mv_size)  /* else the parser refuses it whole */
+            need = head;
+    }
+    if (got == (ssize_t)want && need > want) {
+        ssize_t more = pread(ly->env_fd, buf + want, need - want, (off_t)(off + want));
+        got = more < 0 ? more : got + more;
+        want = need;
+    }
+    if (got != (ssize_t)want) {
         log_line("ERROR", "layer %d: short read of the directory record of '%.*s'", ly->index, (int)rel_len, rel);
         return -EIO;
     }
     *raw = buf;
-    *len = val.mv_size;
+    *len = need < want ? need : want;
+    *total = val.mv_size;
     *pos = off;
     return 0;
 }

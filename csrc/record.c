@@ -12,7 +12,7 @@
 #include <string.h>
 
 #define HEADER_SIZE 16
-#define ROW_SIZE 44
+#define ROW_SIZE RECORD_ROW_SIZE
 
 static uint16_t get16(const unsigned char *p) { return (uint16_t)(p[0] | p[1] << 8); }
 static uint32_t get32(const unsigned char *p) { uint32_t v; memcpy(&v, p, 4); return v; }
@@ -70,7 +70,8 @@ static const char *row_problem(const struct record *rec, const struct row *r, co
     if ((r->flags & FLAG_INLINE) && r->kind != KIND_FILE)
         return "inline bytes on a non-file";
     if (r->kind == KIND_FILE && (r->flags & FLAG_INLINE)) {
-        if (r->size > rec->blob_len || end + r->size > rec->blob_len)
+        if (rec->has_tail ? r->size > rec->tail_len || r->data_off > rec->tail_len - r->size
+                          : r->size > rec->blob_len || end + r->size > rec->blob_len)
             return "inline bytes outside the record";
     } else if (r->kind == KIND_FILE && ly->offsets_ok && r->data_off) {
         if (r->size > ly->data_size || r->data_off > ly->data_size - r->size)
@@ -91,6 +92,7 @@ static void put64(unsigned char *p, uint64_t v) { memcpy(p, &v, 8); }
 static unsigned char *compact(struct record *rec, const unsigned char *rows, const unsigned char *blob,
                               uint64_t blob_pos)
 {
+    uint64_t tail_pos = blob_pos + rec->blob_len;  /* a version-4 record's inline bytes */
     uint64_t names = 0;
     for (uint32_t i = 0; i < rec->count; i++) {
         const unsigned char *p = rows + (size_t)i * ROW_SIZE;
@@ -119,6 +121,8 @@ static unsigned char *compact(struct record *rec, const unsigned char *rows, con
                 nlen = 0;
             put16(p + 4, nlen);
             put16(p + 6, 0);
+        } else if ((p[9] & FLAG_INLINE) && rec->has_tail) {
+            put64(p + 36, tail_pos + get64(p + 36));
         } else if (p[9] & FLAG_INLINE) {
             put64(p + 36, blob_pos + off + nlen + tlen);
         }
@@ -135,14 +139,18 @@ static unsigned char *compact(struct record *rec, const unsigned char *rows, con
     return out;
 }
 
-struct record *record_parse(const unsigned char *raw, size_t len, uint64_t file_off, const char *own,
+/* "LDR1" (format 2-3): a file's inline bytes follow its name in the blob, which ends the
+ * record. "LDR2" (format 4): the blob holds names only; inline bytes follow it, each at
+ * its row's data_off, so a reader fetches the head alone. */
+struct record *record_parse(const unsigned char *raw, size_t len, size_t total, uint64_t file_off, const char *own,
                             size_t own_len, const struct layer *ly, char *why, size_t why_len)
 {
     struct record *rec = NULL;
     uint32_t count, plen, blen;
     uint64_t need;
+    int v4 = len >= HEADER_SIZE && memcmp(raw, "LDR2", 4) == 0;
 
-    if (len < HEADER_SIZE || memcmp(raw, "LDR1", 4) != 0) {
+    if (len < HEADER_SIZE || (!v4 && memcmp(raw, "LDR1", 4) != 0)) {
         snprintf(why, why_len, "not a directory record");
         goto fail;
     }
@@ -150,8 +158,8 @@ struct record *record_parse(const unsigned char *raw, size_t len, uint64_t file_
     plen = get32(raw + 8);
     blen = get32(raw + 12);
     need = (uint64_t)HEADER_SIZE + plen + (uint64_t)count * ROW_SIZE + blen;
-    if (need != len) {
-        snprintf(why, why_len, "record length %zu does not match its header (%llu)", len,
+    if (need != len || len > total || (!v4 && len != total)) {
+        snprintf(why, why_len, "record length %zu does not match its header (%llu)", total,
                  (unsigned long long)need);
         goto fail;
     }
@@ -171,6 +179,8 @@ struct record *record_parse(const unsigned char *raw, size_t len, uint64_t file_
     rec->nbytes = count + sizeof(*rec);
     rec->count = count;
     rec->blob_len = blen;
+    rec->has_tail = v4;
+    rec->tail_len = total - len;
     rec->rows = raw + HEADER_SIZE + plen;
     rec->blob = rec->rows + (size_t)count * ROW_SIZE;
     rec->refs = 1;

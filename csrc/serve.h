@@ -29,6 +29,8 @@
 #define NODE_MAX (1ull << NODE_BITS)
 #define FILE_INO_BIT (1ull << 63)
 #define RECORD_MAX (256u << 20)  /* larger directory records are refused (EIO) */
+#define RECORD_ROW_SIZE 44
+#define RECORD_HEAD_GUESS (16u << 10)  /* first read of a record: the head of ~300 entries */
 #define NAME_MAX_LEN 255
 #define HASH_CHUNK (1u << 20)    /* verification reads and hashes in steps this large */
 
@@ -75,6 +77,8 @@ struct record {
     size_t nbytes;
     unsigned char *mem;      /* rows, then names and link targets (inline bytes left out) */
     uint32_t count, blob_len;
+    uint64_t tail_len;       /* while parsing a version-4 record: its inline bytes' length */
+    int has_tail;            /* a version-4 record: inline bytes at data_off in the tail */
     const unsigned char *rows, *blob;
     unsigned char *bad;      /* one byte per row: nonzero = left out of listings, EIO */
     uint32_t *good, ngood;   /* rows that passed, in ascending name order (binary search) */
@@ -86,10 +90,11 @@ struct record {
 
 void row_get(const struct record *rec, uint32_t i, struct row *out);
 const char *row_name(const struct record *rec, const struct row *r);
-/* Parse and check raw (the record as stored, at file_off in the index env's file) into a
- * compact copy; raw is not kept. On failure returns NULL and fills why. An inline file's
- * row then has FLAG_INLINE and data_off = where its bytes lie in that file. */
-struct record *record_parse(const unsigned char *raw, size_t len, uint64_t file_off, const char *own,
+/* Parse and check raw (the record as stored, at file_off in the index env's file: len
+ * bytes of its total, see layer_fetch_record) into a compact copy; raw is not kept. On
+ * failure returns NULL and fills why. An inline file's row then has FLAG_INLINE and
+ * data_off = where its bytes lie in that file. */
+struct record *record_parse(const unsigned char *raw, size_t len, size_t total, uint64_t file_off, const char *own,
                             size_t own_len, const struct layer *ly, char *why, size_t why_len);
 void record_free(struct record *rec);
 /* Row index of name, or -1. */
@@ -101,6 +106,8 @@ enum { L_NONE = 0, L_PRESENT, L_SYNTH, L_BAD };
 struct lnode {
     uint8_t state;
     uint8_t logged;
+    uint8_t fetched;             /* its record has been read once (the tail prefetched) */
+    uint32_t head_len;           /* bytes the last fetch of its record needed: the next one's read */
     struct record *rec;          /* cached record (guarded by the cache lock) */
     uint8_t *bits;               /* per row: 1 verified, 2 mismatch (logged), 4 being checked */
     uint32_t nbits;
@@ -141,9 +148,12 @@ int layer_open(struct layer *ly, const char *index_path, int index_subdir, const
 void layer_close(struct layer *ly);
 void md5_of(const void *a, size_t alen, const void *b, size_t blen, unsigned char out[16]);
 /* 0 ok, MDB_NOTFOUND, -EFBIG, -ENOMEM or -EIO (logged). *raw is the record read into a
- * buffer of this thread's (valid until its next call), *off where it lies in env_fd. */
-int layer_fetch_record(struct layer *ly, const char *rel, size_t rel_len, const unsigned char **raw, size_t *len,
-                       uint64_t *off);
+ * buffer of this thread's (valid until its next call): *len bytes of its *total (a
+ * version-4 record's head only, without the inline bytes after it), *off where it lies
+ * in env_fd. hint: the *len of an earlier fetch of the same record (0: none), read at
+ * once. */
+int layer_fetch_record(struct layer *ly, const char *rel, size_t rel_len, size_t hint, const unsigned char **raw,
+                       size_t *len, size_t *total, uint64_t *off);
 /* The record of the last fetch is parsed: a buffer kept only for a large one is freed. */
 void layer_record_done(void);
 /* Where a file's bytes live in vals_fd: 0 ok, -errno otherwise. */

@@ -35,7 +35,6 @@ from . import __version__, btree, convert, foreign, store
 from .errors import BadDatabase, DestinationExists, LmdbfsError, SourceError
 from .format import (
     CHECKSUM_ALGO,
-    FLAG_INLINE,
     INDEX_DB,
     KEYS_MD5,
     KEYS_PATH,
@@ -48,6 +47,7 @@ from .format import (
     dir_key,
     encode_dir,
     new_rows,
+    pack_inline,
     pack_names,
 )
 
@@ -147,11 +147,11 @@ class _Tree:
                 rows["size"] = [e[2] for e in entries]
                 rows["data_off"] = [e[3] for e in entries]
                 rows["checksum"] = [e[4] for e in entries]
-                rows["flags"] = [FLAG_INLINE if e[5] is not None else 0 for e in entries]
                 rows["mtime_ns"] = mtime_ns
-            blob = pack_names(rows, [e[0] for e in entries], [b""] * len(entries), [e[5] or b"" for e in entries])
+            blob = pack_names(rows, [e[0] for e in entries], [b""] * len(entries))
+            tail = pack_inline(rows, [e[5] for e in entries])
             rel = path.decode()
-            out.append((rel, encode_dir(rel, rows, blob)))
+            out.append((rel, encode_dir(rel, rows, blob, tail)))
         return out, files, nbytes, len(self.dirs)
 
 

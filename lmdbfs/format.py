@@ -31,8 +31,10 @@ from .errors import BadDatabase, CorruptValue, FormatVersionError, IncompleteDat
 from .jsoncheck import INT64_MAX, field_problem
 
 FORMAT_NAME = "lmdbfs"
-FORMAT_VERSION = 3  # 3: rows' flags byte (inline values); 2: rows gained data_off; 1 had 36-byte rows
-READABLE_VERSIONS = (2, 3)  # a version-2 row is a version-3 row with no flags set
+# 4: inline bytes after all names ("LDR2" records); 3: rows' flags byte (inline values);
+# 2: rows gained data_off; 1 had 36-byte rows
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (2, 3, 4)  # a version-2 row is a version-3 row with no flags set
 INDEX_DB = b"lmdbfs.index"
 META_DB = b"lmdbfs.meta"
 META_KEY = b"meta"
@@ -62,10 +64,11 @@ ENTRY_DTYPE = np.dtype(
         ("data_off", "<u8"),
     ]
 )
-# Row flags. INLINE: a file's bytes sit in the directory record's blob right after its
-# name, so reading a small file (an annotation, a tiny frame) costs no I/O beyond the
-# record its lookup already fetched. The value is also in the main database under its
-# key, so key lookups keep working.
+# Row flags. INLINE: a file's bytes are carried in its directory's record (version 4: in
+# the record's tail, at the row's data_off; version 3: right after its name), so reading a
+# small file (an annotation, a tiny frame) costs no I/O beyond the record its lookup
+# already fetched. The value is also in the main database under its key, so key lookups
+# keep working.
 FLAG_INLINE = 1
 KNOWN_FLAGS = FLAG_INLINE
 INLINE_MAX = 2048  # values this small live in LMDB leaf pages, where no offset is stable
@@ -86,7 +89,11 @@ META_MAX_BYTES = 1 << 20
 META_MAX_DEPTH = 32  # nesting of the meta record's JSON
 
 _DIR_HEADER = struct.Struct("<4sIII")  # magic, entry count, own-path length, blob length
-_DIR_MAGIC = b"LDR1"
+# "LDR2" (version 4): header, own path, rows, names blob, then the tail of inline bytes, so
+# a reader that needs only names and rows reads the record's head. "LDR1" (versions 2-3):
+# the blob interleaves names and inline bytes, and the record ends with the blob.
+_DIR_MAGIC = b"LDR2"
+_DIR_MAGIC_V3 = b"LDR1"
 
 
 def output_files(db: str) -> list[bytes]:
@@ -170,14 +177,23 @@ class DirRecord:
     daemon's directory cache can then be bounded by bytes honestly.
     """
 
-    __slots__ = ("path", "rows", "_blob", "nbytes", "_offs", "_lens", "bad")
+    __slots__ = ("path", "rows", "_blob", "_tail", "nbytes", "_offs", "_lens", "bad")
 
     def __init__(
-        self, path: str, rows: np.ndarray, blob: bytes, nbytes: int, bad: dict[bytes, str] | None = None
+        self,
+        path: str,
+        rows: np.ndarray,
+        blob: bytes,
+        nbytes: int,
+        bad: dict[bytes, str] | None = None,
+        tail: bytes | None = None,
     ) -> None:
         self.path = path
         self.rows = rows  # only rows that passed `check_rows`: sorted, unique, in bounds
         self._blob = blob
+        # Inline bytes at each inline row's data_off; None: after each name in the blob
+        # (a version 2-3 record).
+        self._tail = tail
         self.nbytes = nbytes
         self._offs = rows["name_off"]
         self._lens = rows["name_len"]
@@ -207,17 +223,31 @@ class DirRecord:
             return i
         return None
 
+    def name_and_target(self, i: int) -> bytes:
+        """Row i's name and symlink target, as they lie in the blob."""
+        off = int(self._offs[i])
+        return self._blob[off : off + int(self._lens[i]) + int(self.rows["target_len"][i])]
+
+    def inline_bytes(self, i: int) -> bytes | None:
+        """Row i's inline bytes, or None when the row is not inline."""
+        row = self.rows[i]
+        if not int(row["flags"]) & FLAG_INLINE or int(row["kind"]) != KIND_FILE:
+            return None
+        if self._tail is not None:
+            at = int(row["data_off"])
+            return self._tail[at : at + int(row["size"])]
+        at = int(row["name_off"]) + int(row["name_len"]) + int(row["target_len"])
+        return self._blob[at : at + int(row["size"])]
+
     def entry(self, i: int) -> Entry:
         row = self.rows[i]
         kind = int(row["kind"])
         off, n = int(row["name_off"]), int(row["name_len"])
-        target = inline = None
+        target = None
         tlen = int(row["target_len"])
         if kind == KIND_SYMLINK:
             target = decode_path(self._blob[off + n : off + n + tlen])
-        elif int(row["flags"]) & FLAG_INLINE:
-            at = off + n + tlen
-            inline = self._blob[at : at + int(row["size"])]
+        inline = self.inline_bytes(i)
         return Entry(
             name=decode_path(self._blob[off : off + n]),
             kind=kind,
@@ -226,7 +256,7 @@ class DirRecord:
             mtime_ns=int(row["mtime_ns"]),
             checksum=int(row["checksum"]),
             target=target,
-            data_off=int(row["data_off"]),
+            data_off=0 if inline is not None else int(row["data_off"]),
             inline=inline,
         )
 
@@ -251,30 +281,39 @@ def new_rows(count: int) -> np.ndarray:
     return np.zeros(count, dtype=ENTRY_DTYPE)
 
 
-def pack_names(rows: np.ndarray, names: list[bytes], targets: list[bytes], inline: list[bytes] | None = None) -> bytes:
-    """Fill the rows' name/target offsets and return the blob they point into.
-
-    Each name is followed by its symlink target (empty for other kinds), then by the
-    file's inline bytes when ``inline`` gives some for that row (b"" = not inline; the
-    caller sets FLAG_INLINE on rows whose bytes it passes, empty files included).
-    """
-    extras = targets if inline is None else [t + d for t, d in zip(targets, inline)]
+def pack_names(rows: np.ndarray, names: list[bytes], targets: list[bytes]) -> bytes:
+    """Fill the rows' name/target offsets and return the blob they point into: each name
+    followed by its symlink target (empty for other kinds)."""
     name_lens = np.fromiter(map(len, names), dtype=np.int64, count=len(names))
     target_lens = np.fromiter(map(len, targets), dtype=np.int64, count=len(targets))
-    extra_lens = np.fromiter(map(len, extras), dtype=np.int64, count=len(extras))
-    ends = np.cumsum(name_lens + extra_lens)
-    rows["name_off"] = ends - name_lens - extra_lens
+    ends = np.cumsum(name_lens + target_lens)
+    rows["name_off"] = ends - name_lens - target_lens
     rows["name_len"] = name_lens
     rows["target_len"] = target_lens
-    return b"".join(part for pair in zip(names, extras) for part in pair)
+    return b"".join(part for pair in zip(names, targets) for part in pair)
 
 
-def encode_dir(path: str, rows: np.ndarray, blob: bytes) -> bytes:
+def pack_inline(rows: np.ndarray, inline: list[bytes | None]) -> bytes:
+    """Set FLAG_INLINE and data_off (the offset in the returned tail) on each row whose
+    bytes ``inline`` gives (None = not inline; b"" = an empty inline file)."""
+    tail, at = [], 0
+    for i, data in enumerate(inline):
+        if data is None:
+            continue
+        rows["flags"][i] |= FLAG_INLINE
+        rows["data_off"][i] = at
+        tail.append(data)
+        at += len(data)
+    return b"".join(tail)
+
+
+def encode_dir(path: str, rows: np.ndarray, blob: bytes, tail: bytes = b"") -> bytes:
     """Serialize one directory: header, own path (so a reader can detect a hash collision
-    or a misplaced record), the fixed rows, then the name blob from `pack_names`."""
+    or a misplaced record), the fixed rows, the name blob from `pack_names`, then the
+    inline bytes from `pack_inline`."""
     own = encode_path(path)
     header = _DIR_HEADER.pack(_DIR_MAGIC, len(rows), len(own), len(blob))
-    return b"".join((header, own, rows.astype(ENTRY_DTYPE, copy=False).tobytes(), blob))
+    return b"".join((header, own, rows.astype(ENTRY_DTYPE, copy=False).tobytes(), blob, tail))
 
 
 def decode_dir(
@@ -290,14 +329,16 @@ def decode_dir(
     magic, count, own_len, blob_len = _DIR_HEADER.unpack_from(raw)
     rows_at = _DIR_HEADER.size + own_len
     blob_at = rows_at + count * ENTRY_DTYPE.itemsize
-    if magic != _DIR_MAGIC or blob_at + blob_len != len(raw):
+    head = blob_at + blob_len
+    if not (magic == _DIR_MAGIC and head <= len(raw) or magic == _DIR_MAGIC_V3 and head == len(raw)):
         raise CorruptValue(f"directory record of {expect_path or '/'!r} is damaged", "re-pack the DB")
     own = decode_path(raw[_DIR_HEADER.size : rows_at])
     if own != expect_path:
         raise CorruptValue(f"index record for {expect_path or '/'!r} belongs to {own!r}", "re-pack the DB")
     rows = np.frombuffer(raw, dtype=ENTRY_DTYPE, count=count, offset=rows_at)
-    blob = raw[blob_at:]
-    reasons = check_rows(rows, blob, data_size, check_offsets)
+    blob = raw[blob_at:head]
+    tail = raw[head:] if magic == _DIR_MAGIC else None
+    reasons = check_rows(rows, blob, data_size, check_offsets, None if tail is None else len(tail))
     bad: dict[bytes, str] = {}
     if reasons.any():
         for i in np.flatnonzero(reasons).tolist():
@@ -305,7 +346,7 @@ def decode_dir(
             name = blob[off : off + min(n, NAME_MAX)]
             bad.setdefault(name, ROW_PROBLEMS[int(reasons[i])])
         rows = rows[reasons == 0]
-    return DirRecord(own, rows, blob, len(raw), bad)
+    return DirRecord(own, rows, blob, len(raw), bad, tail)
 
 
 # Why `check_rows` leaves a row out (index = the code it returns; 0 = the row is fine).
@@ -326,13 +367,21 @@ BAD_NAME = ROW_PROBLEMS[_NAME_CHARS]
 _CHECK_CHUNK = 16384  # rows whose names are checked together (at most 4 MB of name bytes)
 
 
-def check_rows(rows: np.ndarray, blob: bytes, data_size: int | None = None, check_offsets: bool = False) -> np.ndarray:
+def check_rows(
+    rows: np.ndarray,
+    blob: bytes,
+    data_size: int | None = None,
+    check_offsets: bool = False,
+    tail_len: int | None = None,
+) -> np.ndarray:
     """Why each row cannot be served (a `ROW_PROBLEMS` code per row, 0 = fine).
 
     Every field of every row is checked with whole-array numpy operations, once per
     decoded record (records are cached): first all at once, and only if some row fails,
     again one check at a time to say why. ``data_size`` (the data file's size) bounds
     file sizes, and with ``check_offsets`` (the offsets are trusted) data_off + size too.
+    ``tail_len``: the length of a version-4 record's tail, where inline rows' bytes lie at
+    their data_off (None: a version 2-3 record, inline bytes after each name).
     """
     reason = np.zeros(len(rows), np.uint8)
     if not len(rows):
@@ -343,12 +392,17 @@ def check_rows(rows: np.ndarray, blob: bytes, data_size: int | None = None, chec
     is_link, inline = kind == KIND_SYMLINK, (flags & FLAG_INLINE) != 0
     stored = (kind == KIND_FILE) & ~inline
     limit = np.uint64(max(data_size or 0, 0))
-    end = off + nlen + tlen + np.where(inline, np.minimum(size, INLINE_LIMIT + 1), 0).astype(np.int64)
+    clipped = np.where(inline, np.minimum(size, INLINE_LIMIT + 1), 0).astype(np.int64)
+    if tail_len is None:
+        end, outside_tail = off + nlen + tlen + clipped, False
+    else:
+        at = np.minimum(rows["data_off"], np.uint64(tail_len + 1)).astype(np.int64)
+        end, outside_tail = off + nlen + tlen, inline & (at + clipped > tail_len)
     masks = [
         (_KIND, (kind - np.uint8(1)) > 2),
         (_FLAGS, ((flags & np.uint8(~KNOWN_FLAGS & 0xFF)) != 0) | (inline & (kind != KIND_FILE))),
         (_NAME_LEN, (nlen - np.uint16(1)) >= NAME_MAX),
-        (_BOUNDS, (end > len(blob)) | (inline & (size > INLINE_LIMIT))),
+        (_BOUNDS, (end > len(blob)) | (inline & (size > INLINE_LIMIT)) | outside_tail),
         (_TARGET, is_link & ((tlen == 0) | (tlen > TARGET_MAX) | (size != tlen))),
         (_ATTRS, ((tlen != 0) & ~is_link) | (rows["mode"] > 0o7777)),
         (_ATTRS, (kind == KIND_DIR) & (rows["checksum"] > SUBDIRS_MAX)),

@@ -35,6 +35,7 @@ from .format import (
     decode_path,
     encode_path,
     new_rows,
+    pack_inline,
 )
 from .handle import DirCache
 from .reader import DEFAULT_DIR_CACHE_BYTES, Archive, normpath
@@ -86,8 +87,11 @@ class _Merged(DirRecord):
 
     __slots__ = ("owners", "shared")
 
-    def __init__(self, path: str, rows: np.ndarray, blob: bytes, owners: np.ndarray, shared: np.ndarray) -> None:
-        super().__init__(path, rows, blob, rows.nbytes + len(blob) + owners.nbytes + shared.nbytes)
+    def __init__(
+        self, path: str, rows: np.ndarray, blob: bytes, owners: np.ndarray, shared: np.ndarray, tail: bytes
+    ) -> None:
+        size = rows.nbytes + len(blob) + len(tail) + owners.nbytes + shared.nbytes
+        super().__init__(path, rows, blob, size, tail=tail)
         self.owners = owners
         self.shared = shared
 
@@ -256,9 +260,9 @@ class Union(Archive):
             at = np.flatnonzero(ks == k)
             rows[at] = rec.rows[js[at]]
             owners[at] = sources[k][0]
-        inline = (rows["kind"] != KIND_DIR) & (rows["flags"] & FLAG_INLINE != 0)
-        lens = rows["name_len"].astype(np.int64) + rows["target_len"] + np.where(inline, rows["size"], 0)
+        lens = rows["name_len"].astype(np.int64) + rows["target_len"]
         pieces = []
+        inline: list[bytes | None] = [None] * len(names)
         shared_rows = np.zeros(len(names), bool)
         for n, (name, (k, j, _kind)) in enumerate(zip(names, where)):
             if k < 0:
@@ -267,13 +271,14 @@ class Union(Archive):
                 owners[n] = j
                 pieces.append(name)
             else:
-                off = int(rows["name_off"][n])
-                pieces.append(recs[k]._blob[off : off + int(lens[n])])  # noqa: SLF001 - name, target, inline bytes
+                pieces.append(recs[k].name_and_target(j))
+                inline[n] = recs[k].inline_bytes(j)
             if k < 0 or name in shared:  # a folder of several layers: st_nlink counts all their subfolders
                 shared_rows[n] = True
                 rows[n]["checksum"] = self._dir(posixpath.join(rel, decode_path(name))).subdir_count
         rows["name_off"] = np.cumsum(lens) - lens
-        return _Merged(rel, rows, b"".join(pieces), owners, shared_rows)
+        rows["flags"] &= np.uint8(~FLAG_INLINE & 0xFF)
+        return _Merged(rel, rows, b"".join(pieces), owners, shared_rows, pack_inline(rows, inline))
 
     def _clash(self, rel: str, name: bytes, prev: tuple, new: tuple, sources: tuple, shared: set[bytes]) -> None:
         """Two layers list ``name``: fine for two folders (they merge), else refused."""

@@ -11,7 +11,6 @@ import numpy as np
 
 from .errors import SourceError
 from .format import (
-    FLAG_INLINE,
     INDEX_DB,
     INLINE_MAX,
     KEYS_MD5,
@@ -24,7 +23,7 @@ from .format import (
     decode_path,
     dir_key,
     encode_dir,
-    pack_names,
+    pack_inline,
 )
 from .scan import Scan, ScannedDir
 from .store import MAX_DBS, map_base, map_offset, start_writeback, unmap_pages
@@ -228,7 +227,7 @@ class Writer:
         base = map_base(self.data_file)
         try:
             for d in scan.dirs:
-                record = encode_dir(d.path, d.rows, self._with_inline(txn, d))
+                record = encode_dir(d.path, d.rows, d.blob, self._inline_tail(txn, d))
                 txn.put(dir_key(d.path), record, db=index)
                 batch += len(record)
                 if batch >= BATCH_BYTES:
@@ -244,23 +243,21 @@ class Writer:
             raise
         self.env.sync(True)
 
-    def _with_inline(self, txn: lmdb.Transaction, d: ScannedDir) -> bytes:
-        """The directory's blob with the bytes of its small files after their names;
-        sets FLAG_INLINE on their rows."""
+    def _inline_tail(self, txn: lmdb.Transaction, d: ScannedDir) -> bytes:
+        """The bytes of the directory's small files, for its record's tail; sets
+        FLAG_INLINE and data_off on their rows (format.pack_inline)."""
         small = np.flatnonzero((d.rows["kind"] == KIND_FILE) & (d.rows["size"] <= INLINE_MAX))
         if not len(small):
-            return d.blob
-        pairs = [d.name_and_target(r) for r in range(len(d.rows))]
-        inline = [b""] * len(d.rows)
+            return b""
+        inline: list[bytes | None] = [None] * len(d.rows)
         for r in small.tolist():
-            rel = decode_path(pairs[r][0])
+            rel = decode_path(d.name_and_target(r)[0])
             rel = f"{d.path}/{rel}" if d.path else rel
             value = txn.get(self.keys.key_of(rel), db=self.main)
             if value is None or len(value) != int(d.rows[r]["size"]):
                 raise SourceError(f"{rel}: value missing before the final commit", "pack again with --force")
             inline[r] = bytes(value)
-        d.rows["flags"][small] |= FLAG_INLINE
-        return pack_names(d.rows, [n for n, _ in pairs], [t for _, t in pairs], inline)
+        return pack_inline(d.rows, inline)
 
     def close(self) -> None:
         if self.txn is not None:

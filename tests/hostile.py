@@ -25,7 +25,17 @@ from pathlib import Path
 import lmdb
 import numpy as np
 
-from lmdbfs.format import ENTRY_DTYPE, FLAG_INLINE, INDEX_DB, META_DB, META_KEY, dir_key, encode_dir, pack_names
+from lmdbfs.format import (
+    ENTRY_DTYPE,
+    FLAG_INLINE,
+    INDEX_DB,
+    META_DB,
+    META_KEY,
+    dir_key,
+    encode_dir,
+    pack_inline,
+    pack_names,
+)
 from lmdbfs.packer import PackOptions, pack
 
 _HEADER = struct.Struct("<4sIII")
@@ -74,18 +84,30 @@ def _writable(db: Path) -> lmdb.Environment:
     return lmdb.open(str(db), subdir=False, max_dbs=4, lock=False, map_size=4 * db.stat().st_size + (8 << 20))
 
 
-def read_record(db: Path, rel: str) -> tuple[np.ndarray, bytes, bytes]:
-    """(rows as a writable copy, name blob, own path) of a directory record."""
+def _raw_record(db: Path, rel: str) -> bytes:
     env = _writable(db)
     try:
         with env.begin() as txn:
-            raw = txn.get(dir_key(rel), db=env.open_db(INDEX_DB, txn=txn, create=False))
+            return txn.get(dir_key(rel), db=env.open_db(INDEX_DB, txn=txn, create=False))
     finally:
         env.close()
-    _magic, count, own_len, _blob_len = _HEADER.unpack_from(raw)
+
+
+def read_record(db: Path, rel: str) -> tuple[np.ndarray, bytes, bytes]:
+    """(rows as a writable copy, name blob, own path) of a directory record."""
+    raw = _raw_record(db, rel)
+    _magic, count, own_len, blob_len = _HEADER.unpack_from(raw)
     rows_at = _HEADER.size + own_len
     rows = np.frombuffer(raw, ENTRY_DTYPE, count=count, offset=rows_at).copy()
-    return rows, raw[rows_at + count * ENTRY_DTYPE.itemsize :], raw[_HEADER.size : rows_at]
+    blob_at = rows_at + count * ENTRY_DTYPE.itemsize
+    return rows, raw[blob_at : blob_at + blob_len], raw[_HEADER.size : rows_at]
+
+
+def read_tail(db: Path, rel: str) -> bytes:
+    """The inline bytes after a (version 4) record's name blob."""
+    raw = _raw_record(db, rel)
+    _magic, count, own_len, blob_len = _HEADER.unpack_from(raw)
+    return raw[_HEADER.size + own_len + count * ENTRY_DTYPE.itemsize + blob_len :]
 
 
 def put_records(db: Path, records: dict[str, bytes], meta_change: dict | None = None, meta_raw: bytes | None = None):
@@ -107,38 +129,79 @@ def put_records(db: Path, records: dict[str, bytes], meta_change: dict | None = 
         env.close()
 
 
-def put_rows(db: Path, rel: str, rows: np.ndarray, blob: bytes) -> None:
-    put_records(db, {rel: encode_dir(rel, rows, blob)})
+def to_version_3(db: Path) -> None:
+    """Rewrite every directory record in the format 2-3 layout ("LDR1": each inline
+    file's bytes right after its name) and mark the DB version 3, as an older lmdbfs
+    packed it."""
+    env = _writable(db)
+    try:
+        with env.begin() as txn:
+            index = env.open_db(INDEX_DB, txn=txn, create=False)
+            raws = dict(txn.cursor(db=index))
+    finally:
+        env.close()
+    records = {}
+    for key, raw in raws.items():
+        _magic, count, own_len, blob_len = _HEADER.unpack_from(raw)
+        rows_at = _HEADER.size + own_len
+        rows = np.frombuffer(raw, ENTRY_DTYPE, count=count, offset=rows_at).copy()
+        blob_at = rows_at + count * ENTRY_DTYPE.itemsize
+        names, targets, inline = split_blob(rows, raw[blob_at : blob_at + blob_len], raw[blob_at + blob_len :])
+        extras = [t + (d or b"") for t, d in zip(targets, inline)]
+        pack_names(rows, names, extras)
+        rows["target_len"] = [len(t) for t in targets]
+        rows["data_off"][[d is not None for d in inline]] = 0
+        blob = b"".join(n + e for n, e in zip(names, extras))
+        own = raw[_HEADER.size : rows_at]
+        records[key] = _HEADER.pack(b"LDR1", count, len(own), len(blob)) + own + rows.tobytes() + blob
+    env = _writable(db)
+    try:
+        meta_db, index = env.open_db(META_DB), env.open_db(INDEX_DB)
+        with env.begin(write=True) as txn:
+            for key, raw in records.items():
+                txn.put(key, raw, db=index)
+            meta = json.loads(txn.get(META_KEY, db=meta_db))
+            meta["format_version"] = 3
+            if meta.get("offsets_txnid"):
+                meta["offsets_txnid"] = txn.id()
+            txn.put(META_KEY, json.dumps(meta).encode(), db=meta_db)
+    finally:
+        env.close()
 
 
-def split_blob(rows: np.ndarray, blob: bytes) -> tuple[list[bytes], list[bytes], list[bytes]]:
-    """Each row's name, symlink target and inline bytes (the inverse of pack_names)."""
+def put_rows(db: Path, rel: str, rows: np.ndarray, blob: bytes, tail: bytes | None = None) -> None:
+    """Write ``rel``'s record from rows, name blob and inline tail (None: the tail it has)."""
+    put_records(db, {rel: encode_dir(rel, rows, blob, read_tail(db, rel) if tail is None else tail)})
+
+
+def split_blob(rows: np.ndarray, blob: bytes, tail: bytes = b"") -> tuple[list[bytes], list[bytes], list[bytes | None]]:
+    """Each row's name, symlink target and inline bytes (None: not inline), the inverse of
+    pack_names and pack_inline."""
     names, targets, inline = [], [], []
     for row in rows:
         at, n, t = int(row["name_off"]), int(row["name_len"]), int(row["target_len"])
         names.append(blob[at : at + n])
         targets.append(blob[at + n : at + n + t])
-        size = int(row["size"]) if int(row["flags"]) & FLAG_INLINE else 0
-        inline.append(blob[at + n + t : at + n + t + size])
+        off, size = int(row["data_off"]), int(row["size"])
+        inline.append(tail[off : off + size] if int(row["flags"]) & FLAG_INLINE else None)
     return names, targets, inline
 
 
 def edit_row(db: Path, rel: str, name: bytes, new_name: bytes | None = None, target: bytes | None = None, **fields):
     """Rewrite one row of ``rel``'s record: its name, its symlink target or raw fields."""
     rows, blob, _own = read_record(db, rel)
-    names, targets, inline = split_blob(rows, blob)
+    names, targets, inline = split_blob(rows, blob, read_tail(db, rel))
     i = names.index(name)
-    for key, value in fields.items():
-        rows[key][i] = value
     if new_name is not None:
         names[i] = new_name
     if target is not None:
         targets[i] = target
         rows["size"][i] = len(target)
-    blob = pack_names(rows, names, targets, inline)
-    if "name_off" in fields:  # pack_names recomputed it
-        rows["name_off"][i] = fields["name_off"]
-    put_rows(db, rel, rows, blob)
+    blob = pack_names(rows, names, targets)
+    tail = pack_inline(rows, inline)
+    for key, value in fields.items():  # after packing, which recomputes offsets
+        rows[key][i] = value
+    put_rows(db, rel, rows, blob, tail)
 
 
 def patch_bytes(db: Path, at: int, data: bytes) -> None:

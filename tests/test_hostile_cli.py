@@ -54,8 +54,8 @@ def _shared_names(db: Path) -> None:
     rows, blob, _own = H.read_record(db, "many")
     row = rows[H.split_blob(rows, blob)[0].index(b"m07.txt")]
     many = np.repeat(row, 255)
-    many["name_off"], many["name_len"] = 0, np.arange(1, 256)
-    H.put_rows(db, "many", many, b"s" * 255 + bytes(int(row["size"])))
+    many["name_off"], many["name_len"], many["data_off"] = 0, np.arange(1, 256), 0
+    H.put_rows(db, "many", many, b"s" * 255, bytes(int(row["size"])))
 
 
 def _meta(change: dict | None = None, raw: bytes | None = None) -> Callable[[Path], None]:
@@ -103,6 +103,7 @@ CASES: dict[str, Callable[[Path], None]] = {
     "offset_near_2_64": lambda db: H.edit_row(db, "", b"big.bin", data_off=2**64 - 4096),
     "inline_beyond_blob": lambda db: H.edit_row(db, "", b"a.txt", size=2000),
     "inline_over_max": lambda db: H.edit_row(db, "", b"a.txt", size=70_000),
+    "inline_offset_beyond_tail": lambda db: H.edit_row(db, "", b"a.txt", data_off=2**64 - 1),
     # symlinks
     "symlink_target_nul": lambda db: H.edit_row(db, "seq2", b"link", target=b"../a\0.txt"),
     "symlink_target_5000": lambda db: H.edit_row(db, "seq2", b"link", target=b"x/" * 2500),
@@ -223,14 +224,15 @@ _INTERESTING = [0, 1, 2, 3, 9, 0x7F, 0x80, 0xFF, 0xFFFF, 2**31, 2**32 - 1, 2**40
 def _flip_record(db: Path, rng: random.Random) -> None:
     rel = rng.choice(["", "seq1", "seq2", "seq2/deep", "many"])
     rows, blob, own = H.read_record(db, rel)
+    tail = H.read_tail(db, rel)
     if rng.random() < 0.5 and len(rows):
         field = rng.choice(rows.dtype.names)
         info = np.iinfo(rows.dtype[field])
         value = rng.choice(_INTERESTING + [len(blob), len(blob) - 1, rng.randrange(1 << 16)])
         rows[field][rng.randrange(len(rows))] = min(max(value, info.min), info.max) if value >= 0 else info.min
-        raw = encode_dir(rel, rows, blob)
+        raw = encode_dir(rel, rows, blob, tail)
     else:
-        raw = bytearray(encode_dir(rel, rows, blob))
+        raw = bytearray(encode_dir(rel, rows, blob, tail))
         for _ in range(rng.randint(1, 8)):
             raw[rng.randrange(len(raw))] ^= rng.randint(1, 255)
         raw = bytes(raw)

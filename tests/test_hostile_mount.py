@@ -78,6 +78,7 @@ MOUNT_CASES = [
     "size_beyond_file",
     "offset_beyond_file",
     "inline_beyond_blob",
+    "inline_offset_beyond_tail",
     "symlink_target_nul",
     "repeated_64k_name",
     "shared_name_bytes",
@@ -195,6 +196,26 @@ def test_a_db_name_with_commas_and_backslashes_mounts(base, mount_db, tmp_path: 
     source = line.split(" - ")[1].split()[1]
     assert source.replace("\\134", "\\") == "lmdbfs:a,b=c\\d,allow_other.lmdb"
     assert "allow_other" not in line.split(" - ")[1].split()[2]
+
+
+# -- older formats ------------------------------------------------------------------------
+
+
+def test_a_version_3_db_mounts_and_reads_the_same(base, mount_db, tmp_path: Path) -> None:
+    """Format 4 moved inline bytes behind the names; DBs packed before keep working."""
+    import lmdbfs
+
+    base_db, files = base
+    db = H.fresh_copy(base_db, tmp_path, "v3")
+    H.to_version_3(db)
+    with lmdbfs.open(db) as archive:
+        assert archive.meta.format_version == 3
+        assert {rel: archive.read_bytes(rel) for rel in files} == files
+    m = mount_db(db)
+    seen = _walk(m.mnt)
+    assert all(seen[rel].startswith("md5:") for rel in files), seen
+    _assert_served_right(seen, files)
+    assert {rel: (m.mnt / rel).read_bytes() for rel in files} == files
 
 
 # -- soak ---------------------------------------------------------------------------------

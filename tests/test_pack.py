@@ -16,7 +16,17 @@ import pytest
 
 import lmdbfs
 from lmdbfs import store
-from lmdbfs.format import INDEX_DB, META_DB, META_KEY, content_key, dir_key, encode_dir, new_rows, pack_names
+from lmdbfs.format import (
+    FORMAT_VERSION,
+    INDEX_DB,
+    META_DB,
+    META_KEY,
+    content_key,
+    dir_key,
+    encode_dir,
+    new_rows,
+    pack_names,
+)
 
 from .conftest import BIG_FILE_BYTES, kill_pack_at, one_error_line, run_cli
 from .treecmp import differences, snapshot
@@ -121,7 +131,7 @@ def test_archive_works_after_fork_and_pickling(edge_db: Path) -> None:
 def test_info_reports_counts_and_scheme(edge_db: Path) -> None:
     data = json.loads(run_cli("info", edge_db, "--json").stdout)
     assert data["files"] == 300 + 11 and data["symlinks"] == 5
-    assert data["format"] == "lmdbfs v3" and data["complete"] is True
+    assert data["format"] == f"lmdbfs v{FORMAT_VERSION}" and data["complete"] is True
     assert data["content_bytes"] > BIG_FILE_BYTES
     assert data["db_bytes"] < data["content_bytes"] * 1.2, "no sparse map-sized file, little overhead"
 
