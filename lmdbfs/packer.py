@@ -17,7 +17,6 @@ How it avoids the original converter's failures:
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import datetime as _dt
 import hashlib
 import logging
@@ -305,7 +304,7 @@ def _tune_malloc() -> None:
     of its own, so nothing else shares them.
     """
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
+        libc = ctypes.CDLL(None)  # the process's own symbols: libc's among them
         libc.mallopt(_M_ARENA_MAX, 2)
         libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
         libc.mallopt(_M_TRIM_THRESHOLD, 64 << 20)

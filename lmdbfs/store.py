@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import os
 import struct
 import threading
@@ -184,7 +183,9 @@ def map_offset(view: memoryview, base: int) -> int:
 
 
 _MADV_DONTNEED = 4
-_LIBC = ctypes.CDLL(ctypes.util.find_library("c") or None)
+# The process's own symbols include libc's; ctypes.util.find_library would run
+# `ldconfig -p` in a subprocess at import, in every command (the mount's daemon too).
+_LIBC = ctypes.CDLL(None)
 
 
 _SYNC_FILE_RANGE_WRITE = 2
