@@ -351,9 +351,7 @@ int layer_fetch_record(struct layer *ly, const char *rel, size_t rel_len, size_t
     size_t want = val.mv_size < guess ? val.mv_size : guess, need = val.mv_size;
     ssize_t got = want ? pread(ly->env_fd, buf, want, (off_t)off) : 0;
     if (got == (ssize_t)want && want >= 16 && memcmp(buf, "LDR2", 4) == 0) {
-        uint32_t v[4];
-        memcpy(v, buf, sizeof(v));
-        uint64_t head = 16 + (uint64_t)v[2] + (uint64_t)v[1] * RECORD_ROW_SIZE + v[3];
+        uint64_t head = record_head_len(buf);
         if (head <= val.mv_size)  /* else the parser refuses it whole */
             need = head;
     }
@@ -367,7 +365,7 @@ int layer_fetch_record(struct layer *ly, const char *rel, size_t rel_len, size_t
         return -EIO;
     }
     *raw = buf;
-    *len = need < want ? need : want;
+    *len = need;
     *total = val.mv_size;
     *pos = off;
     return 0;

@@ -12,7 +12,7 @@
 #include <string.h>
 
 #define HEADER_SIZE 16
-#define ROW_SIZE RECORD_ROW_SIZE
+#define ROW_SIZE 44
 
 static uint16_t get16(const unsigned char *p) { return (uint16_t)(p[0] | p[1] << 8); }
 static uint32_t get32(const unsigned char *p) { uint32_t v; memcpy(&v, p, 4); return v; }
@@ -139,6 +139,11 @@ static unsigned char *compact(struct record *rec, const unsigned char *rows, con
     return out;
 }
 
+uint64_t record_head_len(const unsigned char *raw)
+{
+    return (uint64_t)HEADER_SIZE + get32(raw + 8) + (uint64_t)get32(raw + 4) * ROW_SIZE + get32(raw + 12);
+}
+
 /* "LDR1" (format 2-3): a file's inline bytes follow its name in the blob, which ends the
  * record. "LDR2" (format 4): the blob holds names only; inline bytes follow it, each at
  * its row's data_off, so a reader fetches the head alone. */
@@ -157,7 +162,7 @@ struct record *record_parse(const unsigned char *raw, size_t len, size_t total, 
     count = get32(raw + 4);
     plen = get32(raw + 8);
     blen = get32(raw + 12);
-    need = (uint64_t)HEADER_SIZE + plen + (uint64_t)count * ROW_SIZE + blen;
+    need = record_head_len(raw);
     if (need != len || len > total || (!v4 && len != total)) {
         snprintf(why, why_len, "record length %zu does not match its header (%llu)", total,
                  (unsigned long long)need);

@@ -29,7 +29,6 @@
 #define NODE_MAX (1ull << NODE_BITS)
 #define FILE_INO_BIT (1ull << 63)
 #define RECORD_MAX (256u << 20)  /* larger directory records are refused (EIO) */
-#define RECORD_ROW_SIZE 44
 #define RECORD_HEAD_GUESS (16u << 10)  /* first read of a record: the head of ~300 entries */
 #define NAME_MAX_LEN 255
 #define HASH_CHUNK (1u << 20)    /* verification reads and hashes in steps this large */
@@ -94,6 +93,8 @@ const char *row_name(const struct record *rec, const struct row *r);
  * bytes of its total, see layer_fetch_record) into a compact copy; raw is not kept. On
  * failure returns NULL and fills why. An inline file's row then has FLAG_INLINE and
  * data_off = where its bytes lie in that file. */
+/* A record's head length (header, path, rows, blob) as its 16-byte header gives it. */
+uint64_t record_head_len(const unsigned char *raw);
 struct record *record_parse(const unsigned char *raw, size_t len, size_t total, uint64_t file_off, const char *own,
                             size_t own_len, const struct layer *ly, char *why, size_t why_len);
 void record_free(struct record *rec);
@@ -106,8 +107,7 @@ enum { L_NONE = 0, L_PRESENT, L_SYNTH, L_BAD };
 struct lnode {
     uint8_t state;
     uint8_t logged;
-    uint8_t fetched;             /* its record has been read once (the tail prefetched) */
-    uint32_t head_len;           /* bytes the last fetch of its record needed: the next one's read */
+    uint32_t head_len;           /* bytes the last fetch of its record needed (0: never fetched) */
     struct record *rec;          /* cached record (guarded by the cache lock) */
     uint8_t *bits;               /* per row: 1 verified, 2 mismatch (logged), 4 being checked */
     uint32_t nbits;

@@ -206,10 +206,9 @@ struct record *node_record(struct node *n, int layer, int *err)
     /* The first fetch of a version-4 record read its head only: the inline bytes after it
      * go to the page cache's readahead, as one request, instead of one small read per
      * file when each is opened. */
-    if (!__atomic_exchange_n(&ln->fetched, 1, __ATOMIC_RELAXED) && raw_total > raw_len)
+    if (!__atomic_exchange_n(&ln->head_len, (uint32_t)raw_len, __ATOMIC_RELAXED) && raw_total > raw_len)
         posix_fadvise(srv.layers[layer].env_fd, (off_t)(raw_off + raw_len), (off_t)(raw_total - raw_len),
                       POSIX_FADV_WILLNEED);
-    __atomic_store_n(&ln->head_len, (uint32_t)raw_len, __ATOMIC_RELAXED);
     rec->owner = n;
     rec->layer = layer;
     pthread_mutex_lock(&cache_lock);
