@@ -93,21 +93,39 @@ def _raw_record(db: Path, rel: str) -> bytes:
         env.close()
 
 
-def read_record(db: Path, rel: str) -> tuple[np.ndarray, bytes, bytes]:
-    """(rows as a writable copy, name blob, own path) of a directory record."""
-    raw = _raw_record(db, rel)
+def split_record(raw: bytes) -> tuple[np.ndarray, bytes, bytes, bytes]:
+    """(rows as a writable copy, name blob, tail, own path) of a raw directory record."""
     _magic, count, own_len, blob_len = _HEADER.unpack_from(raw)
     rows_at = _HEADER.size + own_len
     rows = np.frombuffer(raw, ENTRY_DTYPE, count=count, offset=rows_at).copy()
     blob_at = rows_at + count * ENTRY_DTYPE.itemsize
-    return rows, raw[blob_at : blob_at + blob_len], raw[_HEADER.size : rows_at]
+    return rows, raw[blob_at : blob_at + blob_len], raw[blob_at + blob_len :], raw[_HEADER.size : rows_at]
+
+
+def read_record(db: Path, rel: str) -> tuple[np.ndarray, bytes, bytes]:
+    """(rows as a writable copy, name blob, own path) of a directory record."""
+    rows, blob, _tail, own = split_record(_raw_record(db, rel))
+    return rows, blob, own
 
 
 def read_tail(db: Path, rel: str) -> bytes:
     """The inline bytes after a (version 4) record's name blob."""
-    raw = _raw_record(db, rel)
-    _magic, count, own_len, blob_len = _HEADER.unpack_from(raw)
-    return raw[_HEADER.size + own_len + count * ENTRY_DTYPE.itemsize + blob_len :]
+    return split_record(_raw_record(db, rel))[2]
+
+
+def encode_dir_v3(
+    own: bytes, rows: np.ndarray, names: list[bytes], targets: list[bytes], inline: list[bytes | None]
+) -> bytes:
+    """A record in the format 2-3 layout ("LDR1"): each inline file's bytes right after
+    its name and target, the record ending with the blob. Sets the rows' name offsets,
+    FLAG_INLINE, and data_off 0 on inline rows (unused there)."""
+    extras = [t + (d or b"") for t, d in zip(targets, inline)]
+    blob = pack_names(rows, names, extras)
+    rows["target_len"] = [len(t) for t in targets]
+    is_inline = np.array([d is not None for d in inline], bool)
+    rows["flags"] = np.where(is_inline, rows["flags"] | FLAG_INLINE, rows["flags"] & np.uint8(~FLAG_INLINE & 0xFF))
+    rows["data_off"][is_inline] = 0
+    return _HEADER.pack(b"LDR1", len(rows), len(own), len(blob)) + own + rows.tobytes() + blob
 
 
 def put_records(db: Path, records: dict[str, bytes], meta_change: dict | None = None, meta_raw: bytes | None = None):
@@ -142,18 +160,9 @@ def to_version_3(db: Path) -> None:
         env.close()
     records = {}
     for key, raw in raws.items():
-        _magic, count, own_len, blob_len = _HEADER.unpack_from(raw)
-        rows_at = _HEADER.size + own_len
-        rows = np.frombuffer(raw, ENTRY_DTYPE, count=count, offset=rows_at).copy()
-        blob_at = rows_at + count * ENTRY_DTYPE.itemsize
-        names, targets, inline = split_blob(rows, raw[blob_at : blob_at + blob_len], raw[blob_at + blob_len :])
-        extras = [t + (d or b"") for t, d in zip(targets, inline)]
-        pack_names(rows, names, extras)
-        rows["target_len"] = [len(t) for t in targets]
-        rows["data_off"][[d is not None for d in inline]] = 0
-        blob = b"".join(n + e for n, e in zip(names, extras))
-        own = raw[_HEADER.size : rows_at]
-        records[key] = _HEADER.pack(b"LDR1", count, len(own), len(blob)) + own + rows.tobytes() + blob
+        rows, blob, tail, own = split_record(raw)
+        names, targets, inline = split_blob(rows, blob, tail)
+        records[key] = encode_dir_v3(own, rows, names, targets, inline)
     env = _writable(db)
     try:
         meta_db, index = env.open_db(META_DB), env.open_db(INDEX_DB)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 
 import numpy as np
 from hypothesis import HealthCheck, given, settings
@@ -13,7 +12,6 @@ from hypothesis import strategies as st
 
 from lmdbfs.errors import BadDatabase, CorruptValue
 from lmdbfs.format import (
-    FLAG_INLINE,
     INLINE_MAX,
     KIND_DIR,
     KIND_FILE,
@@ -27,6 +25,8 @@ from lmdbfs.format import (
     pack_inline,
     pack_names,
 )
+
+from .hostile import encode_dir_v3
 
 # LMDBFS_FUZZ_EXAMPLES raises the count for a deeper run than CI's.
 FAST = settings(
@@ -76,17 +76,9 @@ def _build(listing: dict[bytes, tuple]) -> tuple[bytes, dict[bytes, tuple]]:
 
 
 def _build_v3(listing: dict[bytes, tuple]) -> bytes:
-    """The same directory as a version 2-3 ("LDR1") record: each file's inline bytes
-    right after its name, the record ending with the blob."""
+    """The same directory as a version 2-3 ("LDR1") record."""
     ordered, rows, tlist, ilist = _rows_of(listing)
-    extras = [t + (d or b"") for t, d in zip(tlist, ilist)]
-    pack_names(rows, ordered, extras)
-    rows["target_len"] = [len(t) for t in tlist]
-    rows["flags"] = [FLAG_INLINE if d is not None else 0 for d in ilist]
-    blob = b"".join(n + e for n, e in zip(ordered, extras))
-    own = b"some/dir"
-    header = struct.pack("<4sIII", b"LDR1", len(rows), len(own), len(blob))
-    return header + own + rows.tobytes() + blob
+    return encode_dir_v3(b"some/dir", rows, ordered, tlist, ilist)
 
 
 def _assert_sane(rec: DirRecord) -> None:
