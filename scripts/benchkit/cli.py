@@ -78,13 +78,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--repeat",
         type=int,
         default=None,
-        help="run the warm walk and the steady epoch N times and keep the median (default: medium 3, else 1)",
+        help="run the warm walk N times and keep the median (default: medium 3, else 1)",
     )
     ap.add_argument(
         "--rounds",
         type=int,
         default=None,
-        help="run the cold and walk-read epochs N times, systems interleaved, and keep each median "
+        help="run the cold, walk-read, first and steady epochs N times, systems interleaved, and keep each median "
         "(default: medium and full 3, smoke 1)",
     )
     ap.add_argument(

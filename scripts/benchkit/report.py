@@ -218,7 +218,7 @@ def render_size(res: dict[str, Any], chart: str | None) -> str:
         rounds = [e for e in eps if e["phase"] in ROUND_PHASES and len(e.get("repeats", ())) > 1]
         if rounds:
             L.append(
-                "Each cold, walk-read and first-epoch figure above is the median of these rounds (files/s, in the order "
+                "Each cold, walk-read, first and steady figure above is the median of these rounds (files/s, in the order "
                 "run; the systems took turns within each round):"
             )
             L.append("")
@@ -367,12 +367,13 @@ METHOD = """\
 - **Epochs**: N reader processes (fork) read every file (`open` + `read()`) in a seeded random
   order, each its share; files/s = files / (last reader done − first reader started).
   *cold*: caches dropped, fresh mount. *first*: backing file (the `.lmdb`, `.sqsh`, `.tar` + index;
-  for native, the files) read into the page cache, fresh mount. Cold, walk-read and first epochs
+  for native, the files) read into the page cache, fresh mount. *steady*: the next epoch on the
+  first epoch's mount, in another order. Cold, walk-read, first and steady epochs
   run in `--rounds` rounds (3 at medium and full size), every system in turn within a round, the
   order rotating between rounds, and each figure is the median of its rounds (all rounds are
-  listed under the table; first epochs joined the rounds on 2026-11-26, earlier runs have one).
-  *steady*: the next epoch on a mount that has had a first epoch,
-  in another order (median of `--repeat` epochs, 3 at medium size). *walk-read*: caches dropped,
+  listed under the table; first epochs joined the rounds on 2026-11-26, steady epochs later that
+  day: before, each system's steady epochs ran in its own turn, minutes from the others').
+  *walk-read*: caches dropped,
   fresh mount, a whole walk+stat, then the epoch (the issue's "random reads after a walk").
   *seq-*: a random sequence, then 8 consecutive frames of it. The seed LMDB is read directly with py-lmdb by md5 key
   (`readonly, lock=False, readahead=False`); it has no file system, so no walk or mount.
