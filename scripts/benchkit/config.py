@@ -33,7 +33,7 @@ URING_PARAM = Path("/sys/module/fuse/parameters/enable_uring")
 # sample of the JPEGs with PIL (what a loader spends per frame beside the read).
 PHASES = ("first", "steady", "cold", "seq-steady", "seq-cold", "pil", "walk-read")
 # run in interleaved rounds across systems, each on a fresh mount; the digit offsets its seed.
-# steady rides on the first epoch's mount: the next epoch there, in another order.
+# steady rides on the first epoch's mount: the third epoch there, the second untimed.
 ROUND_PHASES = {"cold": 3, "walk-read": 7, "first": 1, "steady": 2}
 SEQ_RUN = 8
 PIL_SAMPLE = 2000

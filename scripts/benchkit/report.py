@@ -367,12 +367,15 @@ METHOD = """\
 - **Epochs**: N reader processes (fork) read every file (`open` + `read()`) in a seeded random
   order, each its share; files/s = files / (last reader done − first reader started).
   *cold*: caches dropped, fresh mount. *first*: backing file (the `.lmdb`, `.sqsh`, `.tar` + index;
-  for native, the files) read into the page cache, fresh mount. *steady*: the next epoch on the
-  first epoch's mount, in another order. Cold, walk-read, first and steady epochs
+  for native, the files) read into the page cache, fresh mount. *steady*: the third epoch on the
+  first epoch's mount, each in its own order; the second, untimed, is the one that moves every
+  page it reads to the kernel's active list, which native's first epoch did already (its pages
+  were read once to warm them). Cold, walk-read, first and steady epochs
   run in `--rounds` rounds (3 at medium and full size), every system in turn within a round, the
   order rotating between rounds, and each figure is the median of its rounds (all rounds are
   listed under the table; first epochs joined the rounds on 2026-11-26, steady epochs later that
-  day: before, each system's steady epochs ran in its own turn, minutes from the others').
+  day: before, each system's steady epochs ran in its own turn, minutes from the others', and
+  steady was the second epoch).
   *walk-read*: caches dropped,
   fresh mount, a whole walk+stat, then the epoch (the issue's "random reads after a walk").
   *seq-*: a random sequence, then 8 consecutive frames of it. The seed LMDB is read directly with py-lmdb by md5 key
