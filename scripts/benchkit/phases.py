@@ -291,7 +291,7 @@ def do_cold_rounds(ctx: Ctx, systems: list[System]) -> None:
                         )
                         key = (s.name, r, ph)
                         runs.setdefault(key, []).append(e)
-                        all_cold[key] = all_cold.get(key, True) and cold and ph != "steady"
+                        all_cold[key] = all_cold.get(key, True) and cold
     for (name, r, phase), got in runs.items():
         add_epoch(ctx, name, r, phase, median_run(got, "files_per_s"), all_cold[(name, r, phase)], sampled)
 
