@@ -210,8 +210,8 @@ def cmd_cat(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .ops import verify
     from .union import shard_problems
+    from .verify import verify
 
     # `verify --against SRC DB...`: the DBs after the sources belong to the DB list.
     while args.against and _is_db_arg(args.against[-1]):

@@ -1,4 +1,4 @@
-"""Whole-archive operations built on the reader: info, verify, unpack.
+"""Whole-archive operations built on the reader: info and unpack (verify has its own module).
 
 They live apart from the CLI so tests and scripts can call them and get results,
 not printed text.
@@ -10,18 +10,15 @@ import logging
 import os
 import posixpath
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 from tqdm import tqdm
 
-from .errors import BadDatabase, CorruptValue, DestinationExists, LmdbfsError, UnsafePath
-from .feed import read_in_order
+from .errors import CorruptValue, DestinationExists, UnsafePath
 from .foreign import CHECKSUM_NONE, KIND_MD5, KIND_PATH
-from .format import BAD_NAME, KIND_NAMES, checksum, decode_path, output_files
+from .format import BAD_NAME, decode_path
 from .reader import Archive
-from .sources import build_scan
 
 log = logging.getLogger(__name__)
 
@@ -91,128 +88,6 @@ def iter_files(archive: Archive, top: str = "") -> Iterator[str]:
     for dirpath, _dirs, files in archive.walk(top):
         for name in files:
             yield posixpath.join(dirpath, name)
-
-
-@dataclass
-class VerifyReport:
-    checked: int = 0
-    bytes: int = 0
-    problems: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-
-def verify(archive: Archive, against: list[str] | str | None = None, progress: bool = False) -> VerifyReport:
-    """Checksum every stored value; with ``against``, also compare with the sources
-    (folders or archives) it was packed from."""
-    report = VerifyReport()
-    bar = tqdm(total=archive.meta.files, unit="file", desc="verify", disable=not progress)
-    for dirpath, _dirs, files in archive.walk(onerror=lambda exc: report.problems.append(exc.message)):
-        for name, why in getattr(archive.dir_record(dirpath), "bad", {}).items():
-            report.problems.append(f"{posixpath.join(dirpath, decode_path(name))!r}: damaged index entry ({why})")
-        for name in files:
-            _verify_file(archive, posixpath.join(dirpath, name), report)
-            bar.update(1)
-    bar.close()
-    if against:
-        _compare_tree(archive, [against] if isinstance(against, str) else list(against), report)
-    return report
-
-
-def _keyed_copy(archive: Archive, rel: str) -> bool:
-    """Whether the DB holding ``rel`` keeps a second copy of inline files under their keys:
-    a packed DB does; an adopted one keeps converted files only inline."""
-    owner = getattr(archive, "owner", None)  # a union: the layer that lists rel
-    layer = owner(rel)[0] if owner is not None else archive
-    return layer.meta.data is None
-
-
-def _verify_file(archive: Archive, rel: str, report: VerifyReport) -> None:
-    try:
-        entry = archive.lstat(rel)
-        if not entry.is_file:
-            return
-        ok = archive.check(rel)
-        if ok and entry.inline is not None and _keyed_copy(archive, rel):
-            # Small files are stored twice: in the record and under their key.
-            ok = checksum(archive.keyed_value(rel, entry)) == entry.checksum
-    except (CorruptValue, BadDatabase) as exc:
-        report.problems.append(exc.message)
-        return
-    if not ok:
-        report.problems.append(f"{rel}: checksum mismatch")
-    report.checked += 1
-    report.bytes += entry.size
-
-
-def _compare_tree(archive: Archive, against: list[str], report: VerifyReport) -> None:
-    """Same names, kinds, sizes, modes, mtimes, link targets and bytes as the sources
-    (folders or archives, placed and stripped as they were packed)."""
-    extra = archive.meta.extra
-    scan = build_scan(
-        against,
-        excludes=extra.get("excludes", []),
-        skip_abs=output_files(archive.path),
-        strip=str(extra.get("strip", "0")),
-        expand_zips=bool(extra.get("expand_zips", False)),
-        quiet=True,  # what packing left out was reported then
-    )
-    shown = " ".join(against)
-    expected: set[str] = set()
-    for d in scan.dirs:
-        for r in range(len(d.rows)):
-            name, target = d.name_and_target(r)
-            rel = posixpath.join(d.path, decode_path(name))
-            expected.add(rel)
-            _compare_row(archive, rel, d.rows[r], target, report)
-    for rel in _all_paths(archive):
-        if rel not in expected:
-            report.problems.append(f"{rel}: in the DB but not in {shown}")
-
-    def on_error(rel: str, exc: OSError) -> None:
-        report.problems.append(f"{rel}: cannot read the source ({exc.strerror})")
-
-    order = np.arange(scan.files, dtype=np.int64)
-    for batch, _nbytes in read_in_order(scan, order, 4, lambda i, data, mtime: data, on_error):
-        for i, data in batch:
-            rel = scan.file_relpath(i)
-            if data is None or not archive.exists(rel) or not archive.lstat(rel).is_file:
-                continue
-            if data != archive.read_bytes(rel, verify=False):
-                report.problems.append(f"{rel}: contents differ")
-
-
-def _all_paths(archive: Archive) -> Iterator[str]:
-    for dirpath, dirs, files in archive.walk():
-        for name in dirs + files:
-            yield posixpath.join(dirpath, name)
-
-
-def _compare_row(archive: Archive, rel: str, row: np.void, target: bytes, report: VerifyReport) -> None:
-    try:
-        entry = archive.lstat(rel)
-    except LmdbfsError:
-        report.problems.append(f"{rel}: in the source but not in the DB")
-        return
-    kind = int(row["kind"])
-    if kind != entry.kind:
-        report.problems.append(
-            f"{rel}: kind differs ({KIND_NAMES[entry.kind]} in the DB, {KIND_NAMES[kind]} in the source)"
-        )
-        return
-    # An adopted DB kept no modes or mtimes (adopt gives 0644/0755 and the DB file's
-    # mtime): only names, kinds and bytes are compared.
-    adopted = archive.meta.data is not None
-    if not adopted and int(row["mode"]) != entry.mode:
-        report.problems.append(f"{rel}: mode {oct(entry.mode)} in the DB, {oct(int(row['mode']))} in the source")
-    if not adopted and int(row["mtime_ns"]) != entry.mtime_ns and not entry.is_dir:
-        report.problems.append(f"{rel}: mtime differs")
-    if entry.is_symlink and decode_path(target) != entry.target:
-        report.problems.append(f"{rel}: symlink target differs")
-    if entry.is_file and int(row["size"]) != entry.size:
-        report.problems.append(f"{rel}: size {entry.size} in the DB, {int(row['size'])} in the source")
 
 
 @dataclass

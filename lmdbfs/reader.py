@@ -320,12 +320,24 @@ class Archive:
         """The value found by its key in the main database, even for an inline file (a
         packed DB keeps a second copy there, which `verify` checks too)."""
         h = self._h()
-        view = h.vget(self.key_of(rel), h.main_db)
+        view = self._keyed_checked(rel, entry, h.vget(self.key_of(rel), h.main_db))
+        h.touched()
+        return view
+
+    @contextlib.contextmanager
+    def keyed_values(self) -> Iterator[Callable[[str, Entry], memoryview]]:
+        """`keyed_value` for many files in a row (verify): one cursor serves them all."""
+        lookups = self._h().bulk_lookups()
+        try:
+            yield lambda rel, entry: self._keyed_checked(rel, entry, lookups(self.key_of(rel)))
+        finally:
+            lookups.close()
+
+    def _keyed_checked(self, rel: str, entry: Entry, view: memoryview | None) -> memoryview:
         if view is None:
             raise CorruptValue(f"{rel}: listed in the index but its contents are missing", "re-pack the DB")
         if len(view) != entry.size:
             raise CorruptValue(f"{rel}: stored size {len(view)} != indexed size {entry.size}", "re-pack the DB")
-        h.touched()
         return view
 
     def value_offset(self, rel: str, entry: Entry) -> int | None:
@@ -391,13 +403,16 @@ class Archive:
         """True when the stored bytes of ``path`` match the indexed checksum. Without
         checksums (adopted without `--checksum`): when the value is still found by its
         key, with the indexed size, at the indexed offset."""
-        rel, entry = self._file_entry(path)
+        return self.check_entry(*self._file_entry(path))
+
+    def check_entry(self, rel: str, entry: Entry, keyed: Callable[[str, Entry], memoryview] | None = None) -> bool:
+        """`check` for a file already looked up; ``keyed``: a lookup from `keyed_values`."""
         if self.checksummed:
             return self.stored_checksum(rel, entry) == entry.checksum
         if entry.inline is not None:
             return True
         h = self._h()
-        view = self.value_view(rel, entry)  # raises when missing or resized
+        view = (keyed or self.value_view)(rel, entry)  # raises when missing or resized
         return h.map_base is None or not len(view) or store.map_offset(view, h.map_base) == entry.data_off
 
     def stored_checksum(self, rel: str, entry: Entry) -> int:

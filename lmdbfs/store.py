@@ -234,7 +234,11 @@ def checked_get(txn: lmdb.Transaction, key: bytes, db, base: int | None, file_si
     address (``base`` None) this is a plain get."""
     if base is None:
         return txn.get(key, db=db)
-    cursor = txn.cursor(db=db)
+    return checked_at(txn.cursor(db=db), key, base, file_size, psize, shown)
+
+
+def checked_at(cursor: lmdb.Cursor, key: bytes, base: int, file_size: int, psize: int, shown: str):
+    """`checked_get` on a cursor the caller keeps: many lookups, one cursor."""
     if not cursor.set_key(key):
         return None
     at = base + map_offset(cursor.key(), base)
