@@ -146,7 +146,7 @@ def unpack(
                     _set_mtime(path, entry.mtime_ns, follow_symlinks=False)
                     result.symlinks += 1
                 else:
-                    _write_file(path, archive.read_bytes(rel), entry.mode & mode_mask, entry.mtime_ns)
+                    _write_file(path, archive.read_whole(rel, entry), entry.mode & mode_mask, entry.mtime_ns)
                     result.files += 1
                     result.bytes += entry.size
                     bar.update(entry.size)

@@ -366,7 +366,10 @@ class Archive:
 
     def read_bytes(self, path: str, verify: bool | None = None) -> bytes:
         """The file's exact bytes, checked against its checksum unless verify=False."""
-        rel, entry = self._file_entry(path)
+        return self.read_whole(*self._file_entry(path), verify=verify)
+
+    def read_whole(self, rel: str, entry: Entry, verify: bool | None = None) -> bytes:
+        """`read_bytes` of a file already looked up (a walk's entries: no path resolved)."""
         data = self._read_range(rel, entry, 0, entry.size)
         if (self.verify if verify is None else verify) and self.checksummed and checksum(data) != entry.checksum:
             raise CorruptValue(f"{rel}: checksum mismatch, the DB is damaged", "re-pack or restore the DB")
