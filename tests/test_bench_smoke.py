@@ -68,6 +68,15 @@ def test_bench_smoke_runs_and_writes_table(tmp_path: Path) -> None:
     assert {e["phase"] for e in res["epochs"]} >= {"cold", "first", "steady", "seq-cold", "seq-steady", "pil"}
     keys = [(e["system"], e["readers"], e["phase"]) for e in res["epochs"]]
     assert len(keys) == len(set(keys)), "an epoch was recorded twice (rounds and the per-system pass)"
+    # bench_open.py reads the same tree and DB, opening files as CPython 3.11-3.13 and 3.14 do
+    r = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench_open.py"), "--size", "smoke", "--workdir", str(tmp_path / "work"),
+         "--readers", "2", "--rounds", "1"],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+    )  # fmt: skip
+    assert r.returncode == 0, f"bench_open failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| 3.")]
+    assert [row.split(" | ")[0] for row in rows] == ["| 3.11-3.13 open()", "| 3.14 open()", "| 3.11-3.13 open(), again"]
     # nothing is left mounted under the work dir
     mnt = tmp_path / "work" / "mnt"
     for d in mnt.rglob("*") if mnt.exists() else []:
