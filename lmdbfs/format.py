@@ -245,13 +245,17 @@ class DirRecord:
     def inline_bytes(self, i: int) -> bytes | None:
         """Row i's inline bytes, or None when the row is not inline."""
         row = self.rows[i]
-        if not int(row["flags"]) & FLAG_INLINE or int(row["kind"]) != KIND_FILE:
+        return self._inline(
+            *(int(row[f]) for f in ("name_off", "name_len", "target_len", "kind", "flags", "size", "data_off"))
+        )
+
+    def _inline(self, off: int, n: int, tlen: int, kind: int, flags: int, size: int, data_off: int) -> bytes | None:
+        if kind != KIND_FILE or not flags & FLAG_INLINE:
             return None
-        if self._tail is not None:
-            at = int(row["data_off"])
-            return self._tail[at : at + int(row["size"])]
-        at = int(row["name_off"]) + int(row["name_len"]) + int(row["target_len"])
-        return self._blob[at : at + int(row["size"])]
+        if self._tail is not None:  # version 4: the record's tail, at data_off
+            return self._tail[data_off : data_off + size]
+        at = off + n + tlen  # versions 2-3: right after the name and target
+        return self._blob[at : at + size]
 
     def entry(self, i: int) -> Entry:
         return self.entries_at([i])[0]
@@ -261,18 +265,11 @@ class DirRecord:
         (a walk over every file, as verify makes, then costs a third)."""
         picked = self.rows[rows]
         cols = [picked[f].tolist() for f in _ENTRY_COLUMNS]
-        blob, tail = self._blob, self._tail
+        blob = self._blob
         out = []
         for off, n, tlen, kind, flags, mode, size, mtime_ns, csum, data_off in zip(*cols):
-            target = inline = None
-            if kind == KIND_SYMLINK:
-                target = decode_path(blob[off + n : off + n + tlen])
-            elif kind == KIND_FILE and flags & FLAG_INLINE:
-                if tail is not None:
-                    inline = tail[data_off : data_off + size]
-                else:
-                    at = off + n + tlen
-                    inline = blob[at : at + size]
+            target = decode_path(blob[off + n : off + n + tlen]) if kind == KIND_SYMLINK else None
+            inline = self._inline(off, n, tlen, kind, flags, size, data_off)
             out.append(
                 Entry(
                     name=decode_path(blob[off : off + n]),
