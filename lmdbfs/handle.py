@@ -161,7 +161,7 @@ class Lookups:
 
     `Handle.vget` opens a cursor per lookup and hands the map back every UNMAP_EVERY
     lookups, which suits a daemon's scattered reads; a pass over every key (verify) then
-    spends most of its time faulting the B-tree's upper pages in again: 17 us a lookup
+    spends most of its time faulting the B-tree's upper pages in again: 20 us a lookup
     against 3 us here. A damaged page ends the transaction; the next lookup starts a new one."""
 
     def __init__(self, h: Handle) -> None:

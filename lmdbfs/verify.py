@@ -3,8 +3,8 @@ the whole tree compared with the folders or archives it was packed from.
 
 Both passes go a directory record at a time, never a path at a time: a record's rows
 give each file's entry, where its bytes lie and the source row it answers to, so no
-path is resolved, and one cursor serves all the key lookups. On the 1.44M-file tree a
-path at a time took 2.6 minutes for the checksums alone.
+path is resolved, and one cursor serves all the key lookups. On the 1.44M-file tree the
+checksums took 172 s a path at a time, 27 s so (cached).
 """
 
 from __future__ import annotations
@@ -149,14 +149,14 @@ def _compare_dir(rec: DirRecord, d: ScannedDir, adopted: bool, shown: str, repor
     both = np.flatnonzero(pair >= 0)
     src, db = d.rows[both], rec.rows[pair[both]]
 
-    def differ(mask: np.ndarray, say: Callable[[int, np.void, np.void], str]) -> None:
+    def differ(mask: np.ndarray, say: Callable[[np.void, np.void], str]) -> None:
         for x in np.flatnonzero(mask).tolist():
-            report.add(f"{_rel(d, names[int(both[x])])}: {say(x, src[x], db[x])}")
+            report.add(f"{_rel(d, names[int(both[x])])}: {say(src[x], db[x])}")
 
     kind_differs = src["kind"] != db["kind"]
     differ(
         kind_differs,
-        lambda _x, s, b: (
+        lambda s, b: (
             f"kind differs ({KIND_NAMES[int(b['kind'])]} in the DB, {KIND_NAMES[int(s['kind'])]} in the source)"
         ),
     )
@@ -164,9 +164,9 @@ def _compare_dir(rec: DirRecord, d: ScannedDir, adopted: bool, shown: str, repor
     if not adopted:  # an adopted DB kept no modes or mtimes (adopt gives 0644/0755 and the DB file's mtime)
         differ(
             same & (src["mode"] != db["mode"]),
-            lambda _x, s, b: f"mode {oct(int(b['mode']))} in the DB, {oct(int(s['mode']))} in the source",
+            lambda s, b: f"mode {oct(int(b['mode']))} in the DB, {oct(int(s['mode']))} in the source",
         )
-        differ(same & (src["kind"] != KIND_DIR) & (src["mtime_ns"] != db["mtime_ns"]), lambda *_: "mtime differs")
+        differ(same & (src["kind"] != KIND_DIR) & (src["mtime_ns"] != db["mtime_ns"]), lambda _s, _b: "mtime differs")
     for x in np.flatnonzero(same & (src["kind"] == KIND_SYMLINK)).tolist():
         r = int(both[x])
         if d.name_and_target(r)[1] != rec.name_and_target(int(pair[r]))[len(names[r]) :]:
@@ -176,7 +176,7 @@ def _compare_dir(rec: DirRecord, d: ScannedDir, adopted: bool, shown: str, repor
     files &= ~resized  # one line a file: a new size says the bytes differ
     differ(
         resized,
-        lambda _x, s, b: f"size {int(b['size'])} in the DB, {int(s['size'])} in the source",
+        lambda s, b: f"size {int(b['size'])} in the DB, {int(s['size'])} in the source",
     )
     out = np.full(len(names), -1, dtype=np.int64)
     out[both[files]] = pair[both[files]]
