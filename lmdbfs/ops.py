@@ -17,8 +17,9 @@ from tqdm import tqdm
 
 from .errors import CorruptValue, DestinationExists, UnsafePath
 from .foreign import CHECKSUM_NONE, KIND_MD5, KIND_PATH
-from .format import BAD_NAME, decode_path
+from .format import decode_path
 from .reader import Archive
+from .recordcheck import BAD_NAME
 
 log = logging.getLogger(__name__)
 

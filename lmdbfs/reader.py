@@ -29,11 +29,11 @@ from .format import (
     Meta,
     checksum,
     content_key,
-    decode_dir,
     decode_path,
     dir_key,
 )
 from .handle import DirCache, Handle
+from .recordcheck import decode_dir
 
 log = logging.getLogger(__name__)
 

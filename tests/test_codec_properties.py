@@ -19,12 +19,12 @@ from lmdbfs.format import (
     NAME_MAX,
     DirRecord,
     Meta,
-    decode_dir,
     encode_dir,
     new_rows,
     pack_inline,
     pack_names,
 )
+from lmdbfs.recordcheck import decode_dir
 
 from .hostile import encode_dir_v3
 

@@ -286,7 +286,7 @@ def test_a_record_packed_with_pack_names_decodes_whole() -> None:
     rows["kind"] = [1, 2, 3]
     rows["size"] = [0, 0, 4]
     blob = pack_names(rows, [b"a", b"b", b"c"], [b"", b"", b"../a"])
-    from lmdbfs.format import decode_dir
+    from lmdbfs.recordcheck import decode_dir
 
     rec = decode_dir(encode_dir("x", rows, blob), "x", data_size=0)
     assert rec.names == ["a", "b", "c"] and not rec.bad

@@ -21,7 +21,8 @@ import pytest
 
 from lmdbfs import open as lmdbfs_open
 from lmdbfs import store
-from lmdbfs.format import INDEX_DB, decode_dir, dir_key
+from lmdbfs.format import INDEX_DB, dir_key
+from lmdbfs.recordcheck import decode_dir
 
 from .conftest import TRANSPORTS, is_mounted, one_error_line, run_cli
 from .treecmp import differences, snapshot
