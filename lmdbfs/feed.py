@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from .scan import Scan
-from .sources import Reader, Source
+from .sourcebase import Reader, Source
 
 WINDOW_BYTES = 32 << 20  # file contents read ahead of the consumer
 CHUNK_BYTES = 1 << 20  # one read task: up to this many bytes ...
