@@ -166,7 +166,7 @@ class Archive:
         return self.lstat_rel(normpath(path))
 
     def lstat_rel(self, rel: str) -> Entry:
-        """`lstat` for a path already in archive-relative form (as FUSE passes them)."""
+        """`lstat` for a path already in archive-relative form (no normalising)."""
         if not rel:
             return self._root_entry()
         parent, name = posixpath.split(rel)
@@ -242,7 +242,7 @@ class Archive:
         return list(rec.names)
 
     def dir_record(self, path: str) -> DirRecord:
-        """The decoded record itself, for callers (FUSE readdir) that want every row."""
+        """The decoded record itself, for callers that want every row (verify, damaged-row reports)."""
         rel = normpath(path)
         rec = self._dir(rel)
         if rec is None:
@@ -376,12 +376,8 @@ class Archive:
         return data
 
     def read(self, path: str, size: int, offset: int = 0) -> bytes:
-        """A slice of the file: what a FUSE read asks for."""
+        """A slice of the file (``size`` bytes from ``offset``; fewer at its end)."""
         rel, entry = self._file_entry(path)
-        return self._read_range(rel, entry, offset, size)
-
-    def read_entry(self, rel: str, entry: Entry, offset: int, size: int) -> bytes:
-        """A slice of a file already looked up with `lstat` (the FUSE fast path)."""
         return self._read_range(rel, entry, offset, size)
 
     def _read_range(self, rel: str, entry: Entry, offset: int, size: int) -> bytes:

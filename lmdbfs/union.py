@@ -8,7 +8,8 @@ records (names and kinds) of the directories the layers share, never values.
 
 `Union` has the `Archive` API (it inherits the path-level calls — walk, scandir,
 resolve, read_bytes, … — and answers the primitives they rest on from its layers), so
-the FUSE adapter, `ls`/`cat`/`verify` and data loaders use it unchanged.
+`ls`/`cat`/`verify`/`unpack` and data loaders use it unchanged. The mount daemon does
+not read through it: it hands the layers to the C server (`layer_descriptions`).
 """
 
 from __future__ import annotations
@@ -273,7 +274,7 @@ class Union(Archive):
             else:
                 pieces.append(recs[k].name_and_target(j))
                 inline[n] = recs[k].inline_bytes(j)
-            if k < 0 or name in shared:  # a folder of several layers: st_nlink counts all their subfolders
+            if k < 0 or name in shared:  # a folder of several layers: Union counts all their subfolders in st_nlink
                 shared_rows[n] = True
                 rows[n]["checksum"] = self._dir(posixpath.join(rel, decode_path(name))).subdir_count
         rows["name_off"] = np.cumsum(lens) - lens
@@ -426,13 +427,16 @@ def layer_descriptions(tree: Archive) -> list[dict[str, Any]]:
     each index and data file is, whether recorded value offsets hold, how keys are made,
     and the attributes of each layer's root.
 
-    Clashes were refused when ``tree`` was opened; a server serves the layers with the
-    rules `Union` uses: union folder D comes from every layer where D lies under its
-    prefix and is a folder there, in layer order; a folder on the way to a prefix is
-    made up (mode 0755, the placing layer's root mtime; the prefix folder itself has its
-    layer's root_mode and root_mtime_ns); a name in several layers is a folder, its
-    attributes from the first (real before made up), st_nlink 2 + its distinct
-    subfolders over all layers; a file is read from the layer listing it."""
+    Clashes were refused when ``tree`` was opened; the C server (csrc/tree.c) serves the
+    layers with the rules `Union` uses: union folder D comes from every layer where D
+    lies under its prefix and is a folder there, in layer order; a name in several
+    layers is a folder, its attributes from the first (real before made up); a file is
+    read from the layer listing it. Two attributes differ from `Union`'s, as
+    docs/serving.md says: a folder on the way to a prefix is made up with mode 0555
+    (`Union`: 0755) and the placing layer's root mtime (the prefix folder itself has its
+    layer's root_mode and root_mtime_ns), and a folder merged from several layers has
+    st_nlink 1 ("unknown", as union filesystems do) where `Union` counts 2 + its
+    distinct subfolders over all layers."""
     pairs = zip(tree.specs, tree.layers) if isinstance(tree, Union) else [(Layer("", tree.path), tree)]
     out = []
     for spec, archive in pairs:
