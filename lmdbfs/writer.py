@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 
 import lmdb
 import numpy as np
@@ -225,9 +226,10 @@ class Writer:
         # which marks the DB complete, waits for the final commit.
         txn, batch = self.env.begin(write=True), 0
         base = map_base(self.data_file)
+        files_of = _files_by_dir(scan)
         try:
-            for d in scan.dirs:
-                record = encode_dir(d.path, d.rows, d.blob, self._inline_tail(txn, d))
+            for k, d in enumerate(scan.dirs):
+                record = encode_dir(d.path, d.rows, d.blob, self._inline_tail(txn, d, files_of(k)))
                 txn.put(dir_key(d.path), record, db=index)
                 batch += len(record)
                 if batch >= BATCH_BYTES:
@@ -243,19 +245,20 @@ class Writer:
             raise
         self.env.sync(True)
 
-    def _inline_tail(self, txn: lmdb.Transaction, d: ScannedDir) -> bytes:
+    def _inline_tail(self, txn: lmdb.Transaction, d: ScannedDir, files: np.ndarray | None) -> bytes:
         """The bytes of the directory's small files, for its record's tail; sets
-        FLAG_INLINE and data_off on their rows (format.pack_inline)."""
+        FLAG_INLINE and data_off on their rows (format.pack_inline). ``files``: each
+        row's file number, whose key `Keys` holds (None: keys are made from the paths)."""
         small = np.flatnonzero((d.rows["kind"] == KIND_FILE) & (d.rows["size"] <= INLINE_MAX))
         if not len(small):
             return b""
         inline: list[bytes | None] = [None] * len(d.rows)
-        for r in small.tolist():
-            rel = decode_path(d.name_and_target(r)[0])
-            rel = f"{d.path}/{rel}" if d.path else rel
-            value = txn.get(self.keys.key_of(rel), db=self.main)
+        numbers = files[small].tolist() if files is not None else None
+        for n, r in enumerate(small.tolist()):
+            key = self.keys(numbers[n]) if numbers is not None else self.keys.key_of(_relpath(d, r))
+            value = txn.get(key, db=self.main)
             if value is None or len(value) != int(d.rows[r]["size"]):
-                raise SourceError(f"{rel}: value missing before the final commit", "pack again with --force")
+                raise SourceError(f"{_relpath(d, r)}: value missing before the final commit", "pack again with --force")
             inline[r] = bytes(value)
         return pack_inline(d.rows, inline)
 
@@ -267,3 +270,27 @@ class Writer:
         if self.wb_fd >= 0:
             os.close(self.wb_fd)
             self.wb_fd = -1
+
+
+def _relpath(d: ScannedDir, r: int) -> str:
+    name = decode_path(d.name_and_target(r)[0])
+    return f"{d.path}/{name}" if d.path else name
+
+
+def _files_by_dir(scan: Scan) -> Callable[[int], np.ndarray | None]:
+    """For directory k, each row's file number (-1: not a file), so a small file's key
+    is the one `Keys` already holds. Once files were left out (`Scan.drop_files`, after
+    --skip-errors) rows no longer match the numbers: then None, and keys are made again
+    from the paths."""
+    if scan.files != len(scan.file_dir):
+        return lambda _k: None
+    order = np.argsort(scan.file_dir, kind="stable")
+    ends = np.cumsum(np.bincount(scan.file_dir, minlength=len(scan.dirs)))
+
+    def files_of(k: int) -> np.ndarray:
+        mine = order[ends[k - 1] if k else 0 : ends[k]]
+        numbers = np.full(len(scan.dirs[k].rows), -1, np.int64)
+        numbers[scan.file_row[mine]] = mine
+        return numbers
+
+    return files_of
