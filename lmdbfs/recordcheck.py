@@ -59,8 +59,8 @@ def decode_dir(
     if reasons.any():
         for i in np.flatnonzero(reasons).tolist():
             off, n = int(rows["name_off"][i]), int(rows["name_len"][i])
-            name = blob[off : off + min(n, NAME_MAX)]
-            bad.setdefault(name, ROW_PROBLEMS[int(reasons[i])])
+            if 0 < n <= NAME_MAX and off + n <= len(blob):  # a name a lookup can ask for (as csrc/record.c)
+                bad.setdefault(blob[off : off + n], ROW_PROBLEMS[int(reasons[i])])
         rows = rows[reasons == 0]
     return DirRecord(own, rows, blob, len(raw), bad, tail)
 
