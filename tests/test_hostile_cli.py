@@ -23,6 +23,8 @@ from lmdbfs.format import encode_dir, new_rows, pack_names
 from . import hostile as H
 from .conftest import one_error_line, run_cli
 
+pytestmark = pytest.mark.slow  # hundreds of commands on damaged DBs, each in a bounded child
+
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, bytes]]:

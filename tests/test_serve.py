@@ -27,6 +27,8 @@ from lmdbfs.recordcheck import decode_dir
 from .conftest import TRANSPORTS, is_mounted, one_error_line, run_cli
 from .treecmp import differences, snapshot
 
+pytestmark = pytest.mark.mount  # every test here mounts a FUSE filesystem
+
 
 def _files(root: Path) -> list[Path]:
     return sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file() and not p.is_symlink())
