@@ -15,6 +15,7 @@ import os
 import posixpath
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import xxhash
@@ -43,6 +44,17 @@ MAX_DEPTH = 1024  # directory levels a walk descends (a path that deep exceeds P
 _REPORTED_MAX = 1000  # directories whose damaged rows were logged
 _HASH_CHUNK = 1 << 20
 _THREAD = threading.local()
+
+
+@dataclass(frozen=True, slots=True)
+class Locations:
+    """Where an archive's bytes live: the LMDB environment holding its index and meta
+    record, and the one holding its values (the same one unless the DB was adopted)."""
+
+    index: store.Location
+    values: store.Location
+    adopted: bool  # values in a foreign DB: key lookups go to ``values``, not ``index``
+    offsets_ok: bool  # the rows' data_off offsets hold for ``values.data_file``
 
 
 def normpath(path: str) -> str:
@@ -115,6 +127,23 @@ class Archive:
     @property
     def meta(self) -> Meta:
         return self._h().meta
+
+    def locations(self) -> Locations:
+        h = self._h()
+        return Locations(h.index_loc, h.loc, h.venv is not h.env, bool(h.offsets_ok))
+
+    def record(self, rel: str) -> DirRecord | None:
+        """The decoded record of directory ``rel`` (archive-relative, normalised), or None
+        when ``rel`` is not a directory. Cached; a union asks its layers this."""
+        return self._dir(rel)
+
+    def read_range(self, rel: str, entry: Entry, offset: int, size: int) -> bytes:
+        """``size`` bytes from ``offset`` (fewer at the end) of file ``rel``, already looked up."""
+        return self._read_range(rel, entry, offset, size)
+
+    def index_stat(self) -> dict[str, int]:
+        """LMDB's statistics of the index environment's main B-tree (psize, depth, …)."""
+        return dict(self._h().env.stat())
 
     # -- index --------------------------------------------------------------------------
     def _dir(self, rel: str) -> DirRecord | None:

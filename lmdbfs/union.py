@@ -208,7 +208,7 @@ class Union(Archive):
                 # A folder of one layer only: the merged parent knows which (one search, not one per layer).
                 candidates = [c for c in candidates if c[0] == int(merged.owners[at])]
             for i, sub in candidates:
-                rec = self.layers[i]._dir(sub)  # noqa: SLF001 - composed Archive
+                rec = self.layers[i].record(sub)
                 at = rec.index_of(name) if rec is not None else None
                 if at is not None and int(rec.rows["kind"][at]) == KIND_DIR:
                     found.append((i, posixpath.join(sub, name)))
@@ -226,7 +226,7 @@ class Union(Archive):
         virtual = self._virtual.get(rel)
         if len(sources) == 1 and not virtual:
             i, sub = sources[0]
-            return self.layers[i]._dir(sub)  # noqa: SLF001 - composed Archive
+            return self.layers[i].record(sub)
         if not sources and not virtual:
             return None
         rec = self._merged.get(rel)
@@ -238,7 +238,7 @@ class Union(Archive):
     def _merge(self, rel: str, sources: tuple[tuple[int, str], ...], virtual: dict[str, int]) -> _Merged:
         """One record from the records of every layer holding ``rel``, plus the folders
         of layers placed below it. Only names and kinds are compared."""
-        recs = [self.layers[i]._dir(sub) for i, sub in sources]  # noqa: SLF001 - composed Archive
+        recs = [self.layers[i].record(sub) for i, sub in sources]
         seen: dict[bytes, tuple[int, int, int]] = {}  # name -> (record k, row), or (-1, placing layer); kind
         shared: set[bytes] = set()
         for k, rec in enumerate(recs):
@@ -369,7 +369,7 @@ class Union(Archive):
         if entry.inline is not None:
             return entry.inline[offset : offset + max(0, size)]
         layer, sub = self.owner(rel)
-        return layer._read_range(sub, entry, offset, size)  # noqa: SLF001 - composed Archive
+        return layer.read_range(sub, entry, offset, size)
 
     def key_of(self, path: str) -> bytes:
         layer, sub = self.owner(normpath(path))
@@ -440,19 +440,18 @@ def layer_descriptions(tree: Archive) -> list[dict[str, Any]]:
     pairs = zip(tree.specs, tree.layers) if isinstance(tree, Union) else [(Layer("", tree.path), tree)]
     out = []
     for spec, archive in pairs:
-        h = archive._h()  # noqa: SLF001 - composed Archive
-        meta = h.meta
+        where, meta = archive.locations(), archive.meta
         out.append(
             {
                 "prefix": spec.prefix,
-                "index_path": os.path.abspath(h.index_loc.path),
-                "index_subdir": h.index_loc.subdir,
-                "data_path": os.path.abspath(h.loc.data_file),
-                "offsets_ok": bool(h.offsets_ok),
+                "index_path": os.path.abspath(where.index.path),
+                "index_subdir": where.index.subdir,
+                "data_path": os.path.abspath(where.values.data_file),
+                "offsets_ok": where.offsets_ok,
                 "checksummed": archive.checksummed,
                 # An adopted DB: values (and key lookups) in the foreign DB, not the index's.
-                "values_path": os.path.abspath(h.loc.path) if h.venv is not h.env else None,
-                "values_subdir": h.loc.subdir,
+                "values_path": os.path.abspath(where.values.path) if where.adopted else None,
+                "values_subdir": where.values.subdir,
                 "keys": meta.keys,
                 "key_prefix": meta.key_prefix,
                 "key_sep": meta.key_sep,

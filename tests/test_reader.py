@@ -82,3 +82,14 @@ def test_an_archive_pickles_and_reads_in_the_copy(db: Path) -> None:
             assert copy.read_bytes("b/c/deep.txt") == b"deep"
         finally:
             copy.close()
+
+
+def test_the_calls_ops_and_union_build_on(db: Path) -> None:
+    with lmdbfs.open(str(db)) as archive:
+        where = archive.locations()
+        assert where.index == where.values and not where.adopted and where.offsets_ok
+        assert where.values.data_file == str(db) and archive.data_bytes == db.stat().st_size
+        assert archive.index_stat()["psize"] >= 4096 and archive.index_stat()["depth"] >= 1
+        assert archive.record("a").names == ["1.txt", "big.bin", "escape"] and archive.record("a/1.txt") is None
+        big = archive.lstat("a/big.bin")
+        assert archive.read_range("a/big.bin", big, 5, 7) == FILES["a/big.bin"][5:12]
