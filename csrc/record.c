@@ -1,9 +1,9 @@
 /* Directory records (docs/format.md): parse, check every byte before it is used, and
  * keep a compact copy (rows and names, no inline file bytes) for the record cache.
  *
- * A DB is untrusted input. A record whose header, own path, name bounds or order is wrong
- * is refused as a whole (its directory answers EIO); a row that is wrong in any other way
- * is marked bad: left out of listings, EIO when named.
+ * A DB is untrusted input. A record whose header or own path is wrong is refused as a
+ * whole (its directory answers EIO); a row that is wrong in any way (a name out of bounds
+ * or out of order included) is marked bad: left out of listings, EIO when named.
  */
 #include "serve.h"
 
