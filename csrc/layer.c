@@ -64,6 +64,8 @@ static int txn_key_ok;
 
 static void txn_key_make(void) { txn_key_ok = pthread_key_create(&txn_key, txns_free) == 0; }
 
+/* This thread's read transaction of ly's index (vals 0) or values env, or NULL with *rc an
+ * LMDB code (ENOMEM among them, as LMDB passes errno values through): lmdb_get maps it. */
 static MDB_txn *txn_get(struct layer *ly, int vals, int *rc)
 {
     pthread_once(&txn_once, txn_key_make);
