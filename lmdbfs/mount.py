@@ -33,7 +33,7 @@ FUSE_DEVICE = "/dev/fuse"
 FUSE_CONF = "/etc/fuse.conf"
 FUSERMOUNT_DIR = "/usr/bin"  # where libfuse3 looks for fusermount3 before PATH
 # Where FUSE cannot be used, the same DB is still readable in Python.
-WITHOUT_FUSE = "or read the DB without mounting: lmdbfs.open(DB) in Python, lmdbfs ls/cat/unpack"
+WITHOUT_FUSE = "without FUSE, read the DB with lmdbfs.open(DB) in Python or lmdbfs ls/cat/unpack"
 SERVER_PACKAGES = (
     "apt: libfuse3-dev liblmdb-dev libxxhash-dev nettle-dev liburing-dev pkg-config; "
     "dnf: fuse3-devel lmdb-devel xxhash-devel nettle-devel liburing-devel pkgconf; "
@@ -111,12 +111,12 @@ def _fusermount3() -> str | None:
     return tool if os.access(tool, os.X_OK) else shutil.which("fusermount3")
 
 
-def _check_fuse_available(opts: MountOptions) -> None:
+def _check_fuse_available(opts: MountOptions, mnt: str) -> None:
     """What libfuse would only report as a bare status code, said before starting."""
     if not os.path.exists(FUSE_DEVICE):
         raise MountError(
             f"{FUSE_DEVICE} is missing: FUSE is not available here",
-            f"load the fuse module (modprobe fuse), {WITHOUT_FUSE}",
+            f"load the fuse module (modprobe fuse); {WITHOUT_FUSE}",
         )
     if os.geteuid() == 0:
         return
@@ -124,7 +124,7 @@ def _check_fuse_available(opts: MountOptions) -> None:
     if tool is None:
         raise MountError(
             "fusermount3 not found: a non-root user mounts FUSE through it",
-            f"ask the administrator to install FUSE 3 (apt-get install fuse3, dnf install fuse3), {WITHOUT_FUSE}",
+            f"ask the administrator to install FUSE 3 (apt-get install fuse3, dnf install fuse3); {WITHOUT_FUSE}",
         )
     info = os.stat(tool)
     if info.st_uid != 0 or not info.st_mode & stat.S_ISUID:
@@ -141,6 +141,11 @@ def _check_fuse_available(opts: MountOptions) -> None:
             f"as root, add the user to the device's group (chgrp fuse {FUSE_DEVICE}; chmod 0660 {FUSE_DEVICE}; "
             f"usermod -aG fuse {_user_name()}; log in again) or open the device up (chmod 0666 {FUSE_DEVICE}); "
             f"{WITHOUT_FUSE}",
+        )
+    if not os.access(mnt, os.W_OK):  # fusermount3 mounts only where the user may write
+        raise MountError(
+            f"{mnt}: user {_user_name()} may not write to it, and a non-root user's FUSE mount needs that",
+            "mount on a directory of your own (mkdir -p ~/mnt)",
         )
     wanted = {key for key in _option_names(opts.fuse_options) if key in ("allow_other", "allow_root")}
     if wanted and not _fuse_conf_allows_other():
@@ -184,7 +189,7 @@ def mount(dbs: str | list[str], mnt: str, opts: MountOptions) -> None:
     dbs = [dbs] if isinstance(dbs, str) else list(dbs)
     _check_server_built()
     check_mountpoint(mnt)
-    _check_fuse_available(opts)
+    _check_fuse_available(opts, mnt)
     if opts.foreground:
         serve(dbs, mnt, opts)
     else:
@@ -242,6 +247,9 @@ def _spawn_daemon(dbs: list[str], mnt: str, opts: MountOptions) -> None:
     if answer.startswith("error") and sep:
         # The daemon's own error (a bad DB, say), with its exit code: pass it on as is.
         exit_code, _, message = text.partition(" ")
+        reason = [line for line in lines if line.startswith(("fusermount3:", "fuse:"))]
+        if reason:  # libfuse's or fusermount3's own words say more than "could not mount"
+            raise MountError(f"mounting {mnt} failed: {reason[-1]}", WITHOUT_FUSE)
         raise _DaemonError(message, exit_code=int(exit_code))
     detail = answer or (lines[-1] if lines else f"daemon exited with status {proc.returncode}")
     raise MountError(f"mounting {mnt} failed: {detail.removeprefix('lmdbfs: error: ')}", "see --log-file for details")

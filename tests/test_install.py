@@ -227,6 +227,20 @@ echo done
     files, jpegs = map(int, (work / "read.txt").read_text().split())
     assert files == expected and jpegs > 0
 
+    # Mount points fusermount3 refuses to a user: one line, before it runs or in its words.
+    locked, sticky = work / "locked", work / "sticky"
+    locked.mkdir()  # root's
+    sticky.mkdir()
+    sticky.chmod(0o1777)  # writable, but fusermount3 wants a sticky mount point to be the user's
+    for mnt, words in ((locked, "may not write to it"), (sticky, "fusermount3: mountpoint")):
+        env = ["env", "-i", "PATH=/usr/bin:/bin", f"HOME={work}", "LANG=C.UTF-8"]
+        cmd = ["runuser", "-u", name, "--", *env, str(work / "venv/bin/lmdbfs"), "mount", "db.lmdb", mnt.name]
+        proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 8 and proc.stdout == "", proc.stderr
+        line = proc.stderr.strip()
+        assert "\n" not in line and line.startswith("lmdbfs: error: ") and words in line, line
+        assert os.listdir(mnt) == []
+
     # Without fusermount3 a user cannot mount: one line, and where to read instead.
     _whiteouts(hidden_layer, ["/usr/bin/fusermount3"])
     proc = _run_hidden(name, work, hidden_layer, "mkdir mnt2\nvenv/bin/lmdbfs mount db.lmdb mnt2")
