@@ -35,7 +35,9 @@ raw=build/wheel-raw
 rm -rf "$raw"
 mkdir -p "$OUT"
 # The sdist first, then the wheel built from it: what the sdist lacks, the wheel lacks too.
-LMDBFS_REQUIRE_SERVER=1 "$PYTHON" -m build --outdir "$raw" . >"$raw.log" 2>&1 || {
+# LDSHARED: no run path into the building Python's own lib dir (a pyenv or conda Python
+# adds one) is left in an extension that auditwheel has no library to repair for.
+LDSHARED="${CC:-gcc} -shared" LMDBFS_REQUIRE_SERVER=1 "$PYTHON" -m build --outdir "$raw" . >"$raw.log" 2>&1 || {
     tail -n 30 "$raw.log" >&2
     echo "build_wheel: python -m build failed (full log: $raw.log)" >&2
     exit 1
