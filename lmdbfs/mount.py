@@ -247,8 +247,8 @@ def _spawn_daemon(dbs: list[str], mnt: str, opts: MountOptions) -> None:
     if answer.startswith("error") and sep:
         # The daemon's own error (a bad DB, say), with its exit code: pass it on as is.
         exit_code, _, message = text.partition(" ")
-        reason = [line for line in lines if line.startswith(("fusermount3:", "fuse:"))]
-        if reason:  # libfuse's or fusermount3's own words say more than "could not mount"
+        reason = [line for line in lines if line.startswith("fusermount3:")]
+        if reason:  # a non-root mount refused by fusermount3: its words say more than "could not mount"
             raise MountError(f"mounting {mnt} failed: {reason[-1]}", WITHOUT_FUSE)
         raise _DaemonError(message, exit_code=int(exit_code))
     detail = answer or (lines[-1] if lines else f"daemon exited with status {proc.returncode}")

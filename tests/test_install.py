@@ -113,6 +113,7 @@ def shared(
 def user(shared: Path) -> Iterator[tuple[str, Path]]:
     """A user with no privileges and a work directory of their own."""
     name = f"lmdbfsi{os.getpid() % 100000}"
+    subprocess.run(["userdel", "-f", name], capture_output=True)  # left over by a killed run
     _run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", name])
     work = Path(tempfile.mkdtemp(prefix="work-", dir=shared))
     shutil.chown(work, name, name)
