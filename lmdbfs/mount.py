@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import grp
+import importlib.util
 import logging
 import os
 import pwd
@@ -30,6 +31,14 @@ log = logging.getLogger(__name__)
 READY_TIMEOUT = 60.0
 FUSE_DEVICE = "/dev/fuse"
 FUSE_CONF = "/etc/fuse.conf"
+FUSERMOUNT_DIR = "/usr/bin"  # where libfuse3 looks for fusermount3 before PATH
+# Where FUSE cannot be used, the same DB is still readable in Python.
+WITHOUT_FUSE = "without FUSE, read the DB with lmdbfs.open(DB) in Python or lmdbfs ls/cat/unpack"
+SERVER_PACKAGES = (
+    "apt: libfuse3-dev liblmdb-dev libxxhash-dev nettle-dev liburing-dev pkg-config; "
+    "dnf: fuse3-devel lmdb-devel xxhash-devel nettle-devel liburing-devel pkgconf; "
+    "conda: libfuse3 lmdb xxhash nettle liburing pkg-config"
+)
 _OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")  # mountinfo writes ' ' as \040
 READAHEAD_KB = 1024  # matches libfuse3's largest READ (max_pages = 256)
 
@@ -86,16 +95,43 @@ def _is_dead(mnt: str) -> bool:
     return False
 
 
-def _check_fuse_available(opts: MountOptions) -> None:
+def _check_server_built() -> None:
+    """A source install without libfuse3 and friends has no C server: say so before anything."""
+    if importlib.util.find_spec("lmdbfs._serve") is None:
+        raise MountError(
+            "the FUSE server was not built: its libraries were missing when lmdbfs was installed",
+            f"install them, then reinstall lmdbfs ({SERVER_PACKAGES}), or install the binary wheel "
+            f"(scripts/build_wheel.sh); {WITHOUT_FUSE}",
+        )
+
+
+def _fusermount3() -> str | None:
+    """The fusermount3 libfuse3 will run for a non-root mount: its compiled-in one, else PATH's."""
+    tool = os.path.join(FUSERMOUNT_DIR, "fusermount3")
+    return tool if os.access(tool, os.X_OK) else shutil.which("fusermount3")
+
+
+def _check_fuse_available(opts: MountOptions, mnt: str) -> None:
     """What libfuse would only report as a bare status code, said before starting."""
     if not os.path.exists(FUSE_DEVICE):
         raise MountError(
-            f"{FUSE_DEVICE} is missing", "load the fuse module (modprobe fuse) or run where FUSE is available"
+            f"{FUSE_DEVICE} is missing: FUSE is not available here",
+            f"load the fuse module (modprobe fuse); {WITHOUT_FUSE}",
         )
     if os.geteuid() == 0:
         return
-    if shutil.which("fusermount3") is None:
-        raise MountError("fusermount3 not found", "install FUSE 3: apt-get install fuse3 libfuse3-3")
+    tool = _fusermount3()
+    if tool is None:
+        raise MountError(
+            "fusermount3 not found: a non-root user mounts FUSE through it",
+            f"ask the administrator to install FUSE 3 (apt-get install fuse3, dnf install fuse3); {WITHOUT_FUSE}",
+        )
+    info = os.stat(tool)
+    if info.st_uid != 0 or not info.st_mode & stat.S_ISUID:
+        raise MountError(
+            f"{tool} is not setuid root, so non-root users may not mount FUSE here",
+            f"as root: chown root {tool}; chmod u+s {tool}; {WITHOUT_FUSE}",
+        )
     if not os.access(FUSE_DEVICE, os.R_OK | os.W_OK):
         info = os.stat(FUSE_DEVICE)
         group = _group_name(info.st_gid)
@@ -103,7 +139,13 @@ def _check_fuse_available(opts: MountOptions) -> None:
             f"{FUSE_DEVICE} is not readable and writable by user {_user_name()} "
             f"(mode {stat.S_IMODE(info.st_mode):04o}, group {group})",
             f"as root, add the user to the device's group (chgrp fuse {FUSE_DEVICE}; chmod 0660 {FUSE_DEVICE}; "
-            f"usermod -aG fuse {_user_name()}; log in again) or open the device up (chmod 0666 {FUSE_DEVICE})",
+            f"usermod -aG fuse {_user_name()}; log in again) or open the device up (chmod 0666 {FUSE_DEVICE}); "
+            f"{WITHOUT_FUSE}",
+        )
+    if not os.access(mnt, os.W_OK):  # fusermount3 mounts only where the user may write
+        raise MountError(
+            f"{mnt}: user {_user_name()} may not write to it, and a non-root user's FUSE mount needs that",
+            "mount on a directory of your own (mkdir -p ~/mnt)",
         )
     wanted = {key for key in _option_names(opts.fuse_options) if key in ("allow_other", "allow_root")}
     if wanted and not _fuse_conf_allows_other():
@@ -145,8 +187,9 @@ def mount(dbs: str | list[str], mnt: str, opts: MountOptions) -> None:
     the caller stays light (no numpy, no LMDB) and the mount is ready sooner.
     """
     dbs = [dbs] if isinstance(dbs, str) else list(dbs)
+    _check_server_built()
     check_mountpoint(mnt)
-    _check_fuse_available(opts)
+    _check_fuse_available(opts, mnt)
     if opts.foreground:
         serve(dbs, mnt, opts)
     else:
@@ -204,6 +247,9 @@ def _spawn_daemon(dbs: list[str], mnt: str, opts: MountOptions) -> None:
     if answer.startswith("error") and sep:
         # The daemon's own error (a bad DB, say), with its exit code: pass it on as is.
         exit_code, _, message = text.partition(" ")
+        reason = [line for line in lines if line.startswith("fusermount3:")]
+        if reason:  # a non-root mount refused by fusermount3: its words say more than "could not mount"
+            raise MountError(f"mounting {mnt} failed: {reason[-1]}", WITHOUT_FUSE)
         raise _DaemonError(message, exit_code=int(exit_code))
     detail = answer or (lines[-1] if lines else f"daemon exited with status {proc.returncode}")
     raise MountError(f"mounting {mnt} failed: {detail.removeprefix('lmdbfs: error: ')}", "see --log-file for details")
@@ -275,12 +321,18 @@ def serve(dbs: list[str], mnt: str, opts: MountOptions) -> None:
             ready_fd = None
 
     try:
+        from . import _serve  # noqa: F401 - loads libfuse3 and the other libraries now
         from . import serve as server
 
         served = server.describe(dbs)
-    except ImportError as exc:  # the C server or libfuse3 itself is missing
-        report(f"cannot load the FUSE server ({exc}); install libfuse3: apt-get install fuse3 libfuse3-3")
-        raise MountError("cannot load the FUSE server", "install libfuse3: apt-get install fuse3 libfuse3-3") from None
+    except ImportError as exc:  # the C server is missing, or a library it links
+        error = MountError(
+            f"cannot load the FUSE server ({exc})",
+            "install the libraries it was built against (apt: fuse3 libfuse3-3 liblmdb0 libxxhash0 libnettle8 "
+            f"liburing2), or install the binary wheel, which carries them; {WITHOUT_FUSE}",
+        )
+        report(f"error {error.exit_code} {error.one_line()}")
+        raise error from None
     except LmdbfsError as exc:
         report(f"error {exc.exit_code} {exc.one_line()}")
         raise
@@ -344,7 +396,7 @@ def _setup_daemon_logging(opts: MountOptions) -> None:
 
 
 def _fusermount(mnt: str, lazy: bool = False) -> subprocess.CompletedProcess:
-    tool = shutil.which("fusermount3") or shutil.which("fusermount")
+    tool = _fusermount3() or shutil.which("fusermount")
     if tool is None:
         cmd = ["umount"] + (["-l"] if lazy else []) + [mnt]
     else:

@@ -23,7 +23,6 @@ from typing import Any
 
 from tqdm import tqdm
 
-from ._readfiles import read_files
 from .archives import ZipSource, open_archive
 from .errors import SourceError
 from .format import KIND_DIR, KIND_FILE, KIND_SYMLINK, decode_path
@@ -31,6 +30,11 @@ from .scan import Excluder, Scan, TreeBuilder
 from .sourcebase import Listing, Member, Nested, Reader, Source
 
 log = logging.getLogger(__name__)
+
+try:
+    from ._readfiles import read_files
+except ImportError:  # installed without a C compiler: each file is read in Python instead
+    read_files = None
 
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 
@@ -109,6 +113,8 @@ class _FolderReader(Reader):
 
     def read_many(self, rels: list[str], sizes: list[int]) -> list[tuple[bytes, int] | OSError | None] | None:
         # In C, with the GIL released once for the chunk rather than four times a file.
+        if read_files is None:
+            return None
         datas, mtimes, errs = read_files(self.root, [os.fsencode(r[self.cut :]) for r in rels], sizes)
         return [
             (data, mtime) if not err else (None if err < 0 else _read_error(err))
