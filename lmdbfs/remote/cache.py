@@ -91,8 +91,8 @@ class Budget:
 
     @contextlib.contextmanager
     def room(self, nbytes: int, cache: BlockCache) -> Iterator[None]:
-        """Make room for ``nbytes`` more (evicting ``cache``'s blocks, then unused
-        objects), then let the caller write them."""
+        """Make room for ``nbytes`` more (removing objects no process uses, then
+        evicting ``cache``'s blocks), then let the caller write them."""
         if self.limit is None:
             yield
             return
@@ -100,10 +100,10 @@ class Budget:
             fcntl.flock(self._fd, fcntl.LOCK_EX)
             try:
                 over = self.used() + nbytes - self.limit
+                if over > 0:  # objects no process uses go first (older versions, say)
+                    over -= self._drop_unused(cache.folder, over)
                 if over > 0:
                     over -= cache.evict(over)
-                if over > 0:
-                    over -= self._drop_unused(cache.folder, over)
                 if over > 0:
                     raise CacheError(
                         f"{self.root}: --cache-size {self.limit} bytes cannot hold the pinned index and one read",
@@ -118,12 +118,12 @@ class Budget:
         freed = 0
         with os.scandir(self.root) as it:
             folders = [e.path for e in it if e.is_dir(follow_symlinks=False) and e.path != keep]
-        folders.sort(key=lambda p: _mtime(os.path.join(p, "lock")))
+        folders.sort(key=lambda p: _mtime(os.path.join(p, "use")))
         for folder in folders:
             if freed >= need:
                 break
             try:
-                fd = os.open(os.path.join(folder, "lock"), os.O_RDWR | os.O_CLOEXEC)
+                fd = os.open(os.path.join(folder, "use"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             except OSError:
                 continue
             try:
@@ -171,14 +171,17 @@ class BlockCache:
             self.folder = os.path.join(root, cache_key(url, etag, size))
             os.makedirs(self.folder, exist_ok=True)
             self.budget = Budget(root, limit)
-            # Held shared while open: an unused object may be removed to make room.
-            self._lock_fd = os.open(os.path.join(self.folder, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            # "use" is held shared while open (an unused object may be removed to make
+            # room); "lock" exclusively while the files are checked or rebuilt.
+            self._lock_fd = os.open(os.path.join(self.folder, "use"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fcntl.flock(self._lock_fd, fcntl.LOCK_SH)
             os.utime(self._lock_fd)
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+            setup = os.open(os.path.join(self.folder, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             try:
+                fcntl.flock(setup, fcntl.LOCK_EX)
                 self._open_files()
             finally:
-                fcntl.flock(self._lock_fd, fcntl.LOCK_SH)
+                os.close(setup)
         except OSError as exc:
             raise CacheError(
                 f"{root}: cannot use the cache folder ({os.strerror(exc.errno or errno.EIO)})",

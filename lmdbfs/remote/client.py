@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import re
 import threading
@@ -24,7 +25,8 @@ from .url import RemoteURL
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = timedelta(seconds=5)
-REQUEST_TIMEOUT = timedelta(seconds=30)  # a whole ranged GET (at most a few MiB)
+# A whole ranged GET (at most a few MiB); LMDBFS_REMOTE_TIMEOUT (seconds) overrides it.
+REQUEST_TIMEOUT = timedelta(seconds=float(os.environ.get("LMDBFS_REMOTE_TIMEOUT") or 20))
 RETRIES = 4  # obstore's own retries of 5xx, 429 and connection errors, with backoff + jitter
 ATTEMPTS = 3  # ours around them: short bodies, broken bodies, what obstore gave up on
 _BACKOFF = (0.2, 2.0)  # our jittered wait between attempts: base, cap (s)
@@ -208,7 +210,6 @@ _LOOP_LOCK = threading.Lock()
 def loop() -> asyncio.AbstractEventLoop:
     """The process's event loop for remote requests (started at first use, again after fork)."""
     global _LOOP, _LOOP_PID
-    import os
 
     with _LOOP_LOCK:
         if _LOOP is None or _LOOP_PID != os.getpid():

@@ -19,7 +19,7 @@ import struct
 import threading
 from collections import OrderedDict
 
-from .source import MAX_GET, RemoteSource, loop
+from .source import RemoteSource, loop
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class Fetcher:
     def __init__(self, src: RemoteSource) -> None:
         self.src = src
         self.read_fd, self.request_fd = os.pipe2(os.O_CLOEXEC)
-        self.window_max = max(1, MAX_GET // src.block_size)
+        self.window_max = src.max_blocks
         self._streams: OrderedDict[int, int] = OrderedDict()
         self._thread: threading.Thread | None = None
         self.requests = 0  # block numbers received from C

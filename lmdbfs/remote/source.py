@@ -24,7 +24,6 @@ from .url import RemoteURL, parse
 log = logging.getLogger(__name__)
 
 MAX_GET = 4 << 20  # adjacent claimed blocks become one ranged GET of at most this
-READAHEAD_MAX = 4 << 20  # a reader moving forward claims this far ahead (python reads)
 WAIT_MS = 1000
 INFLIGHT = 32  # ranged GETs in flight per process (the fetcher's and the readers' together)
 
@@ -73,6 +72,9 @@ class RemoteSource:
         self.size = self.info.size
         self.block_size = self.cache.block_size
         self.fd = self.cache.fd
+        # A bounded cache makes room for a whole GET at once: keep GETs well below its size.
+        limit = SETTINGS.cache_size
+        self.max_blocks = max(1, min(MAX_GET, (limit or MAX_GET * 8) // 8) // self.block_size)
         self.gets = 0  # ranged GETs sent by this process
         self.fetched = 0  # bytes they brought
         self._logged: set[str] = set()
@@ -102,7 +104,7 @@ class RemoteSource:
         """Fetch and publish claimed blocks (coalesced into ranged GETs of at most
         MAX_GET, all in flight at once); a run that fails is marked FAILED. Returns the
         first failure (already logged once), None when all were filled."""
-        runs = coalesce(claimed, self.block_size)
+        runs = coalesce(claimed, self.max_blocks)
         results = await asyncio.gather(*(self._fetch_run(run_, pin) for run_ in runs))
         return next((r for r in results if r is not None), None)
 
@@ -189,7 +191,7 @@ class RemoteSource:
         last = (offset + size - 1) // self.block_size
         ahead = 0
         if first in (self._next, self._next - 1):
-            self._window = min(max(self._window * 2, 4), READAHEAD_MAX // self.block_size)
+            self._window = min(max(self._window * 2, 4), self.max_blocks)
             ahead = self._window
         else:
             self._window = 0
@@ -208,16 +210,15 @@ class RemoteSource:
 
     def fetch_all(self) -> None:
         """Every block of the object (verify's key lookups touch pages all over it)."""
-        step = MAX_GET // self.block_size * 8
+        step = self.max_blocks * 8
         for first in range(0, self.cache.blocks, step):
             self.fetch_sync(self.cache.claim(first, step))
         self.ensure([(0, self.size)])
 
 
-def coalesce(claimed: list[tuple[int, int]], block_size: int) -> list[list[tuple[int, int]]]:
-    """Consecutive claimed blocks in runs of at most MAX_GET bytes."""
+def coalesce(claimed: list[tuple[int, int]], per: int) -> list[list[tuple[int, int]]]:
+    """Consecutive claimed blocks in runs of at most ``per`` blocks."""
     runs: list[list[tuple[int, int]]] = []
-    per = max(1, MAX_GET // block_size)
     for item in sorted(claimed):
         if runs and runs[-1][-1][0] + 1 == item[0] and len(runs[-1]) < per:
             runs[-1].append(item)
