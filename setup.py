@@ -25,7 +25,7 @@ setup(
         Extension(
             "lmdbfs._serve",
             sources=sorted(glob.glob("csrc/*.c")),
-            depends=glob.glob("csrc/*.h"),
+            depends=glob.glob("csrc/*.h") + glob.glob("csrc/blocks/*.h"),
             extra_compile_args=[*cflags, "-std=gnu11", "-O2", "-Wall", "-Wextra", "-Wno-missing-field-initializers"],
             extra_link_args=[*libs, "-lpthread"],
         ),
