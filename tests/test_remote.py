@@ -145,9 +145,18 @@ def test_s3_reader_with_credentials_the_aws_way(remote_tree, tmp_path: Path, s3_
     (home / ".aws" / "credentials").write_text(
         f"[lab]\naws_access_key_id = {env['AWS_ACCESS_KEY_ID']}\naws_secret_access_key = {env['AWS_SECRET_ACCESS_KEY']}\n"
     )
-    (home / ".aws" / "config").write_text(f"[profile lab]\nregion = us-east-1\nendpoint_url = {env['AWS_ENDPOINT_URL']}\n")
+    (home / ".aws" / "config").write_text(
+        f"[profile lab]\nregion = us-east-1\nendpoint_url = {env['AWS_ENDPOINT_URL']}\n"
+    )
     unset = dict.fromkeys(env)  # no AWS_* variables: the profile alone
-    cli("unpack", url, tmp_path / "out", "--cache-dir", tmp_path / "c2", env={**unset, "HOME": str(home), "AWS_PROFILE": "lab"})
+    cli(
+        "unpack",
+        url,
+        tmp_path / "out",
+        "--cache-dir",
+        tmp_path / "c2",
+        env={**unset, "HOME": str(home), "AWS_PROFILE": "lab"},
+    )
     assert differences(snapshot(tree), snapshot(tmp_path / "out")) == []
     # Wrong secret, no credentials (anonymous is refused by this server), a missing key.
     for extra, what in (
@@ -189,9 +198,7 @@ def test_bad_cache_files_are_rebuilt_and_damaged_blocks_refetched(remote_tree, t
             read_all(archive, tree)
             src = archive._h().remote  # noqa: SLF001
             folder = Path(src.cache.folder)
-            name = next(
-                f"seq003/{n}" for n in archive.listdir("seq003") if archive.lstat(f"seq003/{n}").size > 10_000
-            )
+            name = next(f"seq003/{n}" for n in archive.listdir("seq003") if archive.lstat(f"seq003/{n}").size > 10_000)
             entry = archive.lstat(name)
             off = archive.value_offset(name, entry)
             # Damage a cached block behind the reader's back: the checksum catches it,
