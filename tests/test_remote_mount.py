@@ -185,7 +185,7 @@ def test_fstab_source_with_urls_and_a_bounded_cache(tree_db, tmp_path: Path, mou
         mnt = tmp_path / "mnt"
         mnt.mkdir()
         cache = tmp_path / "cache"
-        limit = 1 << 20
+        limit = 3 << 19
         # mount(8)'s form: SOURCE with ':'-separated DBs (a URL's own ':'s do not split it).
         proc = cli(f"a={url}:b={url}", mnt, "-o", f"cache_dir={cache},cache_size={limit}", check=False)
         assert proc.returncode == 0, proc.stderr
@@ -198,4 +198,4 @@ def test_fstab_source_with_urls_and_a_bounded_cache(tree_db, tmp_path: Path, mou
                         assert used <= limit
         finally:
             cli("umount", mnt)
-        assert os.path.getsize(db) > 2 * limit
+        assert os.path.getsize(db) > 1.5 * limit
