@@ -1,5 +1,5 @@
-"""Builds lmdbfs._serve, the FUSE server in C, and lmdbfs._readfiles, the packer's reader of
-small files; everything else lives in pyproject.toml."""
+"""Builds lmdbfs._serve, the FUSE server in C, lmdbfs._readfiles, the packer's reader of
+small files, and lmdbfs._blocks, a remote DB's block states; everything else lives in pyproject.toml."""
 
 import glob
 import subprocess
@@ -25,13 +25,19 @@ setup(
         Extension(
             "lmdbfs._serve",
             sources=sorted(glob.glob("csrc/*.c")),
-            depends=glob.glob("csrc/*.h"),
+            depends=glob.glob("csrc/*.h") + glob.glob("csrc/blocks/*.h"),
             extra_compile_args=[*cflags, "-std=gnu11", "-O2", "-Wall", "-Wextra", "-Wno-missing-field-initializers"],
             extra_link_args=[*libs, "-lpthread"],
         ),
         Extension(
             "lmdbfs._readfiles",
             sources=["csrc/readfiles/readfiles.c"],
+            extra_compile_args=["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Wno-missing-field-initializers"],
+        ),
+        Extension(  # a remote DB's block states (docs/remote.md): libc only, like _readfiles
+            "lmdbfs._blocks",
+            sources=["csrc/blocks/blocks.c"],
+            depends=["csrc/blocks/blockstate.h"],
             extra_compile_args=["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Wno-missing-field-initializers"],
         ),
     ]

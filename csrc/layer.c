@@ -199,8 +199,29 @@ static int env_view(MDB_env *env, MDB_dbi dbi, int *fd, char **base, size_t *map
     return rc;
 }
 
+/* A remote layer: its index and values are the one sparse copy of the remote object,
+ * every read of which goes through the block cache. Key lookups walk LMDB's map, whose
+ * pages the mount daemon fetched and pinned before serving; values are found by their
+ * offsets. */
+static int layer_remote(struct layer *ly, const struct stat *data, int own_values, const struct remote_spec *spec,
+                        char *why, size_t why_len)
+{
+    struct stat index;
+    if (own_values || !ly->offsets_ok || fstat(ly->env_src.fd, &index) || index.st_dev != data->st_dev ||
+        index.st_ino != data->st_ino) {
+        snprintf(why, why_len, "%s: a remote layer is one packed DB with value offsets, read from one local copy",
+                 spec->url);
+        return EINVAL;
+    }
+    int rc = remote_open(&ly->remote, spec, ly->data_src.fd, why, why_len);
+    if (rc)
+        return -rc;
+    ly->env_src.remote = ly->vals_src.remote = ly->data_src.remote = ly->remote;
+    return 0;
+}
+
 int layer_open(struct layer *ly, const char *index_path, int index_subdir, const char *vals_path,
-               int vals_subdir, const char *data_path, char *why, size_t why_len)
+               int vals_subdir, const char *data_path, const struct remote_spec *remote, char *why, size_t why_len)
 {
     MDB_txn *txn;
     struct stat st;
@@ -223,20 +244,20 @@ int layer_open(struct layer *ly, const char *index_path, int index_subdir, const
         snprintf(why, why_len, "%s: cannot open its databases (%s)", index_path, mdb_strerror(rc));
         return rc;
     }
-    if (env_view(ly->env, ly->index_dbi, &ly->env_fd, &ly->env_base, &ly->env_map, &ly->env_size) ||
-        (ly->vals_env == ly->env ? (ly->vals_fd = ly->env_fd, ly->vals_base = ly->env_base, ly->vals_map = ly->env_map,
+    if (env_view(ly->env, ly->index_dbi, &ly->env_src.fd, &ly->env_base, &ly->env_map, &ly->env_size) ||
+        (ly->vals_env == ly->env ? (ly->vals_src = ly->env_src, ly->vals_base = ly->env_base, ly->vals_map = ly->env_map,
                                     ly->vals_size = ly->env_size, 0)
-                                 : env_view(ly->vals_env, ly->main_dbi, &ly->vals_fd, &ly->vals_base, &ly->vals_map, &ly->vals_size))) {
+                                 : env_view(ly->vals_env, ly->main_dbi, &ly->vals_src.fd, &ly->vals_base, &ly->vals_map, &ly->vals_size))) {
         snprintf(why, why_len, "%s: cannot inspect the LMDB map", index_path);
         return EIO;
     }
-    ly->data_fd = open(data_path, O_RDONLY | O_CLOEXEC);
-    if (ly->data_fd < 0 || fstat(ly->data_fd, &st)) {
+    ly->data_src.fd = open(data_path, O_RDONLY | O_CLOEXEC);
+    if (ly->data_src.fd < 0 || fstat(ly->data_src.fd, &st)) {
         snprintf(why, why_len, "%s: %s", data_path, strerror(errno));
         return errno;
     }
     ly->data_size = (uint64_t)st.st_size;
-    return 0;
+    return remote ? layer_remote(ly, &st, vals_path != NULL, remote, why, why_len) : 0;
 }
 
 void layer_close(struct layer *ly)
@@ -246,14 +267,16 @@ void layer_close(struct layer *ly)
         txns_free(ts);
         pthread_setspecific(txn_key, NULL);
     }
-    if (ly->data_fd > 0)
-        close(ly->data_fd);
+    remote_close(ly->remote);
+    ly->remote = ly->env_src.remote = ly->vals_src.remote = ly->data_src.remote = NULL;
+    if (ly->data_src.fd > 0)
+        close(ly->data_src.fd);
     if (ly->vals_env && ly->vals_env != ly->env)
         mdb_env_close(ly->vals_env);
     if (ly->env)
         mdb_env_close(ly->env);
     ly->env = ly->vals_env = NULL;
-    ly->data_fd = -1;
+    ly->data_src.fd = -1;
 }
 
 static int lmdb_get(struct layer *ly, int vals, MDB_val *key, MDB_val *val, const char *what)
@@ -349,19 +372,18 @@ int layer_fetch_record(struct layer *ly, const char *rel, size_t rel_len, size_t
      * from an earlier fetch, or a guess that covers a directory of a few hundred entries. */
     size_t guess = hint >= 16 ? hint : RECORD_HEAD_GUESS;
     size_t want = val.mv_size < guess ? val.mv_size : guess, need = val.mv_size;
-    ssize_t got = want ? pread(ly->env_fd, buf, want, (off_t)off) : 0;
-    if (got == (ssize_t)want && want >= 16 && memcmp(buf, "LDR2", 4) == 0) {
+    rc = src_pread(&ly->env_src, buf, want, off);
+    if (!rc && want >= 16 && memcmp(buf, "LDR2", 4) == 0) {
         uint64_t head = record_head_len(buf);
         if (head <= val.mv_size)  /* else the parser refuses it whole */
             need = head;
     }
-    if (got == (ssize_t)want && need > want) {
-        ssize_t more = pread(ly->env_fd, buf + want, need - want, (off_t)(off + want));
-        got = more < 0 ? more : got + more;
-        want = need;
-    }
-    if (got != (ssize_t)want) {
-        log_line("ERROR", "layer %d: short read of the directory record of '%.*s'", ly->index, (int)rel_len, rel);
+    if (!rc && need > want)
+        rc = src_pread(&ly->env_src, buf + want, need - want, off + want);
+    if (rc) {
+        char why[300];
+        log_line("ERROR", "layer %d: EIO for the directory record of '%.*s': %s", ly->index, (int)rel_len, rel,
+                 src_why(&ly->env_src, rc, why, sizeof(why)));
         return -EIO;
     }
     *raw = buf;

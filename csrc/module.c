@@ -6,6 +6,7 @@
 #include "serve.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <malloc.h>
 #include <signal.h>
 #include <stdlib.h>
@@ -76,6 +77,30 @@ static int prefix_ok(const char *p, size_t len)
     return 1;
 }
 
+/* A remote layer's optional "remote": {state_path, block_size, request_fd, url, and for
+ * tests stuck_ms} (csrc/source.h). 1 found, 0 absent, -1 error. */
+static int get_remote(PyObject *d, struct remote_spec *rs, char **state, char **url)
+{
+    PyObject *r = PyDict_GetItemString(d, "remote"); /* borrowed */
+    long long block_size, fd, stuck_ms = 0;
+    if (!r || r == Py_None)
+        return 0;
+    if (!PyDict_Check(r)) {
+        PyErr_SetString(PyExc_TypeError, "a layer's remote is a dict");
+        return -1;
+    }
+    if (get_str(r, "state_path", state, NULL, 0) || get_str(r, "url", url, NULL, 0) ||
+        get_int(r, "block_size", &block_size) || get_int(r, "request_fd", &fd) ||
+        (PyDict_GetItemString(r, "stuck_ms") && get_int(r, "stuck_ms", &stuck_ms)))
+        return -1;
+    if (block_size <= 0 || fd < 0 || fd > INT_MAX || stuck_ms < 0 || stuck_ms > LONG_MAX) {
+        PyErr_SetString(PyExc_ValueError, "a layer's remote needs block_size > 0, request_fd >= 0, stuck_ms >= 0");
+        return -1;
+    }
+    *rs = (struct remote_spec){*state, *url, (uint64_t)block_size, (int)fd, (long)stuck_ms};
+    return 1;
+}
+
 static void free_layers(void)
 {
     for (int i = 0; i < srv.nlayers; i++) {
@@ -92,11 +117,13 @@ static void free_layers(void)
 
 static int load_layer(PyObject *d, struct layer *ly, int index)
 {
-    char *index_path = NULL, *vals_path = NULL, *data_path = NULL, why[512];
+    char *index_path = NULL, *vals_path = NULL, *data_path = NULL, *state = NULL, *url = NULL, why[512];
+    struct remote_spec rs;
+    int remote = 0;
     long long index_subdir, vals_subdir = 0, offsets_ok, keys_path, root_mode, root_mtime;
     int rc = -1;
     ly->index = index;
-    ly->data_fd = -1;
+    ly->data_src.fd = -1;
     if (!PyDict_Check(d)) {
         PyErr_SetString(PyExc_TypeError, "each layer is a dict");
         return -1;
@@ -108,7 +135,7 @@ static int load_layer(PyObject *d, struct layer *ly, int index)
         get_int(d, "offsets_ok", &offsets_ok) || get_int(d, "keys_path", &keys_path) ||
         get_int(d, "root_mode", &root_mode) || get_int(d, "root_mtime_ns", &root_mtime))
         goto out;
-    if (vals_path && get_int(d, "values_subdir", &vals_subdir))
+    if ((vals_path && get_int(d, "values_subdir", &vals_subdir)) || (remote = get_remote(d, &rs, &state, &url)) < 0)
         goto out;
     if (!prefix_ok(ly->prefix, ly->prefix_len)) {
         PyErr_Format(PyExc_ValueError, "layer %d: bad prefix %s", index, ly->prefix);
@@ -123,7 +150,8 @@ static int load_layer(PyObject *d, struct layer *ly, int index)
     ly->root_mode = (uint32_t)root_mode & 07777;
     ly->root_mtime_ns = root_mtime;
     Py_BEGIN_ALLOW_THREADS
-    rc = layer_open(ly, index_path, index_subdir != 0, vals_path, vals_subdir != 0, data_path, why, sizeof(why));
+    rc = layer_open(ly, index_path, index_subdir != 0, vals_path, vals_subdir != 0, data_path, remote ? &rs : NULL, why,
+                    sizeof(why));
     Py_END_ALLOW_THREADS
     if (rc) {
         PyErr_SetString(LayerError, why);
@@ -133,6 +161,8 @@ out:
     free(index_path);
     free(vals_path);
     free(data_path);
+    free(state);
+    free(url);
     return rc;
 }
 

@@ -1,6 +1,8 @@
 /* READ: find a file's bytes, check them against the row's xxh3 the first time this
  * daemon reads the file, then answer from memory or hand libfuse (descriptor, offset)
- * so it splices the bytes to the kernel. */
+ * so it splices the bytes to the kernel. A remote layer's bytes are always copied
+ * through its byte source (source.h) and answered from memory: a block of its cache may
+ * be evicted between a check and a splice. */
 #include "serve.h"
 
 #include <errno.h>
@@ -25,18 +27,19 @@ static unsigned char *thread_buf(void)
     return p;
 }
 
-/* Where the file's bytes lie: (fd, pos) in the index file (inline), a data file, or at
- * its key. */
-static int locate(struct node *n, int layer, struct record *rec, const struct row *r, int *fd, uint64_t *pos)
+/* Where the file's bytes lie: (source, pos) in the index file (inline), a data file, or
+ * at its key. */
+static int locate(struct node *n, int layer, struct record *rec, const struct row *r, const struct source **src,
+                  uint64_t *pos)
 {
     struct layer *ly = &srv.layers[layer];
     if (r->flags & FLAG_INLINE) {  /* in the directory's record: data_off is in the index file */
-        *fd = ly->env_fd;
+        *src = &ly->env_src;
         *pos = r->data_off;
         return 0;
     }
     if (ly->offsets_ok && r->data_off) {
-        *fd = ly->data_fd;
+        *src = &ly->data_src;
         *pos = r->data_off;
         return 0;
     }
@@ -52,7 +55,7 @@ static int locate(struct node *n, int layer, struct record *rec, const struct ro
         rel[len++] = '/';
     memcpy(rel + len, row_name(rec, r), r->name_len);
     len += r->name_len;
-    *fd = ly->vals_fd;
+    *src = &ly->vals_src;
     int rc = layer_value_pos(ly, rel, len, r->size, pos);
     free(rel);
     return rc ? -rc : 0;
@@ -79,14 +82,15 @@ static uint8_t *row_bits(struct node *n, int layer, const struct record *rec)
 static pthread_mutex_t verify_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t verify_done = PTHREAD_COND_INITIALIZER;
 
-static int check(struct node *n, struct record *rec, uint32_t row_i, const struct row *r, int fd, uint64_t pos,
-                 const unsigned char **whole, uint8_t *bits, unsigned char *into);
+static int check(struct node *n, struct record *rec, uint32_t row_i, const struct row *r, const struct source *src,
+                 uint64_t pos, const unsigned char **whole, uint8_t *bits, unsigned char *into, int quiet);
 
 /* Check the stored bytes against the row's xxh3 once per file. Returns 0 or an errno; a
  * file of at most HASH_CHUNK bytes is left in *whole for the reply (read into `into`
- * when given: a ring entry's reply buffer, so the reply needs no copy). */
-static int verify(struct node *n, int layer, struct record *rec, uint32_t row_i, const struct row *r, int fd,
-                  uint64_t pos, const unsigned char **whole, unsigned char *into)
+ * when given: a ring entry's reply buffer, so the reply needs no copy). quiet: bytes
+ * that cannot be read are not logged (the READ that follows will be). */
+static int verify(struct node *n, int layer, struct record *rec, uint32_t row_i, const struct row *r,
+                  const struct source *src, uint64_t pos, const unsigned char **whole, unsigned char *into, int quiet)
 {
     uint8_t *bits = row_bits(n, layer, rec);
     if (!bits)
@@ -107,55 +111,77 @@ static int verify(struct node *n, int layer, struct record *rec, uint32_t row_i,
             return 0;
         if (b & 2)
             return EIO;
-        int err = check(n, rec, row_i, r, fd, pos, whole, bits, into);
+        int err = check(n, rec, row_i, r, src, pos, whole, bits, into, quiet);
         pthread_mutex_lock(&verify_lock);
         __atomic_fetch_and(&bits[row_i], (uint8_t)~4, __ATOMIC_ACQ_REL);
         pthread_cond_broadcast(&verify_done);
         pthread_mutex_unlock(&verify_lock);
         return err;
     }
-    return check(n, rec, row_i, r, fd, pos, whole, bits, into);
+    return check(n, rec, row_i, r, src, pos, whole, bits, into, quiet);
 }
 
-static int check(struct node *n, struct record *rec, uint32_t row_i, const struct row *r, int fd, uint64_t pos,
-                 const unsigned char **whole, uint8_t *bits, unsigned char *into)
+/* The file's xxh3 over its stored bytes, read HASH_CHUNK at a time into buf; a file of
+ * at most HASH_CHUNK bytes is left whole in buf. 0 or a negative errno. */
+static int hash_bytes(const struct source *src, uint64_t pos, uint64_t size, unsigned char *buf, XXH64_hash_t *sum)
 {
-    XXH64_hash_t sum = 0;
-    unsigned char *buf = into && r->size <= HASH_CHUNK ? into : thread_buf();
-    if (!buf)
-        return ENOMEM;
-    XXH3_state_t *state = r->size > HASH_CHUNK ? XXH3_createState() : NULL;
+    XXH3_state_t *state = size > HASH_CHUNK ? XXH3_createState() : NULL;
+    if (size > HASH_CHUNK && !state)
+        return -ENOMEM;
     if (state)
         XXH3_64bits_reset(state);
     uint64_t done = 0;
     do {
-        size_t want = r->size - done > HASH_CHUNK ? HASH_CHUNK : (size_t)(r->size - done);
-        ssize_t got = want ? pread(fd, buf, want, (off_t)(pos + done)) : 0;
-        if (got != (ssize_t)want) {
+        size_t want = size - done > HASH_CHUNK ? HASH_CHUNK : (size_t)(size - done);
+        int rc = src_pread(src, buf, want, pos + done);
+        if (rc) {
             XXH3_freeState(state);
-            log_line("ERROR", "EIO for %s/%.*s: short read from the DB file", n->path, r->name_len,
-                     row_name(rec, r));
-            return EIO;
+            return rc;
         }
         if (state)
             XXH3_64bits_update(state, buf, want);
         else
-            sum = XXH3_64bits(buf, want);
+            *sum = XXH3_64bits(buf, want);
         done += want;
-    } while (done < r->size);
+    } while (done < size);
     if (state) {
-        sum = XXH3_64bits_digest(state);
+        *sum = XXH3_64bits_digest(state);
         XXH3_freeState(state);
-    } else {
-        *whole = buf;
+    }
+    return 0;
+}
+
+static int check(struct node *n, struct record *rec, uint32_t row_i, const struct row *r, const struct source *src,
+                 uint64_t pos, const unsigned char **whole, uint8_t *bits, unsigned char *into, int quiet)
+{
+    XXH64_hash_t sum = 0;
+    unsigned char *buf = into && r->size <= HASH_CHUNK ? into : thread_buf();
+    char why[300];
+    if (!buf)
+        return ENOMEM;
+    int rc = hash_bytes(src, pos, r->size, buf, &sum);
+    /* A remote layer's damaged cache block: the file's blocks are fetched again, once. */
+    if (!rc && sum != r->checksum && src_refetch(src, pos, r->size))
+        rc = hash_bytes(src, pos, r->size, buf, &sum);
+    if (rc) {
+        if (!quiet)
+            log_line("ERROR", "EIO for %s%s%.*s: %s", n->path, n->path_len ? "/" : "", r->name_len,
+                     row_name(rec, r), src_why(src, rc, why, sizeof(why)));
+        return rc == -ENOMEM ? ENOMEM : EIO;
     }
     if (sum != r->checksum) {
-        *whole = NULL;
-        if (!(__atomic_fetch_or(&bits[row_i], 2, __ATOMIC_ACQ_REL) & 2))
-            log_line("ERROR", "EIO for %s%s%.*s: checksum mismatch (the DB file is damaged)", n->path,
-                     n->path_len ? "/" : "", r->name_len, row_name(rec, r));
+        if (!(__atomic_fetch_or(&bits[row_i], 2, __ATOMIC_ACQ_REL) & 2)) {
+            if (src_is_remote(src))
+                log_line("ERROR", "EIO for %s%s%.*s: checksum mismatch after fetching it again from %s", n->path,
+                         n->path_len ? "/" : "", r->name_len, row_name(rec, r), remote_url(src->remote));
+            else
+                log_line("ERROR", "EIO for %s%s%.*s: checksum mismatch (the DB file is damaged)", n->path,
+                         n->path_len ? "/" : "", r->name_len, row_name(rec, r));
+        }
         return EIO;
     }
+    if (r->size <= HASH_CHUNK)
+        *whole = buf;
     __atomic_fetch_or(&bits[row_i], 1, __ATOMIC_RELEASE);
     return 0;
 }
@@ -167,7 +193,10 @@ static int check(struct node *n, struct record *rec, uint32_t row_i, const struc
  * up.  A LOOKUP does not say whether the file will be read (stat, os.path.exists), so
  * lookups spend credit that first READs give back: a sweep of stats stops prefetching
  * after PREFETCH_CREDIT files, and reads turn it back on.  An open is a promise to read:
- * at the IOCTL that Python's open() sends, a file not yet prefetched is, without credit. */
+ * at the IOCTL that Python's open() sends, a file not yet prefetched is, without credit.
+ * On a remote layer prefetching claims the file's first blocks and sends them to the
+ * fetcher without waiting; small and inline files too, since a fetch costs a round trip
+ * to the server where a local read costs none. */
 #define PREFETCH_MAX (1u << 20)   /* the mount's readahead: what the first READ asks for */
 #define PREFETCH_CREDIT 128
 
@@ -184,11 +213,13 @@ static void prefetch_refund(void)
 void lmdbfs_prefetch(struct node *n, int layer, struct record *rec, uint32_t row_i, const struct row *r,
                      int at_open)
 {
-    int fd;
+    const struct source *src;
     uint64_t pos;
-    /* small files come with the IOCTL's push, inline ones with their record */
-    if (r->kind != KIND_FILE || r->size <= srv.push_max || (r->flags & FLAG_INLINE) ||
-        !srv.layers[layer].offsets_ok || !r->data_off)
+    const struct layer *ly = &srv.layers[layer];
+    /* small local files come with the IOCTL's push, inline ones with their record */
+    if (r->kind != KIND_FILE || r->size == 0 ||
+        (ly->remote ? !(r->flags & FLAG_INLINE) && !r->data_off
+                    : r->size <= srv.push_max || (r->flags & FLAG_INLINE) || !ly->offsets_ok || !r->data_off))
         return;
     uint8_t *bits = row_bits(n, layer, rec);
     if (!bits || (__atomic_load_n(&bits[row_i], __ATOMIC_ACQUIRE) & (16 | 32)))
@@ -197,12 +228,12 @@ void lmdbfs_prefetch(struct node *n, int layer, struct record *rec, uint32_t row
         __atomic_add_fetch(&prefetch_credit, 1, __ATOMIC_RELAXED);
         return;
     }
-    if ((__atomic_fetch_or(&bits[row_i], 16, __ATOMIC_ACQ_REL) & 16) || locate(n, layer, rec, r, &fd, &pos)) {
+    if ((__atomic_fetch_or(&bits[row_i], 16, __ATOMIC_ACQ_REL) & 16) || locate(n, layer, rec, r, &src, &pos)) {
         if (!at_open)
             prefetch_refund();
         return;
     }
-    posix_fadvise(fd, (off_t)pos, (off_t)(r->size < PREFETCH_MAX ? r->size : PREFETCH_MAX), POSIX_FADV_WILLNEED);
+    src_prefetch(src, pos, r->size < PREFETCH_MAX ? r->size : PREFETCH_MAX);
 }
 
 /* The first READ of a file gives a prefetch credit back. */
@@ -220,9 +251,10 @@ void lmdbfs_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct 
     struct node *n;
     struct record *rec;
     struct row r;
-    int layer, fd = -1, err;
+    int layer, err;
     uint32_t row_i;
     uint64_t pos = 0;
+    const struct source *src = NULL;
     const unsigned char *whole = NULL;
     unsigned char *ring;
     size_t cap;
@@ -239,11 +271,11 @@ void lmdbfs_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct 
         fuse_reply_err(req, EINVAL);
         return;
     }
-    err = locate(n, layer, rec, &r, &fd, &pos);
+    err = locate(n, layer, rec, &r, &src, &pos);
     mark_read(n, layer, rec, row_i);
     ring = uring_payload(&cap);
     if (!err && srv.verify && srv.layers[layer].verify)
-        err = verify(n, layer, rec, row_i, &r, fd, pos, &whole, ring && r.size <= cap ? ring : NULL);
+        err = verify(n, layer, rec, row_i, &r, src, pos, &whole, ring && r.size <= cap ? ring : NULL, 0);
     if (err) {
         fuse_reply_err(req, err);
     } else if (off < 0 || (uint64_t)off >= r.size || size == 0) {
@@ -252,25 +284,25 @@ void lmdbfs_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct 
         size_t n_bytes = r.size - (uint64_t)off < size ? (size_t)(r.size - (uint64_t)off) : size;
         if (whole) {
             fuse_reply_buf(req, (const char *)whole + off, n_bytes);
-        } else if (ring && n_bytes <= cap) {
-            /* a ring thread: the bytes go straight into the entry's reply buffer */
-            size_t got = 0;
-            while (got < n_bytes) {
-                ssize_t k = pread(fd, ring + got, n_bytes - got, (off_t)(pos + (uint64_t)off + got));
-                if (k < 0 && errno == EINTR)
-                    continue;
-                if (k <= 0)
-                    break;
-                got += (size_t)k;
+        } else if ((ring && n_bytes <= cap) || src_is_remote(src)) {
+            /* a ring thread: the bytes go straight into the entry's reply buffer; a remote
+             * layer: through a buffer of this thread's */
+            unsigned char *buf = ring && n_bytes <= cap ? ring : n_bytes <= HASH_CHUNK ? thread_buf() : NULL;
+            unsigned char *own = buf ? NULL : malloc(n_bytes);
+            char why[300];
+            int rc = buf || own ? src_pread(src, buf ? buf : own, n_bytes, pos + (uint64_t)off) : -ENOMEM;
+            if (rc) {
+                log_line("ERROR", "EIO for %s%s%.*s: %s", n->path, n->path_len ? "/" : "", r.name_len,
+                         row_name(rec, &r), src_why(src, rc, why, sizeof(why)));
+                fuse_reply_err(req, rc == -ENOMEM ? ENOMEM : EIO);
+            } else {
+                fuse_reply_buf(req, (const char *)(buf ? buf : own), n_bytes);
             }
-            if (got < n_bytes)
-                fuse_reply_err(req, EIO);
-            else
-                fuse_reply_buf(req, (const char *)ring, n_bytes);
+            free(own);
         } else {
             struct fuse_bufvec bv = FUSE_BUFVEC_INIT(n_bytes);
             bv.buf[0].flags = FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK | FUSE_BUF_FD_RETRY;
-            bv.buf[0].fd = fd;
+            bv.buf[0].fd = src->fd;
             bv.buf[0].pos = (off_t)(pos + (uint64_t)off);
             fuse_reply_data(req, &bv, FUSE_BUF_SPLICE_MOVE);
         }
@@ -289,9 +321,10 @@ void lmdbfs_push(fuse_ino_t ino)
     struct node *n;
     struct record *rec;
     struct row r;
-    int layer, fd = -1;
+    int layer;
     uint32_t row_i;
     uint64_t pos = 0;
+    const struct source *src;
     if (!(ino & FILE_INO_BIT) || !srv.se)
         return;
     /* Pushed or read already (every later epoch): answered from the bits, without the
@@ -308,17 +341,17 @@ void lmdbfs_push(fuse_ino_t ino)
     lmdbfs_prefetch(n, layer, rec, row_i, &r, 1);
     uint8_t *bits = row_bits(n, layer, rec);
     if (!bits || r.kind != KIND_FILE || r.size == 0 || r.size > srv.push_max || r.size > HASH_CHUNK ||
-        (__atomic_load_n(&bits[row_i], __ATOMIC_ACQUIRE) & 8) || locate(n, layer, rec, &r, &fd, &pos)) {
+        (__atomic_load_n(&bits[row_i], __ATOMIC_ACQUIRE) & 8) || locate(n, layer, rec, &r, &src, &pos)) {
         record_put(rec);
         return;
     }
     const unsigned char *whole = NULL;
     int err = 0;
     if (srv.verify && srv.layers[layer].verify)
-        err = verify(n, layer, rec, row_i, &r, fd, pos, &whole, NULL);
+        err = verify(n, layer, rec, row_i, &r, src, pos, &whole, NULL, 1);
     if (!err && !whole) {  /* checked earlier, or not checked at all: read it now */
         unsigned char *buf = thread_buf();
-        if (!buf || pread(fd, buf, (size_t)r.size, (off_t)pos) != (ssize_t)r.size)
+        if (!buf || src_pread(src, buf, (size_t)r.size, pos))
             err = EIO;
         whole = buf;
     }

@@ -22,6 +22,8 @@
 #include <stddef.h>
 #include <sys/types.h>
 
+#include "source.h"
+
 #define LAYER_MAX 64
 #define ROW_BITS 24
 #define ROW_MAX (1u << ROW_BITS)
@@ -47,7 +49,10 @@ struct layer {
     MDB_dbi index_dbi;
     MDB_env *vals_env;       /* where key lookups go (an adopted DB's own env) */
     MDB_dbi main_dbi;
-    int env_fd, vals_fd, data_fd;   /* preads: records, key-looked-up values, data_off values */
+    struct source env_src, vals_src, data_src;  /* records (and inline bytes), key-looked-up values,
+                                                  * data_off values; a remote layer's three share its
+                                                  * block cache (source.h) */
+    struct remote *remote;   /* NULL: a local DB */
     char *env_base, *vals_base;     /* map addresses, to turn value pointers into file offsets */
     size_t env_map, vals_map;
     uint64_t env_size, vals_size, data_size;
@@ -143,20 +148,22 @@ struct server {
 extern struct server srv;
 
 /* layer.c */
+/* remote: NULL for a local DB; else index_path and data_path are the remote object's
+ * sparse local copy, read through its block cache. */
 int layer_open(struct layer *ly, const char *index_path, int index_subdir, const char *vals_path,
-               int vals_subdir, const char *data_path, char *why, size_t why_len);
+               int vals_subdir, const char *data_path, const struct remote_spec *remote, char *why, size_t why_len);
 void layer_close(struct layer *ly);
 void md5_of(const void *a, size_t alen, const void *b, size_t blen, unsigned char out[16]);
 /* 0 ok, MDB_NOTFOUND, -EFBIG, -ENOMEM or -EIO (logged). *raw is the record read into a
  * buffer of this thread's (valid until its next call): *len bytes of its *total (a
  * version-4 record's head only, without the inline bytes after it), *off where it lies
- * in env_fd. hint: the *len of an earlier fetch of the same record (0: none), read at
+ * in env_src. hint: the *len of an earlier fetch of the same record (0: none), read at
  * once. */
 int layer_fetch_record(struct layer *ly, const char *rel, size_t rel_len, size_t hint, const unsigned char **raw,
                        size_t *len, size_t *total, uint64_t *off);
 /* The record of the last fetch is parsed: a buffer kept only for a large one is freed. */
 void layer_record_done(void);
-/* Where a file's bytes live in vals_fd: 0 ok, -errno otherwise. */
+/* Where a file's bytes live in vals_src: 0 ok, -errno otherwise. */
 int layer_value_pos(struct layer *ly, const char *rel, size_t rel_len, uint64_t size, uint64_t *pos);
 void log_line(const char *level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 

@@ -205,10 +205,11 @@ struct record *node_record(struct node *n, int layer, int *err)
     }
     /* The first fetch of a version-4 record read its head only: the inline bytes after it
      * go to the page cache's readahead, as one request, instead of one small read per
-     * file when each is opened. */
-    if (!__atomic_exchange_n(&ln->head_len, (uint32_t)raw_len, __ATOMIC_RELAXED) && raw_total > raw_len)
-        posix_fadvise(srv.layers[layer].env_fd, (off_t)(raw_off + raw_len), (off_t)(raw_total - raw_len),
-                      POSIX_FADV_WILLNEED);
+     * file when each is opened. Not on a remote layer: a walk must fetch nothing (its
+     * files' LOOKUPs prefetch them). */
+    if (!__atomic_exchange_n(&ln->head_len, (uint32_t)raw_len, __ATOMIC_RELAXED) && raw_total > raw_len &&
+        !srv.layers[layer].remote)
+        src_prefetch(&srv.layers[layer].env_src, raw_off + raw_len, raw_total - raw_len);
     rec->owner = n;
     rec->layer = layer;
     pthread_mutex_lock(&cache_lock);
