@@ -66,22 +66,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--full-matrix", action="store_true",
                     help="every system and pattern at every RTT and reader count (default: httpdirfs, ratarmount "
                     "and seq reads only at the most readers and the largest RTT)")
+    ap.add_argument("--add", action="store_true",
+                    help="add this run's cases to the stored results of the same size (a case run again replaces "
+                    "its earlier figures) instead of starting afresh")
+    ap.add_argument("--no-drop-caches", action="store_true", help="never drop the page cache ('cold' is then not cold)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=3600)
     ap.add_argument("-v", "--verbose", action="store_true")
     a = ap.parse_args(argv)
-    if a.quick:
+    if a.quick:  # each default below unless given: one small case of each kind
+        given = set(argv if argv is not None else sys.argv[1:])
         a.size = "smoke"
-        if "--readers" not in (argv or sys.argv):
-            a.readers = "2"
-        if "--rtt-ms" not in (argv or sys.argv):
-            a.rtt_ms = "0,5"
-        if "--patterns" not in (argv or sys.argv):
-            a.patterns = "uniform"
-        if "--cap-mbit" not in (argv or sys.argv):
-            a.cap_mbit = "100"
-        if "--nodes" not in (argv or sys.argv):
-            a.nodes = 2
+        for flag, attr, value in (("--readers", "readers", "2"), ("--rtt-ms", "rtt_ms", "5"),
+                                  ("--patterns", "patterns", "uniform"), ("--cap-mbit", "cap_mbit", "100"),
+                                  ("--cap-systems", "cap_systems", "http"), ("--nodes", "nodes", 2)):
+            if flag not in given:
+                setattr(a, attr, value)
     a.systems = [s for s in a.systems.split(",") if s]
     bad = set(a.systems) - set(REMOTE_SYSTEMS)
     if bad:
@@ -109,6 +109,23 @@ def artifacts(work: Path, tree_root: Path, size: str) -> tuple[Path, Path]:
     return db, tar
 
 
+def merged(old: dict, new: dict) -> dict:
+    """An earlier run's results with this run's cases added (or replacing the same cases)."""
+    def key(r):
+        return (r["system"], r["readers"], r["pattern"], r["rtt_ms"], r.get("mbit"))
+
+    fresh = {key(r) for r in new["runs"]}
+    out = dict(new)
+    out["runs"] = [r for r in old["runs"] if key(r) not in fresh] + new["runs"]
+    for field in ("systems", "readers", "rtts", "caps", "patterns"):
+        out[field] = sorted(set(old.get(field, [])) | set(new[field]))
+    if "nodes_run" not in new and "nodes_run" in old:
+        out["nodes_run"] = old["nodes_run"]
+    out["started"] = f"{old['started']} and {new['started']}" if old["started"] != new["started"] else new["started"]
+    out["notes"] = list(dict.fromkeys(old.get("notes", []) + new["notes"]))
+    return out
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
@@ -134,7 +151,8 @@ def main(argv=None) -> int:
         res["notes"].append(f"httpdirfs and ratarmount read a seeded sample of {len(slow_files):,} of the epoch's "
                             "files (they are slow); their files/s compare, their totals do not.")
     remote_dir = work / "remote" / a.size
-    env = RemoteEnv(remote_dir, db, tar if "ratarmount" in a.systems else None, "", "s3" in a.systems)
+    env = RemoteEnv(remote_dir, db, tar if "ratarmount" in a.systems else None, "", "s3" in a.systems,
+                    drop=not a.no_drop_caches)
     try:
         plan = []
         top = (max(a.readers), max(a.rtts))
@@ -170,7 +188,10 @@ def main(argv=None) -> int:
                                          a.seed, a.timeout)
     finally:
         env.close()
-    (work / f"results-remote-{a.size}.json").write_text(json.dumps(res, indent=1))
+    json_path = work / f"results-remote-{a.size}.json"
+    if a.add and json_path.exists():
+        res = merged(json.loads(json_path.read_text()), res)
+    json_path.write_text(json.dumps(res, indent=1))
     write_section(a.out, res)
     print(f"\n== remote, {a.size}: ratios (see {a.out}) ==")
     for what, value, cmp, target in ratios(res):

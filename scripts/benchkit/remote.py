@@ -250,10 +250,10 @@ SYSTEMS = {cls.name: cls for cls in (Local, Http, S3, HttpDirFs, Ratarmount)}
 class RemoteEnv:
     """The run's servers and artifacts: the DB and tar published by nginx, the DB in S3."""
 
-    def __init__(self, work: Path, db: Path, tar: Path | None, tar_prefix: str, want_s3: bool):
+    def __init__(self, work: Path, db: Path, tar: Path | None, tar_prefix: str, want_s3: bool, drop: bool = True):
         from tests.servers import nginx, s3
 
-        self.work, self.db, self.tar, self.tar_prefix = work, db, tar, tar_prefix
+        self.work, self.db, self.tar, self.tar_prefix, self.drop = work, db, tar, tar_prefix, drop
         www = work / "www"
         shutil.rmtree(www, ignore_errors=True)
         www.mkdir(parents=True)
@@ -290,7 +290,7 @@ def one_run(env: RemoteEnv, system: str, files: list[str], readers: int, pattern
     proxy = Proxy(env.upstream_port(system), [sysobj.label], rtt_ms, mbit) if sysobj.remote else None
     try:
         sysobj.fresh_cache()
-        out["cold_ok"] = drop_caches(True)
+        out["cold_ok"] = drop_caches(env.drop)
         t0 = now()
         sysobj.mount(proxy)
         out["mount_s"] = now() - t0
@@ -309,7 +309,7 @@ def one_run(env: RemoteEnv, system: str, files: list[str], readers: int, pattern
         if warm and system in ("http", "s3", "httpdirfs"):
             if proxy:
                 proxy.reset()
-            drop_caches(True)
+            drop_caches(env.drop)
             sysobj.mount(proxy)
             try:
                 out["warm"] = read_epoch("fs", sysobj.root(), files, readers, seed + 1, timeout, pattern)
@@ -343,7 +343,7 @@ def nodes_run(env: RemoteEnv, system: str, files: list[str], nodes: int, readers
     out: dict[str, Any] = {"system": system, "nodes": nodes, "readers_per_node": readers, "rtt_ms": rtt_ms,
                            "mbit": mbit, "per_node": {}}
     try:
-        drop_caches(True)
+        drop_caches(env.drop)
         for obj in objs:
             obj.fresh_cache()
             obj.mount(proxy)
@@ -370,7 +370,7 @@ def nodes_run(env: RemoteEnv, system: str, files: list[str], nodes: int, readers
         # node 0 alone
         alone = objs[0]
         alone.fresh_cache()
-        drop_caches(True)
+        drop_caches(env.drop)
         alone.mount(proxy)
         proxy.reset()
         try:

