@@ -339,3 +339,42 @@ def s3_server() -> Iterator[S3Server]:
     """One SeaweedFS per test module (it takes a few seconds to start)."""
     with s3() as server:
         yield server
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one server until SIGTERM/SIGINT, for a shell script (scripts/demo.sh --remote):
+
+        python -m tests.servers nginx ROOT        prints `URL http://127.0.0.1:PORT`
+        python -m tests.servers s3 FILE KEY       uploads FILE, prints `URL s3://…` and `ENV NAME=VALUE` lines
+
+    then `READY`, and stops the server (leaving nothing behind) when signalled."""
+    import argparse
+    import threading
+
+    ap = argparse.ArgumentParser(prog="python -m tests.servers", description=main.__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="kind", required=True)
+    sub.add_parser("nginx").add_argument("root")
+    p = sub.add_parser("s3")
+    p.add_argument("file")
+    p.add_argument("key")
+    a = ap.parse_args(argv)
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    if a.kind == "nginx":
+        with nginx(a.root) as server:
+            print(f"URL {server.base_url}", flush=True)
+            print("READY", flush=True)
+            done.wait()
+    else:
+        with s3() as server:
+            print(f"URL {server.put(a.file, a.key)}", flush=True)
+            for name, value in server.env().items():
+                print(f"ENV {name}={value}", flush=True)
+            print("READY", flush=True)
+            done.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
