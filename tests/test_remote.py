@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 import lmdbfs
+from lmdbfs.errors import RemoteChanged
 from lmdbfs.remote import cache as rcache
 from lmdbfs.remote import source
-from lmdbfs.remote.client import RemoteChanged
 from lmdbfs.remote.url import parse, redact
 from tests.conftest import load_script, one_error_line, run_cli
 from tests.servers import nginx

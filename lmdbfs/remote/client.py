@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from ..errors import LmdbfsError
+from ..errors import RemoteChanged, RemoteError
 from .url import RemoteURL
 
 log = logging.getLogger(__name__)
@@ -30,16 +30,6 @@ REQUEST_TIMEOUT = timedelta(seconds=float(os.environ.get("LMDBFS_REMOTE_TIMEOUT"
 RETRIES = 4  # obstore's own retries of 5xx, 429 and connection errors, with backoff + jitter
 ATTEMPTS = 3  # ours around them: short bodies, broken bodies, what obstore gave up on
 _BACKOFF = (0.2, 2.0)  # our jittered wait between attempts: base, cap (s)
-
-
-class RemoteError(LmdbfsError):
-    """A remote DB that cannot be opened or read: unreachable, denied, missing."""
-
-    exit_code = 9
-
-
-class RemoteChanged(RemoteError):
-    """The object was replaced since it was opened (its ETag changed)."""
 
 
 @dataclass(frozen=True)

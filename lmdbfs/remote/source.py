@@ -16,9 +16,9 @@ import threading
 import time
 from dataclasses import dataclass
 
-from ..errors import CorruptValue
+from ..errors import CorruptValue, RemoteChanged, RemoteError
 from .cache import BlockCache, default_dir
-from .client import Client, ObjectInfo, RemoteChanged, RemoteError, loop, run
+from .client import Client, ObjectInfo, loop, run
 from .url import RemoteURL, parse
 
 log = logging.getLogger(__name__)
