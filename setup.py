@@ -6,6 +6,7 @@
 - lmdbfs._serve, the FUSE server, also needs libfuse3, LMDB, xxHash, Nettle and liburing
   (headers and libraries). Without them the install goes on without it and `lmdbfs mount`
   says which packages bring it; every other command and `lmdbfs.open()` work in Python.
+- lmdbfs._blocks, a remote DB's block states (docs/remote.md), needs only a C compiler.
 LMDBFS_REQUIRE_SERVER=1 makes a missing server an error (the wheel build and
 scripts/setup.sh set it, so a wheel without the server never ships).
 """
@@ -64,6 +65,13 @@ EXTENSIONS = [
     Extension(
         "lmdbfs._readfiles",
         sources=["csrc/readfiles/readfiles.c"],
+        extra_compile_args=CFLAGS,
+        optional=True,
+    ),
+    Extension(  # a remote DB's block states (docs/remote.md): libc only, like _readfiles
+        "lmdbfs._blocks",
+        sources=["csrc/blocks/blocks.c"],
+        depends=["csrc/blocks/blockstate.h"],
         extra_compile_args=CFLAGS,
         optional=True,
     ),

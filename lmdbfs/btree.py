@@ -223,3 +223,113 @@ def _decode_leaves(
     keys.extend(names)
     sizes.append(dsize.astype(np.uint64))
     offsets.append(offs.astype(np.uint64))
+
+
+# -- reading pages one at a time (a remote DB's index prefetch walks the tree level by level)
+
+
+@dataclass(frozen=True)
+class Tree:
+    """A database's B-tree as its MDB_db record gives it."""
+
+    root: int  # _P_INVALID: empty
+    depth: int
+    entries: int
+
+
+@dataclass(frozen=True)
+class MetaPage:
+    psize: int
+    last_pgno: int
+    txnid: int
+    main: Tree
+
+
+@dataclass(frozen=True)
+class Node:
+    key: bytes
+    flags: int  # _F_BIGDATA: the value is on overflow pages; _F_SUBDATA: it names a database
+    size: int  # the value's size (a branch node: 0)
+    child: int  # a branch node's child page, a big value's first overflow page, else 0
+    value: bytes  # the value itself when it lies in the leaf page
+
+
+def newest_meta(head: bytes, shown: str) -> MetaPage:
+    """The meta page LMDB would use (the valid one with the highest transaction id), from
+    the file's first bytes (both meta pages)."""
+    found: list[MetaPage] = []
+    psize = 0
+    for page in (0, 1):
+        at = page * psize
+        if page and not psize:
+            break
+        if len(head) < at + _PAGE_HEADER + _META.size:
+            raise _bad(shown, "short meta page")
+        f = _META.unpack_from(head, at + _PAGE_HEADER)
+        if f[0] != _MAGIC or f[1] != _DATA_VERSION:
+            raise _bad(shown, f"meta page {page}: not LMDB data format {_DATA_VERSION} of a 64-bit host")
+        psize = psize or f[4]  # the free DB's md_pad holds the page size
+        if psize < 512 or psize > 65536 or psize & (psize - 1):
+            raise _bad(shown, f"page size {psize}")
+        main = f[12:20]
+        found.append(MetaPage(psize, f[20], f[21], Tree(main[7], main[2], main[6])))
+    return max(found, key=lambda m: m.txnid)
+
+
+def page_nodes(page: bytes, pgno: int, psize: int, last_pgno: int, shown: str) -> tuple[bool, list[Node]]:
+    """(is a leaf, its nodes) of one branch or leaf page, every bound checked."""
+    if len(page) != psize:
+        raise _bad(shown, f"page {pgno} is past the end of the file")
+    flags = struct.unpack_from("<H", page, 10)[0]
+    if flags & _P_LEAF2 or not flags & (_P_LEAF | _P_BRANCH):
+        raise _bad(shown, f"page {pgno} is neither a branch nor a leaf where one is expected")
+    leaf = bool(flags & _P_LEAF)
+    nodes = []
+    for ptr in _node_offsets(shown, psize, pgno, page).tolist():
+        lo, hi, nflags, ksize = struct.unpack_from("<HHHH", page, ptr)
+        kstart = ptr + _NODE_HEADER
+        if kstart + ksize > psize:
+            raise _bad(shown, f"page {pgno} has a node running past its end")
+        key = page[kstart : kstart + ksize]
+        if not leaf:
+            child = lo | hi << 16 | nflags << 32
+            if not 2 <= child <= last_pgno:
+                raise _bad(shown, f"page number {child} out of range")
+            nodes.append(Node(key, 0, 0, child, b""))
+            continue
+        size = lo | hi << 16
+        at = kstart + ksize
+        if nflags & _F_BIGDATA:
+            if at + 8 > psize:
+                raise _bad(shown, f"page {pgno} has a node running past its end")
+            (child,) = struct.unpack_from("<Q", page, at)
+            if not 2 <= child <= last_pgno or child * psize + _PAGE_HEADER + size > (last_pgno + 1) * psize:
+                raise _bad(shown, "a value's overflow pages lie outside the file")
+            nodes.append(Node(key, nflags, size, child, b""))
+        else:
+            if at + size > psize:
+                raise _bad(shown, f"page {pgno} has a node running past its end")
+            nodes.append(Node(key, nflags, size, 0, page[at : at + size]))
+    return leaf, nodes
+
+
+def sub_tree(node: Node, shown: str) -> Tree:
+    """The MDB_db record a named database's node holds."""
+    if not node.flags & _F_SUBDATA or len(node.value) < 48:
+        raise _bad(shown, f"{node.key!r} does not name a database")
+    _pad, flags, depth, _b, _l, _o, entries, root = struct.unpack_from("<IHHQQQQQ", node.value)
+    if flags & _MDB_DUPSORT or depth > _MAX_DEPTH:
+        raise _bad(shown, f"database {node.key!r} has duplicate keys or depth {depth}")
+    return Tree(root, depth, entries)
+
+
+def child_for(nodes: list[Node], key: bytes) -> int:
+    """The child of a branch page whose range holds ``key`` (LMDB's default order:
+    bytes compared, then the shorter first; the first node's key stands for -inf)."""
+    pick = nodes[0].child
+    for node in nodes[1:]:
+        if node.key <= key:
+            pick = node.child
+        else:
+            break
+    return pick

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 
 from . import __version__
 from .errors import EXIT_CORRUPT, EXIT_FAILURE, EXIT_INTERRUPTED, CorruptValue, LmdbfsError, UsageError, exit_code_of
+from .remote.url import is_url, redact
 
 log = logging.getLogger("lmdbfs")
 
@@ -37,8 +38,10 @@ _LMDB_MAGIC = 0xBEEFC0DE
 def _is_db_arg(arg: str) -> bool:
     """Whether a command-line word names a DB (rather than a path inside one): NAME=DB
     with an existing DB, an LMDB file, or an LMDB directory."""
-    if not os.path.exists(arg) and "=" in arg:
+    if not os.path.exists(arg) and "=" in arg and not is_url(arg):
         arg = arg.partition("=")[2]
+    if is_url(arg):
+        return True
     if os.path.isdir(arg):
         return os.path.isfile(os.path.join(arg, "data.mdb"))
     try:
@@ -228,7 +231,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if report.problems:
         more = len(report.problems) - 50
         raise CorruptValue(
-            f"verify found {len(report.problems)} problem{'s' if len(report.problems) > 1 else ''} in {' '.join(args.dbs)}"
+            f"verify found {len(report.problems)} problem{'s' if len(report.problems) > 1 else ''} in {' '.join(map(redact, args.dbs))}"
             + (f" ({more} not shown)" if more > 0 else ""),
             "restore the DB file or re-pack it",
         )
@@ -261,6 +264,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
         threads=args.threads,
         io_uring=args.io_uring,
         ready_fd=args.ready_fd,
+        cache_dir=args.cache_dir,
+        cache_size=args.cache_size,
+        fetch_all=args.fetch_all,
     )
     mount(args.dbs, args.mountpoint, opts)
     return 0
@@ -446,9 +452,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
 
+    for name in ("info", "ls", "cat", "verify", "unpack", "mount"):
+        _cache_options(sub.choices[name])
+    sub.choices["mount"].add_argument(
+        "--fetch-all",
+        action="store_true",
+        help="remote DBs: stream the whole DB into the cache after mount (a first epoch in random order "
+        "then runs at the link's speed; needs --cache-size of twice the DB, or none)",
+    )
+
     p = add("umount", cmd_umount, "unmount (also cleans up after a daemon that died)")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     return parser
+
+
+def _cache_options(p: argparse.ArgumentParser) -> None:
+    """Remote DBs (s3://, http(s)://): where the block cache lives, how large it may grow."""
+    p.add_argument("--cache-dir", metavar="DIR", help="remote DBs: block cache folder (default $XDG_CACHE_HOME/lmdbfs)")
+    p.add_argument(
+        "--cache-size",
+        metavar="SIZE",
+        help="remote DBs: most the cache folder may hold on disk, e.g. 20G (default: no bound)",
+    )
 
 
 def _positive(text: str) -> int:
@@ -477,6 +502,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command != "mount" and not args.verbose:
         logging.getLogger("lmdbfs.reader").setLevel(logging.ERROR)  # commands report damaged entries themselves
     try:
+        if getattr(args, "cache_dir", None) or getattr(args, "cache_size", None):
+            from .remote.cache import parse_size
+            from .remote.source import configure
+
+            configure(args.cache_dir, parse_size(args.cache_size) if args.cache_size else None)
         return args.func(args)
     except LmdbfsError as exc:
         print(f"lmdbfs: error: {exc.one_line()}", file=sys.stderr)

@@ -14,7 +14,9 @@ from typing import Any
 import lmdb
 
 from . import foreign, store
+from .errors import BadDatabase
 from .format import DirRecord
+from .remote.url import is_url
 
 UNMAP_EVERY = 64  # key lookups between handing mapped pages back (~50 MB mapped at most)
 BULK_UNMAP_EVERY = 1 << 16  # the same for `Lookups`: 27 s to verify 1.44M files, against 40 s at 1 << 14, 52 s at 4096
@@ -63,8 +65,16 @@ class Handle:
     """
 
     def __init__(self, path: str) -> None:
-        index_path = foreign.index_for(path)
-        self.path = index_path
+        self.remote = None  # a remote DB: its byte source (lmdbfs.remote), under the layer
+        if is_url(path):
+            from .remote.source import open_source
+
+            self.remote = open_source(path)
+            index_path = self.remote.data_path  # the cache's sparse copy, its index pinned
+        else:
+            index_path = foreign.index_for(path)
+        shown = self.remote.url.shown if self.remote else index_path
+        self.path = shown
         self.env, self.index_loc = store.acquire_readonly(index_path)
         self.venv, self.loc = self.env, self.index_loc
         self.index_fd = self.fd = -1
@@ -73,8 +83,8 @@ class Handle:
             self.index_base = store.map_base(self.index_loc.data_file)
             self.index_size = os.fstat(self.index_fd).st_size  # bounds every record a lookup returns
             self.psize = self.env.stat()["psize"]
-            self.meta = store.read_meta(self.env, index_path, self.index_base)
-            self.index_db = store.open_index(self.env, index_path)
+            self.meta = store.read_meta(self.env, shown, self.index_base)
+            self.index_db = store.open_index(self.env, shown)
             if self.meta.data is None:
                 self.fd = self.index_fd
                 # Value offsets in the index hold only for the file exactly as packed.
@@ -86,6 +96,11 @@ class Handle:
                 self.venv, self.loc = store.acquire_adopted(index_path, self.meta.data)
                 self.fd = open_fd(self.loc.data_file)
                 self.offsets_ok = True
+            if self.remote is not None and (self.meta.data is not None or not self.offsets_ok):
+                raise BadDatabase(
+                    f"{shown}: a remote DB must be served as packed (its value offsets do not hold)",
+                    "upload the file `lmdbfs pack` wrote, unchanged",
+                )
             self.vpsize = self.venv.stat()["psize"]
             self.data_size = os.fstat(self.fd).st_size  # bounds every size and offset the index gives
             with store.lmdb_errors(index_path):

@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 
 from .errors import LmdbfsError, MountError
+from .remote.url import is_url, redact
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,9 @@ class MountOptions:
     threads: bool = True  # the C server answers on several libfuse threads
     io_uring: bool = True  # FUSE over io_uring where the kernel offers it
     ready_fd: int | None = None
+    cache_dir: str | None = None  # remote DBs: the block cache's folder (default under XDG_CACHE_HOME)
+    cache_size: str | None = None  # remote DBs: its bound on disk, as given (20G, 500M)
+    fetch_all: bool = False  # remote DBs: stream the whole object into the cache after mount
 
 
 def _option_names(options: list[str]) -> set[str]:
@@ -197,7 +201,9 @@ def mount(dbs: str | list[str], mnt: str, opts: MountOptions) -> None:
 
 
 def _absolute(spec: str) -> str:
-    """A DB argument with its path made absolute (the daemon runs in /)."""
+    """A DB argument with its path made absolute (the daemon runs in /); URLs as given."""
+    if is_url(spec) or is_url(spec.partition("=")[2]):
+        return spec
     if os.path.exists(spec) or "=" not in spec:
         return os.path.abspath(spec)
     prefix, _, path = spec.partition("=")
@@ -217,6 +223,12 @@ def _spawn_daemon(dbs: list[str], mnt: str, opts: MountOptions) -> None:
         cmd.append("--debug")
     cmd.append("--threads" if opts.threads else "--no-threads")
     cmd.append("--io-uring" if opts.io_uring else "--no-io-uring")
+    if opts.cache_dir:
+        cmd += ["--cache-dir", os.path.abspath(opts.cache_dir)]
+    if opts.cache_size:
+        cmd += ["--cache-size", opts.cache_size]
+    if opts.fetch_all:
+        cmd.append("--fetch-all")
     cmd += [*map(_absolute, dbs), os.path.abspath(mnt)]
     with tempfile.TemporaryFile() as errors:
         proc = subprocess.Popen(
@@ -236,7 +248,7 @@ def _spawn_daemon(dbs: list[str], mnt: str, opts: MountOptions) -> None:
                 print(f"lmdbfs: warning: {answer[2:].strip()}", file=sys.stderr)
             answer = _answers(mnt)
         if answer == "ok":
-            log.info("mounted %s at %s (daemon pid %d)", " ".join(dbs), mnt, proc.pid)
+            log.info("mounted %s at %s (daemon pid %d)", " ".join(map(redact, dbs)), mnt, proc.pid)
             return
         if os.path.ismount(mnt):
             _fusermount(mnt, lazy=True)
@@ -309,6 +321,7 @@ def serve(dbs: list[str], mnt: str, opts: MountOptions) -> None:
     """Run the filesystem in this process until it is unmounted (or SIGTERM/SIGINT)."""
     _setup_daemon_logging(opts)
     ready_fd = opts.ready_fd
+    _configure_cache(opts)
 
     def report(text: str) -> None:
         nonlocal ready_fd
@@ -344,7 +357,7 @@ def serve(dbs: list[str], mnt: str, opts: MountOptions) -> None:
         ready = True
         _raise_readahead(mnt)
         detached = opts.ready_fd is not None
-        log.info("serving %s at %s", " ".join(dbs), mnt)
+        log.info("serving %s at %s", " ".join(map(redact, dbs)), mnt)
         report(" ".join(["ok", *served.warnings[:1]]))
         for line in served.warnings:
             log.warning("%s", line)
@@ -355,7 +368,7 @@ def serve(dbs: list[str], mnt: str, opts: MountOptions) -> None:
             os.dup2(devnull, 2)
             os.close(devnull)
 
-    fsname = fuse_option_value("lmdbfs:" + "+".join(os.path.basename(d) for d in dbs))
+    fsname = fuse_option_value("lmdbfs:" + "+".join(map(_shown_name, dbs)))
     args = server.fuse_args(fsname, opts.fuse_options, opts.debug)
     try:
         status = server.run(mnt, served, args, on_ready, threads=opts.threads, io_uring=opts.io_uring)
@@ -367,6 +380,25 @@ def serve(dbs: list[str], mnt: str, opts: MountOptions) -> None:
     if not ready:
         raise MountError(f"libfuse refused to mount {mnt} (status {status})", "see the messages above, or --log-file")
     log.info("unmounted %s", mnt)
+
+
+def _configure_cache(opts: MountOptions) -> None:
+    """Where a remote DB's block cache lives and how large it may grow, for this process."""
+    if opts.cache_dir or opts.cache_size or opts.fetch_all:
+        from .remote.cache import parse_size
+        from .remote.source import configure
+
+        configure(opts.cache_dir, parse_size(opts.cache_size) if opts.cache_size else None, opts.fetch_all)
+
+
+def _shown_name(spec: str) -> str:
+    """A DB's name in /proc/mounts: a file's base name, a URL without its secrets."""
+    if is_url(spec):
+        return redact(spec)
+    prefix, sep, rest = spec.partition("=")
+    if sep and is_url(rest):
+        return f"{prefix}={redact(rest)}"
+    return os.path.basename(spec)
 
 
 def _raise_readahead(mnt: str) -> None:

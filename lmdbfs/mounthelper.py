@@ -7,7 +7,8 @@ that form here too. Both end in `lmdbfs.mount.mount`.
 
 SOURCE names one DB or several, separated by ':' — each ``DB`` (at the root) or
 ``NAME=DB`` (under folder NAME), and a DB may be a glob (``/data/got10k.*.lmdb``, its
-matches sorted) — so a shard set fits in one fstab field.
+matches sorted) — so a shard set fits in one fstab field. A DB may also be a URL
+(``s3://BUCKET/KEY``, ``https://HOST:PORT/PATH``): its own ':'s do not split it.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
 
 from .errors import EXIT_MOUNT, LmdbfsError, MountError
+from .remote.url import is_url
 
 log = logging.getLogger("lmdbfs")
 
@@ -31,7 +34,10 @@ def parse_source(source: str) -> list[str]:
     """``A:B``, ``NAME=A``, globs -> the DB arguments of `lmdbfs mount`."""
     source = source.removeprefix("lmdbfs#")
     dbs: list[str] = []
-    for item in filter(None, source.split(":")):
+    for item in filter(None, _split_source(source)):
+        if is_url(item) or is_url(item.partition("=")[2]):
+            dbs.append(item)
+            continue
         plain = os.path.exists(item) or "=" not in item
         prefix, sep, path = ("", "", item) if plain else item.partition("=")
         if glob.has_magic(path):
@@ -48,6 +54,27 @@ def parse_source(source: str) -> list[str]:
     return dbs
 
 
+_URL_START = re.compile(r"([^:=/]+=)?(s3|https?)://", re.IGNORECASE)
+
+
+def _split_source(source: str) -> list[str]:
+    """The items of SOURCE, split at ':' — except inside a URL, whose scheme and
+    host:port hold ':' of their own: a URL item ends at the first ':' after its host."""
+    items: list[str] = []
+    at = 0
+    while at <= len(source):
+        m = _URL_START.match(source, at)
+        if m:
+            path_at = source.find("/", m.end())
+            end = -1 if path_at < 0 else source.find(":", path_at)
+        else:
+            end = source.find(":", at)
+        end = len(source) if end < 0 else end
+        items.append(source[at:end])
+        at = end + 1
+    return items
+
+
 def split_options(groups: Sequence[str]) -> tuple[list[str], dict[str, str | bool]]:
     """FUSE options to pass on, and lmdbfs's own (log_file=FILE, debug, no_threads,
     no_io_uring; threads and io_uring are accepted and are the default)."""
@@ -56,7 +83,17 @@ def split_options(groups: Sequence[str]) -> tuple[list[str], dict[str, str | boo
     for group in groups:
         for opt in filter(None, (part.strip() for part in group.split(","))):
             key, sep, value = opt.partition("=")
-            if key in ("log_file", "debug", "threads", "no_threads", "io_uring", "no_io_uring"):
+            if key in (
+                "log_file",
+                "debug",
+                "threads",
+                "no_threads",
+                "io_uring",
+                "no_io_uring",
+                "cache_dir",
+                "cache_size",
+                "fetch_all",
+            ):
                 own[key] = value if sep else True
             elif opt not in _NOT_FOR_FUSE and not opt.startswith(_NOT_FOR_FUSE_PREFIXES):
                 fuse.append(opt)
@@ -101,6 +138,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             debug=bool(own.get("debug")),
             threads=not own.get("no_threads"),
             io_uring=not own.get("no_io_uring"),
+            cache_dir=str(own["cache_dir"]) if "cache_dir" in own else None,
+            cache_size=str(own["cache_size"]) if "cache_size" in own else None,
+            fetch_all=bool(own.get("fetch_all")),
         )
         if fake:
             return 0

@@ -178,7 +178,10 @@ class Archive:
     @staticmethod
     def _copy_out(h: Handle, view: memoryview) -> bytes:
         """Bytes of a stored value: one pread rather than a page fault per 4 KiB of map
-        (the map is opened without readahead, which suits B-tree pages, not values)."""
+        (the map is opened without readahead, which suits B-tree pages, not values).
+        A remote DB's value is read through its block cache (the map may hold holes)."""
+        if h.remote is not None and h.index_base is not None:
+            return h.remote.read(store.map_offset(view, h.index_base), len(view))
         if h.index_base is None or len(view) <= 4096:
             return bytes(view)
         data = os.pread(h.index_fd, len(view), store.map_offset(view, h.index_base))
@@ -349,6 +352,8 @@ class Archive:
         """The value found by its key in the main database, even for an inline file (a
         packed DB keeps a second copy there, which `verify` checks too)."""
         h = self._h()
+        if h.remote is not None:
+            h.remote.fetch_all()  # key lookups touch main-database pages all over the file
         view = self._keyed_checked(rel, entry, h.vget(self.key_of(rel), h.main_db))
         h.touched()
         return view
@@ -356,7 +361,10 @@ class Archive:
     @contextlib.contextmanager
     def keyed_values(self) -> Iterator[Callable[[str, Entry], memoryview]]:
         """`keyed_value` for many files in a row (verify): one cursor serves them all."""
-        lookups = self._h().bulk_lookups()
+        h = self._h()
+        if h.remote is not None:
+            h.remote.fetch_all()  # key lookups touch main-database pages all over the file
+        lookups = h.bulk_lookups()
         try:
             yield lambda rel, entry: self._keyed_checked(rel, entry, lookups(self.key_of(rel)))
         finally:
@@ -401,8 +409,22 @@ class Archive:
         """`read_bytes` of a file already looked up (a walk's entries: no path resolved)."""
         data = self._read_range(rel, entry, 0, entry.size)
         if (self.verify if verify is None else verify) and self.checksummed and checksum(data) != entry.checksum:
+            if self._drop_remote(rel, entry):  # a damaged cache block: fetched again, once
+                data = self._read_range(rel, entry, 0, entry.size)
+                if checksum(data) == entry.checksum:
+                    return data
             raise CorruptValue(f"{rel}: checksum mismatch, the DB is damaged", "re-pack or restore the DB")
         return data
+
+    def _drop_remote(self, rel: str, entry: Entry) -> bool:
+        """A remote DB's file failed its checksum: drop its cached blocks (True), so the
+        next read fetches them again. False for a local DB or an inline file."""
+        h = self._h()
+        file_off = None if h.remote is None else self.value_offset(rel, entry)
+        if file_off is None:
+            return False
+        h.remote.drop(file_off, entry.size)
+        return True
 
     def read(self, path: str, size: int, offset: int = 0) -> bytes:
         """A slice of the file (``size`` bytes from ``offset``; fewer at its end)."""
@@ -418,7 +440,10 @@ class Archive:
         file_off = self.value_offset(rel, entry)
         if file_off is None:
             return bytes(self.value_view(rel, entry)[offset : offset + size])
-        data = os.pread(self._h().fd, size, file_off + offset)
+        h = self._h()
+        if h.remote is not None:
+            return h.remote.read(file_off + offset, size)
+        data = os.pread(h.fd, size, file_off + offset)
         if len(data) != size:
             raise CorruptValue(f"{rel}: short read from the DB file", "the DB file is truncated; copy it again")
         return data
@@ -426,6 +451,15 @@ class Archive:
     def open(self, path: str) -> io.BytesIO:
         """A file object over the bytes, for PIL.Image.open, pandas.read_csv and friends."""
         return io.BytesIO(self.read_bytes(path))
+
+    def _remote_checksum(self, h: Handle, rel: str, entry: Entry, file_off: int) -> int:
+        """`stored_checksum` of a remote DB's file; a mismatch drops its cached blocks
+        and reads them once more (a damaged cache block, not a damaged DB)."""
+        got = _remote_checksum_impl(h, entry, file_off)
+        if got != entry.checksum and self.checksummed:
+            h.remote.drop(file_off, entry.size)
+            got = _remote_checksum_impl(h, entry, file_off)
+        return got
 
     def check(self, path: str) -> bool:
         """True when the stored bytes of ``path`` match the indexed checksum. Without
@@ -454,6 +488,8 @@ class Archive:
         if file_off is None:
             return checksum(self.value_view(rel, entry))
         h = self._h()
+        if h.remote is not None:
+            return self._remote_checksum(h, rel, entry, file_off)
         buf = getattr(_THREAD, "buf", None)
         if buf is None:  # one per thread, whatever the number of archives open
             buf = _THREAD.buf = memoryview(bytearray(_HASH_CHUNK))
@@ -469,6 +505,15 @@ class Archive:
             hasher.update(buf[:want])
             done += want
         return hasher.intdigest()
+
+
+def _remote_checksum_impl(h: Handle, entry: Entry, file_off: int) -> int:
+    if entry.size <= _HASH_CHUNK:
+        return checksum(h.remote.read(file_off, entry.size))
+    hasher = xxhash.xxh3_64()
+    for done in range(0, entry.size, _HASH_CHUNK):
+        hasher.update(h.remote.read(file_off + done, min(_HASH_CHUNK, entry.size - done)))
+    return hasher.intdigest()
 
 
 def open(path: str | os.PathLike[str], **kwargs: Any) -> Archive:  # noqa: A001 - the API name

@@ -13,7 +13,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .errors import BadDatabase, MountError
 from .format import KEYS_PATH, encode_path
@@ -41,6 +41,7 @@ class Served:
     blocks: int
     files: int
     warnings: list[str]
+    fetchers: list = field(default_factory=list)  # one per remote layer (lmdbfs.remote.fetcher)
 
 
 def c_layer(layer: dict) -> dict:
@@ -59,6 +60,8 @@ def c_layer(layer: dict) -> dict:
         # A DB adopted without --checksum has no checksums to check first reads against.
         "checksummed": int(layer["checksummed"]),
     }
+    if layer.get("remote") is not None:  # a remote DB: reads go through its block cache
+        out["remote"] = layer["remote"]
     if layer.get("values_path"):  # an adopted DB: key lookups go to the foreign DB
         out["values_path"] = layer["values_path"]
         out["values_subdir"] = int(layer["values_subdir"])
@@ -71,13 +74,26 @@ def describe(dbs: list[str]) -> Served:
     Python environments are closed again: C opens its own."""
     from .union import layer_descriptions, open_tree
 
+    fetchers = []
     with open_tree(*dbs) as tree:
         warnings = [line for _kind, line in getattr(tree, "shard_problems", list)()]
-        layers = [c_layer(layer) for layer in layer_descriptions(tree)]
+        described = layer_descriptions(tree)
+        for layer in described:
+            if layer["remote"] is not None:
+                fetchers.append(_fetcher(layer["remote"]))
+                layer["remote"] = fetchers[-1].describe()
+        layers = [c_layer(layer) for layer in described]
         meta = tree.meta
         files = meta.files + meta.dirs + meta.symlinks
     blocks = sum((os.path.getsize(layer["data_path"]) + 4095) // 4096 for layer in layers)
-    return Served(layers, blocks, files, warnings)
+    return Served(layers, blocks, files, warnings, fetchers)
+
+
+def _fetcher(src):
+    """The fetcher that fills the blocks C claims in a remote layer (started by `run`)."""
+    from .remote.fetcher import Fetcher
+
+    return Fetcher(src)
 
 
 def fuse_args(fsname: str, options: list[str], debug: bool) -> list[str]:
@@ -113,6 +129,8 @@ def run(
 
     waiter = threading.Thread(target=wait_init, name="lmdbfs-ready", daemon=True)
     waiter.start()
+    for fetcher in served.fetchers:
+        fetcher.start()
     try:
         return _serve.serve(
             mnt,
@@ -137,3 +155,5 @@ def run(
         raise MountError(f"libfuse could not mount {mnt}", "see --log-file for libfuse's reason") from None
     finally:
         waiter.join(timeout=5)
+        for fetcher in served.fetchers:
+            fetcher.stop()

@@ -40,6 +40,7 @@ from .format import (
 )
 from .handle import DirCache
 from .reader import DEFAULT_DIR_CACHE_BYTES, Archive, normpath
+from .remote.url import is_url
 from .shard import set_problems
 
 _SOURCES_MAX = 1 << 16  # remembered directory -> layers answers (~10 MB at most)
@@ -66,7 +67,7 @@ def parse_layer(spec: str | os.PathLike[str] | tuple[str, str] | Layer) -> Layer
     else:
         text = os.fspath(spec)
         prefix, sep, path = text.partition("=")
-        if not sep or os.path.exists(text):
+        if not sep or os.path.exists(text) or is_url(text):  # NAME=URL; a URL's own '=' is no folder
             prefix, path = "", text
     prefix = normpath(prefix)
     if ".." in prefix.split("/"):
@@ -457,6 +458,7 @@ def layer_descriptions(tree: Archive) -> list[dict[str, Any]]:
                 "key_sep": meta.key_sep,
                 "root_mode": meta.root_mode,
                 "root_mtime_ns": meta.root_mtime_ns,
+                "remote": h.remote,  # a remote DB's byte source (its index pinned in the cache), else None
             }
         )
     return out

@@ -21,6 +21,9 @@ if ! python3 -c 'import os, sysconfig; raise SystemExit(not os.path.exists(os.pa
 fi
 # tests/test_install.py installs lmdbfs into a venv of the system's Python as an unprivileged user.
 apt_packages+=(python3 python3-venv python3-dev)
+# Remote DBs: nginx serves the HTTP tests (started by the tests, never as a service);
+# httpdirfs is a benchmark baseline (a FUSE mount of one HTTP file).
+apt_packages+=(nginx-light httpdirfs curl)
 missing=()
 for pkg in "${apt_packages[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
@@ -28,7 +31,16 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
     echo "setup: installing ${missing[*]} with apt-get" >&2
     as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    # Packages with a service (nginx) must not start it: the tests run their own on
+    # 127.0.0.1. policy-rc.d says "no" to every service start during this install.
+    guard=""
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        guard=/usr/sbin/policy-rc.d
+        printf '#!/bin/sh\nexit 101\n' | as_root tee "$guard" >/dev/null
+        as_root chmod 755 "$guard"
+    fi
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    if [ -n "$guard" ]; then as_root rm -f "$guard"; fi
 fi
 
 if [ ! -x .venv/bin/python ]; then

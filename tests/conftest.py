@@ -28,6 +28,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.servers import nginx_server, s3_server  # noqa: F401 - fixtures for every test module
+
 ROOT = Path(__file__).resolve().parent.parent
 BIG_FILE_BYTES = 70 * 1000 * 1000
 URING_PARAM = Path("/sys/module/fuse/parameters/enable_uring")

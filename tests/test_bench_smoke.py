@@ -96,3 +96,33 @@ def test_bench_union_comparison_runs(tmp_path: Path) -> None:
     assert "3 DBs" in proc.stdout and "files/s" in proc.stdout
     runs = json.loads((tmp_path / "work" / "results-union.json").read_text())["runs"]
     assert set(runs) == {"1 DB", "3 DBs"} and all(r["files_per_s"] > 0 for r in runs.values())
+
+
+def test_bench_remote_quick_runs_every_kind_of_case(tmp_path: Path) -> None:
+    """`scripts/bench_remote.py --quick`: local disk, lmdbfs over HTTP and S3 and httpdirfs +
+    lmdbfs, on the smoke tree, each read through the fault proxy (which must count them), an
+    RTT case, a capped case and two nodes; the doc gets its section, nothing stays mounted."""
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n\n## How to reproduce\n\nkept\n")
+    cmd = [sys.executable, str(REPO / "scripts" / "bench_remote.py"), "--quick", "--workdir", str(tmp_path / "work"),
+           "--out", str(doc), "--systems", "local,http,s3,httpdirfs", "--no-drop-caches"]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, f"bench_remote failed:\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
+    res = json.loads((tmp_path / "work" / "results-remote-smoke.json").read_text())
+    runs = {(x["system"], x.get("mbit")): x for x in res["runs"]}
+    assert set(runs) == {("local", None), ("http", None), ("s3", None), ("httpdirfs", None), ("http", 100.0)}
+    assert all("error" not in x and x["cold"]["files"] == res["epoch_files"] for x in runs.values())
+    for system in ("http", "s3", "httpdirfs"):
+        x = runs[(system, None)]
+        # The proxy saw the mount's GETs and at least the DB's bytes over mount and epoch.
+        assert x["mount_gets"] >= 1 and x["mount_bytes"] + x["cold"]["bytes_fetched"] >= res["db_bytes"] // 2
+        assert x["warm"]["files"] == res["epoch_files"]
+    assert runs[("http", None)]["warm"]["gets"] == 0  # a remount reads the cache
+    nodes = res["nodes_run"]
+    assert "error" not in nodes and set(nodes["per_node"]) == {"node0", "node1"}
+    assert all(p["files"] == res["epoch_files"] for p in nodes["per_node"].values())
+    text = doc.read_text()
+    assert "## Remote DBs" in text and text.index("## Remote DBs") < text.index("## How to reproduce")
+    assert "| http | 2 | uniform |" in text and "### 2 nodes" in text
+    for line in open("/proc/self/mounts"):
+        assert str(tmp_path) not in line, f"left mounted: {line}"

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ALL_SYSTEMS, PHASES, ROUND_PHASES, SIZE_ORDER, SIZES, TARGETS, log
+from .remote_report import kept_section
 
 # --------------------------------------------------------------------------- ratios
 
@@ -323,6 +324,10 @@ def render_doc(out_dir: Path, new: dict[str, Any]) -> str:
     for res in results:
         chart = f"bench-{res['size']}.png" if (out_dir / f"bench-{res['size']}.png").exists() else None
         L.append(render_size(res, chart))
+    remote = kept_section(old)  # scripts/bench_remote.py's section: kept as it is
+    if remote:
+        L.append(remote)
+        L.append("")
     L.append("## How to reproduce")
     L.append("")
     L.append(REPRODUCE)
@@ -400,6 +405,9 @@ python scripts/bench.py --size medium          # ~20k files, ~3.5 GB; tens of mi
 python scripts/bench.py --size full            # 1.44M tiny files; epochs on a 100k-file sample
 # reuse the tree and packed artifacts of an earlier run, only some systems / reader counts:
 python scripts/bench.py --size medium --skip-pack --systems native,lmdbfs --readers 2
+# remote DBs: local disk vs lmdbfs over HTTP and S3, httpdirfs + lmdbfs, ratarmount over HTTP
+python scripts/bench_remote.py --size medium   # its own section above, kept by bench.py
+python scripts/bench_remote.py --quick         # the smoke tree: checks the harness
 ```
 Run as root so caches can be dropped (otherwise 'cold' numbers are marked not cold). Results go to
 `docs/bench-<size>.png` and this file (raw numbers are embedded at its end) (`--out-dir` to write elsewhere);

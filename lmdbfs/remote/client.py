@@ -1,0 +1,214 @@
+"""Ranged reads of one remote object, through obstore (Rust's object_store): S3 with
+SigV4 signing and HTTP(S), timeouts, retries with backoff and jitter. Credentials and
+the endpoint are resolved by botocore, the way the AWS tools resolve them.
+
+Every read names the object version seen at open: S3 and HTTP alike send If-Match with
+its ETag, so a replaced object fails the read (412) instead of mixing its bytes with
+the old ones. A reply of another length than asked is never returned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import re
+import threading
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from ..errors import RemoteChanged, RemoteError
+from .url import RemoteURL
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = timedelta(seconds=5)
+# A whole ranged GET (at most a few MiB); LMDBFS_REMOTE_TIMEOUT (seconds) overrides it.
+REQUEST_TIMEOUT = timedelta(seconds=float(os.environ.get("LMDBFS_REMOTE_TIMEOUT") or 20))
+RETRIES = 4  # obstore's own retries of 5xx, 429 and connection errors, with backoff + jitter
+ATTEMPTS = 3  # ours around them: short bodies, broken bodies, what obstore gave up on
+_BACKOFF = (0.2, 2.0)  # our jittered wait between attempts: base, cap (s)
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    size: int
+    etag: str  # the version: the ETag, else "mtime:<last-modified>"
+    if_match: str | None  # what GETs send as If-Match (None: the server gave no ETag)
+
+
+def _status(exc: BaseException) -> int | None:
+    m = re.search(r"status(?: code)?:? (\d{3})", str(exc))
+    return int(m.group(1)) if m else None
+
+
+class Client:
+    """One remote object. Thread-safe: the requests run on one event loop per process."""
+
+    def __init__(self, url: RemoteURL) -> None:
+        self.url = url
+        self._store, self._path = _make_store(url)
+
+    # -- open ---------------------------------------------------------------------------
+    def head(self) -> ObjectInfo:
+        """Size and version of the object, or one line naming the URL and the fix."""
+        import obstore
+        from obstore import exceptions as ox
+
+        async def head() -> Any:  # obstore's coroutines need the loop running when made
+            return await obstore.head_async(self._store, self._path)
+
+        try:
+            meta = run(head())
+        except ox.NotFoundError:
+            raise RemoteError(f"{self.url}: no such object (404)", "check the bucket, key or path") from None
+        except (ox.PermissionDeniedError, ox.UnauthenticatedError):
+            raise RemoteError(f"{self.url}: access denied (403)", self._denied_hint()) from None
+        except Exception as exc:  # noqa: BLE001 - obstore's own types: classified below
+            raise self._open_error(exc) from None
+        etag = meta.get("e_tag")
+        if etag:
+            return ObjectInfo(int(meta["size"]), etag, etag)
+        return ObjectInfo(int(meta["size"]), f"mtime:{meta.get('last_modified')}", None)
+
+    def _denied_hint(self) -> str:
+        if self.url.scheme == "s3":
+            return "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE to credentials that may read it"
+        return "the server refuses it: check the URL and the server's permissions"
+
+    def _open_error(self, exc: BaseException) -> RemoteError:
+        code = _status(exc)
+        if code in (401, 403):
+            return RemoteError(f"{self.url}: access denied ({code})", self._denied_hint())
+        if code == 404:
+            return RemoteError(f"{self.url}: no such object (404)", "check the bucket, key or path")
+        if code is not None:
+            return RemoteError(f"{self.url}: the server answered {code}", "retry later, or check the server")
+        fix = "check the host, the port and the network"
+        if self.url.scheme == "s3":
+            fix += " (AWS_ENDPOINT_URL for a server other than AWS)"
+        return RemoteError(f"{self.url}: cannot reach the server", fix)
+
+    # -- reads --------------------------------------------------------------------------
+    async def get_async(self, start: int, end: int, info: ObjectInfo) -> memoryview:
+        """Bytes [start, end) of the object version ``info``, exactly; retried with
+        backoff and jitter, bounded. RemoteChanged when the object was replaced,
+        RemoteError when it still fails."""
+        import obstore
+        from obstore import exceptions as ox
+
+        options: dict[str, Any] = {"range": (start, end)}
+        if info.if_match:
+            options["if_match"] = info.if_match
+        why = ""
+        for attempt in range(ATTEMPTS):
+            if attempt:
+                cap = min(_BACKOFF[1], _BACKOFF[0] * 2**attempt)
+                await asyncio.sleep(random.uniform(cap / 2, cap))
+            try:
+                result = await obstore.get_async(self._store, self._path, options=options)
+                if info.if_match is None and result.meta.get("size") not in (None, info.size):
+                    raise RemoteChanged(f"{self.url}: the object changed since it was opened", "mount it again")
+                data = memoryview(await result.bytes_async())  # obstore's buffer, not copied
+            except ox.PreconditionError:
+                raise RemoteChanged(f"{self.url}: the object changed since it was opened", "mount it again") from None
+            except (ox.NotFoundError, ox.PermissionDeniedError, ox.UnauthenticatedError) as exc:
+                raise RemoteChanged(
+                    f"{self.url}: the object is gone or denied since it was opened ({type(exc).__name__})",
+                    "mount it again",
+                ) from None
+            except RemoteError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a network or server failure: retried
+                code = _status(exc)
+                why = f"status {code}" if code else type(exc).__name__
+                if code == 412:
+                    raise RemoteChanged(
+                        f"{self.url}: the object changed since it was opened", "mount it again"
+                    ) from None
+                continue
+            if len(data) == end - start:
+                return data
+            why = f"{len(data)} bytes where {end - start} were asked"
+        raise RemoteError(f"{self.url}: bytes {start}-{end - 1} failed after retries ({why})", "check the server")
+
+    def get(self, start: int, end: int, info: ObjectInfo) -> bytes:
+        return bytes(run(self.get_async(start, end, info)))
+
+
+def _make_store(url: RemoteURL) -> tuple[Any, str]:
+    from obstore.store import HTTPStore, S3Store
+
+    client: dict[str, Any] = {"connect_timeout": CONNECT_TIMEOUT, "timeout": REQUEST_TIMEOUT}
+    retry = {
+        "max_retries": RETRIES,
+        "retry_timeout": timedelta(seconds=20),
+        "backoff": {"init_backoff": timedelta(milliseconds=100), "max_backoff": timedelta(seconds=2), "base": 2},
+    }
+    if url.scheme != "s3":
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url.full)
+        if parts.query:
+            raise RemoteError(f"{url}: URLs with a query string are not supported", "give the plain URL of the file")
+        if parts.username or parts.password:
+            raise RemoteError(f"{url}: user info in an http(s) URL is not supported", "serve the file without it")
+        base, _, name = url.path.rpartition("/")
+        client["allow_http"] = url.scheme == "http"
+        return HTTPStore(f"{url.scheme}://{url.host}{base}/", client_options=client, retry_config=retry), name
+    return _s3_store(url, client, retry, S3Store), url.path
+
+
+def _s3_store(url: RemoteURL, client: dict, retry: dict, S3Store: Any) -> Any:  # noqa: N803
+    """Credentials, region and endpoint the AWS way: AWS_* variables, AWS_PROFILE,
+    ~/.aws/credentials and config; unsigned requests when there are no credentials."""
+    import boto3
+    import botocore.exceptions
+
+    try:
+        session = boto3.Session()
+        region = session.region_name or "us-east-1"
+        endpoint = session.client("s3", region_name=region).meta.endpoint_url
+        creds = session.get_credentials()
+    except botocore.exceptions.BotoCoreError as exc:
+        raise RemoteError(
+            f"{url}: the AWS configuration cannot be read ({type(exc).__name__})", "fix ~/.aws or AWS_PROFILE"
+        ) from None
+    config: dict[str, Any] = {"region": region}
+    if endpoint and "amazonaws.com" not in endpoint:  # AWS_ENDPOINT_URL: another S3 server
+        config["endpoint"] = endpoint.rstrip("/")
+        config["virtual_hosted_style_request"] = False
+        client["allow_http"] = endpoint.startswith("http://")
+    provider = None
+    if creds is None:
+        config["skip_signature"] = True
+    else:
+        from obstore.auth.boto3 import Boto3CredentialProvider
+
+        provider = Boto3CredentialProvider(session)
+    return S3Store(url.host, config=config, client_options=client, retry_config=retry, credential_provider=provider)
+
+
+# -- one event loop per process, in a daemon thread ---------------------------------------
+_LOOP: asyncio.AbstractEventLoop | None = None
+_LOOP_PID = -1
+_LOOP_LOCK = threading.Lock()
+
+
+def loop() -> asyncio.AbstractEventLoop:
+    """The process's event loop for remote requests (started at first use, again after fork)."""
+    global _LOOP, _LOOP_PID
+
+    with _LOOP_LOCK:
+        if _LOOP is None or _LOOP_PID != os.getpid():
+            new = asyncio.new_event_loop()
+            threading.Thread(target=new.run_forever, name="lmdbfs-remote-io", daemon=True).start()
+            _LOOP, _LOOP_PID = new, os.getpid()
+        return _LOOP
+
+
+def run(coro: Any) -> Any:
+    """Run a coroutine on the process's remote loop and wait for its result."""
+    return asyncio.run_coroutine_threadsafe(coro, loop()).result()

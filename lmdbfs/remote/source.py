@@ -1,0 +1,241 @@
+"""A remote DB as a byte source: the object's client, its block cache, and reads that
+go through the cache first (docs/remote.md).
+
+`open_source(URL)` (one per URL and process) asks the server for the object's size and
+version, opens the cache folder of that version, and fetches and pins the LMDB index
+(`prefetch`): after it, the cache's sparse ``data`` file can be opened by LMDB like the
+DB itself, and every other byte is read with `RemoteSource.read`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+
+from ..errors import CorruptValue, RemoteChanged, RemoteError
+from .cache import BlockCache, default_dir
+from .client import Client, ObjectInfo, loop, run
+from .url import RemoteURL, parse
+
+log = logging.getLogger(__name__)
+
+MAX_GET = 4 << 20  # adjacent claimed blocks become one ranged GET of at most this
+WAIT_MS = 1000
+INFLIGHT = 32  # ranged GETs in flight per process (the fetcher's and the readers' together)
+
+
+@dataclass
+class Settings:
+    """Where caches live and how large they may grow (the CLI's --cache-dir/--cache-size)."""
+
+    cache_dir: str | None = None
+    cache_size: int | None = None
+    fetch_all: bool = False  # the mount's fetcher streams the whole object into the cache
+
+
+SETTINGS = Settings()
+_SOURCES: dict[tuple[int, str], RemoteSource] = {}
+_LOCK = threading.Lock()
+
+
+def configure(cache_dir: str | None = None, cache_size: int | None = None, fetch_all: bool | None = None) -> None:
+    if fetch_all is not None:
+        SETTINGS.fetch_all = fetch_all
+    if cache_dir is not None:
+        SETTINGS.cache_dir = os.path.abspath(cache_dir)
+    if cache_size is not None:
+        SETTINGS.cache_size = cache_size
+
+
+def open_source(text: str) -> RemoteSource:
+    """The process's source for URL ``text``, opened (and its index pinned) at first use."""
+    url = parse(text)
+    key = (os.getpid(), url.full)
+    with _LOCK:
+        src = _SOURCES.get(key)
+        if src is None:
+            src = _SOURCES[key] = RemoteSource(url)
+        return src
+
+
+class RemoteSource:
+    def __init__(self, url: RemoteURL) -> None:
+        from .prefetch import prefetch_index
+
+        self.url = url
+        self.client = Client(url)
+        self.info: ObjectInfo = self.client.head()
+        self.cache = BlockCache(
+            SETTINGS.cache_dir or default_dir(), url, self.info.etag, self.info.size, SETTINGS.cache_size
+        )
+        self.size = self.info.size
+        self.block_size = self.cache.block_size
+        self.fd = self.cache.fd
+        # A bounded cache makes room for a whole GET at once: keep GETs well below its size.
+        limit = SETTINGS.cache_size
+        self.max_blocks = max(1, min(MAX_GET, (limit or MAX_GET * 8) // 8) // self.block_size)
+        self.gets = 0  # ranged GETs sent by this process
+        self.fetched = 0  # bytes they brought
+        self._logged: set[str] = set()
+        self._next = -1  # block after the last sequential python read
+        self._window = 0
+        self._slots: asyncio.Semaphore | None = None  # made on the loop, at first use
+        try:
+            self.index_bytes = prefetch_index(self)
+        except BaseException:
+            self.cache.close()
+            raise
+
+    @property
+    def data_path(self) -> str:
+        return self.cache.data_path
+
+    def log_once(self, exc: BaseException) -> None:
+        """One log line per kind of failure (a replaced object: one line naming it)."""
+        text = getattr(exc, "message", None) or str(exc)
+        kind = type(exc).__name__ + (text if not isinstance(exc, RemoteChanged) else "")
+        if kind not in self._logged and len(self._logged) < 100:
+            self._logged.add(kind)
+            log.error("%s", getattr(exc, "one_line", lambda: text)())
+
+    # -- fetching claimed blocks ---------------------------------------------------------
+    async def fetch_claimed(self, claimed: list[tuple[int, int]], pin: bool = False) -> BaseException | None:
+        """Fetch and publish claimed blocks (coalesced into ranged GETs of at most
+        MAX_GET, all in flight at once); a run that fails is marked FAILED. Returns the
+        first failure (already logged once), None when all were filled."""
+        runs = coalesce(claimed, self.max_blocks)
+        results = await asyncio.gather(*(self._fetch_run(run_, pin) for run_ in runs))
+        return next((r for r in results if r is not None), None)
+
+    async def _fetch_run(self, run_: list[tuple[int, int]], pin: bool) -> BaseException | None:
+        first = run_[0][0]
+        start = self.cache.span(first)[0]
+        end = self.cache.span(run_[-1][0])[1]
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(INFLIGHT)
+        try:
+            async with self._slots:
+                data = await self.client.get_async(start, end, self.info)
+            self.gets += 1
+            self.fetched += len(data)
+            await asyncio.get_running_loop().run_in_executor(
+                None, self.cache.fill, first, [w for _i, w in run_], data, pin
+            )
+        except BaseException as exc:  # noqa: BLE001 - every failure ends as FAILED blocks
+            self.cache.fail(run_)
+            self.log_once(exc)
+            return exc
+        return None
+
+    def fetch_sync(self, claimed: list[tuple[int, int]], pin: bool = False) -> None:
+        if not claimed:
+            return
+        exc = run(self.fetch_claimed(claimed, pin))
+        if exc is not None:
+            raise _as_error(exc)
+
+    # -- reading -------------------------------------------------------------------------
+    def ensure(self, ranges: list[tuple[int, int]], pin: bool = False, ahead: int = 0) -> dict[int, int]:
+        """Make every block of the byte ``ranges`` [start, end) present (fetching what
+        this process claims, waiting for what others fill); their words. ``ahead``:
+        blocks to claim past each range's end too (readahead)."""
+        wanted: list[int] = []
+        for start, end in ranges:
+            if end > start:
+                wanted.extend(range(start // self.block_size, (min(end, self.size) - 1) // self.block_size + 1))
+        wanted = sorted(set(wanted))
+        words: dict[int, int] = {}
+        filling_since: dict[int, float] = {}
+        while True:
+            claimed: list[tuple[int, int]] = []
+            waiting: list[tuple[int, int]] = []
+            for i in wanted:
+                if i in words:
+                    continue
+                w = self.cache.word(i)
+                st = w & 3
+                if st == 2:
+                    if pin and not w & 4:
+                        self.cache.pin(i)
+                        w = self.cache.word(i)
+                    words[i] = w
+                elif st == 1:
+                    waiting.append((i, w))
+                else:
+                    claimed.extend(self.cache.claim(i, 1))
+            if claimed and ahead:
+                last = claimed[-1][0]
+                claimed.extend(self.cache.claim(last + 1, ahead))
+            if claimed:
+                self.fetch_sync(claimed, pin)
+                continue
+            if not waiting:
+                return {i: words[i] for i in wanted}
+            i, seen = waiting[0]
+            since = filling_since.setdefault(i, time.monotonic())
+            self.cache.wait(i, seen, WAIT_MS)
+            now = self.cache.word(i)
+            if now & 3 == 3 and seen & 3 == 1:
+                raise RemoteError(f"{self.url}: bytes of block {i} could not be fetched", "see the log; retry the read")
+            if now == seen:
+                self.cache.unstick(i, seen, since)
+
+    def read(self, offset: int, size: int) -> bytes:
+        """Bytes [offset, offset+size) of the object, through the cache; a block evicted
+        while it was copied is read again."""
+        if size <= 0 or offset >= self.size:
+            return b""
+        size = min(size, self.size - offset)
+        first = offset // self.block_size
+        last = (offset + size - 1) // self.block_size
+        ahead = 0
+        if first in (self._next, self._next - 1):
+            self._window = min(max(self._window * 2, 4), self.max_blocks)
+            ahead = self._window
+        else:
+            self._window = 0
+        self._next = last + 1
+        for _ in range(64):
+            words = self.ensure([(offset, offset + size)], ahead=ahead)
+            data = os.pread(self.fd, size, offset)
+            if len(data) == size and all(self.cache.word(i) == w for i, w in words.items()):
+                return data
+        raise RemoteError(f"{self.url}: blocks kept being evicted during a read", "raise --cache-size")
+
+    def drop(self, offset: int, size: int) -> None:
+        """A file's bytes failed their checksum: its blocks become absent, to be fetched again."""
+        if size > 0:
+            self.cache.drop(offset // self.block_size, (offset + size - 1) // self.block_size)
+
+    def fetch_all(self) -> None:
+        """Every block of the object (verify's key lookups touch pages all over it)."""
+        step = self.max_blocks * 8
+        for first in range(0, self.cache.blocks, step):
+            self.fetch_sync(self.cache.claim(first, step))
+        self.ensure([(0, self.size)])
+
+
+def coalesce(claimed: list[tuple[int, int]], per: int) -> list[list[tuple[int, int]]]:
+    """Consecutive claimed blocks in runs of at most ``per`` blocks."""
+    runs: list[list[tuple[int, int]]] = []
+    for item in sorted(claimed):
+        if runs and runs[-1][-1][0] + 1 == item[0] and len(runs[-1]) < per:
+            runs[-1].append(item)
+        else:
+            runs.append([item])
+    return runs
+
+
+def _as_error(exc: BaseException) -> BaseException:
+    if isinstance(exc, RemoteError | CorruptValue):
+        return exc
+    if isinstance(exc, OSError):
+        return RemoteError(f"cache write failed ({os.strerror(exc.errno or 5)})", "check the --cache-dir disk")
+    return exc
+
+
+__all__ = ["RemoteSource", "open_source", "configure", "loop", "SETTINGS"]

