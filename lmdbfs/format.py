@@ -99,12 +99,12 @@ DIR_MAGIC_V3 = b"LDR1"
 def dir_head_len(first: bytes, size: int) -> int:
     """How many of a ``size``-byte directory record's first bytes a lookup needs (its
     head), from at least its first 16 bytes; the whole record when it is not "LDR2"."""
-    if len(first) < _DIR_HEADER.size:
+    if len(first) < DIR_HEADER.size:
         return size
-    magic, count, own_len, blob_len = _DIR_HEADER.unpack_from(first)
-    if magic != _DIR_MAGIC:
+    magic, count, own_len, blob_len = DIR_HEADER.unpack_from(first)
+    if magic != DIR_MAGIC:
         return size
-    return min(size, _DIR_HEADER.size + own_len + count * ENTRY_DTYPE.itemsize + blob_len)
+    return min(size, DIR_HEADER.size + own_len + count * ENTRY_DTYPE.itemsize + blob_len)
 
 
 def output_files(db: str) -> list[bytes]:

@@ -55,6 +55,7 @@ class Locations:
     values: store.Location
     adopted: bool  # values in a foreign DB: key lookups go to ``values``, not ``index``
     offsets_ok: bool  # the rows' data_off offsets hold for ``values.data_file``
+    remote: Any = None  # a remote DB's byte source (lmdbfs.remote.source.RemoteSource), else None
 
 
 def normpath(path: str) -> str:
@@ -130,7 +131,7 @@ class Archive:
 
     def locations(self) -> Locations:
         h = self._h()
-        return Locations(h.index_loc, h.loc, h.venv is not h.env, bool(h.offsets_ok))
+        return Locations(h.index_loc, h.loc, h.venv is not h.env, bool(h.offsets_ok), h.remote)
 
     def record(self, rel: str) -> DirRecord | None:
         """The decoded record of directory ``rel`` (archive-relative, normalised), or None

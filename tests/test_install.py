@@ -16,12 +16,14 @@ downloaded beforehand, so the venv holds exactly what pip installs from the whee
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import stat
 import subprocess
 import sys
 import tempfile
+import tomllib
 from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
@@ -33,7 +35,12 @@ from .conftest import ROOT, daemon_pids
 DEV_PACKAGES = ["libfuse3-dev", "liblmdb-dev", "libxxhash-dev", "nettle-dev", "liburing-dev"]
 RUNTIME_PACKAGES = ["libfuse3-3", "liblmdb0", "libxxhash0", "libnettle8", "liburing2"]
 BUNDLED = ["libfuse3", "liblmdb", "libxxhash", "libnettle", "liburing"]
-DEPENDENCIES = ["lmdb", "numpy", "pandas", "Pillow", "tqdm", "xxhash"]
+# lmdbfs's own dependencies, as pyproject.toml lists them (names only: the wheelhouse pins
+# the versions this venv runs, and pip download brings theirs).
+DEPENDENCIES = [
+    re.match(r"[A-Za-z0-9_.-]+", req).group(0)
+    for req in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+]
 SYSTEM_PYTHON = f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}"
 
 HAS = "import importlib.util, sys; print(*(bool(importlib.util.find_spec(m)) for m in sys.argv[1:]))"
