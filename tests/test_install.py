@@ -32,6 +32,8 @@ import pytest
 
 from .conftest import ROOT, daemon_pids
 
+pytestmark = [pytest.mark.slow, pytest.mark.mount]  # builds a wheel, installs it as a user, mounts
+
 DEV_PACKAGES = ["libfuse3-dev", "liblmdb-dev", "libxxhash-dev", "nettle-dev", "liburing-dev"]
 RUNTIME_PACKAGES = ["libfuse3-3", "liblmdb0", "libxxhash0", "libnettle8", "liburing2"]
 BUNDLED = ["libfuse3", "liblmdb", "libxxhash", "libnettle", "liburing"]

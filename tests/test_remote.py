@@ -22,6 +22,8 @@ from tests.conftest import load_script, one_error_line, run_cli
 from tests.servers import nginx
 from tests.treecmp import differences, snapshot
 
+pytestmark = pytest.mark.slow  # real nginx and S3 servers
+
 
 def make_tree(root: Path, dirs: int = 6, files: int = 25, seed: int = 3) -> Path:
     """Sequences of frames: tiny files (inline in their records) and larger ones."""

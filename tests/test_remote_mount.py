@@ -18,6 +18,8 @@ from tests.test_mount import _without_write_bits
 from tests.test_remote import cli, make_tree
 from tests.treecmp import differences, snapshot
 
+pytestmark = pytest.mark.mount
+
 
 @pytest.fixture(scope="module")
 def tree_db(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:

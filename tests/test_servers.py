@@ -24,6 +24,8 @@ from botocore.exceptions import ClientError
 from tests.conftest import ROOT, load_script
 from tests.servers import _port_open, nginx, s3
 
+pytestmark = pytest.mark.slow  # real nginx and S3 servers
+
 faultproxy = load_script("faultproxy")
 
 DATA = os.urandom(3_000_000)

@@ -33,6 +33,8 @@ from .blockcache import (
 )
 from .conftest import TRANSPORTS, run_cli
 
+pytestmark = pytest.mark.mount
+
 BLOCK = 4096
 URL = "https://example.test/data/tree.lmdb"
 
