@@ -267,12 +267,13 @@ def _plain_tar(path: str) -> bool:
 
 def _tar_mtime_ns(info: tarfile.TarInfo) -> int:
     exact = info.pax_headers.get("mtime")
+    ns = int(info.mtime) * 1_000_000_000
     if exact is not None:
         try:
-            return int(Decimal(exact) * 1_000_000_000)
+            ns = int(Decimal(exact) * 1_000_000_000)
         except ArithmeticError:
             pass
-    return int(info.mtime) * 1_000_000_000
+    return max(-(1 << 63), min(ns, (1 << 63) - 1))  # rows hold int64 times
 
 
 def _reason(exc: BaseException) -> str:

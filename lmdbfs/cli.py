@@ -104,7 +104,10 @@ def cmd_pack(args: argparse.Namespace) -> int:
         + (f"; {result.resumed_files} files kept from the interrupted run" if result.resumed_files else "")
         + (f"; shard {extra['shard']}: {share.units_text()}" if share else "")
     )
-    for what, items in (("skipped (special files)", result.skipped), ("unreadable, left out", result.errors)):
+    for what, items in (
+        ("skipped (special files, or past a limit)", result.skipped),
+        ("unreadable, left out", result.errors),
+    ):
         if items:
             print(f"{len(items)} {what}: " + ", ".join(items[:5]) + (" …" if len(items) > 5 else ""))
     return 0

@@ -81,9 +81,16 @@ INLINE_LIMIT = 1 << 24
 KEYS_MD5 = "md5"
 KEYS_PATH = "path"
 
-# Limits every decoded record is checked against: a DB file is untrusted input.
-NAME_MAX = 255  # bytes in one name, as on Linux filesystems
-TARGET_MAX = 4095  # bytes in a symlink target (PATH_MAX less the NUL)
+# Limits every decoded record is checked against (a DB file is untrusted input), and
+# that `lmdbfs pack` checks every entry against, so whatever it packs, every reader
+# serves. The C server (csrc/serve.h) repeats NAME_MAX, ROWS_MAX and RECORD_MAX;
+# tests/test_limits.py checks that the two agree.
+NAME_MAX = 255  # bytes in one name, as on Linux filesystems (serve.h NAME_MAX_LEN)
+TARGET_MAX = 4095  # bytes in a symlink target (PATH_MAX less the NUL); at least 1
+DEPTH_MAX = 1024  # directory levels below the root a walk descends
+ROWS_MAX = (1 << 24) - 1  # entries in one directory (serve.h ROW_MAX - 1: inode bits)
+RECORD_MAX = 256 << 20  # bytes of one directory record (serve.h RECORD_MAX)
+KEY_MAX = 511  # bytes of an LMDB key (plain path keys, --keys path)
 SUBDIRS_MAX = 1 << 32  # a directory's subdirectory count (its st_nlink - 2)
 META_MAX_BYTES = 1 << 20
 META_MAX_DEPTH = 32  # nesting of the meta record's JSON

@@ -34,6 +34,7 @@ from .errors import DestinationExists, SourceError
 from .feed import read_in_order
 from .format import (
     INDEX_DB,
+    KEY_MAX,
     KEYS_MD5,
     KEYS_PATH,
     META_DB,
@@ -51,7 +52,6 @@ log = logging.getLogger(__name__)
 _PAGE = 4096
 # glibc mallopt parameters
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
-_MAX_KEY = 511  # LMDB's default maximum key size
 _KEY_SCHEMES = {
     KEYS_MD5: "md5(key_prefix + relpath with '/' replaced by key_sep)",
     KEYS_PATH: "key_prefix + relpath with '/' replaced by key_sep",
@@ -179,9 +179,9 @@ def _check_path_keys(scan: Scan, keys: Keys) -> None:
     databases, which are keys of the main database too."""
     for i in range(scan.files):
         key = keys(i)
-        if len(key) > _MAX_KEY:
+        if len(key) > KEY_MAX:
             raise SourceError(
-                f"{scan.file_relpath(i)}: its key is {len(key)} bytes, LMDB keys are at most {_MAX_KEY}",
+                f"{scan.file_relpath(i)}: its key is {len(key)} bytes, LMDB keys are at most {KEY_MAX}",
                 "shorten the path, or pack with md5 keys (the default)",
             )
         if key in (INDEX_DB, META_DB):

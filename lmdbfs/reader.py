@@ -22,6 +22,7 @@ import xxhash
 from . import foreign, store
 from .errors import CorruptValue, IsADirectory, LmdbfsError, NotADirectory, NotASymlink, PathNotFound
 from .format import (
+    DEPTH_MAX,
     KIND_DIR,
     KIND_FILE,
     DirRecord,
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_DIR_CACHE_BYTES = 32 << 20  # decoded records weigh what they do on disk
 _MAX_SYMLINK_HOPS = 40
-MAX_DEPTH = 1024  # directory levels a walk descends (a path that deep exceeds PATH_MAX anyway)
+MAX_DEPTH = DEPTH_MAX  # directory levels a walk descends (pack refuses deeper trees)
 _REPORTED_MAX = 1000  # directories whose damaged rows were logged
 _HASH_CHUNK = 1 << 20
 _THREAD = threading.local()

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from ._readfiles import read_files
 from .errors import SourceError
 from .format import KIND_DIR, KIND_FILE, KIND_SYMLINK, decode_path
-from .scan import Excluder, Scan, TreeBuilder
+from .scan import Excluder, Scan, TreeBuilder, limit_problem
 
 log = logging.getLogger(__name__)
 
@@ -299,6 +299,7 @@ def _add(
         listed = list(items)
         cut = _strip_count(listed, strip, label)
         items = iter(listed)
+    refused: tuple[str, ...] = ()  # folders left out for breaking a limit: so is all below them
     for item in items:
         path = item.path
         if cut:
@@ -310,6 +311,18 @@ def _add(
         if not rel:
             continue  # the archive's own root entry ("./")
         if not source.is_folder and excluded.covers(rel):
+            continue
+        if refused and rel.startswith(refused):
+            continue
+        problem = limit_problem(rel, KIND_DIR if isinstance(item, Nested) else item.kind, getattr(item, "target", b""))
+        if problem:
+            at, why = problem
+            where = at if source.is_folder else f"{label}: {item.path}"
+            if not listing.skip_errors:
+                raise SourceError(f"{where}: {why}", "rename or exclude it, or pass --skip-errors to leave it out")
+            log.log(listing.level, "skipping %s: %s", where, why)
+            listing.skipped.append(f"{where} ({why})")
+            refused = (*refused, at + "/")
             continue
         bar.update(1)
         if isinstance(item, Nested):

@@ -17,6 +17,7 @@ from .format import (
     KIND_FILE,
     META_DB,
     META_KEY,
+    RECORD_MAX,
     Meta,
     checksum,
     content_key,
@@ -250,7 +251,13 @@ class Writer:
         if not len(small):
             return b""
         inline: list[bytes | None] = [None] * len(d.rows)
+        # The record, tail included, must stay within RECORD_MAX (the C server refuses a
+        # larger one): past that, files are read by key only.
+        room = RECORD_MAX - (16 + len(d.path.encode("utf-8", "surrogateescape")) + d.rows.nbytes + len(d.blob))
         for r in small.tolist():
+            room -= int(d.rows[r]["size"])
+            if room < 0:
+                break
             rel = decode_path(d.name_and_target(r)[0])
             rel = f"{d.path}/{rel}" if d.path else rel
             value = txn.get(self.keys.key_of(rel), db=self.main)
