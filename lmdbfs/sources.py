@@ -19,7 +19,7 @@ import os
 import stat as st
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
 from tqdm import tqdm
 
@@ -87,9 +87,10 @@ class Source:
     def reader(self) -> Reader:
         raise NotImplementedError
 
-    def stream(self, wanted: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, bytes]]:
+    def stream(self, wanted: Iterator[tuple[int, Any]], large: int) -> Iterator[tuple[int, bytes | IO[bytes]]]:
         """Bytes of the wanted (file, ref) pairs, given in member order (sequential
-        sources only)."""
+        sources only); members of ``large`` bytes or more as a file object instead, to
+        be read before the next member is asked for."""
         raise NotImplementedError
 
 
@@ -98,6 +99,11 @@ class Reader:
     or None)``; the mtime is given when the file may have changed since it was listed."""
 
     def __call__(self, rel: str | None, ref: Any) -> tuple[bytes, int | None]:
+        raise NotImplementedError
+
+    def open_stream(self, rel: str, ref: Any) -> IO[bytes]:
+        """A file object over one member's bytes, read in pieces (a file too large to
+        hold whole: see feed.Large)."""
         raise NotImplementedError
 
     def read_many(self, rels: list[str], sizes: list[int]) -> list[tuple[bytes, int] | OSError | None] | None:
@@ -189,6 +195,9 @@ class _FolderReader(Reader):
         path = os.path.join(self.root, os.fsencode(rel[self.cut :]))
         with open(path, "rb", buffering=0) as fh:
             return fh.read(), os.fstat(fh.fileno()).st_mtime_ns
+
+    def open_stream(self, rel: str, ref: Any) -> IO[bytes]:
+        return open(os.path.join(self.root, os.fsencode(rel[self.cut :])), "rb", buffering=0)
 
     def read_many(self, rels: list[str], sizes: list[int]) -> list[tuple[bytes, int] | OSError | None] | None:
         # In C, with the GIL released once for the chunk rather than four times a file.
@@ -314,7 +323,10 @@ def _add(
             continue
         if refused and rel.startswith(refused):
             continue
-        problem = limit_problem(rel, KIND_DIR if isinstance(item, Nested) else item.kind, getattr(item, "target", b""))
+        if isinstance(item, Nested):
+            problem = limit_problem(rel, KIND_DIR)
+        else:
+            problem = limit_problem(rel, item.kind, item.target, item.size)
         if problem:
             at, why = problem
             where = at if source.is_folder else f"{label}: {item.path}"
