@@ -30,6 +30,7 @@ from .format import (
     RECORD_MAX,
     ROWS_MAX,
     TARGET_MAX,
+    VALUE_MAX,
     decode_path,
     encode_path,
     new_rows,
@@ -113,7 +114,7 @@ class Scan:
         self.files -= len(indices)
 
 
-def limit_problem(rel: str, kind: int, target: bytes = b"") -> tuple[str, str] | None:
+def limit_problem(rel: str, kind: int, target: bytes = b"", size: int = 0) -> tuple[str, str] | None:
     """Why the entry at tree path ``rel`` cannot be served, as (the path to leave out:
     the entry or the folder above it at fault, what is wrong), or None.
 
@@ -127,6 +128,8 @@ def limit_problem(rel: str, kind: int, target: bytes = b"") -> tuple[str, str] |
     levels = len(parts) if kind == KIND_DIR else len(parts) - 1
     if levels > DEPTH_MAX:
         return "/".join(parts[: DEPTH_MAX + 1]), f"folders nested over {DEPTH_MAX} levels deep"
+    if kind == KIND_FILE and size > VALUE_MAX:
+        return rel, f"{size} bytes, over the {VALUE_MAX} an LMDB value may hold"
     if kind == KIND_SYMLINK and not 1 <= len(target) <= TARGET_MAX:
         return rel, f"a symlink target of {len(target)} bytes, not 1 to {TARGET_MAX}"
     return None

@@ -174,3 +174,36 @@ def test_records_stay_within_record_max(tmp_path: Path, monkeypatch: pytest.Monk
         assert 0 < len(inline) < len(files)
         assert {name: fs.read_bytes(name) for name in files} == files
     run_cli("verify", db)
+
+
+def _tar_of_zeros(path: Path, name: str, size: int) -> Path:
+    """A valid tar holding one member of ``size`` zero bytes, written as a hole."""
+    info = tarfile.TarInfo(name)
+    info.size = size
+    header = info.tobuf(tarfile.GNU_FORMAT)
+    with open(path, "wb") as fh:
+        fh.write(header)
+        fh.truncate(len(header) + -(-size // 512) * 512 + 1024)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["folder", "tar"])
+def test_files_over_lmdbs_value_limit(tmp_path: Path, kind: str) -> None:
+    """A value of LMDB holds at most 4 GiB - 1 bytes (sparse sources: no disk used)."""
+    size = format.VALUE_MAX + 1
+    if kind == "folder":
+        src = tmp_path / "tree"
+        (src / "keep").mkdir(parents=True)
+        (src / "keep" / "a.txt").write_bytes(b"kept")
+        with open(src / "huge.bin", "wb") as fh:
+            fh.truncate(size)
+        line = one_error_line(run_cli("pack", src, tmp_path / "out.db", check=False))
+        assert "huge.bin" in line and str(format.VALUE_MAX) in line, line
+        out = run_cli("pack", "--skip-errors", src, tmp_path / "out.db")
+        assert "1 skipped" in out.stdout and "huge.bin" in out.stdout
+        with lmdbfs.open(str(tmp_path / "out.db")) as fs:
+            assert fs.listdir("") == ["keep"]
+    else:
+        src = _tar_of_zeros(tmp_path / "huge.tar", "huge.bin", size)
+        line = one_error_line(run_cli("pack", src, tmp_path / "out.db", check=False))
+        assert "huge.bin" in line and str(format.VALUE_MAX) in line, line

@@ -258,6 +258,18 @@ PROFILE_PLACEHOLDER = (
 )
 
 
+# Written by scripts/bench_tiny.py (a tree of tiny files, both layouts); kept as it is.
+TINY_BEGIN = "<!-- tiny-files:begin -->"
+TINY_END = "<!-- tiny-files:end -->"
+
+
+def kept_block(old: str, begin: str, end: str) -> str | None:
+    """The text between two markers of the old benchmarks.md, or None."""
+    if begin in old and end in old:
+        return old.split(begin, 1)[1].split(end, 1)[0].strip() or None
+    return None
+
+
 DATA_BEGIN = "<!-- bench-results "
 DATA_END = " -->"
 
@@ -323,6 +335,9 @@ def render_doc(out_dir: Path, new: dict[str, Any]) -> str:
     for res in results:
         chart = f"bench-{res['size']}.png" if (out_dir / f"bench-{res['size']}.png").exists() else None
         L.append(render_size(res, chart))
+    tiny = kept_block(old, TINY_BEGIN, TINY_END)
+    if tiny:
+        L.extend(["## Tiny files: both layouts", "", TINY_BEGIN, tiny, TINY_END, ""])
     L.append("## How to reproduce")
     L.append("")
     L.append(REPRODUCE)
