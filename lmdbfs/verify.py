@@ -236,6 +236,8 @@ def _compare_contents(
             pair = matched[k]
             j = -1 if pair is None else int(pair[file_row[i]])
             if data is None or j < 0:
+                if isinstance(data, Large):
+                    data.close()  # a tar's stream waits for it
                 continue
             try:
                 rel, entry = records.entry(k, j)
@@ -246,6 +248,9 @@ def _compare_contents(
             except LmdbfsError as exc:
                 report.add(exc.message)
                 continue
+            finally:
+                if isinstance(data, Large):
+                    data.close()  # a tar's stream waits for it
             if not same:
                 report.add(f"{rel}: contents differ")
         bar.update(nbytes)
