@@ -302,7 +302,8 @@ class Writer:
         """The index, then the meta record in the final commit, so 'complete' is atomic.
 
         Small files' bytes go into their directory's record here, read back from the
-        main database (bounded memory: one directory at a time)."""
+        spool (bounded memory: one directory at a time); in the keyed layout they go into
+        the main database first, in key order."""
         self.commit()
         index_bytes = sum(len(d.blob) + d.rows.nbytes + 256 for d in scan.dirs)
         index_bytes += 2 * int(scan.file_size[scan.file_size <= self.inline_max].sum())
@@ -383,7 +384,7 @@ class Writer:
             spooled = int(d.rows[r]["data_off"]) if self.spool is not None else 0
             room -= size
             if room < 0 and not spooled:
-                break
+                continue  # found by its key
             rel = decode_path(d.name_and_target(r)[0])
             rel = f"{d.path}/{rel}" if d.path else rel
             if spooled:

@@ -166,14 +166,15 @@ def test_records_stay_within_record_max(tmp_path: Path, monkeypatch: pytest.Monk
         pack(str(tree), str(tmp_path / "out.db"), PackOptions(progress=False))
     monkeypatch.setattr(scan, "RECORD_MAX", 40_000)
     monkeypatch.setattr(writer, "RECORD_MAX", 40_000)
-    db = tmp_path / "out.db"
-    pack(str(tree), str(db), PackOptions(progress=False))
-    with lmdbfs.open(str(db)) as fs:
-        assert fs.dir_record("").nbytes <= 40_000
-        inline = [e for e in fs.scandir("") if e.inline is not None]
-        assert 0 < len(inline) < len(files)
-        assert {name: fs.read_bytes(name) for name in files} == files
-    run_cli("verify", db)
+    for layout in ("keyed", "compact"):  # compact: the files past the room are stored by key
+        db = tmp_path / f"{layout}.db"
+        pack(str(tree), str(db), PackOptions(progress=False, layout=layout))
+        with lmdbfs.open(str(db)) as fs:
+            assert fs.dir_record("").nbytes <= 40_000
+            inline = [e for e in fs.scandir("") if e.inline is not None]
+            assert 0 < len(inline) < len(files)
+            assert {name: fs.read_bytes(name) for name in files} == files
+        run_cli("verify", db)
 
 
 def _tar_of_zeros(path: Path, name: str, size: int) -> Path:
