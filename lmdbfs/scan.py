@@ -120,6 +120,12 @@ def limit_problem(rel: str, kind: int, target: bytes = b"", size: int = 0) -> tu
 
     The readers refuse what breaks these limits (format.check_rows, reader.MAX_DEPTH, the
     C server), so the packer checks every entry against them before it stores a byte."""
+    if kind == KIND_FILE and size > VALUE_MAX:
+        return rel, f"{size} bytes, over the {VALUE_MAX} an LMDB value may hold"
+    if kind == KIND_SYMLINK and not 1 <= len(target) <= TARGET_MAX:
+        return rel, f"a symlink target of {len(target)} bytes, not 1 to {TARGET_MAX}"
+    if 4 * len(rel) <= NAME_MAX:  # every name fits, whatever its encoding: the usual case
+        return None
     parts = rel.split("/")
     for k, part in enumerate(parts):
         n = len(encode_path(part))
@@ -128,10 +134,6 @@ def limit_problem(rel: str, kind: int, target: bytes = b"", size: int = 0) -> tu
     levels = len(parts) if kind == KIND_DIR else len(parts) - 1
     if levels > DEPTH_MAX:
         return "/".join(parts[: DEPTH_MAX + 1]), f"folders nested over {DEPTH_MAX} levels deep"
-    if kind == KIND_FILE and size > VALUE_MAX:
-        return rel, f"{size} bytes, over the {VALUE_MAX} an LMDB value may hold"
-    if kind == KIND_SYMLINK and not 1 <= len(target) <= TARGET_MAX:
-        return rel, f"a symlink target of {len(target)} bytes, not 1 to {TARGET_MAX}"
     return None
 
 

@@ -415,6 +415,8 @@ python scripts/bench.py --size medium          # ~20k files, ~3.5 GB; tens of mi
 python scripts/bench.py --size full            # 1.44M tiny files; epochs on a 100k-file sample
 # reuse the tree and packed artifacts of an earlier run, only some systems / reader counts:
 python scripts/bench.py --size medium --skip-pack --systems native,lmdbfs --readers 2
+# a tree of ~2 KB files, both layouts beside tar and mksquashfs (the tiny-files section):
+python scripts/bench_tiny.py /var/tmp/lmdbfs-tiny --seqs 1000 --frames 150 --doc docs/benchmarks.md
 ```
 Run as root so caches can be dropped (otherwise 'cold' numbers are marked not cold). Results go to
 `docs/bench-<size>.png` and this file (raw numbers are embedded at its end) (`--out-dir` to write elsewhere);
