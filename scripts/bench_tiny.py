@@ -75,13 +75,14 @@ def _table(runs: dict[str, list[dict]], files: int, data: int, rounds: int, cold
         f"median of {rounds} rounds, each packer from a {'cold' if cold else 'WARM (caches not dropped)'} cache, "
         "timed until its output is on disk.",
         "",
-        "| packer | output | × tar's size | time | × `tar cf` + `sync` | peak RSS |",
-        "|---|---|---|---|---|---|",
+        "| packer | output | × tar's size | time (median) | × `tar cf` + `sync` | each round | peak RSS |",
+        "|---|---|---|---|---|---|---|",
     ]
     for n, m in med.items():
+        each = ", ".join(f"{r['seconds']:.1f}" for r in runs[n])
         lines.append(
             f"| {n} | {m['bytes'] / 1e6:,.1f} MB | {m['bytes'] / tar['bytes']:.2f}× | {m['seconds']:.1f} s "
-            f"| {m['seconds'] / tar['seconds']:.2f}× | {m['peak_mb']:.0f} MB |"
+            f"| {m['seconds'] / tar['seconds']:.2f}× | {each} s | {m['peak_mb']:.0f} MB |"
         )
     lines += [
         "",
@@ -113,6 +114,7 @@ def main() -> int:
     p.add_argument("--frames", type=int, default=150)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--doc", type=Path, help="also write the table into this benchmarks.md (its tiny-files block)")
+    p.add_argument("--note", default="", help="a line added under the table (the machine's state, say)")
     args = p.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     tree = args.tree or args.workdir / "tree"
@@ -141,6 +143,8 @@ def main() -> int:
             print(f"round {r + 1}: {name}: {runs[name][-1]}", file=sys.stderr)
     shutil.rmtree(out, ignore_errors=True)
     text = _table(runs, files, data, args.rounds, all(r["cold"] for rs in runs.values() for r in rs))
+    if args.note:
+        text += f"\n\n{args.note}"
     print(text)
     if args.doc:
         _into_doc(args.doc, text)
