@@ -70,6 +70,7 @@ def _bounded(*args: str | os.PathLike) -> str:
     out, err = proc.communicate(timeout=600)
     top = peak.stop()
     assert proc.returncode == 0, err.decode()
+    print(f"lmdbfs {args[0]}: peak RssAnon {top / 1e6:.0f} MB")  # shown with pytest -s
     assert 0 < top <= ANON_BOUND, f"lmdbfs {args[0]}: {top / 1e6:.0f} MB anonymous memory"
     return out.decode()
 
@@ -108,11 +109,15 @@ def _through_everything(tmp_path: Path, src: Path, name: str, want: int, mount_d
         cat = subprocess.Popen([sys.executable, "-m", "lmdbfs", "cat", db, name], stdout=subprocess.PIPE)
         peak = _Peak(cat.pid)
         assert _digest(iter(lambda: cat.stdout.read(4 << 20), b"")) == want
-        assert cat.wait() == 0 and peak.stop() <= ANON_BOUND
+        top = peak.stop()
+        print(f"lmdbfs cat: peak RssAnon {top / 1e6:.0f} MB")
+        assert cat.wait() == 0 and top <= ANON_BOUND
         mnt = mount_db(db)
         peak = _Peak(mnt.daemon_pid())
         assert _digest(_file_pieces(mnt.mnt / name)) == want
-        assert peak.stop() <= ANON_BOUND
+        top = peak.stop()
+        print(f"the mount's daemon: peak RssAnon {top / 1e6:.0f} MB")
+        assert top <= ANON_BOUND
         mnt.close()
     finally:
         for path in (db, out / name):
