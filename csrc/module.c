@@ -269,10 +269,72 @@ out:
     return PyLong_FromLong(status);
 }
 
+/* _parse_record(raw, own, data_size=0, offsets_ok=False) -> (rows, bad_names): the record
+ * parser of a mount (record.c), reachable without one, so tests can hold it to the Python
+ * reader's (lmdbfs/recordcheck.py) verdicts. Each good row, in order: (name, kind, flags,
+ * mode, size, mtime_ns, checksum, target, inline bytes or None, data_off); bad_names: the
+ * names a lookup answers EIO for. A record refused whole raises ValueError(why). Like a
+ * mount's fetch, it hands the parser a version-4 record's head and its total length. */
+static PyObject *parse_record(PyObject *self, PyObject *args, PyObject *kw)
+{
+    (void)self;
+    static char *kwlist[] = {"raw", "own", "data_size", "offsets_ok", NULL};
+    Py_buffer raw, own;
+    unsigned long long data_size = 0;
+    int offsets_ok = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "y*y*|Kp", kwlist, &raw, &own, &data_size, &offsets_ok))
+        return NULL;
+    const unsigned char *p = raw.buf;
+    size_t total = (size_t)raw.len, len = total;
+    if (total >= 16 && memcmp(p, "LDR2", 4) == 0 && record_head_len(p) <= total)
+        len = record_head_len(p);
+    struct layer ly = {.data_size = data_size, .offsets_ok = offsets_ok};
+    char why[200] = "";
+    struct record *rec = record_parse(p, len, total, 0, own.buf, (size_t)own.len, &ly, why, sizeof(why));
+    PyObject *rows = NULL, *bad = NULL, *out = NULL;
+    if (!rec) {
+        PyErr_SetString(PyExc_ValueError, why);
+        goto done;
+    }
+    if (!(rows = PyList_New(0)) || !(bad = PyList_New(0)))
+        goto done;
+    for (uint32_t i = 0; i < rec->count; i++) {
+        struct row r;
+        row_get(rec, i, &r);
+        const char *name = row_name(rec, &r);
+        PyObject *item;
+        if (rec->bad[i]) {
+            item = PyBytes_FromStringAndSize(name, r.name_len);
+        } else {
+            int inl = r.kind == KIND_FILE && (r.flags & FLAG_INLINE);
+            item = Py_BuildValue(
+                "(y#BBHKLKy#NK)", name, (Py_ssize_t)r.name_len, r.kind, r.flags, r.mode, (unsigned long long)r.size,
+                (long long)r.mtime_ns, (unsigned long long)r.checksum, name + r.name_len, (Py_ssize_t)r.target_len,
+                inl ? PyBytes_FromStringAndSize((const char *)p + r.data_off, (Py_ssize_t)r.size) : Py_NewRef(Py_None),
+                (unsigned long long)(inl ? 0 : r.data_off));
+        }
+        if (!item || PyList_Append(rec->bad[i] ? bad : rows, item)) {
+            Py_XDECREF(item);
+            goto done;
+        }
+        Py_DECREF(item);
+    }
+    out = PyTuple_Pack(2, rows, bad);
+done:
+    record_free(rec);
+    Py_XDECREF(rows);
+    Py_XDECREF(bad);
+    PyBuffer_Release(&raw);
+    PyBuffer_Release(&own);
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"serve", (PyCFunction)(void (*)(void))serve, METH_VARARGS | METH_KEYWORDS,
      "serve(mountpoint, layers, fuse_args, notify_fd=-1, verify=True, threads=16, clone_fd=False, "
      "max_background=0, cache_bytes=32 MiB, statfs_blocks=0, statfs_files=0, uring=True, push_bytes=64 KiB) -> libfuse status"},
+    {"_parse_record", (PyCFunction)(void (*)(void))parse_record, METH_VARARGS | METH_KEYWORDS,
+     "_parse_record(raw, own, data_size=0, offsets_ok=False) -> (rows, bad_names); for tests"},
     {NULL, NULL, 0, NULL},
 };
 

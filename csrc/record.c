@@ -1,9 +1,9 @@
 /* Directory records (docs/format.md): parse, check every byte before it is used, and
  * keep a compact copy (rows and names, no inline file bytes) for the record cache.
  *
- * A DB is untrusted input. A record whose header, own path, name bounds or order is wrong
- * is refused as a whole (its directory answers EIO); a row that is wrong in any other way
- * is marked bad: left out of listings, EIO when named.
+ * A DB is untrusted input. A record whose header or own path is wrong is refused as a
+ * whole (its directory answers EIO); a row that is wrong in any way (a name out of bounds
+ * or out of order included) is marked bad: left out of listings, EIO when named.
  */
 #include "serve.h"
 
@@ -13,6 +13,11 @@
 
 #define HEADER_SIZE 16
 #define ROW_SIZE 44
+/* The limits of lmdbfs/format.py, so both readers leave out the same rows
+ * (tests/test_record_parsers.py holds them to that). */
+#define TARGET_MAX 4095           /* bytes in a symlink target */
+#define SUBDIRS_MAX (1ull << 32)  /* a directory's subdirectory count (its checksum field) */
+#define INLINE_LIMIT (1u << 24)   /* bytes of one inline file */
 
 static uint16_t get16(const unsigned char *p) { return (uint16_t)(p[0] | p[1] << 8); }
 static uint32_t get32(const unsigned char *p) { uint32_t v; memcpy(&v, p, 4); return v; }
@@ -64,17 +69,24 @@ static const char *row_problem(const struct record *rec, const struct row *r, co
     if (end > rec->blob_len)
         return "link target outside the record";
     if (r->kind == KIND_SYMLINK) {
-        if (r->size != r->target_len || memchr(name + r->name_len, 0, r->target_len))
+        if (r->target_len == 0 || r->target_len > TARGET_MAX || r->size != r->target_len ||
+            memchr(name + r->name_len, 0, r->target_len))
             return "bad link target";
+    } else if (r->target_len) {
+        return "link target on a non-link";
     }
+    if (r->mode > 07777 || (r->kind == KIND_DIR && r->checksum > SUBDIRS_MAX))
+        return "attributes out of range";
     if ((r->flags & FLAG_INLINE) && r->kind != KIND_FILE)
         return "inline bytes on a non-file";
     if (r->kind == KIND_FILE && (r->flags & FLAG_INLINE)) {
+        if (r->size > INLINE_LIMIT)
+            return "inline file too large";
         if (rec->has_tail ? r->size > rec->tail_len || r->data_off > rec->tail_len - r->size
                           : r->size > rec->blob_len || end + r->size > rec->blob_len)
             return "inline bytes outside the record";
-    } else if (r->kind == KIND_FILE && ly->offsets_ok && r->data_off) {
-        if (r->size > ly->data_size || r->data_off > ly->data_size - r->size)
+    } else if (r->kind == KIND_FILE) {
+        if (r->size > ly->data_size || (ly->offsets_ok && r->data_off && r->data_off > ly->data_size - r->size))
             return "value outside the data file";
     }
     return NULL;

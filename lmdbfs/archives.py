@@ -30,7 +30,7 @@ from typing import IO, Any
 
 from .errors import SourceError
 from .format import KIND_DIR, KIND_FILE, KIND_SYMLINK, encode_path
-from .sources import Listing, Member, Nested, Reader, Source
+from .sourcebase import Listing, Member, Nested, Reader, Source
 
 log = logging.getLogger(__name__)
 

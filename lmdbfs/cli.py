@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from . import __version__
-from .errors import EXIT_FAILURE, EXIT_INTERRUPTED, CorruptValue, LmdbfsError, UsageError, exit_code_of
+from .errors import EXIT_CORRUPT, EXIT_FAILURE, EXIT_INTERRUPTED, CorruptValue, LmdbfsError, UsageError, exit_code_of
 
 log = logging.getLogger("lmdbfs")
 
@@ -127,11 +127,7 @@ def cmd_adopt(args: argparse.Namespace) -> int:
         progress=not args.no_progress and sys.stderr.isatty() or args.progress,
     )
     if not args.paths and (args.key_prefix or args.key_sep != "/"):
-        print(
-            "lmdbfs: error: --key-prefix and --key-sep say how listed paths were hashed — they go with --paths",
-            file=sys.stderr,
-        )
-        return 2
+        raise UsageError("--key-prefix and --key-sep say how listed paths were hashed", "they go with --paths")
     r = adopt(args.db, opts)
     kind = "md5-keyed" if args.paths else "path-keyed"
     print(
@@ -228,7 +224,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         for line in problems:
             print(line)
         print(f"verify: {len(problems)} problems with the set of shards", file=sys.stderr)
-        return 6
+        return EXIT_CORRUPT
     with _tree(args.dbs) as archive:
         report = verify(archive, args.against, progress=sys.stderr.isatty())
         how = "checksummed" if archive.checksummed else "checked (found by key, same size and offset; no checksums)"
@@ -282,7 +278,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = ("pack", "info", "ls", "cat", "verify", "unpack", "mount", "umount")
+_COMMANDS = ("pack", "adopt", "info", "ls", "cat", "verify", "unpack", "mount", "umount")
 _DB_LIST_HELP = "DBs (NAME=DB puts one under folder NAME; several merge into one tree), then paths inside"
 
 

@@ -1,8 +1,10 @@
 """Typed errors, and the single place that maps them to errno values and exit codes.
 
 Library code raises these; the CLI turns them into one line on stderr plus an exit
-code, and the FUSE adapter turns them into an errno. Keeping the mapping here means a
-new failure mode is classified once and behaves the same everywhere.
+code, and code reading through `lmdbfs.open` finds the matching errno on each (as on
+an OSError). Keeping the mapping here means a new failure mode is classified once and
+behaves the same everywhere. (The mount daemon's errno values come from the C server,
+csrc/, which reads the DBs itself.)
 """
 
 from __future__ import annotations
@@ -113,22 +115,6 @@ class MountError(LmdbfsError):
 
     errno = _errno.EIO
     exit_code = EXIT_MOUNT
-
-
-class ReadOnly(LmdbfsError):
-    """Any attempt to change an archive."""
-
-    errno = _errno.EROFS
-    exit_code = EXIT_FAILURE
-
-
-def errno_of(exc: BaseException) -> int:
-    """The errno a FUSE callback should report for ``exc``."""
-    if isinstance(exc, LmdbfsError):
-        return exc.errno
-    if isinstance(exc, OSError) and exc.errno:
-        return exc.errno
-    return _errno.EIO
 
 
 def exit_code_of(exc: BaseException) -> int:

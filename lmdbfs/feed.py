@@ -16,7 +16,7 @@ from typing import IO, Any
 import numpy as np
 
 from .scan import Scan
-from .sources import Reader, Source
+from .sourcebase import Reader, Source
 
 WINDOW_BYTES = 32 << 20  # file contents read ahead of the consumer
 # Files this large are never read whole: the consumer gets a `Large` and reads it in

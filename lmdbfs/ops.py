@@ -17,8 +17,9 @@ from tqdm import tqdm
 
 from .errors import CorruptValue, DestinationExists, UnsafePath
 from .foreign import CHECKSUM_NONE, KIND_MD5, KIND_PATH
-from .format import BAD_NAME, LAYOUT_COMPACT, decode_path
-from .reader import Archive
+from .format import LAYOUT_COMPACT, decode_path
+from .reader import Archive, Locations
+from .recordcheck import BAD_NAME
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +27,8 @@ log = logging.getLogger(__name__)
 def info(archive: Archive) -> dict[str, Any]:
     """Format, counts and sizes: what `lmdbfs info` shows."""
     meta = archive.meta
-    h = archive._h()  # noqa: SLF001 - same package
-    stat = h.env.stat()
-    size = os.path.getsize(h.loc.data_file)
+    stat = archive.index_stat()
+    size = archive.data_bytes
     out = {
         "path": archive.path,
         "format": f"{meta.format} v{meta.format_version}",
@@ -55,14 +55,14 @@ def info(archive: Archive) -> dict[str, Any]:
         **{key: meta.extra[key] for key in ("shard", "shard_units", "shard_units_checksum") if key in meta.extra},
     }
     if meta.data is not None:
-        out.update(_adopted_info(meta, h))
+        out.update(_adopted_info(meta, archive.locations()))
     return out
 
 
 _KIND_TEXT = {KIND_PATH: "keyed by plain paths", KIND_MD5: "md5-keyed converter DB"}
 
 
-def _adopted_info(meta, h) -> dict[str, Any]:
+def _adopted_info(meta, where: Locations) -> dict[str, Any]:
     """What `lmdbfs adopt` recorded: the foreign DB, how its values are served."""
     data, counts = meta.data or {}, meta.extra.get("adopted", {})
     converted = counts.get("converted", 0)
@@ -73,9 +73,9 @@ def _adopted_info(meta, h) -> dict[str, Any]:
             "inline in the index); JPEGs as the converter stored them (re-encoded)"
         )
     return {
-        "adopted": f"yes, from {h.loc.path} ({_KIND_TEXT.get(data.get('kind'), '?')}, {counts.get('keys', '?')} keys)",
-        "index": h.index_loc.path,
-        "index_bytes": os.path.getsize(h.index_loc.data_file),
+        "adopted": f"yes, from {where.values.path} ({_KIND_TEXT.get(data.get('kind'), '?')}, {counts.get('keys', '?')} keys)",
+        "index": where.index.path,
+        "index_bytes": os.path.getsize(where.index.data_file),
         "adopted_txnid": data.get("last_txnid"),
         "values": values,
         "left_out": f"{counts.get('skipped', 0)} keys, {counts.get('missing', 0)} listed paths not found",

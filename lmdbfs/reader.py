@@ -15,6 +15,7 @@ import os
 import posixpath
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import xxhash
@@ -30,11 +31,11 @@ from .format import (
     Meta,
     checksum,
     content_key,
-    decode_dir,
     decode_path,
     dir_key,
 )
 from .handle import DirCache, Handle
+from .recordcheck import decode_dir
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,17 @@ MAX_DEPTH = DEPTH_MAX  # directory levels a walk descends (pack refuses deeper t
 _REPORTED_MAX = 1000  # directories whose damaged rows were logged
 _HASH_CHUNK = 1 << 20
 _THREAD = threading.local()
+
+
+@dataclass(frozen=True, slots=True)
+class Locations:
+    """Where an archive's bytes live: the LMDB environment holding its index and meta
+    record, and the one holding its values (the same one unless the DB was adopted)."""
+
+    index: store.Location
+    values: store.Location
+    adopted: bool  # values in a foreign DB: key lookups go to ``values``, not ``index``
+    offsets_ok: bool  # the rows' data_off offsets hold for ``values.data_file``
 
 
 def normpath(path: str) -> str:
@@ -117,6 +129,23 @@ class Archive:
     def meta(self) -> Meta:
         return self._h().meta
 
+    def locations(self) -> Locations:
+        h = self._h()
+        return Locations(h.index_loc, h.loc, h.venv is not h.env, bool(h.offsets_ok))
+
+    def record(self, rel: str) -> DirRecord | None:
+        """The decoded record of directory ``rel`` (archive-relative, normalised), or None
+        when ``rel`` is not a directory. Cached; a union asks its layers this."""
+        return self._dir(rel)
+
+    def read_range(self, rel: str, entry: Entry, offset: int, size: int) -> bytes:
+        """``size`` bytes from ``offset`` (fewer at the end) of file ``rel``, already looked up."""
+        return self._read_range(rel, entry, offset, size)
+
+    def index_stat(self) -> dict[str, int]:
+        """LMDB's statistics of the index environment's main B-tree (psize, depth, …)."""
+        return dict(self._h().env.stat())
+
     # -- index --------------------------------------------------------------------------
     def _dir(self, rel: str) -> DirRecord | None:
         rec = self._dirs.get(rel)
@@ -167,7 +196,7 @@ class Archive:
         return self.lstat_rel(normpath(path))
 
     def lstat_rel(self, rel: str) -> Entry:
-        """`lstat` for a path already in archive-relative form (as FUSE passes them)."""
+        """`lstat` for a path already in archive-relative form (no normalising)."""
         if not rel:
             return self._root_entry()
         parent, name = posixpath.split(rel)
@@ -243,7 +272,7 @@ class Archive:
         return list(rec.names)
 
     def dir_record(self, path: str) -> DirRecord:
-        """The decoded record itself, for callers (FUSE readdir) that want every row."""
+        """The decoded record itself, for callers that want every row (verify, damaged-row reports)."""
         rel = normpath(path)
         rec = self._dir(rel)
         if rec is None:
@@ -393,12 +422,8 @@ class Archive:
             raise CorruptValue(f"{rel}: checksum mismatch, the DB is damaged", "re-pack or restore the DB")
 
     def read(self, path: str, size: int, offset: int = 0) -> bytes:
-        """A slice of the file: what a FUSE read asks for."""
+        """A slice of the file (``size`` bytes from ``offset``; fewer at its end)."""
         rel, entry = self._file_entry(path)
-        return self._read_range(rel, entry, offset, size)
-
-    def read_entry(self, rel: str, entry: Entry, offset: int, size: int) -> bytes:
-        """A slice of a file already looked up with `lstat` (the FUSE fast path)."""
         return self._read_range(rel, entry, offset, size)
 
     def _read_range(self, rel: str, entry: Entry, offset: int, size: int) -> bytes:

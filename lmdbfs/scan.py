@@ -80,7 +80,7 @@ class Scan:
     file_size: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
     file_src: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint16))  # index into sources
     file_ref: list[Any] = field(default_factory=list)  # what the source needs to find the bytes again
-    sources: list[Any] = field(default_factory=list)  # sources.Source, in the order they were added
+    sources: list[Any] = field(default_factory=list)  # sourcebase.Source, in the order they were added
     files: int = 0
     symlinks: int = 0
     bytes: int = 0

@@ -21,8 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import UsageError
-
-KIND_DIR = 2  # as in format.py; kept literal so this module stays free of the format
+from .format import KIND_DIR, decode_path, output_files
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -192,7 +191,7 @@ def iter_scan_entries(scan) -> Iterator[tuple[str, int, int]]:
         kinds = d.rows["kind"].tolist()
         sizes = d.rows["size"].tolist()
         for r, (kind, size) in enumerate(zip(kinds, sizes)):
-            name = d.name_and_target(r)[0].decode("utf-8", "surrogateescape")
+            name = decode_path(d.name_and_target(r)[0])
             yield (f"{d.path}/{name}" if d.path else name), kind, size
 
 
@@ -200,7 +199,6 @@ def plan_for_source(
     specs: list[str], index: int, count: int, depth: int | None, excludes: list[str], db: str, **scan_opts: Any
 ) -> ShardPlan:
     """Scan the sources (names and sizes only, as `pack` would, excludes applied) and plan."""
-    from .format import output_files
     from .sources import build_scan
 
     scan = build_scan(

@@ -24,102 +24,15 @@ from typing import IO, Any
 from tqdm import tqdm
 
 from ._readfiles import read_files
+from .archives import ZipSource, open_archive
 from .errors import SourceError
 from .format import KIND_DIR, KIND_FILE, KIND_SYMLINK, decode_path
 from .scan import Excluder, Scan, TreeBuilder, limit_problem
+from .sourcebase import Listing, Member, Nested, Reader, Source
 
 log = logging.getLogger(__name__)
 
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
-
-
-@dataclass(slots=True)
-class Member:
-    """One entry of a source; ``path`` is '/'-separated and relative to the source."""
-
-    path: str
-    kind: int
-    mode: int
-    mtime_ns: int
-    size: int = 0
-    target: bytes = b""
-    ref: Any = None  # what the source needs to find the bytes again
-
-
-@dataclass(slots=True)
-class Nested:
-    """A zip inside a source, to be expanded into a folder named like it without '.zip'."""
-
-    path: str
-    mode: int
-    mtime_ns: int
-    source: Source
-
-
-@dataclass
-class Listing:
-    """What a source needs while listing: which entries to leave out, and where to
-    report the ones it cannot take."""
-
-    prune: Callable[[str, str], bool]  # (name, path relative to the source) -> leave out
-    skipped: list[str]
-    errors: list[str]
-    skip_errors: bool
-    expand_zips: bool
-    level: int = logging.WARNING  # how loudly to report what is left out (verify: quietly)
-
-
-class Source:
-    """A folder or an archive to pack (see the module docstring)."""
-
-    label = "?"
-    sequential = False  # True: bytes come from stream(), in member order only
-    is_folder = False
-    under = ""  # where build_scan placed it in the tree
-
-    def members(self, listing: Listing) -> Iterator[Member | Nested]:
-        raise NotImplementedError
-
-    def root_attrs(self) -> tuple[int, int]:
-        """Mode and mtime for the tree's root when this source is placed there."""
-        raise NotImplementedError
-
-    def reader(self) -> Reader:
-        raise NotImplementedError
-
-    def stream(self, wanted: Iterator[tuple[int, Any]], large: int) -> Iterator[tuple[int, bytes | IO[bytes]]]:
-        """Bytes of the wanted (file, ref) pairs, given in member order (sequential
-        sources only); members of ``large`` bytes or more as a file object instead, to
-        be read before the next member is asked for."""
-        raise NotImplementedError
-
-
-class Reader:
-    """One thread's handle on a source: ``read(relpath_in_tree, ref) -> (bytes, mtime_ns
-    or None)``; the mtime is given when the file may have changed since it was listed."""
-
-    def __call__(self, rel: str | None, ref: Any) -> tuple[bytes, int | None]:
-        raise NotImplementedError
-
-    def open_stream(self, rel: str, ref: Any) -> IO[bytes]:
-        """A file object over one member's bytes, read in pieces (a file too large to
-        hold whole: see feed.Large)."""
-        raise NotImplementedError
-
-    def read_many(self, rels: list[str], sizes: list[int]) -> list[tuple[bytes, int] | OSError | None] | None:
-        """Several files at once, where a source can do that cheaper: each file's
-        (bytes, mtime_ns), an OSError, or None when its size is no longer the listed
-        one (then it is read again with ``__call__``). None: not supported here."""
-        return None
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self) -> Reader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class FolderSource(Source):
@@ -166,8 +79,6 @@ class FolderSource(Source):
                 mode, mtime = st.S_IMODE(info.st_mode), info.st_mtime_ns
                 if st.S_ISREG(info.st_mode):
                     if listing.expand_zips and name.lower().endswith(".zip"):
-                        from .archives import ZipSource
-
                         yield Nested(
                             child, mode, mtime, ZipSource(os.fsdecode(entry.path), f"{self.label}/{child}", mtime)
                         )
@@ -248,11 +159,9 @@ def open_source(path: str, skip_abs: list[bytes]) -> Source:
     """A folder, or a zip or tar archive (chosen by its name, else by its contents)."""
     if os.path.isdir(path):
         return FolderSource(path, skip_abs)
-    from . import archives
-
     if not os.path.exists(path):
         raise SourceError(f"{path}: no such folder or archive", "check the path")
-    return archives.open_archive(path)
+    return open_archive(path)
 
 
 def build_scan(

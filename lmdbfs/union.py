@@ -8,7 +8,8 @@ records (names and kinds) of the directories the layers share, never values.
 
 `Union` has the `Archive` API (it inherits the path-level calls — walk, scandir,
 resolve, read_bytes, … — and answers the primitives they rest on from its layers), so
-the FUSE adapter, `ls`/`cat`/`verify` and data loaders use it unchanged.
+`ls`/`cat`/`verify`/`unpack` and data loaders use it unchanged. The mount daemon does
+not read through it: it hands the layers to the C server (`layer_descriptions`).
 """
 
 from __future__ import annotations
@@ -207,7 +208,7 @@ class Union(Archive):
                 # A folder of one layer only: the merged parent knows which (one search, not one per layer).
                 candidates = [c for c in candidates if c[0] == int(merged.owners[at])]
             for i, sub in candidates:
-                rec = self.layers[i]._dir(sub)  # noqa: SLF001 - composed Archive
+                rec = self.layers[i].record(sub)
                 at = rec.index_of(name) if rec is not None else None
                 if at is not None and int(rec.rows["kind"][at]) == KIND_DIR:
                     found.append((i, posixpath.join(sub, name)))
@@ -225,7 +226,7 @@ class Union(Archive):
         virtual = self._virtual.get(rel)
         if len(sources) == 1 and not virtual:
             i, sub = sources[0]
-            return self.layers[i]._dir(sub)  # noqa: SLF001 - composed Archive
+            return self.layers[i].record(sub)
         if not sources and not virtual:
             return None
         rec = self._merged.get(rel)
@@ -237,7 +238,7 @@ class Union(Archive):
     def _merge(self, rel: str, sources: tuple[tuple[int, str], ...], virtual: dict[str, int]) -> _Merged:
         """One record from the records of every layer holding ``rel``, plus the folders
         of layers placed below it. Only names and kinds are compared."""
-        recs = [self.layers[i]._dir(sub) for i, sub in sources]  # noqa: SLF001 - composed Archive
+        recs = [self.layers[i].record(sub) for i, sub in sources]
         seen: dict[bytes, tuple[int, int, int]] = {}  # name -> (record k, row), or (-1, placing layer); kind
         shared: set[bytes] = set()
         for k, rec in enumerate(recs):
@@ -273,7 +274,7 @@ class Union(Archive):
             else:
                 pieces.append(recs[k].name_and_target(j))
                 inline[n] = recs[k].inline_bytes(j)
-            if k < 0 or name in shared:  # a folder of several layers: st_nlink counts all their subfolders
+            if k < 0 or name in shared:  # a folder of several layers: Union counts all their subfolders in st_nlink
                 shared_rows[n] = True
                 rows[n]["checksum"] = self._dir(posixpath.join(rel, decode_path(name))).subdir_count
         rows["name_off"] = np.cumsum(lens) - lens
@@ -368,7 +369,7 @@ class Union(Archive):
         if entry.inline is not None:
             return entry.inline[offset : offset + max(0, size)]
         layer, sub = self.owner(rel)
-        return layer._read_range(sub, entry, offset, size)  # noqa: SLF001 - composed Archive
+        return layer.read_range(sub, entry, offset, size)
 
     def key_of(self, path: str) -> bytes:
         layer, sub = self.owner(normpath(path))
@@ -426,29 +427,31 @@ def layer_descriptions(tree: Archive) -> list[dict[str, Any]]:
     each index and data file is, whether recorded value offsets hold, how keys are made,
     and the attributes of each layer's root.
 
-    Clashes were refused when ``tree`` was opened; a server serves the layers with the
-    rules `Union` uses: union folder D comes from every layer where D lies under its
-    prefix and is a folder there, in layer order; a folder on the way to a prefix is
-    made up (mode 0755, the placing layer's root mtime; the prefix folder itself has its
-    layer's root_mode and root_mtime_ns); a name in several layers is a folder, its
-    attributes from the first (real before made up), st_nlink 2 + its distinct
-    subfolders over all layers; a file is read from the layer listing it."""
+    Clashes were refused when ``tree`` was opened; the C server (csrc/tree.c) serves the
+    layers with the rules `Union` uses: union folder D comes from every layer where D
+    lies under its prefix and is a folder there, in layer order; a name in several
+    layers is a folder, its attributes from the first (real before made up); a file is
+    read from the layer listing it. Two attributes differ from `Union`'s, as
+    docs/serving.md says: a folder on the way to a prefix is made up with mode 0555
+    (`Union`: 0755) and the placing layer's root mtime (the prefix folder itself has its
+    layer's root_mode and root_mtime_ns), and a folder merged from several layers has
+    st_nlink 1 ("unknown", as union filesystems do) where `Union` counts 2 + its
+    distinct subfolders over all layers."""
     pairs = zip(tree.specs, tree.layers) if isinstance(tree, Union) else [(Layer("", tree.path), tree)]
     out = []
     for spec, archive in pairs:
-        h = archive._h()  # noqa: SLF001 - composed Archive
-        meta = h.meta
+        where, meta = archive.locations(), archive.meta
         out.append(
             {
                 "prefix": spec.prefix,
-                "index_path": os.path.abspath(h.index_loc.path),
-                "index_subdir": h.index_loc.subdir,
-                "data_path": os.path.abspath(h.loc.data_file),
-                "offsets_ok": bool(h.offsets_ok),
+                "index_path": os.path.abspath(where.index.path),
+                "index_subdir": where.index.subdir,
+                "data_path": os.path.abspath(where.values.data_file),
+                "offsets_ok": where.offsets_ok,
                 "checksummed": archive.checksummed,
                 # An adopted DB: values (and key lookups) in the foreign DB, not the index's.
-                "values_path": os.path.abspath(h.loc.path) if h.venv is not h.env else None,
-                "values_subdir": h.loc.subdir,
+                "values_path": os.path.abspath(where.values.path) if where.adopted else None,
+                "values_subdir": where.values.subdir,
                 "keys": meta.keys,
                 "key_prefix": meta.key_prefix,
                 "key_sep": meta.key_sep,

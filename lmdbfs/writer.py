@@ -8,7 +8,7 @@ import logging
 import mmap
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import lmdb
 import numpy as np
@@ -321,9 +321,10 @@ class Writer:
         # which marks the DB complete, waits for the final commit.
         txn, batch = self.env.begin(write=True), 0
         base = map_base(self.data_file)
+        files_of = _files_by_dir(scan)
         try:
-            for d in scan.dirs:
-                record = encode_dir(d.path, d.rows, d.blob, self._inline_tail(txn, d))
+            for k, d in enumerate(scan.dirs):
+                record = encode_dir(d.path, d.rows, d.blob, self._inline_tail(txn, d, files_of(k)))
                 txn.put(dir_key(d.path), record, db=index)
                 batch += len(record)
                 if batch >= BATCH_BYTES:
@@ -345,14 +346,14 @@ class Writer:
         lands on the last spot of its leaf page, and LMDB then splits pages so that the
         old one stays full. Commits every BATCH_BYTES (dirty pages stay in memory)."""
         found: list[tuple[bytes, int, int]] = []
-        for d in scan.dirs:
+        files_of = _files_by_dir(scan)
+        for k, d in enumerate(scan.dirs):
             small = np.flatnonzero((d.rows["kind"] == KIND_FILE) & (d.rows["data_off"] > 0))
+            small = small[d.rows["size"][small] <= INLINE_MAX]
+            numbers = files_of(k)
             for r in small.tolist():
-                if d.rows[r]["size"] > INLINE_MAX:
-                    continue
-                name = decode_path(d.name_and_target(r)[0])
-                rel = f"{d.path}/{name}" if d.path else name
-                found.append((self.keys.key_of(rel), int(d.rows[r]["data_off"]) - 1, int(d.rows[r]["size"])))
+                key = self.keys(int(numbers[r])) if numbers is not None else self.keys.key_of(_relpath(d, r))
+                found.append((key, int(d.rows[r]["data_off"]) - 1, int(d.rows[r]["size"])))
         found.sort()
         fd, batch = self.spool.fileno(), 0
         txn = self.env.begin(write=True, db=self.main)
@@ -369,9 +370,10 @@ class Writer:
             txn.abort()
             raise
 
-    def _inline_tail(self, txn: lmdb.Transaction, d: ScannedDir) -> bytes:
+    def _inline_tail(self, txn: lmdb.Transaction, d: ScannedDir, files: np.ndarray | None) -> bytes:
         """The bytes of the directory's small files, for its record's tail; sets
-        FLAG_INLINE and data_off on their rows (format.pack_inline)."""
+        FLAG_INLINE and data_off on their rows (format.pack_inline). ``files``: each
+        row's file number, whose key `Keys` holds (None: keys are made from the paths)."""
         small = np.flatnonzero((d.rows["kind"] == KIND_FILE) & (d.rows["size"] <= self.inline_max))
         if not len(small):
             return b""
@@ -385,19 +387,18 @@ class Writer:
             room -= size
             if room < 0 and not spooled:
                 continue  # found by its key
-            rel = decode_path(d.name_and_target(r)[0])
-            rel = f"{d.path}/{rel}" if d.path else rel
+            key = self.keys(int(files[r])) if files is not None else self.keys.key_of(_relpath(d, r))
             if spooled:
                 value = os.pread(self.spool.fileno(), size, spooled - 1)
                 d.rows[r]["data_off"] = 0
                 if room < 0:
                     if self.compact:  # stored once all the same: by key
-                        txn.put(self.keys.key_of(rel), value, db=self.main)
+                        txn.put(key, value, db=self.main)
                     continue
             else:
-                value = txn.get(self.keys.key_of(rel), db=self.main)
+                value = txn.get(key, db=self.main)
             if value is None or len(value) != size:
-                raise SourceError(f"{rel}: value missing before the final commit", "pack again with --force")
+                raise SourceError(f"{_relpath(d, r)}: value missing before the final commit", "pack again with --force")
             inline[r] = bytes(value)
         return pack_inline(d.rows, inline)
 
@@ -412,3 +413,27 @@ class Writer:
         if self.wb_fd >= 0:
             os.close(self.wb_fd)
             self.wb_fd = -1
+
+
+def _relpath(d: ScannedDir, r: int) -> str:
+    name = decode_path(d.name_and_target(r)[0])
+    return f"{d.path}/{name}" if d.path else name
+
+
+def _files_by_dir(scan: Scan) -> Callable[[int], np.ndarray | None]:
+    """For directory k, each row's file number (-1: not a file), so a small file's key
+    is the one `Keys` already holds. Once files were left out (`Scan.drop_files`, after
+    --skip-errors) rows no longer match the numbers: then None, and keys are made again
+    from the paths."""
+    if scan.files != len(scan.file_dir):
+        return lambda _k: None
+    order = np.argsort(scan.file_dir, kind="stable")
+    ends = np.cumsum(np.bincount(scan.file_dir, minlength=len(scan.dirs)))
+
+    def files_of(k: int) -> np.ndarray:
+        mine = order[ends[k - 1] if k else 0 : ends[k]]
+        numbers = np.full(len(scan.dirs[k].rows), -1, np.int64)
+        numbers[scan.file_row[mine]] = mine
+        return numbers
+
+    return files_of

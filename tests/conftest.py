@@ -3,6 +3,12 @@
 FUSE fixtures never skip: where a mount is impossible the tests fail, so a machine
 that cannot mount is noticed instead of passing quietly.
 
+Markers (pyproject.toml): a test that mounts is marked ``mount`` (module-wide with
+``pytestmark = pytest.mark.mount``, or per test; using ``mount_db`` marks it), and every
+``mount`` test is ``slow`` too, as is every hypothesis test, so ``pytest -m "not slow"``
+is the quick loop. A test
+that mounts without the marker fails, so the selection stays honest.
+
 Where the kernel has FUSE over io_uring, the session turns it on (root), so every
 real-mount test runs on the rings, the daemon's default transport there; the tests
 that matter for both transports also run with --no-io-uring.
@@ -30,8 +36,34 @@ TRANSPORTS = {"io_uring": (), "dev_fuse": ("--no-io-uring",)}
 FIXED_MTIME_NS = 1_600_000_000_123_456_789
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "mount_db" in getattr(item, "fixturenames", ()) and item.get_closest_marker("mount") is None:
+            item.add_marker(pytest.mark.mount)
+        if item.get_closest_marker("mount") is not None or getattr(item.obj, "is_hypothesis_test", False):
+            item.add_marker(pytest.mark.slow)  # mounts, and property tests drawing 150 examples each
+
+
+_RUNNING: list[pytest.Item] = []  # the test being run
+
+
+@pytest.fixture(autouse=True)
+def _running_test(request: pytest.FixtureRequest) -> Iterator[None]:
+    _RUNNING.append(request.node)
+    yield
+    _RUNNING.pop()
+
+
+def require_mount_marker() -> None:
+    """Fail a test that mounts without the `mount` marker (it would run under -m 'not slow')."""
+    if _RUNNING and _RUNNING[-1].get_closest_marker("mount") is None:
+        pytest.fail(f"{_RUNNING[-1].nodeid} mounts: mark it with @pytest.mark.mount (see tests/conftest.py)")
+
+
 def run_cli(*args: str | os.PathLike, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run the real `lmdbfs` command (as users do), capturing its output."""
+    if args and args[0] == "mount":
+        require_mount_marker()
     cmd = [sys.executable, "-m", "lmdbfs", *map(str, args)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, errors="surrogateescape")
     if check and proc.returncode != 0:

@@ -18,6 +18,8 @@ import lmdbfs
 from lmdbfs import btree
 from tests.conftest import load_script, one_error_line, run_cli
 
+pytestmark = pytest.mark.slow  # builds foreign DBs and adopts them end to end
+
 
 def stark_build(src: Path, db: Path, extra: dict[bytes, bytes] | None = None) -> None:
     """A DB as STARK-style builders write it: an LMDB directory, one put per file, keys
@@ -64,6 +66,7 @@ def stark_db(got10k_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     return db
 
 
+@pytest.mark.mount
 def test_stark_db_adopted_and_mounted_matches_source(
     stark_db: Path, got10k_tree: Path, tmp_path: Path, mount_db
 ) -> None:
@@ -85,6 +88,7 @@ def test_stark_db_adopted_and_mounted_matches_source(
         assert archive.read_bytes(rel) == by_index.read_bytes(rel) == (got10k_tree / rel).read_bytes()
 
 
+@pytest.mark.mount
 def test_adopt_of_a_read_only_db_directory(stark_db: Path, got10k_tree: Path, tmp_path: Path) -> None:
     """A DB on a read-only filesystem (a read-only bind mount, enforced even for root)."""
     ro = tmp_path / "ro"
@@ -102,6 +106,7 @@ def test_adopt_of_a_read_only_db_directory(stark_db: Path, got10k_tree: Path, tm
         subprocess.run(["umount", str(ro)], check=True)
 
 
+@pytest.mark.mount
 def test_a_changed_db_gives_one_line_until_adopted_again(got10k_tree: Path, tmp_path: Path) -> None:
     db = tmp_path / "db"
     stark_build(got10k_tree / "val", db)
@@ -180,6 +185,7 @@ def seed_db(got10k_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     return db
 
 
+@pytest.mark.mount
 def test_md5_converter_db_through_the_got10k_toolkit(
     seed_db: Path, got10k_tree: Path, got10k_db: Path, tmp_path: Path, mount_db
 ) -> None:

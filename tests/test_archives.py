@@ -21,6 +21,8 @@ import lmdbfs
 from .conftest import kill_pack_at, one_error_line, run_cli
 from .treecmp import differences, snapshot
 
+pytestmark = pytest.mark.slow  # packs and verifies archives of real trees
+
 EVEN_MTIME = 1_600_000_000  # zips keep 2-second steps: every time in the tree is even
 
 

@@ -14,6 +14,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.mount  # the benchmarks mount lmdbfs and squashfuse
+
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "scripts" / "bench.py"
 SYSTEMS = ("native", "lmdbfs", "squashfuse", "seed")

@@ -4,10 +4,9 @@ no input whatever makes decoding raise anything but the typed errors."""
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from lmdbfs.errors import BadDatabase, CorruptValue
@@ -19,66 +18,12 @@ from lmdbfs.format import (
     NAME_MAX,
     DirRecord,
     Meta,
-    decode_dir,
     encode_dir,
     new_rows,
-    pack_inline,
-    pack_names,
 )
+from lmdbfs.recordcheck import decode_dir
 
-from .hostile import encode_dir_v3
-
-# LMDBFS_FUZZ_EXAMPLES raises the count for a deeper run than CI's.
-FAST = settings(
-    max_examples=int(os.environ.get("LMDBFS_FUZZ_EXAMPLES", "150")),
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-)
-
-names = st.binary(min_size=1, max_size=NAME_MAX).filter(
-    lambda b: b"/" not in b and b"\0" not in b and b not in (b".", b"..")
-)
-targets = st.binary(min_size=1, max_size=300).filter(lambda b: b"\0" not in b)
-entries = st.tuples(
-    st.sampled_from([KIND_FILE, KIND_DIR, KIND_SYMLINK]),
-    st.integers(0, 0o7777),
-    st.integers(-(2**63), 2**63 - 1),
-    targets,
-    st.one_of(st.none(), st.binary(max_size=INLINE_MAX)),
-    st.integers(0, 10_000),
-)
-
-
-def _rows_of(listing: dict[bytes, tuple]) -> tuple[list[bytes], np.ndarray, list[bytes], list[bytes | None]]:
-    ordered = sorted(listing)
-    rows = new_rows(len(ordered))
-    tlist, ilist = [], []
-    for i, name in enumerate(ordered):
-        kind, mode, mtime, target, inline, size = listing[name]
-        rows[i]["kind"], rows[i]["mode"], rows[i]["mtime_ns"] = kind, mode, mtime
-        target = target if kind == KIND_SYMLINK else b""
-        is_inline = kind == KIND_FILE and inline is not None
-        if kind == KIND_SYMLINK:
-            rows[i]["size"] = len(target)
-        elif kind == KIND_FILE:
-            rows[i]["size"] = len(inline) if is_inline else size
-            rows[i]["data_off"] = size  # a stored file's offset; pack_inline sets an inline one's
-        tlist.append(target)
-        ilist.append(inline if is_inline else None)
-    return ordered, rows, tlist, ilist
-
-
-def _build(listing: dict[bytes, tuple]) -> tuple[bytes, dict[bytes, tuple]]:
-    ordered, rows, tlist, ilist = _rows_of(listing)
-    blob = pack_names(rows, ordered, tlist)
-    tail = pack_inline(rows, ilist)
-    return encode_dir("some/dir", rows, blob, tail), listing
-
-
-def _build_v3(listing: dict[bytes, tuple]) -> bytes:
-    """The same directory as a version 2-3 ("LDR1") record."""
-    ordered, rows, tlist, ilist = _rows_of(listing)
-    return encode_dir_v3(b"some/dir", rows, ordered, tlist, ilist)
+from .records import FAST, entries, names, record_of, record_v3
 
 
 def _assert_sane(rec: DirRecord) -> None:
@@ -100,7 +45,7 @@ def _assert_sane(rec: DirRecord) -> None:
 @FAST
 @given(st.dictionaries(names, entries, max_size=40))
 def test_encode_then_decode_gives_back_every_entry(listing) -> None:
-    raw, listing = _build(listing)
+    raw, listing = record_of(listing)
     rec = decode_dir(raw, "some/dir", data_size=10**6, check_offsets=True)
     assert not rec.bad
     assert rec.raw_names() == sorted(listing)
@@ -118,9 +63,9 @@ def test_encode_then_decode_gives_back_every_entry(listing) -> None:
 @given(st.dictionaries(names, entries, max_size=40))
 def test_a_version_3_record_decodes_to_the_same_entries(listing) -> None:
     """DBs packed before format 4 interleave inline bytes with the names; they still read."""
-    raw, listing = _build(listing)
+    raw, listing = record_of(listing)
     new = decode_dir(raw, "some/dir", data_size=10**6, check_offsets=True)
-    old = decode_dir(_build_v3(listing), "some/dir", data_size=10**6, check_offsets=True)
+    old = decode_dir(record_v3(listing), "some/dir", data_size=10**6, check_offsets=True)
     assert not old.bad and old.entries() == new.entries()
 
 
@@ -130,7 +75,7 @@ def test_a_version_3_record_decodes_to_the_same_entries(listing) -> None:
     st.lists(st.tuples(st.integers(0), st.integers(1, 255)), min_size=1, max_size=12),
 )
 def test_damaged_records_decode_to_sane_rows_or_fail_typed(listing, flips) -> None:
-    raw, _listing = _build(listing)
+    raw, _listing = record_of(listing)
     damaged = bytearray(raw)
     for at, xor in flips:
         damaged[at % len(damaged)] ^= xor

@@ -23,6 +23,8 @@ from lmdbfs.format import encode_dir, new_rows, pack_names
 from . import hostile as H
 from .conftest import one_error_line, run_cli
 
+pytestmark = pytest.mark.slow  # hundreds of commands on damaged DBs, each in a bounded child
+
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, bytes]]:
@@ -286,7 +288,7 @@ def test_a_record_packed_with_pack_names_decodes_whole() -> None:
     rows["kind"] = [1, 2, 3]
     rows["size"] = [0, 0, 4]
     blob = pack_names(rows, [b"a", b"b", b"c"], [b"", b"", b"../a"])
-    from lmdbfs.format import decode_dir
+    from lmdbfs.recordcheck import decode_dir
 
     rec = decode_dir(encode_dir("x", rows, blob), "x", data_size=0)
     assert rec.names == ["a", "b", "c"] and not rec.bad

@@ -25,6 +25,8 @@ from . import hostile as H
 from .conftest import Mount, is_mounted, one_error_line, run_cli
 from .test_hostile_cli import CASES, _flip_pages, _flip_record
 
+pytestmark = pytest.mark.mount  # every test here mounts a FUSE filesystem
+
 # A program walking the whole mount in a child (a hang must not hang the tests):
 # every directory listed, every entry stat'ed, every file read, every link read.
 _WALKER = r"""

@@ -9,10 +9,13 @@ from pathlib import Path
 import cv2
 import lmdb
 import numpy as np
+import pytest
 
 from .conftest import one_error_line, run_cli
 from .test_mount import _without_write_bits
 from .treecmp import differences, snapshot
+
+pytestmark = pytest.mark.slow  # packs real trees
 
 # A STARK-style reader (lib/utils/lmdb_utils.py of that project), as loaders use it.
 _ENVS: dict[str, lmdb.Environment] = {}
@@ -34,6 +37,7 @@ def decode_str(lmdb_fname: str, key_name: str) -> str:
     return _env(lmdb_fname).begin(write=False).get(key_name.encode()).decode()
 
 
+@pytest.mark.mount
 def test_stark_reader_gets_the_source_files(got10k_tree: Path, tmp_path: Path, mount_db) -> None:
     db = tmp_path / "got10k_lmdb"
     run_cli("pack", "--keys", "path", got10k_tree, db, "--no-progress")

@@ -24,6 +24,8 @@ import lmdbfs
 from .conftest import TRANSPORTS, is_mounted, one_error_line, run_cli
 from .treecmp import differences, snapshot
 
+pytestmark = pytest.mark.mount  # every test here mounts a FUSE filesystem
+
 ABSENT = {b"backup.bak", b"small/old.bak", b"a_fifo", b"a_socket"}
 
 

@@ -20,6 +20,8 @@ from .conftest import ROOT, daemon_pids, is_mounted, one_error_line, run_cli
 from .test_mount import _without_write_bits
 from .treecmp import differences, snapshot
 
+pytestmark = pytest.mark.mount  # every test here mounts a FUSE filesystem
+
 HELPER = Path("/sbin/mount.fuse.lmdbfs")
 
 

@@ -31,6 +31,8 @@ from lmdbfs.format import (
 from .conftest import BIG_FILE_BYTES, kill_pack_at, one_error_line, run_cli
 from .treecmp import differences, snapshot
 
+pytestmark = pytest.mark.slow  # end-to-end packs (a 70 MB file among them), kills and resumes
+
 
 def test_unpack_restores_the_tree_byte_for_byte(edge_tree: Path, edge_db: Path, tmp_path: Path) -> None:
     dst = tmp_path / "restored"
@@ -227,6 +229,7 @@ def _start_pack(src: Path, db: Path, *extra: str) -> subprocess.Popen:
     )
 
 
+@pytest.mark.mount
 @pytest.mark.parametrize("kill_at_bytes", [1, 100 << 20, 180 << 20])
 def test_a_killed_pack_is_refused_then_resumed(tmp_path: Path, kill_at_bytes: int) -> None:
     """kill -9 at several points: before the first commit, and after one or two."""

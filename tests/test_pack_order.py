@@ -6,11 +6,14 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 import lmdbfs
 from lmdbfs.format import FLAG_INLINE, INLINE_MAX
 
 from .conftest import run_cli
+
+pytestmark = pytest.mark.slow  # packs real trees
 
 SIZES = [0, 1, 100, 2000, 2013, 2014, 2015, 2016, 2047, 2048, 2049, 2050, 2100, 4079, 4080, 4096, 5000, 70_000]
 

@@ -19,6 +19,8 @@ from lmdbfs import open as lmdbfs_open
 
 from .conftest import TRANSPORTS, run_cli
 
+pytestmark = pytest.mark.mount  # every test here mounts a FUSE filesystem
+
 CREDIT = 128  # PREFETCH_CREDIT in csrc/read.c: lookups that may prefetch before a READ
 PAGE = os.sysconf("SC_PAGE_SIZE")
 

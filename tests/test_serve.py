@@ -21,10 +21,13 @@ import pytest
 
 from lmdbfs import open as lmdbfs_open
 from lmdbfs import store
-from lmdbfs.format import INDEX_DB, decode_dir, dir_key
+from lmdbfs.format import INDEX_DB, dir_key
+from lmdbfs.recordcheck import decode_dir
 
 from .conftest import TRANSPORTS, is_mounted, one_error_line, run_cli
 from .treecmp import differences, snapshot
+
+pytestmark = pytest.mark.mount  # every test here mounts a FUSE filesystem
 
 
 def _files(root: Path) -> list[Path]:

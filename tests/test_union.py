@@ -19,6 +19,8 @@ from .conftest import is_mounted, one_error_line, run_cli
 from .test_mount import _without_write_bits
 from .treecmp import differences, snapshot
 
+pytestmark = pytest.mark.slow  # packs several DBs and serves them as one tree
+
 
 def _tree(root: Path, files: dict[str, bytes]) -> Path:
     for rel, data in files.items():
@@ -151,6 +153,7 @@ def test_cli_ls_cat_verify_take_db_lists(parts: dict[str, Path]) -> None:
     assert differences(snapshot(parts["both"]), snapshot(out)) == []
 
 
+@pytest.mark.mount
 def test_mount_serves_several_dbs_as_one_tree(parts: dict[str, Path], mount_db) -> None:
     m = mount_db([parts["a"], parts["b"]])
     expected = _without_write_bits(snapshot(parts["both"]))
@@ -161,6 +164,7 @@ def test_mount_serves_several_dbs_as_one_tree(parts: dict[str, Path], mount_db) 
     assert lmdbfs.open(parts["a"], parts["b"]).stat("train").nlink == 4
 
 
+@pytest.mark.mount
 def test_mount_under_folders(parts: dict[str, Path], mount_db) -> None:
     m = mount_db([f"x={parts['a']}", f"y={parts['b']}"])
     assert sorted(os.listdir(m.mnt)) == ["x", "y"]
@@ -168,6 +172,7 @@ def test_mount_under_folders(parts: dict[str, Path], mount_db) -> None:
     assert differences(_without_write_bits(snapshot(parts["b_src"])), snapshot(m.mnt / "y")) == []
 
 
+@pytest.mark.mount
 def test_clashing_mount_fails_and_leaves_the_directory_alone(parts: dict[str, Path], tmp_path: Path) -> None:
     mnt = tmp_path / "mnt"
     mnt.mkdir()
@@ -178,6 +183,7 @@ def test_clashing_mount_fails_and_leaves_the_directory_alone(parts: dict[str, Pa
     assert not is_mounted(mnt) and os.listdir(mnt) == []
 
 
+@pytest.mark.mount
 def test_parallel_shard_packs_mount_as_the_source(got10k_tree: Path, tmp_path: Path, mount_db) -> None:
     n = 3
     procs = [

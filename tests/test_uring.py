@@ -19,6 +19,8 @@ import pytest
 from .conftest import URING_PARAM, ring_completions
 from .treecmp import differences, snapshot
 
+pytestmark = pytest.mark.mount  # every test here mounts a FUSE filesystem
+
 # A kernel older than 6.14 has no FUSE over io_uring: there these tests check that the
 # mount serves through /dev/fuse instead (no test skips).
 HAS_URING = URING_PARAM.exists()

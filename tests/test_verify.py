@@ -7,10 +7,13 @@ import shutil
 from pathlib import Path
 
 import lmdb
+import pytest
 
 import lmdbfs
 
 from .conftest import one_error_line, run_cli
+
+pytestmark = pytest.mark.slow  # packs, damages and verifies real trees
 
 
 def _write(path: Path, data: bytes, mode: int = 0o644) -> None:
