@@ -508,7 +508,7 @@ class _ValueFile(io.RawIOBase):
         return True
 
     def readinto(self, buf: Any) -> int:
-        data = self.archive.read_entry(self.rel, self.entry, self.pos, len(buf))
+        data = self.archive.read_range(self.rel, self.entry, self.pos, len(buf))
         buf[: len(data)] = data
         self.pos += len(data)
         return len(data)
