@@ -173,6 +173,9 @@ class _ZipReader(Reader):
     def __call__(self, rel: str | None, ref: Any) -> tuple[bytes, int | None]:
         return self.handle.read(ref), None
 
+    def open_stream(self, rel: str, ref: Any) -> IO[bytes]:
+        return _Checked(self.handle.zf.open(ref), self.handle.source.label, ref.filename)
+
     def close(self) -> None:
         self.handle.close()
 
@@ -236,7 +239,7 @@ class TarSource(Source):
                 log.log(listing.level, "skipping %s: %s: %s", self.label, info.name, what)
                 listing.skipped.append(f"{self.label}: {info.name}")
 
-    def stream(self, wanted: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, bytes]]:
+    def stream(self, wanted: Iterator[tuple[int, Any]], large: int) -> Iterator[tuple[int, bytes | IO[bytes]]]:
         todo = next(wanted, None)
         if todo is None:
             return
@@ -244,6 +247,12 @@ class TarSource(Source):
             if ordinal != todo[1]:
                 continue
             fh = tar.extractfile(info)
+            if fh is not None and info.size >= large:
+                yield todo[0], _Checked(fh, self.label, info.name)
+                todo = next(wanted, None)
+                if todo is None:
+                    return
+                continue
             data = fh.read() if fh is not None else b""
             if len(data) != info.size:
                 raise SourceError(f"{self.label}: {info.name}: truncated ({len(data)} of {info.size} bytes)", _DAMAGED)
@@ -257,6 +266,22 @@ class TarSource(Source):
         raise SourceError(f"{self.label}: a tar archive is read in one pass", "internal: use stream()")
 
 
+class _Checked:
+    """A member's file object whose read errors name the archive and the member."""
+
+    def __init__(self, fh: IO[bytes], label: str, name: str) -> None:
+        self.fh, self.label, self.name = fh, label, name
+
+    def read(self, n: int) -> bytes:
+        try:
+            return self.fh.read(n)
+        except _ZIP_ERRORS + _TAR_ERRORS as exc:
+            raise SourceError(f"{self.label}: {self.name}: {_reason(exc)}", _DAMAGED) from None
+
+    def close(self) -> None:
+        self.fh.close()
+
+
 def _plain_tar(path: str) -> bool:
     try:
         with tarfile.open(path, "r:"):
@@ -267,12 +292,13 @@ def _plain_tar(path: str) -> bool:
 
 def _tar_mtime_ns(info: tarfile.TarInfo) -> int:
     exact = info.pax_headers.get("mtime")
+    ns = int(info.mtime) * 1_000_000_000
     if exact is not None:
         try:
-            return int(Decimal(exact) * 1_000_000_000)
+            ns = int(Decimal(exact) * 1_000_000_000)
         except ArithmeticError:
             pass
-    return int(info.mtime) * 1_000_000_000
+    return max(-(1 << 63), min(ns, (1 << 63) - 1))  # rows hold int64 times
 
 
 def _reason(exc: BaseException) -> str:

@@ -92,6 +92,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
         key_prefix=args.key_prefix,
         key_sep=args.key_sep,
         keys=args.keys,
+        layout=args.layout,
         strip=args.strip,
         expand_zips=args.expand_zips,
         progress=not args.no_progress and sys.stderr.isatty() or args.progress,
@@ -107,7 +108,10 @@ def cmd_pack(args: argparse.Namespace) -> int:
         + (f"; {result.resumed_files} files kept from the interrupted run" if result.resumed_files else "")
         + (f"; shard {extra['shard']}: {share.units_text()}" if share else "")
     )
-    for what, items in (("skipped (special files)", result.skipped), ("unreadable, left out", result.errors)):
+    for what, items in (
+        ("skipped (special files, or past a limit)", result.skipped),
+        ("unreadable, left out", result.errors),
+    ):
         if items:
             print(f"{len(items)} {what}: " + ", ".join(items[:5]) + (" …" if len(items) > 5 else ""))
     return 0
@@ -203,7 +207,8 @@ def cmd_cat(args: argparse.Namespace) -> int:
         raise UsageError("cat needs a PATH inside the DB", "e.g. lmdbfs cat DB train/list.txt")
     with _tree(dbs) as archive:
         for path in paths:
-            sys.stdout.buffer.write(archive.read_bytes(path))
+            for piece in archive.read_pieces(path):
+                sys.stdout.buffer.write(piece)
     sys.stdout.buffer.flush()
     return 0
 
@@ -345,6 +350,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="md5",
         help="main-database keys: md5 of the path (default, single-file DB), or the plain path "
         "in an LMDB directory, as STARK-style loaders read it",
+    )
+    p.add_argument(
+        "--layout",
+        choices=["keyed", "compact"],
+        default="keyed",
+        help="keyed (default): every file also under its key, for your own LMDB code; compact: files "
+        "of at most 2 KiB stored once, in their directory's index record (a smaller DB that only "
+        "lmdbfs reads)",
     )
     p.add_argument(
         "--shard",

@@ -1,7 +1,8 @@
 """Reading the files of a scan in their order: on worker threads where the source
 allows random access (folders, zips: one handle per thread), in one streaming pass
 on a background thread where it does not (tar). Memory stays bounded: at most
-WINDOW_BYTES of file contents are read ahead of the consumer."""
+WINDOW_BYTES of file contents are read ahead of the consumer, and a file of LARGE_BYTES
+or more is handed over unread, as a `Large` the consumer reads in pieces."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -18,6 +19,10 @@ from .scan import Scan
 from .sourcebase import Reader, Source
 
 WINDOW_BYTES = 32 << 20  # file contents read ahead of the consumer
+# Files this large are never read whole: the consumer gets a `Large` and reads it in
+# PIECE_BYTES pieces, so memory stays bounded whatever a file's size.
+LARGE_BYTES = 64 << 20
+PIECE_BYTES = 1 << 20
 CHUNK_BYTES = 1 << 20  # one read task: up to this many bytes ...
 CHUNK_FILES = 256  # ... or this many files
 
@@ -26,7 +31,34 @@ CHUNK_FILES = 256  # ... or this many files
 Process = Callable[[int, bytes, int | None], bytes | None]
 # (tree path, error) -> None to leave the file out, or raise.
 OnError = Callable[[str, OSError], None]
-Batch = tuple[list[tuple[int, bytes | None]], int]  # (file, bytes) pairs, bytes listed
+Batch = tuple[list[tuple[int, Any]], int]  # (file, bytes | Large | None) pairs, bytes listed
+
+
+class Large:
+    """A file of LARGE_BYTES or more, handed over unread: `pieces` reads it in order,
+    once, and `close` lets the source go on (a tar stream waits for it)."""
+
+    def __init__(self, fh: IO[bytes], size: int, closer: Callable[[], None] | None = None) -> None:
+        self.fh, self.size, self._closer = fh, size, closer
+
+    def pieces(self) -> Iterator[bytes]:
+        """The bytes in pieces of at most PIECE_BYTES; more or fewer than the listed
+        size are the caller's to notice (a file that changed, a damaged archive)."""
+        done = 0
+        while True:
+            piece = self.fh.read(PIECE_BYTES if done < self.size else 1)
+            if not piece:
+                return
+            done += len(piece)
+            yield piece
+            if done > self.size:
+                return
+
+    def close(self) -> None:
+        self.fh.close()
+        if self._closer is not None:
+            self._closer()
+            self._closer = None
 
 
 def read_in_order(scan: Scan, order: np.ndarray, workers: int, process: Process, on_error: OnError) -> Iterator[Batch]:
@@ -72,15 +104,26 @@ def _pooled(
                 readers.append(r)
         return r
 
-    def read_chunk(chunk: np.ndarray) -> list[tuple[int, bytes | None]]:
+    def read_chunk(chunk: np.ndarray) -> list[tuple[int, Any]]:
         read = reader()
         files = chunk.tolist()
         rels = [scan.file_relpath(i) for i in files]
-        many = read.read_many(rels, scan.file_size[chunk].tolist())
-        out: list[tuple[int, bytes | None]] = []
+        sizes = scan.file_size[chunk].tolist()
+        small = [k for k, size in enumerate(sizes) if size < LARGE_BYTES]
+        many = read.read_many([rels[k] for k in small], [sizes[k] for k in small]) if small else []
+        got_of = dict(zip(small, many)) if many is not None else {}
+        out: list[tuple[int, Any]] = []
         for k, (i, rel) in enumerate(zip(files, rels)):
-            got = many[k] if many is not None else None
+            got = got_of.get(k)
             try:
+                if sizes[k] >= LARGE_BYTES:
+                    mine = source.reader()  # the consumer reads it: a handle of its own
+                    try:
+                        out.append((i, Large(mine.open_stream(rel, scan.file_ref[i]), sizes[k], mine.close)))
+                    except BaseException:
+                        mine.close()
+                        raise
+                    continue
                 if isinstance(got, OSError):
                     raise got
                 data, mtime = got if got is not None else read(rel, scan.file_ref[i])
@@ -91,7 +134,7 @@ def _pooled(
         return out
 
     sizes = scan.file_size
-    window: deque[tuple[int, Future[list[tuple[int, bytes | None]]]]] = deque()
+    window: deque[tuple[int, Future[list[tuple[int, Any]]]]] = deque()
     in_flight = 0
     chunks = _chunks(run, sizes)
     pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="pack-read")
@@ -139,10 +182,20 @@ def _streamed(scan: Scan, source: Source, run: np.ndarray, process: Process) -> 
 
     def produce() -> None:
         try:
-            batch: list[tuple[int, bytes | None]] = []
+            batch: list[tuple[int, Any]] = []
             nbytes = 0
             wanted = ((i, scan.file_ref[i]) for i in run.tolist())
-            for i, data in source.stream(wanted):
+            for i, data in source.stream(wanted, LARGE_BYTES):
+                if not isinstance(data, bytes):  # read by the consumer before the stream goes on
+                    done = threading.Event()
+                    batch.append((i, Large(data, int(sizes[i]), done.set)))
+                    if not put((batch, nbytes + int(sizes[i]))):
+                        return
+                    batch, nbytes = [], 0
+                    while not done.wait(0.1):
+                        if stop.is_set():
+                            return
+                    continue
                 batch.append((i, process(i, data, None)))
                 nbytes += int(sizes[i])
                 if len(batch) >= CHUNK_FILES or nbytes >= CHUNK_BYTES:

@@ -22,12 +22,12 @@ from dataclasses import dataclass
 import lmdb
 
 from .errors import BadDatabase
+from .format import NAME_MAX  # the one limit, also the packer's and the readers'
 
 SIDECAR_SUFFIX = ".lmdbfs"  # DB -> DB.lmdbfs, the index `lmdbfs adopt` writes beside it
 CHECKSUM_NONE = "none"  # meta "checksum" of an adopted DB whose values were never hashed
 KIND_PATH = "path"  # meta data["kind"]: keys are the plain relative paths
 KIND_MD5 = "md5-converter"  # keys are md5 digests of the paths; values were converted
-NAME_MAX = 255
 SAMPLE_KEYS = 1000  # keys looked at to tell what an unknown LMDB is
 
 

@@ -6,7 +6,8 @@ the reader cannot disagree. docs/format.md describes the same thing for people.
 Layout of one LMDB environment (a single file by default):
 
 * main (unnamed) database: ``md5(key_prefix + relpath)`` -> the file's exact bytes.
-  This is the key scheme of the original converter, so ``txn.get(md5(path))`` works.
+  This is the key scheme of the original converter, so ``txn.get(md5(path))`` works
+  (in the default keyed layout; the compact layout keeps small files in records only).
 * ``lmdbfs.index``: ``md5(dir relpath)`` -> one directory record (see `encode_dir`).
 * ``lmdbfs.meta``: ``b"meta"`` -> JSON (see `Meta`). Written in the final commit only:
   its presence, with ``complete: true``, is what makes a DB servable.
@@ -34,7 +35,8 @@ FORMAT_NAME = "lmdbfs"
 # 4: inline bytes after all names ("LDR2" records); 3: rows' flags byte (inline values);
 # 2: rows gained data_off; 1 had 36-byte rows
 FORMAT_VERSION = 4
-READABLE_VERSIONS = (2, 3, 4)  # a version-2 row is a version-3 row with no flags set
+COMPACT_VERSION = 5  # what a compact-layout DB is written as: older readers refuse it
+READABLE_VERSIONS = (2, 3, 4, 5)  # a version-2 row is a version-3 row with no flags set
 INDEX_DB = b"lmdbfs.index"
 META_DB = b"lmdbfs.meta"
 META_KEY = b"meta"
@@ -72,18 +74,36 @@ ENTRY_DTYPE = np.dtype(
 FLAG_INLINE = 1
 KNOWN_FLAGS = FLAG_INLINE
 INLINE_MAX = 2048  # values this small live in LMDB leaf pages, where no offset is stable
+# The compact layout carries every file that would take one overflow page (a page less
+# its header) in its record instead: a 2.1 KB file would waste half a page there.
+COMPACT_INLINE_MAX = 4096 - 16
 # The largest inline value a reader accepts: an adopted md5-converter DB carries its
 # converted annotation files inline, whatever their size.
 INLINE_LIMIT = 1 << 24
+
+# Layouts (meta "layout"). KEYED (the default): every file's bytes are in the main
+# database under its key, small files' also inline in their directory's record.
+# COMPACT (version 5): small files' bytes are in their record only, stored once; only
+# lmdbfs reads them (`txn.get(key)` finds the larger files only).
+LAYOUT_KEYED = "keyed"
+LAYOUT_COMPACT = "compact"
 
 # Main-database key schemes (meta "keys"): md5 of the prefixed path (the original
 # converter's), or the plain relative path (STARK-style LMDBs).
 KEYS_MD5 = "md5"
 KEYS_PATH = "path"
 
-# Limits every decoded record is checked against: a DB file is untrusted input.
-NAME_MAX = 255  # bytes in one name, as on Linux filesystems
-TARGET_MAX = 4095  # bytes in a symlink target (PATH_MAX less the NUL)
+# Limits every decoded record is checked against (a DB file is untrusted input), and
+# that `lmdbfs pack` checks every entry against, so whatever it packs, every reader
+# serves. The C server (csrc/serve.h) repeats NAME_MAX, ROWS_MAX and RECORD_MAX;
+# tests/test_limits.py checks that the two agree.
+NAME_MAX = 255  # bytes in one name, as on Linux filesystems (serve.h NAME_MAX_LEN)
+TARGET_MAX = 4095  # bytes in a symlink target (PATH_MAX less the NUL); at least 1
+DEPTH_MAX = 1024  # directory levels below the root a walk descends
+ROWS_MAX = (1 << 24) - 1  # entries in one directory (serve.h ROW_MAX - 1: inode bits)
+RECORD_MAX = 256 << 20  # bytes of one directory record (serve.h RECORD_MAX)
+KEY_MAX = 511  # bytes of an LMDB key (plain path keys, --keys path)
+VALUE_MAX = (1 << 32) - 1  # bytes of an LMDB value (liblmdb's MAXDATASIZE): of one file
 SUBDIRS_MAX = 1 << 32  # a directory's subdirectory count (its st_nlink - 2)
 META_MAX_BYTES = 1 << 20
 META_MAX_DEPTH = 32  # nesting of the meta record's JSON
@@ -362,6 +382,7 @@ class Meta:
     key_prefix: str = ""
     key_sep: str = "/"
     keys: str = KEYS_MD5  # KEYS_MD5 or KEYS_PATH
+    layout: str = LAYOUT_KEYED  # LAYOUT_KEYED or LAYOUT_COMPACT (version 5)
     checksum: str = CHECKSUM_ALGO
     files: int = 0
     dirs: int = 0
@@ -418,7 +439,7 @@ _META_TYPES = {
     for f in fields(Meta)
 }
 _META_RANGES = {"root_mode": (0, 0o7777), "root_mtime_ns": (-INT64_MAX - 1, INT64_MAX)}
-_META_CHOICES = {"keys": (KEYS_MD5, KEYS_PATH)}
+_META_CHOICES = {"keys": (KEYS_MD5, KEYS_PATH), "layout": (LAYOUT_KEYED, LAYOUT_COMPACT)}
 
 
 def _meta_problem(data: dict[str, Any]) -> str | None:

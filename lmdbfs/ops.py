@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from .errors import CorruptValue, DestinationExists, UnsafePath
 from .foreign import CHECKSUM_NONE, KIND_MD5, KIND_PATH
-from .format import decode_path
+from .format import LAYOUT_COMPACT, decode_path
 from .reader import Archive, Locations
 from .recordcheck import BAD_NAME
 
@@ -39,6 +39,8 @@ def info(archive: Archive) -> dict[str, Any]:
         "content_bytes": meta.bytes,
         "db_bytes": size,
         "overhead": f"{(size / meta.bytes - 1) * 100:.1f}%" if meta.bytes else "n/a",
+        "layout": meta.layout
+        + (" (small files in their directory records only)" if meta.layout == LAYOUT_COMPACT else ""),
         "keys": meta.keys,
         "key_scheme": meta.key_scheme,
         "key_prefix": meta.key_prefix,
@@ -146,7 +148,7 @@ def unpack(
                     _set_mtime(path, entry.mtime_ns, follow_symlinks=False)
                     result.symlinks += 1
                 else:
-                    _write_file(path, archive.read_whole(rel, entry), entry.mode & mode_mask, entry.mtime_ns)
+                    _write_file(path, archive.pieces_of(rel, entry), entry.mode & mode_mask, entry.mtime_ns)
                     result.files += 1
                     result.bytes += entry.size
                     bar.update(entry.size)
@@ -187,14 +189,31 @@ def _set_mtime(path: str | int, mtime_ns: int, follow_symlinks: bool = True) -> 
         log.warning("%s: mtime %d ns not set (%s)", path, mtime_ns, getattr(exc, "strerror", None) or exc)
 
 
-def _write_file(path: str, data: bytes, mode: int, mtime_ns: int) -> None:
+_HOLE_MIN = 64 << 10  # zero pieces at least this long are left as holes
+
+
+def _write_file(path: str, pieces: Iterator[bytes], mode: int, mtime_ns: int) -> None:
+    """Write a file piece by piece (any size, bounded memory); pieces of zeros become a
+    hole, as `cp --sparse=auto` makes them. A piece that fails its checksum at the end
+    leaves no file behind."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
     fd = os.open(path, flags, 0o600)
     try:
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
+        size = 0
+        try:
+            for piece in pieces:
+                size += len(piece)
+                if len(piece) >= _HOLE_MIN and piece.count(0) == len(piece):
+                    os.lseek(fd, len(piece), os.SEEK_CUR)
+                    continue
+                view = memoryview(piece)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+            os.ftruncate(fd, size)
+        except BaseException:
+            os.unlink(path)
+            raise
         os.fchmod(fd, mode)
         _set_mtime(fd, mtime_ns)
     finally:

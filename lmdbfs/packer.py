@@ -11,7 +11,8 @@ How it avoids the original converter's failures:
 * files are read and stored in the source's directory order (what ``tar`` reads):
   a cold tree is read sequentially, and the frames of one sequence end up next to
   each other in the DB file, where readahead helps the readers that sample them;
-* files of at most INLINE_MAX bytes are also carried in their directory's record.
+* files of at most INLINE_MAX bytes are also carried in their directory's record
+  (``layout="compact"``: there only, stored once).
 """
 
 from __future__ import annotations
@@ -31,12 +32,17 @@ from tqdm import tqdm
 
 from . import __version__
 from .errors import DestinationExists, SourceError
-from .feed import read_in_order
+from .feed import Large, read_in_order
 from .format import (
+    COMPACT_VERSION,
+    FORMAT_VERSION,
     INDEX_DB,
+    KEY_MAX,
     KEYS_MD5,
     KEYS_PATH,
     KIND_FILE,
+    LAYOUT_COMPACT,
+    LAYOUT_KEYED,
     META_DB,
     PARTIAL_SUFFIX,
     Meta,
@@ -52,7 +58,6 @@ log = logging.getLogger(__name__)
 _PAGE = 4096
 # glibc mallopt parameters
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
-_MAX_KEY = 511  # LMDB's default maximum key size
 _KEY_SCHEMES = {
     KEYS_MD5: "md5(key_prefix + relpath with '/' replaced by key_sep)",
     KEYS_PATH: "key_prefix + relpath with '/' replaced by key_sep",
@@ -71,6 +76,7 @@ class PackOptions:
     strip: str = "0"  # leading folders to drop from archive members: a number, or "auto"
     expand_zips: bool = False  # zips inside a source become folders named without ".zip"
     keys: str = KEYS_MD5  # KEYS_PATH: plain path keys in an LMDB directory, as STARK-style readers expect
+    layout: str = LAYOUT_KEYED  # LAYOUT_COMPACT: small files stored once, in their records only
     progress: bool = True
     include: Callable[[str], bool] | None = None  # keep only relative paths it accepts (shards)
     extra: dict = field(default_factory=dict)  # added to the meta's `extra` (shard info)
@@ -118,7 +124,7 @@ def pack(src: str | list[str], db: str, opts: PackOptions | None = None) -> Pack
     keys = _file_keys(scan, opts)
     if opts.force or not opts.resume:
         _remove_db_files(partial)
-    writer = Writer(partial, subdir, _map_size_for(scan), scan, keys)
+    writer = Writer(partial, subdir, _map_size_for(scan), scan, keys, compact=opts.layout == LAYOUT_COMPACT)
     try:
         todo = writer.resume_todo(np.arange(scan.files, dtype=np.int64))
         unreadable = _copy_contents(scan, todo, writer, opts)
@@ -180,9 +186,9 @@ def _check_path_keys(scan: Scan, keys: Keys) -> None:
     databases, which are keys of the main database too."""
     for i in range(scan.files):
         key = keys(i)
-        if len(key) > _MAX_KEY:
+        if len(key) > KEY_MAX:
             raise SourceError(
-                f"{scan.file_relpath(i)}: its key is {len(key)} bytes, LMDB keys are at most {_MAX_KEY}",
+                f"{scan.file_relpath(i)}: its key is {len(key)} bytes, LMDB keys are at most {KEY_MAX}",
                 "shorten the path, or pack with md5 keys (the default)",
             )
         if key in (INDEX_DB, META_DB):
@@ -249,6 +255,9 @@ def _copy_contents(scan: Scan, order: np.ndarray, writer: Writer, opts: PackOpti
             if data is None:
                 unreadable.append(i)
                 continue
+            if isinstance(data, Large):
+                _put_large(scan, writer, i, data)
+                continue
             writer.put(i, writer.keys(i), data)
         files_done += len(results)
         bar.set_postfix(files=f"{files_done}/{len(order)}", refresh=False)
@@ -258,11 +267,29 @@ def _copy_contents(scan: Scan, order: np.ndarray, writer: Writer, opts: PackOpti
     return unreadable
 
 
+def _put_large(scan: Scan, writer: Writer, i: int, large: Large) -> None:
+    """Store a file too large to read whole, piece by piece (writer.put_large)."""
+    row = scan.row(i)
+    try:
+        got, digest = writer.put_large(i, writer.keys(i), large.size, large.pieces())
+    finally:
+        large.close()
+    if got != large.size:
+        raise SourceError(
+            f"{scan.file_relpath(i)}: {'at least ' if got > large.size else ''}{got} bytes read, "
+            f"{large.size} listed: it changed while being packed, or the archive is damaged",
+            "pack again (a damaged archive: download or copy it again)",
+        )
+    row["checksum"] = digest
+
+
 def _meta_for(specs: list[str], scan: Scan, opts: PackOptions) -> Meta:
     return Meta(
         key_prefix=opts.key_prefix,
         key_sep=opts.key_sep,
         keys=opts.keys,
+        layout=opts.layout,
+        format_version=COMPACT_VERSION if opts.layout == LAYOUT_COMPACT else FORMAT_VERSION,
         key_scheme=_KEY_SCHEMES[opts.keys],
         files=scan.files,
         dirs=len(scan.dirs),

@@ -23,6 +23,7 @@ import xxhash
 from . import foreign, store
 from .errors import CorruptValue, IsADirectory, LmdbfsError, NotADirectory, NotASymlink, PathNotFound
 from .format import (
+    DEPTH_MAX,
     KIND_DIR,
     KIND_FILE,
     DirRecord,
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_DIR_CACHE_BYTES = 32 << 20  # decoded records weigh what they do on disk
 _MAX_SYMLINK_HOPS = 40
-MAX_DEPTH = 1024  # directory levels a walk descends (a path that deep exceeds PATH_MAX anyway)
+MAX_DEPTH = DEPTH_MAX  # directory levels a walk descends (pack refuses deeper trees)
 _REPORTED_MAX = 1000  # directories whose damaged rows were logged
 _HASH_CHUNK = 1 << 20
 _THREAD = threading.local()
@@ -427,6 +428,22 @@ class Archive:
         h.remote.drop(file_off, entry.size)
         return True
 
+    def read_pieces(self, path: str, verify: bool | None = None) -> Iterator[bytes]:
+        """`read_bytes` in pieces of at most 1 MiB: a file of any size in bounded memory."""
+        return self.pieces_of(*self._file_entry(path), verify=verify)
+
+    def pieces_of(self, rel: str, entry: Entry, verify: bool | None = None) -> Iterator[bytes]:
+        """`read_pieces` of a file already looked up; a checksum mismatch raises after
+        the last piece."""
+        hasher = xxhash.xxh3_64() if (self.verify if verify is None else verify) and self.checksummed else None
+        for at in range(0, entry.size, _HASH_CHUNK):
+            piece = self._read_range(rel, entry, at, _HASH_CHUNK)
+            if hasher is not None:
+                hasher.update(piece)
+            yield piece
+        if hasher is not None and hasher.intdigest() != entry.checksum:
+            raise CorruptValue(f"{rel}: checksum mismatch, the DB is damaged", "re-pack or restore the DB")
+
     def read(self, path: str, size: int, offset: int = 0) -> bytes:
         """A slice of the file (``size`` bytes from ``offset``; fewer at its end)."""
         rel, entry = self._file_entry(path)
@@ -449,9 +466,13 @@ class Archive:
             raise CorruptValue(f"{rel}: short read from the DB file", "the DB file is truncated; copy it again")
         return data
 
-    def open(self, path: str) -> io.BytesIO:
-        """A file object over the bytes, for PIL.Image.open, pandas.read_csv and friends."""
-        return io.BytesIO(self.read_bytes(path))
+    def open(self, path: str) -> io.BytesIO | io.BufferedReader:
+        """A file object over the bytes, for PIL.Image.open, pandas.read_csv and friends
+        (a file over 64 MiB is read as asked, not held whole)."""
+        rel, entry = self._file_entry(path)
+        if entry.size <= _OPEN_WHOLE:
+            return io.BytesIO(self.read_whole(rel, entry))
+        return io.BufferedReader(_ValueFile(self, rel, entry), _HASH_CHUNK)
 
     def _remote_checksum(self, h: Handle, rel: str, entry: Entry, file_off: int) -> int:
         """`stored_checksum` of a remote DB's file; a mismatch drops its cached blocks
@@ -515,6 +536,34 @@ def _remote_checksum_impl(h: Handle, entry: Entry, file_off: int) -> int:
     for done in range(0, entry.size, _HASH_CHUNK):
         hasher.update(h.remote.read(file_off + done, min(_HASH_CHUNK, entry.size - done)))
     return hasher.intdigest()
+
+_OPEN_WHOLE = 64 << 20  # Archive.open reads files up to this size whole
+
+
+class _ValueFile(io.RawIOBase):
+    """A large file's bytes read on demand (`Archive.open`), never held whole."""
+
+    def __init__(self, archive: Archive, rel: str, entry: Entry) -> None:
+        self.archive, self.rel, self.entry, self.pos = archive, rel, entry, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buf: Any) -> int:
+        data = self.archive.read_range(self.rel, self.entry, self.pos, len(buf))
+        buf[: len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.pos = max(0, (0, self.pos, self.entry.size)[whence] + offset)
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
 
 
 def open(path: str | os.PathLike[str], **kwargs: Any) -> Archive:  # noqa: A001 - the API name

@@ -20,7 +20,22 @@ from typing import Any
 import numpy as np
 
 from .errors import SourceError
-from .format import KIND_DIR, KIND_FILE, decode_path, encode_path, new_rows, pack_names
+from .format import (
+    DEPTH_MAX,
+    ENTRY_DTYPE,
+    KIND_DIR,
+    KIND_FILE,
+    KIND_SYMLINK,
+    NAME_MAX,
+    RECORD_MAX,
+    ROWS_MAX,
+    TARGET_MAX,
+    VALUE_MAX,
+    decode_path,
+    encode_path,
+    new_rows,
+    pack_names,
+)
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +112,39 @@ class Scan:
             self.bytes -= int(sum(int(d.rows[r]["size"]) for r in drop))
             self.dirs[d_idx] = d.without(drop)
         self.files -= len(indices)
+
+
+def limit_problem(rel: str, kind: int, target: bytes = b"", size: int = 0) -> tuple[str, str] | None:
+    """Why the entry at tree path ``rel`` cannot be served, as (the path to leave out:
+    the entry or the folder above it at fault, what is wrong), or None.
+
+    The readers refuse what breaks these limits (format.check_rows, reader.MAX_DEPTH, the
+    C server), so the packer checks every entry against them before it stores a byte."""
+    if kind == KIND_FILE and size > VALUE_MAX:
+        return rel, f"{size} bytes, over the {VALUE_MAX} an LMDB value may hold"
+    if kind == KIND_SYMLINK and not 1 <= len(target) <= TARGET_MAX:
+        return rel, f"a symlink target of {len(target)} bytes, not 1 to {TARGET_MAX}"
+    if 4 * len(rel) <= NAME_MAX:  # every name fits, whatever its encoding: the usual case
+        return None
+    parts = rel.split("/")
+    for k, part in enumerate(parts):
+        n = len(encode_path(part))
+        if n > NAME_MAX:
+            return "/".join(parts[: k + 1]), f"a name of {n} bytes, over the {NAME_MAX} bytes a name may have"
+    levels = len(parts) if kind == KIND_DIR else len(parts) - 1
+    if levels > DEPTH_MAX:
+        return "/".join(parts[: DEPTH_MAX + 1]), f"folders nested over {DEPTH_MAX} levels deep"
+    return None
+
+
+def record_problem(path: str, rows: int, names: int) -> str | None:
+    """Why a directory's record, without inline bytes, is more than the readers serve."""
+    if rows > ROWS_MAX:
+        return f"{rows} entries, over the {ROWS_MAX} a folder may hold"
+    head = 16 + len(encode_path(path)) + rows * ENTRY_DTYPE.itemsize + names
+    if head > RECORD_MAX:
+        return f"its index record would be {head} bytes, over the {RECORD_MAX} a record may have"
+    return None
 
 
 class Excluder:
@@ -217,12 +265,16 @@ class TreeBuilder:
 
     def _dir(self, rel: str, src: int, mtime_ns: int) -> _DirAcc:
         acc = self.accs.get(rel)
-        if acc is None:
-            parent, _, name = rel.rpartition("/")
-            owner = self._dir(parent, src, mtime_ns)
-            row = owner.append(encode_path(name), KIND_DIR, 0o755, 0, mtime_ns, b"", -1, src)
-            acc = self.accs[rel] = _DirAcc(implicit=True, where=(owner, row))
-        return acc
+        if acc is not None:
+            return acc
+        missing = [rel]  # folders implied by the path, the deepest first (a loop: deep trees)
+        while (parent := missing[-1].rpartition("/")[0]) not in self.accs:
+            missing.append(parent)
+        owner = self.accs[parent]
+        for path in reversed(missing):
+            row = owner.append(encode_path(path.rpartition("/")[2]), KIND_DIR, 0o755, 0, mtime_ns, b"", -1, src)
+            owner = self.accs[path] = _DirAcc(implicit=True, where=(owner, row))
+        return owner
 
     def build(self, root_mode: int, root_mtime_ns: int) -> Scan:
         """The compact form: sorted rows per directory, files numbered in arrival order."""
@@ -236,6 +288,9 @@ class TreeBuilder:
             if rel:
                 subdirs[rel.rpartition("/")[0]] += 1
         for rel, acc in self.accs.items():
+            problem = record_problem(rel, len(acc.names), sum(map(len, acc.names)) + sum(map(len, acc.targets)))
+            if problem:
+                raise SourceError(f"{rel or '/'}: {problem}", "split the folder into several, or --exclude some of it")
             order = sorted(range(len(acc.names)), key=acc.names.__getitem__)
             for a, b in zip(order, order[1:]):
                 if acc.names[a] == acc.names[b]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
 
 @dataclass(slots=True)
@@ -68,9 +68,10 @@ class Source:
     def reader(self) -> Reader:
         raise NotImplementedError
 
-    def stream(self, wanted: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, bytes]]:
+    def stream(self, wanted: Iterator[tuple[int, Any]], large: int) -> Iterator[tuple[int, bytes | IO[bytes]]]:
         """Bytes of the wanted (file, ref) pairs, given in member order (sequential
-        sources only)."""
+        sources only); members of ``large`` bytes or more as a file object instead, to
+        be read before the next member is asked for."""
         raise NotImplementedError
 
 
@@ -79,6 +80,11 @@ class Reader:
     or None)``; the mtime is given when the file may have changed since it was listed."""
 
     def __call__(self, rel: str | None, ref: Any) -> tuple[bytes, int | None]:
+        raise NotImplementedError
+
+    def open_stream(self, rel: str, ref: Any) -> IO[bytes]:
+        """A file object over one member's bytes, read in pieces (a file too large to
+        hold whole: see feed.Large)."""
         raise NotImplementedError
 
     def read_many(self, rels: list[str], sizes: list[int]) -> list[tuple[bytes, int] | OSError | None] | None:

@@ -19,14 +19,14 @@ import os
 import stat as st
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
 from tqdm import tqdm
 
 from .archives import ZipSource, open_archive
 from .errors import SourceError
 from .format import KIND_DIR, KIND_FILE, KIND_SYMLINK, decode_path
-from .scan import Excluder, Scan, TreeBuilder
+from .scan import Excluder, Scan, TreeBuilder, limit_problem
 from .sourcebase import Listing, Member, Nested, Reader, Source
 
 log = logging.getLogger(__name__)
@@ -110,6 +110,9 @@ class _FolderReader(Reader):
         path = os.path.join(self.root, os.fsencode(rel[self.cut :]))
         with open(path, "rb", buffering=0) as fh:
             return fh.read(), os.fstat(fh.fileno()).st_mtime_ns
+
+    def open_stream(self, rel: str, ref: Any) -> IO[bytes]:
+        return open(os.path.join(self.root, os.fsencode(rel[self.cut :])), "rb", buffering=0)
 
     def read_many(self, rels: list[str], sizes: list[int]) -> list[tuple[bytes, int] | OSError | None] | None:
         # In C, with the GIL released once for the chunk rather than four times a file.
@@ -220,6 +223,7 @@ def _add(
         listed = list(items)
         cut = _strip_count(listed, strip, label)
         items = iter(listed)
+    refused: tuple[str, ...] = ()  # folders left out for breaking a limit: so is all below them
     for item in items:
         path = item.path
         if cut:
@@ -231,6 +235,21 @@ def _add(
         if not rel:
             continue  # the archive's own root entry ("./")
         if not source.is_folder and excluded.covers(rel):
+            continue
+        if refused and rel.startswith(refused):
+            continue
+        if isinstance(item, Nested):
+            problem = limit_problem(rel, KIND_DIR)
+        else:
+            problem = limit_problem(rel, item.kind, item.target, item.size)
+        if problem:
+            at, why = problem
+            where = at if source.is_folder else f"{label}: {item.path}"
+            if not listing.skip_errors:
+                raise SourceError(f"{where}: {why}", "rename or exclude it, or pass --skip-errors to leave it out")
+            log.log(listing.level, "skipping %s: %s", where, why)
+            listing.skipped.append(f"{where} ({why})")
+            refused = (*refused, at + "/")
             continue
         bar.update(1)
         if isinstance(item, Nested):

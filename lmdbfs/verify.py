@@ -9,17 +9,29 @@ checksums took 172 s a path at a time, 27 s so (cached).
 
 from __future__ import annotations
 
+import itertools
 import posixpath
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 from tqdm import tqdm
 
 from .errors import BadDatabase, CorruptValue, LmdbfsError
-from .feed import read_in_order
-from .format import KIND_DIR, KIND_FILE, KIND_NAMES, KIND_SYMLINK, DirRecord, Entry, checksum, decode_path, output_files
+from .feed import PIECE_BYTES, Large, read_in_order
+from .format import (
+    KIND_DIR,
+    KIND_FILE,
+    KIND_NAMES,
+    KIND_SYMLINK,
+    LAYOUT_KEYED,
+    DirRecord,
+    Entry,
+    checksum,
+    decode_path,
+    output_files,
+)
 from .reader import Archive
 from .scan import Scan, ScannedDir
 from .sources import build_scan
@@ -65,7 +77,7 @@ def _layers(archive: Archive) -> list[tuple[str, Archive]]:
 def _check_values(layer: Archive, prefix: str, report: VerifyReport, tick: Callable[[int], object]) -> None:
     """Every file of one DB: its value against its checksum, and a small file's second
     copy under its key too (a packed DB keeps one for the seed's lookups)."""
-    keyed_copy = layer.meta.data is None
+    keyed_copy = layer.meta.data is None and layer.meta.layout == LAYOUT_KEYED
     checksummed = layer.checksummed
     with layer.keyed_values() as keyed:
         for dirpath, _dirs, _files in layer.walk(onerror=lambda exc: report.add(exc.message)):
@@ -183,6 +195,29 @@ def _compare_dir(rec: DirRecord, d: ScannedDir, adopted: bool, shown: str, repor
     return out
 
 
+def _same_pieces(large: Large, stored: Iterator[bytes]) -> bool:
+    """A source file too large to read whole against the stored bytes, piece by piece."""
+    try:
+        return all(a == b for a, b in itertools.zip_longest(_even(large.pieces()), _even(stored)))
+    finally:
+        large.close()
+
+
+def _even(pieces: Iterator[bytes]) -> Iterator[bytes]:
+    """The same bytes in pieces of PIECE_BYTES (the last one shorter)."""
+    buf = bytearray()
+    for piece in pieces:
+        if not buf and len(piece) == PIECE_BYTES:
+            yield piece  # already even (the usual case): no copy
+            continue
+        buf += piece
+        while len(buf) >= PIECE_BYTES:
+            yield bytes(buf[:PIECE_BYTES])
+            del buf[:PIECE_BYTES]
+    if buf:
+        yield bytes(buf)
+
+
 def _compare_contents(
     archive: Archive, scan: Scan, matched: list[np.ndarray | None], report: VerifyReport, progress: bool
 ) -> None:
@@ -201,13 +236,21 @@ def _compare_contents(
             pair = matched[k]
             j = -1 if pair is None else int(pair[file_row[i]])
             if data is None or j < 0:
+                if isinstance(data, Large):
+                    data.close()  # a tar's stream waits for it
                 continue
             try:
                 rel, entry = records.entry(k, j)
-                same = data == archive.read_whole(rel, entry, verify=False)
+                if isinstance(data, Large):
+                    same = _same_pieces(data, archive.pieces_of(rel, entry, verify=False))
+                else:
+                    same = data == archive.read_whole(rel, entry, verify=False)
             except LmdbfsError as exc:
                 report.add(exc.message)
                 continue
+            finally:
+                if isinstance(data, Large):
+                    data.close()  # a tar's stream waits for it
             if not same:
                 report.add(f"{rel}: contents differ")
         bar.update(nbytes)

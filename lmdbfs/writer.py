@@ -3,21 +3,27 @@ value offsets, and the final commit that writes the index and the meta record.""
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import mmap
 import os
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 
 import lmdb
 import numpy as np
+import xxhash
 
 from .errors import SourceError
 from .format import (
+    COMPACT_INLINE_MAX,
     INDEX_DB,
     INLINE_MAX,
     KEYS_MD5,
     KIND_FILE,
     META_DB,
     META_KEY,
+    RECORD_MAX,
     Meta,
     checksum,
     content_key,
@@ -65,33 +71,47 @@ class Keys:
 class Writer:
     """Owns the partial LMDB: batched puts, map growth, resume, the final commit."""
 
-    def __init__(self, path: str, subdir: bool, map_size: int, scan: Scan, keys: Keys) -> None:
+    def __init__(self, path: str, subdir: bool, map_size: int, scan: Scan, keys: Keys, compact: bool = False) -> None:
         self.path = path
         self.data_file = os.path.join(path, DATA_FILE) if subdir else path
         self.scan = scan
         self.keys = keys
         self.offsets_ok = True  # every overflow value's offset has been recorded
-        try:
-            self.env = lmdb.open(
-                path,
-                subdir=subdir,
-                map_size=map_size,
-                max_dbs=MAX_DBS,
-                sync=False,
-                metasync=False,
-                readahead=True,  # _record_offsets maps cached pages 16 at a time
-                writemap=False,
-                meminit=False,
-                lock=True,
-            )
-        except lmdb.Error as exc:
-            raise SourceError(f"cannot create {path}: {exc}", "check the destination is writable") from None
+        self.subdir = subdir
+        self.wrote_mapped = False  # put_large opened the environment with writemap
+        self.env = self._open(map_size, writemap=False)
         self.main = self.env.open_db()
         self.wb_fd = os.open(self.data_file, os.O_RDONLY)  # to start each commit's writeback
         self.txn: lmdb.Transaction | None = None
         self.pending: list[tuple[int, bytes, bytes]] = []  # (file, key, value) of the open batch
         self.pending_bytes = 0
         self.pending_large = 0  # bytes of values over INLINE_MAX in the open batch
+        # Small files wait in a spool file (unlinked: written to the disk only if memory is
+        # short) until the final commits; a row's data_off holds its offset there + 1.
+        # Compact: they go into their records only. Keyed: into their records, and into
+        # the main database in key order, which fills its leaf pages (in source order,
+        # random md5 keys split pages half-empty: ~70 % full).
+        self.compact = compact
+        self.inline_max = COMPACT_INLINE_MAX if compact else INLINE_MAX
+        self.spool = tempfile.TemporaryFile(dir=os.path.dirname(os.path.abspath(self.data_file)))
+        self.spooled = 0
+
+    def _open(self, map_size: int, writemap: bool) -> lmdb.Environment:
+        try:
+            return lmdb.open(
+                self.path,
+                subdir=self.subdir,
+                map_size=map_size,
+                max_dbs=MAX_DBS,
+                sync=False,
+                metasync=False,
+                readahead=True,  # _record_offsets maps cached pages 16 at a time
+                writemap=writemap,
+                meminit=False,
+                lock=True,
+            )
+        except lmdb.Error as exc:
+            raise SourceError(f"cannot create {self.path}: {exc}", "check the destination is writable") from None
 
     def resume_todo(self, order: np.ndarray) -> np.ndarray:
         """The files of ``order`` a previous run has not committed yet, in order.
@@ -127,6 +147,11 @@ class Writer:
     def put(self, i: int, key: bytes, value: bytes) -> None:
         """Add one value; commit every BATCH_BYTES. The open batch stays in memory so a
         full map can grow and the batch be written again (a stream cannot be re-read)."""
+        if self.spool is not None and len(value) <= self.inline_max:
+            self.spool.write(value)
+            self.scan.row(i)["data_off"] = self.spooled + 1
+            self.spooled += len(value)
+            return
         if self.txn is None:
             self.txn = self.env.begin(write=True, db=self.main)
         try:
@@ -144,6 +169,72 @@ class Writer:
             self.pending_large += len(value)
         if self.pending_bytes >= BATCH_BYTES or self.pending_large >= LARGE_BATCH_BYTES:
             self.commit()
+
+    def put_large(self, i: int, key: bytes, size: int, pieces: Iterator[bytes]) -> tuple[int, int]:
+        """Store a value too large to hold in memory, in a transaction of its own; returns
+        (bytes read, xxh3 of them). Raises SourceError when the pieces add up to other
+        than ``size`` bytes.
+
+        Without writemap LMDB copies a value into pages it mallocs until the commit, so a
+        12 GB file would take 12 GB of memory. For this value alone the environment is
+        opened with writemap (its pages are the file's, in the page cache), the value is
+        put as ``size`` zero bytes from an untouched private mapping (the kernel's zero
+        page: no memory), and the pieces are copied over it in the map as they are read.
+        """
+        self.commit()
+        self._reopen(writemap=True)
+        zero = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
+        txn = None
+        try:
+            while True:
+                txn = self.env.begin(write=True, buffers=True, db=self.main)
+                try:
+                    txn.put(key, memoryview(zero))
+                    break
+                except lmdb.MapFullError:
+                    txn.abort()
+                    self.env.set_mapsize(int(self.env.info()["map_size"] * 1.5) + size)
+            view = txn.get(key)
+            at = np.frombuffer(view, np.uint8).ctypes.data
+            hasher, done = xxhash.xxh3_64(), 0
+            for piece in pieces:
+                if done + len(piece) > size:
+                    done += len(piece)
+                    break
+                if piece.count(0) != len(piece):  # already zero: an untouched page stays clean
+                    ctypes.memmove(at + done, piece, len(piece))
+                hasher.update(piece)
+                done += len(piece)
+            if done != size:
+                txn.abort()
+                txn = None
+                return done, 0
+            del view
+            txn.commit()
+            txn = None
+        finally:
+            if txn is not None:
+                txn.abort()
+            zero.close()
+            self._reopen(writemap=False)
+        self._record_offsets([(i, key)])
+        return done, hasher.intdigest()
+
+    def _reopen(self, writemap: bool) -> None:
+        """The environment again, with or without writemap (no transaction is open).
+        Writemap grows the file to the map size: `truncate` gives the rest back."""
+        map_size = self.env.info()["map_size"]
+        self.env.close()
+        self.env = self._open(map_size, writemap)
+        self.main = self.env.open_db()
+        self.wrote_mapped = self.wrote_mapped or writemap
+
+    def truncate(self) -> None:
+        """After the final commit of a pack that used writemap: cut the file to its last
+        page (writemap left it as long as the map)."""
+        if self.wrote_mapped:
+            info, stat = self.env.info(), self.env.stat()
+            os.truncate(self.data_file, (info["last_pgno"] + 1) * stat["psize"])
 
     def commit(self) -> None:
         while self.txn is not None:
@@ -211,14 +302,18 @@ class Writer:
         """The index, then the meta record in the final commit, so 'complete' is atomic.
 
         Small files' bytes go into their directory's record here, read back from the
-        main database (bounded memory: one directory at a time)."""
+        spool (bounded memory: one directory at a time); in the keyed layout they go into
+        the main database first, in key order."""
         self.commit()
         index_bytes = sum(len(d.blob) + d.rows.nbytes + 256 for d in scan.dirs)
-        index_bytes += int(scan.file_size[scan.file_size <= INLINE_MAX].sum())
+        index_bytes += 2 * int(scan.file_size[scan.file_size <= self.inline_max].sum())
         info = self.env.info()
         need = (info["last_pgno"] + 1) * _PAGE + 3 * index_bytes + (16 << 20)
         if need > info["map_size"]:
             self.env.set_mapsize(need)
+        self.spool.flush()
+        if not self.compact:
+            self._put_spooled(scan)
         index = self.env.open_db(INDEX_DB, create=True)
         meta_db = self.env.open_db(META_DB, create=True)
         # Records go in BATCH_BYTES commits: LMDB keeps a transaction's dirty pages in
@@ -243,26 +338,74 @@ class Writer:
         except BaseException:
             txn.abort()
             raise
+        self.truncate()
         self.env.sync(True)
+
+    def _put_spooled(self, scan: Scan) -> None:
+        """The keyed layout's small files into the main database, in key order: each put
+        lands on the last spot of its leaf page, and LMDB then splits pages so that the
+        old one stays full. Commits every BATCH_BYTES (dirty pages stay in memory)."""
+        found: list[tuple[bytes, int, int]] = []
+        files_of = _files_by_dir(scan)
+        for k, d in enumerate(scan.dirs):
+            small = np.flatnonzero((d.rows["kind"] == KIND_FILE) & (d.rows["data_off"] > 0))
+            small = small[d.rows["size"][small] <= INLINE_MAX]
+            numbers = files_of(k)
+            for r in small.tolist():
+                key = self.keys(int(numbers[r])) if numbers is not None else self.keys.key_of(_relpath(d, r))
+                found.append((key, int(d.rows[r]["data_off"]) - 1, int(d.rows[r]["size"])))
+        found.sort()
+        fd, batch = self.spool.fileno(), 0
+        txn = self.env.begin(write=True, db=self.main)
+        try:
+            for key, at, size in found:
+                txn.put(key, os.pread(fd, size, at))
+                batch += _PAGE // 2 + size
+                if batch >= BATCH_BYTES:
+                    txn.commit()
+                    start_writeback(self.wb_fd)
+                    txn, batch = self.env.begin(write=True, db=self.main), 0
+            txn.commit()
+        except BaseException:
+            txn.abort()
+            raise
 
     def _inline_tail(self, txn: lmdb.Transaction, d: ScannedDir, files: np.ndarray | None) -> bytes:
         """The bytes of the directory's small files, for its record's tail; sets
         FLAG_INLINE and data_off on their rows (format.pack_inline). ``files``: each
         row's file number, whose key `Keys` holds (None: keys are made from the paths)."""
-        small = np.flatnonzero((d.rows["kind"] == KIND_FILE) & (d.rows["size"] <= INLINE_MAX))
+        small = np.flatnonzero((d.rows["kind"] == KIND_FILE) & (d.rows["size"] <= self.inline_max))
         if not len(small):
             return b""
         inline: list[bytes | None] = [None] * len(d.rows)
-        numbers = files[small].tolist() if files is not None else None
-        for n, r in enumerate(small.tolist()):
-            key = self.keys(numbers[n]) if numbers is not None else self.keys.key_of(_relpath(d, r))
-            value = txn.get(key, db=self.main)
-            if value is None or len(value) != int(d.rows[r]["size"]):
+        # The record, tail included, must stay within RECORD_MAX (the C server refuses a
+        # larger one): past that, files are read by key only (compact: stored by key).
+        room = RECORD_MAX - (16 + len(d.path.encode("utf-8", "surrogateescape")) + d.rows.nbytes + len(d.blob))
+        for r in small.tolist():
+            size = int(d.rows[r]["size"])
+            spooled = int(d.rows[r]["data_off"]) if self.spool is not None else 0
+            room -= size
+            if room < 0 and not spooled:
+                continue  # found by its key
+            key = self.keys(int(files[r])) if files is not None else self.keys.key_of(_relpath(d, r))
+            if spooled:
+                value = os.pread(self.spool.fileno(), size, spooled - 1)
+                d.rows[r]["data_off"] = 0
+                if room < 0:
+                    if self.compact:  # stored once all the same: by key
+                        txn.put(key, value, db=self.main)
+                    continue
+            else:
+                value = txn.get(key, db=self.main)
+            if value is None or len(value) != size:
                 raise SourceError(f"{_relpath(d, r)}: value missing before the final commit", "pack again with --force")
             inline[r] = bytes(value)
         return pack_inline(d.rows, inline)
 
     def close(self) -> None:
+        if self.spool is not None:
+            self.spool.close()
+            self.spool = None
         if self.txn is not None:
             self.txn.abort()
             self.txn = None

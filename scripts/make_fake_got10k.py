@@ -80,6 +80,7 @@ LABELLED_SPLITS = frozenset({"train", "val"})
 RESOLUTIONS = ((1920, 1080), (1280, 720), (640, 480), (1272, 720))
 FULL_HD_PIXELS = 1920 * 1080
 TINY_SIDES = (8, 16, 24, 32)
+THUMB_SIDES = (56, 64, 72)
 BASES_PER_SEQUENCE = 4  # distinct encoded images per sequence ("scene cuts")
 ANNO_FPS = 10
 
@@ -117,6 +118,7 @@ class GenOptions:
     frames: int
     tiny: bool = False
     seed: int = 0
+    thumbs: bool = False  # 56-72 px frames of ~1.6-2.2 KB (thumbnails, crops): the 2 KB edge
     min_kb: float = 35.0
     max_kb: float = 400.0
 
@@ -170,7 +172,9 @@ def _rng(opts: GenOptions, split: str, index: int, stream: int) -> np.random.Gen
     return np.random.default_rng([opts.seed, SPLITS.index(split), index, stream])
 
 
-def _resolution(rng: np.random.Generator, index: int, tiny: bool) -> tuple[int, int]:
+def _resolution(rng: np.random.Generator, index: int, tiny: bool, thumbs: bool = False) -> tuple[int, int]:
+    if thumbs:
+        return int(rng.choice(THUMB_SIDES)), int(rng.choice(THUMB_SIDES))
     if tiny:
         return int(rng.choice(TINY_SIDES)), int(rng.choice(TINY_SIDES))
     return RESOLUTIONS[(index - 1) % len(RESOLUTIONS)]
@@ -247,7 +251,7 @@ def _target_bytes(rng: np.random.Generator, opts: GenOptions, width: int, height
 def plan_sequence(split: str, index: int, opts: GenOptions) -> SeqPlan:
     """Deterministic layout, boxes, labels and meta of one sequence (no pixels)."""
     rng = _rng(opts, split, index, stream=0)
-    width, height = _resolution(rng, index, opts.tiny)
+    width, height = _resolution(rng, index, opts.tiny, opts.thumbs)
     boxes = _make_boxes(rng, opts.frames, width, height)
     cover = _make_cover(rng, opts.frames)
     return SeqPlan(
@@ -355,7 +359,9 @@ def _base_jpegs(plan: SeqPlan, opts: GenOptions) -> list[bytes]:
     count = min(frames, BASES_PER_SEQUENCE)
     shape = (plan.height, plan.width, 3)
     noise = rng.integers(-128, 128, shape, dtype=np.int16)
-    if opts.tiny:
+    if opts.thumbs:
+        quality, amplitude, optimize = 85, 24, True
+    elif opts.tiny:
         quality, amplitude, optimize = 75, 24, True  # optimize: ~400 B instead of ~700 B
     else:
         quality, amplitude = _pick_setting(_background(rng, plan.width, plan.height), noise, plan.target_bytes)
@@ -570,6 +576,7 @@ def make_tree(
     *,
     min_kb: float = 35.0,
     max_kb: float = 400.0,
+    thumbs: bool = False,
     force: bool = False,
     progress: bool = False,
 ) -> Summary:
@@ -582,7 +589,7 @@ def make_tree(
     splits = tuple(splits)
     _validate(seqs, frames, splits, workers, min_kb, max_kb, seed)
     root = Path(root)
-    opts = GenOptions(frames=frames, tiny=tiny, seed=seed, min_kb=min_kb, max_kb=max_kb)
+    opts = GenOptions(frames=frames, tiny=tiny, seed=seed, min_kb=min_kb, max_kb=max_kb, thumbs=thumbs)
     jobs = [(split, i) for split in splits for i in range(1, seqs + 1)]
     total = len(splits) + sum(_files_per_sequence(s, frames) for s, _ in jobs)
     workers = min(workers, len(jobs))
@@ -634,6 +641,7 @@ def _build_parser() -> _Parser:
     p.add_argument("--frames", type=int, required=True, help="frames per sequence")
     p.add_argument("--splits", type=_parse_splits, default=SPLITS, help="comma list of train,val,test (default all)")
     p.add_argument("--tiny", action="store_true", help="8-32 px frames of a few hundred bytes, for file-count scale")
+    p.add_argument("--thumbs", action="store_true", help="56-72 px frames of ~1.6-2.2 KB: a tree of tiny files")
     p.add_argument("--seed", type=int, default=0, help="output is a function of the seed (default 0)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: CPU count)")
     p.add_argument("--min-kb", type=float, default=35.0, help="frame size goal, low end, 1000-byte KB (default 35)")
@@ -661,6 +669,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.frames,
             args.splits,
             tiny=args.tiny,
+            thumbs=args.thumbs,
             seed=args.seed,
             workers=args.workers,
             min_kb=args.min_kb,

@@ -126,3 +126,18 @@ def test_bench_remote_quick_runs_every_kind_of_case(tmp_path: Path) -> None:
     assert "| http | 2 | uniform |" in text and "### 2 nodes" in text
     for line in open("/proc/self/mounts"):
         assert str(tmp_path) not in line, f"left mounted: {line}"
+
+
+def test_bench_tiny_runs_and_writes_its_block(tmp_path: Path) -> None:
+    """scripts/bench_tiny.py on a few dozen ~2 KB frames: every packer runs, the table
+    lands in a benchmarks.md between its markers (no number is checked)."""
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n\n## How to reproduce\n\nsteps\n")
+    cmd = [sys.executable, str(REPO / "scripts" / "bench_tiny.py"), str(tmp_path / "work")]
+    cmd += ["--seqs", "2", "--frames", "10", "--rounds", "1", "--doc", str(doc)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    text = doc.read_text()
+    assert "<!-- tiny-files:begin -->" in text and "| lmdbfs pack --layout compact |" in text
+    assert text.index("tiny-files:end") < text.index("## How to reproduce")
+    assert json.loads((tmp_path / "work" / "bench_tiny.json").read_text())["files"] == 2 * 10 + 2 * 5 + 1

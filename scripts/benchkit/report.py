@@ -259,6 +259,18 @@ PROFILE_PLACEHOLDER = (
 )
 
 
+# Written by scripts/bench_tiny.py (a tree of tiny files, both layouts); kept as it is.
+TINY_BEGIN = "<!-- tiny-files:begin -->"
+TINY_END = "<!-- tiny-files:end -->"
+
+
+def kept_block(old: str, begin: str, end: str) -> str | None:
+    """The text between two markers of the old benchmarks.md, or None."""
+    if begin in old and end in old:
+        return old.split(begin, 1)[1].split(end, 1)[0].strip() or None
+    return None
+
+
 DATA_BEGIN = "<!-- bench-results "
 DATA_END = " -->"
 
@@ -328,6 +340,9 @@ def render_doc(out_dir: Path, new: dict[str, Any]) -> str:
     if remote:
         L.append(remote)
         L.append("")
+    tiny = kept_block(old, TINY_BEGIN, TINY_END)
+    if tiny:
+        L.extend(["## Tiny files: both layouts", "", TINY_BEGIN, tiny, TINY_END, ""])
     L.append("## How to reproduce")
     L.append("")
     L.append(REPRODUCE)
@@ -408,6 +423,8 @@ python scripts/bench.py --size medium --skip-pack --systems native,lmdbfs --read
 # remote DBs: local disk vs lmdbfs over HTTP and S3, httpdirfs + lmdbfs, ratarmount over HTTP
 python scripts/bench_remote.py --size medium   # its own section above, kept by bench.py
 python scripts/bench_remote.py --quick         # the smoke tree: checks the harness
+# a tree of ~2 KB files, both layouts beside tar and mksquashfs (the tiny-files section):
+python scripts/bench_tiny.py /var/tmp/lmdbfs-tiny --seqs 1000 --frames 150 --doc docs/benchmarks.md
 ```
 Run as root so caches can be dropped (otherwise 'cold' numbers are marked not cold). Results go to
 `docs/bench-<size>.png` and this file (raw numbers are embedded at its end) (`--out-dir` to write elsewhere);
