@@ -537,6 +537,7 @@ def _remote_checksum_impl(h: Handle, entry: Entry, file_off: int) -> int:
         hasher.update(h.remote.read(file_off + done, min(_HASH_CHUNK, entry.size - done)))
     return hasher.intdigest()
 
+
 _OPEN_WHOLE = 64 << 20  # Archive.open reads files up to this size whole
 
 

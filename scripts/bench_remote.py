@@ -60,15 +60,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--nodes", type=int, default=4, help="simulated nodes (0: none)")
     ap.add_argument("--nodes-system", default="http")
     ap.add_argument("--sample", type=int, default=None, help="files per epoch, a seeded sample (default: all)")
-    ap.add_argument("--slow-sample", type=int, default=2000,
-                    help="files per epoch for httpdirfs and ratarmount, which are slow (0: as --sample)")
+    ap.add_argument(
+        "--slow-sample",
+        type=int,
+        default=2000,
+        help="files per epoch for httpdirfs and ratarmount, which are slow (0: as --sample)",
+    )
     ap.add_argument("--no-warm", action="store_true", help="skip the warm-cache epochs")
-    ap.add_argument("--full-matrix", action="store_true",
-                    help="every system and pattern at every RTT and reader count (default: httpdirfs, ratarmount "
-                    "and seq reads only at the most readers and the largest RTT)")
-    ap.add_argument("--add", action="store_true",
-                    help="add this run's cases to the stored results of the same size (a case run again replaces "
-                    "its earlier figures) instead of starting afresh")
+    ap.add_argument(
+        "--full-matrix",
+        action="store_true",
+        help="every system and pattern at every RTT and reader count (default: httpdirfs, ratarmount "
+        "and seq reads only at the most readers and the largest RTT)",
+    )
+    ap.add_argument(
+        "--add",
+        action="store_true",
+        help="add this run's cases to the stored results of the same size (a case run again replaces "
+        "its earlier figures) instead of starting afresh",
+    )
     ap.add_argument("--no-drop-caches", action="store_true", help="never drop the page cache ('cold' is then not cold)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=3600)
@@ -77,9 +87,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     if a.quick:  # each default below unless given: one small case of each kind
         given = set(argv if argv is not None else sys.argv[1:])
         a.size = "smoke"
-        for flag, attr, value in (("--readers", "readers", "2"), ("--rtt-ms", "rtt_ms", "5"),
-                                  ("--patterns", "patterns", "uniform"), ("--cap-mbit", "cap_mbit", "100"),
-                                  ("--cap-systems", "cap_systems", "http"), ("--nodes", "nodes", 2)):
+        for flag, attr, value in (
+            ("--readers", "readers", "2"),
+            ("--rtt-ms", "rtt_ms", "5"),
+            ("--patterns", "patterns", "uniform"),
+            ("--cap-mbit", "cap_mbit", "100"),
+            ("--cap-systems", "cap_systems", "http"),
+            ("--nodes", "nodes", 2),
+        ):
             if flag not in given:
                 setattr(a, attr, value)
     a.systems = [s for s in a.systems.split(",") if s]
@@ -111,6 +126,7 @@ def artifacts(work: Path, tree_root: Path, size: str) -> tuple[Path, Path]:
 
 def merged(old: dict, new: dict) -> dict:
     """An earlier run's results with this run's cases added (or replacing the same cases)."""
+
     def key(r):
         return (r["system"], r["readers"], r["pattern"], r["rtt_ms"], r.get("mbit"))
 
@@ -128,8 +144,11 @@ def merged(old: dict, new: dict) -> dict:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.DEBUG if a.verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+    )
     work = a.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
     os.chdir(work)  # not the repo root: `python -m lmdbfs` must import the installed package
@@ -138,21 +157,37 @@ def main(argv=None) -> int:
     rng = random.Random(a.seed)
     files = tree.files
     epoch_files = sorted(rng.sample(files, a.sample)) if a.sample and a.sample < len(files) else files
-    slow_files = (sorted(rng.sample(epoch_files, a.slow_sample))
-                  if a.slow_sample and a.slow_sample < len(epoch_files) else epoch_files)
+    slow_files = (
+        sorted(rng.sample(epoch_files, a.slow_sample))
+        if a.slow_sample and a.slow_sample < len(epoch_files)
+        else epoch_files
+    )
     res = {
-        "size": a.size, "started": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M"), "commit": _git_rev(),
-        "tree": {"files": len(files), "bytes": tree.nbytes}, "db_bytes": db.stat().st_size,
-        "epoch_files": len(epoch_files), "sampled": len(epoch_files) < len(files), "slow_files": len(slow_files),
-        "systems": a.systems, "readers": a.readers, "rtts": a.rtts, "caps": a.caps, "patterns": a.patterns,
-        "runs": [], "notes": [],
+        "size": a.size,
+        "started": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M"),
+        "commit": _git_rev(),
+        "tree": {"files": len(files), "bytes": tree.nbytes},
+        "db_bytes": db.stat().st_size,
+        "epoch_files": len(epoch_files),
+        "sampled": len(epoch_files) < len(files),
+        "slow_files": len(slow_files),
+        "systems": a.systems,
+        "readers": a.readers,
+        "rtts": a.rtts,
+        "caps": a.caps,
+        "patterns": a.patterns,
+        "runs": [],
+        "notes": [],
     }
     if len(slow_files) < len(epoch_files):
-        res["notes"].append(f"httpdirfs and ratarmount read a seeded sample of {len(slow_files):,} of the epoch's "
-                            "files (they are slow); their files/s compare, their totals do not.")
+        res["notes"].append(
+            f"httpdirfs and ratarmount read a seeded sample of {len(slow_files):,} of the epoch's "
+            "files (they are slow); their files/s compare, their totals do not."
+        )
     remote_dir = work / "remote" / a.size
-    env = RemoteEnv(remote_dir, db, tar if "ratarmount" in a.systems else None, "", "s3" in a.systems,
-                    drop=not a.no_drop_caches)
+    env = RemoteEnv(
+        remote_dir, db, tar if "ratarmount" in a.systems else None, "", "s3" in a.systems, drop=not a.no_drop_caches
+    )
     try:
         plan = []
         top = (max(a.readers), max(a.rtts))
@@ -173,19 +208,42 @@ def main(argv=None) -> int:
                 plan.append((system, max(a.readers), "uniform", max(a.rtts), mbit))
         for i, (system, readers, pattern, rtt, mbit) in enumerate(plan, 1):
             slow = system in ("httpdirfs", "ratarmount")
-            log.info("[%d/%d] %s, %d readers, %s, +%g ms%s", i, len(plan), system, readers, pattern, rtt,
-                     f", {mbit:g} Mbit/s" if mbit else "")
-            r = one_run(env, system, slow_files if slow else epoch_files, readers, pattern, rtt, mbit, a.seed,
-                        a.timeout, warm=not a.no_warm)
+            log.info(
+                "[%d/%d] %s, %d readers, %s, +%g ms%s",
+                i,
+                len(plan),
+                system,
+                readers,
+                pattern,
+                rtt,
+                f", {mbit:g} Mbit/s" if mbit else "",
+            )
+            r = one_run(
+                env,
+                system,
+                slow_files if slow else epoch_files,
+                readers,
+                pattern,
+                rtt,
+                mbit,
+                a.seed,
+                a.timeout,
+                warm=not a.no_warm,
+            )
             if "cold" in r:
-                log.info("    %.0f files/s cold, %s GETs/file, fetched/read %s", r["cold"]["files_per_s"],
-                         f"{r['cold'].get('gets_per_file', 0):.3f}", f"{r['cold'].get('fetch_ratio', 0):.2f}")
+                log.info(
+                    "    %.0f files/s cold, %s GETs/file, fetched/read %s",
+                    r["cold"]["files_per_s"],
+                    f"{r['cold'].get('gets_per_file', 0):.3f}",
+                    f"{r['cold'].get('fetch_ratio', 0):.2f}",
+                )
             res["runs"].append(r)
         if a.nodes and a.nodes_system in a.systems:
             readers = max(1, max(a.readers) // a.nodes)
             log.info("%d nodes over %s, %d readers each", a.nodes, a.nodes_system, readers)
-            res["nodes_run"] = nodes_run(env, a.nodes_system, epoch_files, a.nodes, readers, max(a.rtts), None,
-                                         a.seed, a.timeout)
+            res["nodes_run"] = nodes_run(
+                env, a.nodes_system, epoch_files, a.nodes, readers, max(a.rtts), None, a.seed, a.timeout
+            )
     finally:
         env.close()
     json_path = work / f"results-remote-{a.size}.json"
@@ -197,7 +255,11 @@ def main(argv=None) -> int:
     for what, value, cmp, target in ratios(res):
         shown = "n/a" if value is None else f"{value:.2f}"
         print(f"  {what}: {shown} (goal {cmp} {target:g}) {verdict(value, cmp, target)}")
-    errors = [f"{r['system']} {r['readers']} {r['pattern']} +{r['rtt_ms']:g}: {r['error']}" for r in res["runs"] if "error" in r]
+    errors = [
+        f"{r['system']} {r['readers']} {r['pattern']} +{r['rtt_ms']:g}: {r['error']}"
+        for r in res["runs"]
+        if "error" in r
+    ]
     if "error" in res.get("nodes_run", {}):
         errors.append(f"nodes: {res['nodes_run']['error']}")
     if errors:

@@ -42,8 +42,10 @@ import h11
 CONTROL = "/__faultproxy__/"
 CHUNK = 64 * 1024
 FAULTS = ("status", "slowdown", "reset", "truncate", "stall")
-SLOWDOWN_XML = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
-                b"<Message>Please reduce your request rate.</Message><RequestId>faultproxy</RequestId></Error>")
+SLOWDOWN_XML = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
+    b"<Message>Please reduce your request rate.</Message><RequestId>faultproxy</RequestId></Error>"
+)
 
 
 @dataclass
@@ -65,8 +67,11 @@ class Rule:
             raise ValueError(f"unknown fault {self.fault!r}; one of {', '.join(FAULTS)}")
 
     def matches(self, label: str, method: str, target: str) -> bool:
-        return ((self.method is None or self.method == method) and (self.label is None or self.label == label)
-                and (self.path is None or self.path in target))
+        return (
+            (self.method is None or self.method == method)
+            and (self.label is None or self.label == label)
+            and (self.path is None or self.path in target)
+        )
 
 
 @dataclass
@@ -189,7 +194,7 @@ class Handler:
             body += event.data
         method, target = request.method.decode(), request.target.decode("latin-1")
         if target.startswith(CONTROL):
-            return await self.control(method, target[len(CONTROL):], bytes(body))
+            return await self.control(method, target[len(CONTROL) :], bytes(body))
         path = target.split("?", 1)[0]
         state = self.proxy.state
         state.count(self.label, path, requests=1, gets=int(method == "GET"))
@@ -202,8 +207,12 @@ class Handler:
             status = 503 if rule.fault == "slowdown" else rule.status
             payload = SLOWDOWN_XML if rule.fault == "slowdown" else f"injected {status}\n".encode()
             ctype = b"application/xml" if rule.fault == "slowdown" else b"text/plain"
-            self.send(h11.Response(status_code=status, headers=[
-                (b"Content-Length", str(len(payload)).encode()), (b"Content-Type", ctype)]))
+            self.send(
+                h11.Response(
+                    status_code=status,
+                    headers=[(b"Content-Length", str(len(payload)).encode()), (b"Content-Type", ctype)],
+                )
+            )
             self.send(h11.Data(data=payload))
             self.send(h11.EndOfMessage())
             await self.writer.drain()
@@ -222,8 +231,13 @@ class Handler:
                 self.up = (reader, writer, h11.Connection(h11.CLIENT))
             reader, writer, conn = self.up
             try:
-                writer.write(conn.send(h11.Request(method=request.method, target=request.target,
-                                                   headers=list(request.headers.raw_items()))))
+                writer.write(
+                    conn.send(
+                        h11.Request(
+                            method=request.method, target=request.target, headers=list(request.headers.raw_items())
+                        )
+                    )
+                )
                 if body:
                     writer.write(conn.send(h11.Data(data=body)))
                 writer.write(conn.send(h11.EndOfMessage()))
@@ -242,8 +256,11 @@ class Handler:
 
     async def forward(self, request: h11.Request, body: bytes, path: str, rule: Rule | None) -> None:
         reader, writer, conn, response = await self.exchange(request, body)
-        self.send(h11.Response(status_code=response.status_code, reason=response.reason,
-                               headers=list(response.headers.raw_items())))
+        self.send(
+            h11.Response(
+                status_code=response.status_code, reason=response.reason, headers=list(response.headers.raw_items())
+            )
+        )
         length = next((int(v) for k, v in response.headers if k == b"content-length"), None)
         cut = None
         if rule and rule.fault in ("reset", "truncate"):
@@ -259,7 +276,7 @@ class Handler:
             if cut is not None and sent + len(data) >= cut:
                 data = data[: cut - sent]
             for i in range(0, len(data), CHUNK):
-                piece = data[i:i + CHUNK]
+                piece = data[i : i + CHUNK]
                 if self.proxy.bucket:
                     await self.proxy.bucket.take(len(piece))
                 self.proxy.state.count(self.label, path, bytes=len(piece))  # before the client can see it
@@ -298,8 +315,12 @@ class Handler:
         else:
             reply = {"error": f"unknown control {method} {what}"}
         payload = json.dumps(reply).encode()
-        self.send(h11.Response(status_code=200 if "error" not in reply else 404, headers=[
-            (b"Content-Length", str(len(payload)).encode()), (b"Content-Type", b"application/json")]))
+        self.send(
+            h11.Response(
+                status_code=200 if "error" not in reply else 404,
+                headers=[(b"Content-Length", str(len(payload)).encode()), (b"Content-Type", b"application/json")],
+            )
+        )
         self.send(h11.Data(data=payload))
         self.send(h11.EndOfMessage())
         await self.writer.drain()
@@ -308,8 +329,14 @@ class Handler:
 class FaultProxy:
     """The proxy, on its own event loop in a thread (`start`/`stop`, or `with`)."""
 
-    def __init__(self, upstream: tuple[str, int], labels=("default",), rtt: float = 0.0,
-                 mbit: float | None = None, host: str = "127.0.0.1"):
+    def __init__(
+        self,
+        upstream: tuple[str, int],
+        labels=("default",),
+        rtt: float = 0.0,
+        mbit: float | None = None,
+        host: str = "127.0.0.1",
+    ):
         self.upstream, self.labels, self.rtt, self.host = upstream, list(labels), rtt, host
         self.mbit = mbit
         self.bucket: TokenBucket | None = None
@@ -327,7 +354,8 @@ class FaultProxy:
             self.bucket = TokenBucket(rate, burst=max(CHUNK, rate / 100))
         for label in self.labels:
             server = await asyncio.start_server(
-                lambda r, w, label=label: self._track(Handler(self, label, r, w).run()), self.host, 0)
+                lambda r, w, label=label: self._track(Handler(self, label, r, w).run()), self.host, 0
+            )
             self._servers.append(server)
             self.ports[label] = server.sockets[0].getsockname()[1]
 
@@ -413,8 +441,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rules", default="[]", help="JSON list of fault rules")
     args = ap.parse_args(argv)
     host, _, port = args.upstream.rpartition(":")
-    proxy = FaultProxy((host or "127.0.0.1", int(port)), labels=args.label or ["default"],
-                       rtt=args.rtt_ms / 1000, mbit=args.mbit)
+    proxy = FaultProxy(
+        (host or "127.0.0.1", int(port)), labels=args.label or ["default"], rtt=args.rtt_ms / 1000, mbit=args.mbit
+    )
     proxy.set_rules([Rule(**r) for r in json.loads(args.rules)])
     proxy.start()
     print(json.dumps({"ports": proxy.ports}), flush=True)

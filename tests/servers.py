@@ -216,8 +216,9 @@ def nginx(root: str | os.PathLike) -> Iterator[Nginx]:
             errlog = tmp / "error.log"
             cmd = [program, "-e", str(errlog), "-p", str(tmp), "-c", str(conf), "-g", "daemon off;"]
             with open(errlog, "ab") as err:
-                proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                        stderr=err, start_new_session=True)
+                proc = subprocess.Popen(
+                    cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True
+                )
             try:
                 _wait_ready(proc, errlog, lambda p=port: _port_open(p), "nginx")
                 break
@@ -247,11 +248,17 @@ class S3Server:
         from botocore.config import Config
 
         return boto3.client(
-            "s3", endpoint_url=endpoint or self.endpoint, region_name=self.region,
-            aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key,
-            config=Config(s3={"addressing_style": "path"}, retries={"mode": "standard", "total_max_attempts": 2},
-                          request_checksum_calculation="when_required",
-                          response_checksum_validation="when_required"),
+            "s3",
+            endpoint_url=endpoint or self.endpoint,
+            region_name=self.region,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            config=Config(
+                s3={"addressing_style": "path"},
+                retries={"mode": "standard", "total_max_attempts": 2},
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+            ),
         )
 
     def put(self, local_path: str | os.PathLike, key: str) -> str:
@@ -265,36 +272,80 @@ class S3Server:
     def env(self, endpoint: str | None = None) -> dict[str, str]:
         """The environment an AWS tool (or lmdbfs) needs to reach this server."""
         return {
-            "AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key,
-            "AWS_REGION": self.region, "AWS_ENDPOINT_URL": endpoint or self.endpoint,
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_REGION": self.region,
+            "AWS_ENDPOINT_URL": endpoint or self.endpoint,
         }
 
 
 @contextmanager
-def s3(bucket: str = "lmdbfs-test", access_key: str = "LMDBFSTESTKEY",
-       secret_key: str = "lmdbfs-test-secret-0123456789") -> Iterator[S3Server]:
+def s3(
+    bucket: str = "lmdbfs-test", access_key: str = "LMDBFSTESTKEY", secret_key: str = "lmdbfs-test-secret-0123456789"
+) -> Iterator[S3Server]:
     """SeaweedFS with its S3 gateway on free 127.0.0.1 ports, data in a temp dir."""
     program = find_program("weed")
     with tempfile.TemporaryDirectory(prefix="lmdbfs-s3-") as tmpdir:
         tmp = Path(tmpdir)
         config = tmp / "s3.json"
-        config.write_text(json.dumps({"identities": [{
-            "name": "lmdbfs-test", "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
-            "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+        config.write_text(
+            json.dumps(
+                {
+                    "identities": [
+                        {
+                            "name": "lmdbfs-test",
+                            "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+                            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                        }
+                    ]
+                }
+            )
+        )
         (tmp / "data").mkdir()
-        ports = {name: free_port() for name in (
-            "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
-            "filer.port.grpc", "s3.port", "s3.port.grpc", "s3.port.iceberg", "s3.port.lance")}
-        cmd = [program, "server", f"-dir={tmp / 'data'}", f"-ip={HOST}", f"-ip.bind={HOST}",
-               "-filer", "-s3", f"-s3.config={config}", "-master.volumeSizeLimitMB=64",
-               "-volume.max=0", "-metricsPort=0", "-volume.preStopSeconds=0",
-               f"-filer.localSocket={tmp / 'filer.sock'}", f"-s3.localSocket={tmp / 's3.sock'}",
-               *(f"-{name}={port}" for name, port in ports.items())]
+        ports = {
+            name: free_port()
+            for name in (
+                "master.port",
+                "master.port.grpc",
+                "volume.port",
+                "volume.port.grpc",
+                "filer.port",
+                "filer.port.grpc",
+                "s3.port",
+                "s3.port.grpc",
+                "s3.port.iceberg",
+                "s3.port.lance",
+            )
+        }
+        cmd = [
+            program,
+            "server",
+            f"-dir={tmp / 'data'}",
+            f"-ip={HOST}",
+            f"-ip.bind={HOST}",
+            "-filer",
+            "-s3",
+            f"-s3.config={config}",
+            "-master.volumeSizeLimitMB=64",
+            "-volume.max=0",
+            "-metricsPort=0",
+            "-volume.preStopSeconds=0",
+            f"-filer.localSocket={tmp / 'filer.sock'}",
+            f"-s3.localSocket={tmp / 's3.sock'}",
+            *(f"-{name}={port}" for name, port in ports.items()),
+        ]
         log = tmp / "weed.log"
         env = {**os.environ, "TMPDIR": str(tmp)}  # its other unix sockets go there too
         with open(log, "ab") as out:
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True, env=env, cwd=tmp)
+            proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env=env,
+                cwd=tmp,
+            )
         try:
             server = S3Server(f"http://{HOST}:{ports['s3.port']}", bucket, access_key, secret_key, pid=proc.pid)
             _wait_ready(proc, log, lambda: _port_open(ports["s3.port"]), "SeaweedFS")

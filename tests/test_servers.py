@@ -57,6 +57,7 @@ def served(nginx_server):
 
 # --- nginx
 
+
 def test_nginx_serves_ranges_byte_exact_with_etag_and_counts_them(served):
     _, resp = get(served.port, "/d/blob.bin", {"Range": "bytes=1000-1999"})
     assert resp.status == 206
@@ -69,7 +70,9 @@ def test_nginx_serves_ranges_byte_exact_with_etag_and_counts_them(served):
     assert resp.headers["ETag"] == etag
     hits = served.hits("d/blob.bin")
     assert [(h.method, h.range, h.status, h.body_bytes) for h in hits] == [
-        ("GET", "bytes=1000-1999", 206, 1000), ("GET", f"bytes={len(DATA) - 10}-", 206, 10)]
+        ("GET", "bytes=1000-1999", 206, 1000),
+        ("GET", f"bytes={len(DATA) - 10}-", 206, 10),
+    ]
     assert served.gets() == 2 and served.bytes_sent("d/blob.bin") == 1010
     served.reset()
     assert served.gets() == 0
@@ -100,6 +103,7 @@ def test_nginx_stops_with_its_block_even_when_the_block_raises(tmp_path):
 
 
 # --- S3 (SeaweedFS)
+
 
 @pytest.fixture(scope="module")
 def s3_blob(s3_server, tmp_path_factory):
@@ -164,6 +168,7 @@ def test_s3_stops_with_its_block_and_leaves_nothing(tmp_path):
 
 
 # --- the fault proxy in front of nginx
+
 
 def test_proxy_forwards_byte_exact_and_counts_per_label_and_path(served):
     with faultproxy.FaultProxy(("127.0.0.1", served.port), labels=["a", "b"]) as proxy:
@@ -274,9 +279,21 @@ def test_proxy_caps_bandwidth_for_all_connections_together(served):
 
 def test_proxy_runs_as_a_command_with_a_control_endpoint(served):
     rules = json.dumps([{"fault": "status", "status": 503, "count": 1}])
-    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "faultproxy.py"), f"127.0.0.1:{served.port}",
-                             "--label", "n0", "--label", "n1", "--rules", rules],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "faultproxy.py"),
+            f"127.0.0.1:{served.port}",
+            "--label",
+            "n0",
+            "--label",
+            "n1",
+            "--rules",
+            rules,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         ports = json.loads(proc.stdout.readline())["ports"]
         assert set(ports) == {"n0", "n1"}
@@ -285,11 +302,13 @@ def test_proxy_runs_as_a_command_with_a_control_endpoint(served):
         counters = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{ports['n0']}/__faultproxy__/counters").read())
         assert counters["n0"]["/d/blob.bin"]["faults"] == 1 and counters["n1"]["/d/blob.bin"]["bytes"] == len(DATA)
         rules = json.dumps([{"fault": "status", "status": 429, "count": 1, "label": "n1"}]).encode()
-        urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{ports['n0']}/__faultproxy__/rules",
-                                                      data=rules, method="POST"))
+        urllib.request.urlopen(
+            urllib.request.Request(f"http://127.0.0.1:{ports['n0']}/__faultproxy__/rules", data=rules, method="POST")
+        )
         assert get(ports["n1"], "/d/blob.bin")[1].status == 429
-        urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{ports['n0']}/__faultproxy__/reset",
-                                                      data=b"", method="POST"))
+        urllib.request.urlopen(
+            urllib.request.Request(f"http://127.0.0.1:{ports['n0']}/__faultproxy__/reset", data=b"", method="POST")
+        )
         counters = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{ports['n0']}/__faultproxy__/counters").read())
         assert counters == {}
         with pytest.raises(urllib.error.HTTPError):

@@ -51,15 +51,21 @@ class Proxy:
         return f"http://127.0.0.1:{self.ports[label]}"
 
     def _control(self, what: str, post: bool = False) -> Any:
-        req = urllib.request.Request(f"{self.url(next(iter(self.ports)))}/__faultproxy__/{what}",
-                                     data=b"" if post else None, method="POST" if post else "GET")
+        req = urllib.request.Request(
+            f"{self.url(next(iter(self.ports)))}/__faultproxy__/{what}",
+            data=b"" if post else None,
+            method="POST" if post else "GET",
+        )
         with urllib.request.urlopen(req, timeout=30) as resp:
             return json.loads(resp.read())
 
     def totals(self, label: str) -> dict[str, int]:
         paths = self._control("counters").get(label, {})
-        return {"requests": sum(c["requests"] for c in paths.values()), "gets": sum(c["gets"] for c in paths.values()),
-                "bytes_fetched": sum(c["bytes"] for c in paths.values())}
+        return {
+            "requests": sum(c["requests"] for c in paths.values()),
+            "gets": sum(c["gets"] for c in paths.values()),
+            "bytes_fetched": sum(c["bytes"] for c in paths.values()),
+        }
 
     def count_into(self, epoch: dict[str, Any], label: str) -> dict[str, Any]:
         """Add the proxy's counts to an epoch's result: GETs per file, bytes fetched / read."""
@@ -97,12 +103,15 @@ def start_foreground(cmd: list[str], mnt: Path, log_path: Path, cwd: Path, limit
     """Start a FUSE daemon in the foreground (-f), in its own process group, and wait
     until it has mounted; its output goes to log_path."""
     with open(log_path, "ab") as logf:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, cwd=cwd,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True
+        )
     t0 = now()
     while not is_mounted(mnt):
         if proc.poll() is not None:
-            raise RuntimeError(f"{Path(cmd[0]).name} exited {proc.returncode}: {log_path.read_text(errors='replace')[-800:]}")
+            raise RuntimeError(
+                f"{Path(cmd[0]).name} exited {proc.returncode}: {log_path.read_text(errors='replace')[-800:]}"
+            )
         if now() - t0 > limit:
             stop_foreground(proc)
             raise RuntimeError(f"{Path(cmd[0]).name} did not mount within {limit:.0f} s")
@@ -202,9 +211,22 @@ class HttpDirFs(RemoteSystem):
         # (rightly) does not send; the ranges themselves work. 1.2.5's --single-file-mode
         # takes the URL as its argument. -f: daemonized, its curl threads do not survive the fork.
         self.proc = start_foreground(
-            ["httpdirfs", "-f", "--cache", "--cache-location", str(self.cache), "--no-range-check",
-             "--single-file-mode", f"{proxy.url(self.label)}/{self.env.db.name}", str(self.http_mnt)],
-            self.http_mnt, self.env.work / "httpdirfs.log", self.env.work, limit=600)
+            [
+                "httpdirfs",
+                "-f",
+                "--cache",
+                "--cache-location",
+                str(self.cache),
+                "--no-range-check",
+                "--single-file-mode",
+                f"{proxy.url(self.label)}/{self.env.db.name}",
+                str(self.http_mnt),
+            ],
+            self.http_mnt,
+            self.env.work / "httpdirfs.log",
+            self.env.work,
+            limit=600,
+        )
         self._mount_lmdbfs(str(self.http_mnt / self.env.db.name), cache=False)
         self.pids.append(self.proc.pid)
 
@@ -232,7 +254,10 @@ class Ratarmount(RemoteSystem):
         # first mount of a run builds the index, reading the whole tar over HTTP.
         self.proc = start_foreground(
             [exe, "-f", "--index-file", str(index), f"{proxy.url(self.label)}/{self.env.tar.name}", str(self.mnt)],
-            self.mnt, self.env.work / "ratarmount.log", self.env.work)
+            self.mnt,
+            self.env.work / "ratarmount.log",
+            self.env.work,
+        )
         self.pids = [self.proc.pid]
 
     def umount(self):
@@ -281,8 +306,18 @@ class RemoteEnv:
                 cm.__exit__(None, None, None)
 
 
-def one_run(env: RemoteEnv, system: str, files: list[str], readers: int, pattern: str, rtt_ms: float,
-            mbit: float | None, seed: int, timeout: float, warm: bool = True) -> dict[str, Any]:
+def one_run(
+    env: RemoteEnv,
+    system: str,
+    files: list[str],
+    readers: int,
+    pattern: str,
+    rtt_ms: float,
+    mbit: float | None,
+    seed: int,
+    timeout: float,
+    warm: bool = True,
+) -> dict[str, Any]:
     """A cold epoch on a fresh mount (empty cache, dropped page cache), then, for systems
     with a persistent cache, a warm one on a remount of the same cache."""
     sysobj = SYSTEMS[system](env)
@@ -330,8 +365,17 @@ def one_run(env: RemoteEnv, system: str, files: list[str], readers: int, pattern
     return out
 
 
-def nodes_run(env: RemoteEnv, system: str, files: list[str], nodes: int, readers: int, rtt_ms: float,
-              mbit: float | None, seed: int, timeout: float) -> dict[str, Any]:
+def nodes_run(
+    env: RemoteEnv,
+    system: str,
+    files: list[str],
+    nodes: int,
+    readers: int,
+    rtt_ms: float,
+    mbit: float | None,
+    seed: int,
+    timeout: float,
+) -> dict[str, Any]:
     """N simulated nodes: N mounts of one URL with separate cache dirs, all reading an epoch
     at once (`readers` processes each); GETs and bytes counted per node by the proxy.
     Then node 0 alone, on a fresh cache, for comparison."""
@@ -340,8 +384,14 @@ def nodes_run(env: RemoteEnv, system: str, files: list[str], nodes: int, readers
     labels = [f"node{i}" for i in range(nodes)]
     objs = [SYSTEMS[system](env, label) for label in labels]
     proxy = Proxy(env.upstream_port(system), labels, rtt_ms, mbit)
-    out: dict[str, Any] = {"system": system, "nodes": nodes, "readers_per_node": readers, "rtt_ms": rtt_ms,
-                           "mbit": mbit, "per_node": {}}
+    out: dict[str, Any] = {
+        "system": system,
+        "nodes": nodes,
+        "readers_per_node": readers,
+        "rtt_ms": rtt_ms,
+        "mbit": mbit,
+        "per_node": {},
+    }
     try:
         drop_caches(env.drop)
         for obj in objs:

@@ -41,7 +41,13 @@ def _case(r: dict[str, Any]) -> str:
 
 def find(res: dict[str, Any], system: str, readers: int, pattern: str, rtt: float, mbit: float | None = None):
     for r in res["runs"]:
-        if (r["system"], r["readers"], r["pattern"], r["rtt_ms"], r.get("mbit")) == (system, readers, pattern, rtt, mbit):
+        if (r["system"], r["readers"], r["pattern"], r["rtt_ms"], r.get("mbit")) == (
+            system,
+            readers,
+            pattern,
+            rtt,
+            mbit,
+        ):
             return r if "cold" in r else None
     return None
 
@@ -64,24 +70,54 @@ def ratios(res: dict[str, Any]) -> list[tuple[str, float | None, str, float]]:
         r = find(res, proto, rd, "uniform", rtt)
         base = [find(res, s, rd, "uniform", rtt) for s in ("httpdirfs", "ratarmount")]
         best = max((_rate(b) for b in base if _rate(b)), default=None)
-        out.append((f"{proto}: cold epoch, +{rtt:g} ms, {rd} readers / local disk cold", _div(_rate(r), _rate(local)), ">=", 1.0))
-        out.append((f"{proto}: cold epoch / best of httpdirfs+lmdbfs and ratarmount (+{rtt:g} ms, {rd} readers)",
-                    _div(_rate(r), best), ">=", 3.0))
-        out.append((f"{proto}: warm-cache epoch (remount) / local disk cold", _div(_rate(r, "warm"), _rate(local)), ">=", 0.9))
+        out.append(
+            (
+                f"{proto}: cold epoch, +{rtt:g} ms, {rd} readers / local disk cold",
+                _div(_rate(r), _rate(local)),
+                ">=",
+                1.0,
+            )
+        )
+        out.append(
+            (
+                f"{proto}: cold epoch / best of httpdirfs+lmdbfs and ratarmount (+{rtt:g} ms, {rd} readers)",
+                _div(_rate(r), best),
+                ">=",
+                3.0,
+            )
+        )
+        out.append(
+            (f"{proto}: warm-cache epoch (remount) / local disk cold", _div(_rate(r, "warm"), _rate(local)), ">=", 0.9)
+        )
         for mbit in res.get("caps", []):
             c = find(res, proto, rd, "uniform", rtt, mbit)
             if c:
-                link = c["cold"]["bytes_fetched"] / c["cold"]["seconds"] * 8 / 1e6 / mbit if "bytes_fetched" in c["cold"] else None
+                link = (
+                    c["cold"]["bytes_fetched"] / c["cold"]["seconds"] * 8 / 1e6 / mbit
+                    if "bytes_fetched" in c["cold"]
+                    else None
+                )
                 out.append((f"{proto}: share of the {mbit:g} Mbit/s link used over the cold epoch", link, ">=", 0.8))
-                out.append((f"{proto}: bytes fetched / bytes read, uniform epoch, capped", c["cold"].get("fetch_ratio"), "<=", 1.2))
+                out.append(
+                    (
+                        f"{proto}: bytes fetched / bytes read, uniform epoch, capped",
+                        c["cold"].get("fetch_ratio"),
+                        "<=",
+                        1.2,
+                    )
+                )
         if r:
             out.append((f"{proto}: daemon RSS after the cold epoch (MB)", r.get("rss_mb"), "<=", 150.0))
     n = res.get("nodes_run")
     if n and "alone" in n:
         worst_bytes = max((p.get("bytes_fetched", 0) for p in n["per_node"].values()), default=0)
         slowest = min((p.get("files_per_s", 0) for p in n["per_node"].values()), default=0)
-        out.append((f"{n['nodes']} nodes: most bytes one node fetched / DB size", worst_bytes / res["db_bytes"], "<=", 1.2))
-        out.append((f"{n['nodes']} nodes: slowest node / one node alone", _div(slowest, n["alone"]["files_per_s"]), ">=", 0.8))
+        out.append(
+            (f"{n['nodes']} nodes: most bytes one node fetched / DB size", worst_bytes / res["db_bytes"], "<=", 1.2)
+        )
+        out.append(
+            (f"{n['nodes']} nodes: slowest node / one node alone", _div(slowest, n["alone"]["files_per_s"]), ">=", 0.8)
+        )
     return out
 
 
@@ -109,15 +145,19 @@ def render(res: dict[str, Any]) -> str:
     for key, group in _groups(res["runs"]).items():
         L.append(f"### {key}")
         L.append("")
-        L.append("| system | readers | reads | mount s | mount GETs | cold files/s | × local | GETs/file | fetched/read | "
-                 "warm files/s | warm GETs | daemon MB | cache MB |")
+        L.append(
+            "| system | readers | reads | mount s | mount GETs | cold files/s | × local | GETs/file | fetched/read | "
+            "warm files/s | warm GETs | daemon MB | cache MB |"
+        )
         L.append("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in group:
             if "error" in r:
                 L.append(f"| {r['system']} | {r['readers']} | {r['pattern']} | failed: {r['error'][:120]} |" + " |" * 9)
                 continue
             c = r["cold"]
-            local = find(res, "local", r["readers"], r["pattern"], 0.0) or find(res, "local", r["readers"], r["pattern"], r["rtt_ms"])
+            local = find(res, "local", r["readers"], r["pattern"], 0.0) or find(
+                res, "local", r["readers"], r["pattern"], r["rtt_ms"]
+            )
             w = r.get("warm", {})
             L.append(
                 f"| {r['system']} | {r['readers']} | {r['pattern']} | {_f(r['mount_s'], 2)} | {_f(r.get('mount_gets'))} | "
@@ -136,11 +176,15 @@ def render(res: dict[str, Any]) -> str:
             L.append("| node | files/s | GETs | bytes fetched / DB size | cache MB |")
             L.append("|---|---:|---:|---:|---:|")
             for label, p in n["per_node"].items():
-                L.append(f"| {label} | {_f(p.get('files_per_s'), 0)} | {_f(p.get('gets'))} | "
-                         f"{_f(p.get('bytes_fetched', 0) / res['db_bytes'], 2)} | {_f(p.get('cache_bytes', 0) / 1e6, 0)} |")
+                L.append(
+                    f"| {label} | {_f(p.get('files_per_s'), 0)} | {_f(p.get('gets'))} | "
+                    f"{_f(p.get('bytes_fetched', 0) / res['db_bytes'], 2)} | {_f(p.get('cache_bytes', 0) / 1e6, 0)} |"
+                )
             a = n.get("alone", {})
-            L.append(f"| one node alone | {_f(a.get('files_per_s'), 0)} | {_f(a.get('gets'))} | "
-                     f"{_f(a.get('bytes_fetched', 0) / res['db_bytes'], 2)} | |")
+            L.append(
+                f"| one node alone | {_f(a.get('files_per_s'), 0)} | {_f(a.get('gets'))} | "
+                f"{_f(a.get('bytes_fetched', 0) / res['db_bytes'], 2)} | |"
+            )
         L.append("")
     L.append("### Against issue 20's targets")
     L.append("")
