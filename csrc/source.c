@@ -205,13 +205,16 @@ static int claim(struct remote *r, uint64_t first, size_t n, uint8_t *mine)
 }
 
 /* Wait until block b is present, then copy n bytes at file offset at into dst. waited:
- * this reader already waits for a fetch of it (claimed it): FAILED then answers EIO. */
+ * this reader already waits for a fetch of it (claimed it): FAILED then answers EIO.
+ * However the word changes, this gives up after 2 x stuck_ms. */
 static int read_block(struct remote *r, int fd, uint64_t b, char *dst, size_t n, uint64_t at, int waited)
 {
     uint32_t *word = &r->words[b], last = 0;
     int64_t start = now_ms(), since = start;
     int seen_filling = 0;
-    for (;;) {
+    for (int round = 0;; round++) {
+        if (round && now_ms() - start >= 2 * r->stuck_ms)
+            return -ETIMEDOUT;
         uint32_t w = bs_load(word);
         switch (bs_state(w)) {
         case BS_PRESENT: {
@@ -249,8 +252,6 @@ static int read_block(struct remote *r, int fd, uint64_t b, char *dst, size_t n,
                     bs_wake(word);
                 return -ETIMEDOUT;
             }
-            if (t - start >= 2 * r->stuck_ms)
-                return -ETIMEDOUT;
             long left = r->stuck_ms - (long)(t - since);
             bs_wait(word, w, left < WAIT_SLICE_MS ? left : WAIT_SLICE_MS);
         }
