@@ -174,7 +174,9 @@ class RemoteSource:
                 self.fetch_sync(claimed, pin)
                 continue
             if not waiting:
-                return {i: words[i] for i in wanted}
+                if len(words) == len(wanted):
+                    return {i: words[i] for i in wanted}
+                continue  # another thread claimed a block between our look and our claim
             i, seen = waiting[0]
             since = filling_since.setdefault(i, time.monotonic())
             self.cache.wait(i, seen, WAIT_MS)
