@@ -1,12 +1,17 @@
-/* One layer's LMDB side: environments, a read transaction per thread, keys, and copies
- * of stored bytes made with pread rather than through the map (the map is opened without
- * readahead, so touching a value page by page would fault 4 KiB at a time). */
+/* One layer's LMDB side (layer.h): environments, a read transaction per thread, keys, and
+ * copies of stored bytes made through the layer's byte sources rather than through the
+ * map (the map is opened without readahead, so touching a value page by page would fault
+ * 4 KiB at a time). */
+#include "layer.h"
+
+#include "record.h"
 #include "serve.h"
+#include "util.h"
 
 #include <errno.h>
+#include <pthread.h>
 #include <fcntl.h>
 #include <nettle/md5.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -18,30 +23,23 @@
 
 #define UNMAP_EVERY 256  /* LMDB lookups between handing the mapped pages back */
 
-void log_line(const char *level, const char *fmt, ...)
-{
-    char when[64], msg[1024];
-    struct timespec ts;
-    struct tm tm;
-    va_list ap;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    localtime_r(&ts.tv_sec, &tm);
-    strftime(when, sizeof(when), "%Y-%m-%d %H:%M:%S", &tm);
-    va_start(ap, fmt);
-    vsnprintf(msg, sizeof(msg), fmt, ap);
-    va_end(ap);
-    fprintf(stderr, "%s,%03ld %s lmdbfs.serve: %s\n", when, ts.tv_nsec / 1000000, level, msg);
-    fflush(stderr);
-}
-
-void md5_of(const void *a, size_t alen, const void *b, size_t blen, unsigned char out[16])
+static void md5_of(const void *p, size_t len, unsigned char out[16])
 {
     struct md5_ctx ctx;
     md5_init(&ctx);
-    md5_update(&ctx, alen, a);
-    if (blen)
-        md5_update(&ctx, blen, b);
+    md5_update(&ctx, len, p);
     md5_digest(&ctx, 16, out);
+}
+
+/* An LMDB return code as a negative errno: its own errno where LMDB passed one through
+ * (those are below MDB_KEYEXIST), ENOENT for a missing key, EIO for anything else. */
+static int lmdb_errno(int rc)
+{
+    if (rc == 0)
+        return 0;
+    if (rc == MDB_NOTFOUND)
+        return -ENOENT;
+    return rc > 0 && rc < MDB_KEYEXIST ? -rc : -EIO;
 }
 
 /* ---- read transactions: one per thread and environment, kept open -------------------- */
@@ -66,6 +64,8 @@ static int txn_key_ok;
 
 static void txn_key_make(void) { txn_key_ok = pthread_key_create(&txn_key, txns_free) == 0; }
 
+/* This thread's read transaction of ly's index (vals 0) or values env, or NULL with *rc an
+ * LMDB code (ENOMEM among them, as LMDB passes errno values through): lmdb_get maps it. */
 static MDB_txn *txn_get(struct layer *ly, int vals, int *rc)
 {
     pthread_once(&txn_once, txn_key_make);
@@ -211,11 +211,11 @@ static int layer_remote(struct layer *ly, const struct stat *data, int own_value
         index.st_ino != data->st_ino) {
         snprintf(why, why_len, "%s: a remote layer is one packed DB with value offsets, read from one local copy",
                  spec->url);
-        return EINVAL;
+        return -EINVAL;
     }
     int rc = remote_open(&ly->remote, spec, ly->data_src.fd, why, why_len);
     if (rc)
-        return -rc;
+        return rc;
     ly->env_src.remote = ly->vals_src.remote = ly->data_src.remote = ly->remote;
     return 0;
 }
@@ -227,10 +227,10 @@ int layer_open(struct layer *ly, const char *index_path, int index_subdir, const
     struct stat st;
     int rc = env_open(&ly->env, index_path, index_subdir, why, why_len);
     if (rc)
-        return rc;
+        return lmdb_errno(rc);
     ly->vals_env = ly->env;
     if (vals_path && (rc = env_open(&ly->vals_env, vals_path, vals_subdir, why, why_len)))
-        return rc;
+        return lmdb_errno(rc);
     rc = mdb_txn_begin(ly->env, NULL, MDB_RDONLY, &txn);
     if (!rc) {
         rc = mdb_dbi_open(txn, "lmdbfs.index", 0, &ly->index_dbi);
@@ -242,19 +242,20 @@ int layer_open(struct layer *ly, const char *index_path, int index_subdir, const
     }
     if (rc) {
         snprintf(why, why_len, "%s: cannot open its databases (%s)", index_path, mdb_strerror(rc));
-        return rc;
+        return lmdb_errno(rc);
     }
     if (env_view(ly->env, ly->index_dbi, &ly->env_src.fd, &ly->env_base, &ly->env_map, &ly->env_size) ||
         (ly->vals_env == ly->env ? (ly->vals_src = ly->env_src, ly->vals_base = ly->env_base, ly->vals_map = ly->env_map,
                                     ly->vals_size = ly->env_size, 0)
                                  : env_view(ly->vals_env, ly->main_dbi, &ly->vals_src.fd, &ly->vals_base, &ly->vals_map, &ly->vals_size))) {
         snprintf(why, why_len, "%s: cannot inspect the LMDB map", index_path);
-        return EIO;
+        return -EIO;
     }
     ly->data_src.fd = open(data_path, O_RDONLY | O_CLOEXEC);
     if (ly->data_src.fd < 0 || fstat(ly->data_src.fd, &st)) {
-        snprintf(why, why_len, "%s: %s", data_path, strerror(errno));
-        return errno;
+        int err = errno;
+        snprintf(why, why_len, "%s: %s", data_path, strerror(err));
+        return -err;
     }
     ly->data_size = (uint64_t)st.st_size;
     return remote ? layer_remote(ly, &st, vals_path != NULL, remote, why, why_len) : 0;
@@ -279,6 +280,7 @@ void layer_close(struct layer *ly)
     ly->data_src.fd = -1;
 }
 
+/* 0, -ENOENT, or -EIO (logged; this thread's transaction starts afresh). */
 static int lmdb_get(struct layer *ly, int vals, MDB_val *key, MDB_val *val, const char *what)
 {
     int rc;
@@ -286,7 +288,7 @@ static int lmdb_get(struct layer *ly, int vals, MDB_val *key, MDB_val *val, cons
     if (txn)
         rc = mdb_get(txn, vals ? ly->main_dbi : ly->index_dbi, key, val);
     if (rc == 0 || rc == MDB_NOTFOUND)
-        return rc;
+        return lmdb_errno(rc);
     txn_drop(ly, vals);
     log_line("ERROR", "layer %d: LMDB error looking up %s: %s", ly->index, what, mdb_strerror(rc));
     return -EIO;
@@ -352,7 +354,7 @@ int layer_fetch_record(struct layer *ly, const char *rel, size_t rel_len, size_t
 {
     unsigned char digest[16];
     MDB_val key = {16, digest}, val;
-    md5_of(rel, rel_len, NULL, 0, digest);
+    md5_of(rel, rel_len, digest);
     int rc = lmdb_get(ly, 0, &key, &val, "a directory record");
     if (rc)
         return rc;
@@ -419,13 +421,13 @@ int layer_value_pos(struct layer *ly, const char *rel, size_t rel_len, uint64_t 
             return -EIO;
         }
     } else {
-        md5_of(buf, (size_t)(p - buf), NULL, 0, digest);
+        md5_of(buf, (size_t)(p - buf), digest);
         key.mv_data = digest;
         key.mv_size = 16;
     }
     int rc = lmdb_get(ly, 1, &key, &val, "a value");
     free(buf);
-    if (rc == MDB_NOTFOUND) {
+    if (rc == -ENOENT) {
         log_line("ERROR", "EIO for %.*s: listed in the index but its contents are missing", (int)rel_len, rel);
         return -EIO;
     }

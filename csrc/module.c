@@ -3,7 +3,10 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include "fsops.h"
 #include "serve.h"
+#include "tree.h"
+#include "uring.h"
 
 #include <errno.h>
 #include <limits.h>
@@ -13,7 +16,6 @@
 #include <string.h>
 #include <unistd.h>
 
-struct server srv;
 static PyObject *LayerError, *FuseError;
 static int serving;
 
@@ -248,7 +250,7 @@ static PyObject *serve(PyObject *self, PyObject *args, PyObject *kw)
         goto out;
     }
     struct fuse_args fargs = FUSE_ARGS_INIT(argc, argv);
-    se = fuse_session_new(&fargs, &lmdbfs_ops, sizeof(lmdbfs_ops), NULL);
+    se = fuse_session_new(&fargs, &lo_ops, sizeof(lo_ops), NULL);
     fuse_opt_free_args(&fargs);
     srv.se = se;
     if (!se) {

@@ -3,14 +3,24 @@
  * so it splices the bytes to the kernel. A remote layer's bytes are always copied
  * through its byte source (source.h) and answered from memory: a block of its cache may
  * be evicted between a check and a splice. */
-#include "serve.h"
+#include "read.h"
 
 #include <errno.h>
+#include <pthread.h>
 #include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 #include <xxhash.h>
+
+static __thread unsigned char *reply_buf;  /* a ring entry's reply buffer, while it serves */
+static __thread size_t reply_cap;
+
+void read_reply_into(void *buf, size_t cap)
+{
+    reply_buf = buf;
+    reply_cap = buf ? cap : 0;
+}
 
 static pthread_key_t buf_key;
 static pthread_once_t buf_once = PTHREAD_ONCE_INIT;
@@ -48,7 +58,7 @@ static int locate(struct node *n, int layer, struct record *rec, const struct ro
     layer_rel(n, layer, &dir, &dlen);
     char *rel = malloc(dlen + 1 + r->name_len);
     if (!rel)
-        return ENOMEM;
+        return -ENOMEM;
     memcpy(rel, dir, dlen);
     size_t len = dlen;
     if (dlen)
@@ -58,11 +68,10 @@ static int locate(struct node *n, int layer, struct record *rec, const struct ro
     *src = &ly->vals_src;
     int rc = layer_value_pos(ly, rel, len, r->size, pos);
     free(rel);
-    return rc ? -rc : 0;
+    return rc;
 }
 
-/* The directory's per-row state bits (1 checked, 2 mismatch, 4 being checked, 8 pushed,
- * 16 prefetched, 32 read), allocated on first need. */
+/* The directory's per-row state bits (enum row_state), allocated on first need. */
 static uint8_t *row_bits(struct node *n, int layer, const struct record *rec)
 {
     struct lnode *ln = &n->l[layer];
@@ -85,7 +94,7 @@ static pthread_cond_t verify_done = PTHREAD_COND_INITIALIZER;
 static int check(struct node *n, struct record *rec, uint32_t row_i, const struct row *r, const struct source *src,
                  uint64_t pos, const unsigned char **whole, uint8_t *bits, unsigned char *into, int quiet);
 
-/* Check the stored bytes against the row's xxh3 once per file. Returns 0 or an errno; a
+/* Check the stored bytes against the row's xxh3 once per file. Returns 0 or -errno; a
  * file of at most HASH_CHUNK bytes is left in *whole for the reply (read into `into`
  * when given: a ring entry's reply buffer, so the reply needs no copy). quiet: bytes
  * that cannot be read are not logged (the READ that follows will be). */
@@ -94,26 +103,27 @@ static int verify(struct node *n, int layer, struct record *rec, uint32_t row_i,
 {
     uint8_t *bits = row_bits(n, layer, rec);
     if (!bits)
-        return ENOMEM;
-    if (__atomic_load_n(&bits[row_i], __ATOMIC_ACQUIRE) & 1)
+        return -ENOMEM;
+    if (__atomic_load_n(&bits[row_i], __ATOMIC_ACQUIRE) & ROW_CHECKED)
         return 0;
     /* A large file is checked by one thread; READs of its other parts wait for the verdict
      * instead of each hashing the whole file again. */
     if (r->size > HASH_CHUNK) {
         pthread_mutex_lock(&verify_lock);
         uint8_t b;
-        while (((b = __atomic_load_n(&bits[row_i], __ATOMIC_ACQUIRE)) & 7) == 4)
+        const uint8_t verdict = ROW_CHECKED | ROW_MISMATCH;
+        while (((b = __atomic_load_n(&bits[row_i], __ATOMIC_ACQUIRE)) & (verdict | ROW_CHECKING)) == ROW_CHECKING)
             pthread_cond_wait(&verify_done, &verify_lock);
-        if (!(b & 3))
-            __atomic_fetch_or(&bits[row_i], 4, __ATOMIC_ACQ_REL);
+        if (!(b & verdict))
+            __atomic_fetch_or(&bits[row_i], ROW_CHECKING, __ATOMIC_ACQ_REL);
         pthread_mutex_unlock(&verify_lock);
-        if (b & 1)
+        if (b & ROW_CHECKED)
             return 0;
-        if (b & 2)
-            return EIO;
+        if (b & ROW_MISMATCH)
+            return -EIO;
         int err = check(n, rec, row_i, r, src, pos, whole, bits, into, quiet);
         pthread_mutex_lock(&verify_lock);
-        __atomic_fetch_and(&bits[row_i], (uint8_t)~4, __ATOMIC_ACQ_REL);
+        __atomic_fetch_and(&bits[row_i], (uint8_t)~ROW_CHECKING, __ATOMIC_ACQ_REL);
         pthread_cond_broadcast(&verify_done);
         pthread_mutex_unlock(&verify_lock);
         return err;
@@ -158,7 +168,7 @@ static int check(struct node *n, struct record *rec, uint32_t row_i, const struc
     unsigned char *buf = into && r->size <= HASH_CHUNK ? into : thread_buf();
     char why[300];
     if (!buf)
-        return ENOMEM;
+        return -ENOMEM;
     int rc = hash_bytes(src, pos, r->size, buf, &sum);
     /* A remote layer's damaged cache block: the file's blocks are fetched again, once. */
     if (!rc && sum != r->checksum && src_refetch(src, pos, r->size))
@@ -167,10 +177,10 @@ static int check(struct node *n, struct record *rec, uint32_t row_i, const struc
         if (!quiet)
             log_line("ERROR", "EIO for %s%s%.*s: %s", n->path, n->path_len ? "/" : "", r->name_len,
                      row_name(rec, r), src_why(src, rc, why, sizeof(why)));
-        return rc == -ENOMEM ? ENOMEM : EIO;
+        return rc == -ENOMEM ? -ENOMEM : -EIO;
     }
     if (sum != r->checksum) {
-        if (!(__atomic_fetch_or(&bits[row_i], 2, __ATOMIC_ACQ_REL) & 2)) {
+        if (!(__atomic_fetch_or(&bits[row_i], ROW_MISMATCH, __ATOMIC_ACQ_REL) & ROW_MISMATCH)) {
             if (src_is_remote(src))
                 log_line("ERROR", "EIO for %s%s%.*s: checksum mismatch after fetching it again from %s", n->path,
                          n->path_len ? "/" : "", r->name_len, row_name(rec, r), remote_url(src->remote));
@@ -178,11 +188,11 @@ static int check(struct node *n, struct record *rec, uint32_t row_i, const struc
                 log_line("ERROR", "EIO for %s%s%.*s: checksum mismatch (the DB file is damaged)", n->path,
                          n->path_len ? "/" : "", r->name_len, row_name(rec, r));
         }
-        return EIO;
+        return -EIO;
     }
     if (r->size <= HASH_CHUNK)
         *whole = buf;
-    __atomic_fetch_or(&bits[row_i], 1, __ATOMIC_RELEASE);
+    __atomic_fetch_or(&bits[row_i], ROW_CHECKED, __ATOMIC_RELEASE);
     return 0;
 }
 
@@ -210,8 +220,7 @@ static void prefetch_refund(void)
         ;
 }
 
-void lmdbfs_prefetch(struct node *n, int layer, struct record *rec, uint32_t row_i, const struct row *r,
-                     int at_open)
+void read_prefetch(struct node *n, int layer, struct record *rec, uint32_t row_i, const struct row *r, int at_open)
 {
     const struct source *src;
     uint64_t pos;
@@ -222,13 +231,13 @@ void lmdbfs_prefetch(struct node *n, int layer, struct record *rec, uint32_t row
                     : r->size <= srv.push_max || (r->flags & FLAG_INLINE) || !ly->offsets_ok || !r->data_off))
         return;
     uint8_t *bits = row_bits(n, layer, rec);
-    if (!bits || (__atomic_load_n(&bits[row_i], __ATOMIC_ACQUIRE) & (16 | 32)))
+    if (!bits || (__atomic_load_n(&bits[row_i], __ATOMIC_ACQUIRE) & (ROW_PREFETCHED | ROW_READ)))
         return;
     if (!at_open && __atomic_sub_fetch(&prefetch_credit, 1, __ATOMIC_RELAXED) < 0) {
         __atomic_add_fetch(&prefetch_credit, 1, __ATOMIC_RELAXED);
         return;
     }
-    if ((__atomic_fetch_or(&bits[row_i], 16, __ATOMIC_ACQ_REL) & 16) || locate(n, layer, rec, r, &src, &pos)) {
+    if ((__atomic_fetch_or(&bits[row_i], ROW_PREFETCHED, __ATOMIC_ACQ_REL) & ROW_PREFETCHED) || locate(n, layer, rec, r, &src, &pos)) {
         if (!at_open)
             prefetch_refund();
         return;
@@ -240,14 +249,13 @@ void lmdbfs_prefetch(struct node *n, int layer, struct record *rec, uint32_t row
 static void mark_read(struct node *n, int layer, struct record *rec, uint32_t row_i)
 {
     uint8_t *bits = row_bits(n, layer, rec);
-    if (bits && !(__atomic_load_n(&bits[row_i], __ATOMIC_RELAXED) & 32) &&
-        !(__atomic_fetch_or(&bits[row_i], 32, __ATOMIC_ACQ_REL) & 32))
+    if (bits && !(__atomic_load_n(&bits[row_i], __ATOMIC_RELAXED) & ROW_READ) &&
+        !(__atomic_fetch_or(&bits[row_i], ROW_READ, __ATOMIC_ACQ_REL) & ROW_READ))
         prefetch_refund();
 }
 
-void lmdbfs_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi)
+void read_reply(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off)
 {
-    (void)fi;
     struct node *n;
     struct record *rec;
     struct row r;
@@ -256,14 +264,14 @@ void lmdbfs_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct 
     uint64_t pos = 0;
     const struct source *src = NULL;
     const unsigned char *whole = NULL;
-    unsigned char *ring;
-    size_t cap;
-    if (!(ino & FILE_INO_BIT)) {
+    unsigned char *ring = reply_buf;
+    size_t cap = reply_cap;
+    if (!ino_is_file(ino)) {
         fuse_reply_err(req, EISDIR);
         return;
     }
-    if ((err = file_of(ino, &n, &layer, &row_i, &r, &rec))) {
-        fuse_reply_err(req, err);
+    if ((err = tree_file(ino, &n, &layer, &row_i, &r, &rec))) {
+        fuse_reply_err(req, -err);
         return;
     }
     if (r.kind != KIND_FILE) {
@@ -273,11 +281,10 @@ void lmdbfs_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct 
     }
     err = locate(n, layer, rec, &r, &src, &pos);
     mark_read(n, layer, rec, row_i);
-    ring = uring_payload(&cap);
     if (!err && srv.verify && srv.layers[layer].verify)
         err = verify(n, layer, rec, row_i, &r, src, pos, &whole, ring && r.size <= cap ? ring : NULL, 0);
     if (err) {
-        fuse_reply_err(req, err);
+        fuse_reply_err(req, -err);
     } else if (off < 0 || (uint64_t)off >= r.size || size == 0) {
         fuse_reply_buf(req, NULL, 0);
     } else {
@@ -316,7 +323,7 @@ void lmdbfs_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct 
  * (FUSE_NOTIFY_STORE, whole file from offset 0, which marks the pages up to date); the
  * read() that follows finds them there and sends no READ. Once per file per daemon:
  * pages the kernel later drops come back through READ as usual. */
-void lmdbfs_push(fuse_ino_t ino)
+void read_push(fuse_ino_t ino)
 {
     struct node *n;
     struct record *rec;
@@ -325,23 +332,23 @@ void lmdbfs_push(fuse_ino_t ino)
     uint32_t row_i;
     uint64_t pos = 0;
     const struct source *src;
-    if (!(ino & FILE_INO_BIT) || !srv.se)
+    if (!ino_is_file(ino) || !srv.se)
         return;
     /* Pushed or read already (every later epoch): answered from the bits, without the
      * record: there is nothing left to push or prefetch. */
-    n = file_ino_split(ino, &layer, &row_i);
+    n = tree_file_node(ino, &layer, &row_i);
     if (n && layer < srv.nlayers) {
         uint8_t *seen = __atomic_load_n(&n->l[layer].bits, __ATOMIC_ACQUIRE);
         if (seen && row_i < __atomic_load_n(&n->l[layer].nbits, __ATOMIC_ACQUIRE) &&
-            (__atomic_load_n(&seen[row_i], __ATOMIC_ACQUIRE) & (8 | 32)))
+            (__atomic_load_n(&seen[row_i], __ATOMIC_ACQUIRE) & (ROW_PUSHED | ROW_READ)))
             return;
     }
-    if (file_of(ino, &n, &layer, &row_i, &r, &rec))
+    if (tree_file(ino, &n, &layer, &row_i, &r, &rec))
         return;
-    lmdbfs_prefetch(n, layer, rec, row_i, &r, 1);
+    read_prefetch(n, layer, rec, row_i, &r, 1);
     uint8_t *bits = row_bits(n, layer, rec);
     if (!bits || r.kind != KIND_FILE || r.size == 0 || r.size > srv.push_max || r.size > HASH_CHUNK ||
-        (__atomic_load_n(&bits[row_i], __ATOMIC_ACQUIRE) & 8) || locate(n, layer, rec, &r, &src, &pos)) {
+        (__atomic_load_n(&bits[row_i], __ATOMIC_ACQUIRE) & ROW_PUSHED) || locate(n, layer, rec, &r, &src, &pos)) {
         record_put(rec);
         return;
     }
@@ -352,10 +359,10 @@ void lmdbfs_push(fuse_ino_t ino)
     if (!err && !whole) {  /* checked earlier, or not checked at all: read it now */
         unsigned char *buf = thread_buf();
         if (!buf || src_pread(src, buf, (size_t)r.size, pos))
-            err = EIO;
+            err = -EIO;
         whole = buf;
     }
-    if (!err && !(__atomic_fetch_or(&bits[row_i], 8, __ATOMIC_ACQ_REL) & 8)) {
+    if (!err && !(__atomic_fetch_or(&bits[row_i], ROW_PUSHED, __ATOMIC_ACQ_REL) & ROW_PUSHED)) {
         struct fuse_bufvec bv = FUSE_BUFVEC_INIT((size_t)r.size);
         bv.buf[0].mem = (void *)whole;
         fuse_lowlevel_notify_store(srv.se, ino, 0, &bv, 0);

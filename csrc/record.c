@@ -5,7 +5,11 @@
  * is refused as a whole (its directory answers EIO); a row that is wrong in any other way
  * is marked bad: left out of listings, EIO when named.
  */
-#include "serve.h"
+#include "record.h"
+
+#include "inode.h"
+#include "layer.h"
+#include "util.h"
 
 #include <stdio.h>
 #include <stdlib.h>

@@ -147,8 +147,8 @@ static void unclaim(uint32_t *word, uint32_t mine)
 }
 
 /* Hand n (<= CLAIM_BATCH) claimed block numbers to the fetcher in one write (atomic:
- * at most PIPE_BUF bytes). A full pipe is waited on, at most stuck_ms. */
-static int request(struct remote *r, const uint64_t *blocks, size_t n)
+ * at most PIPE_BUF bytes). A full pipe is waited on, at most stuck_ms, if patient. */
+static int request(struct remote *r, const uint64_t *blocks, size_t n, int patient)
 {
     unsigned char msg[8 * CLAIM_BATCH];
     for (size_t i = 0; i < n; i++)
@@ -167,6 +167,8 @@ static int request(struct remote *r, const uint64_t *blocks, size_t n)
         if (k < 0 && errno == EAGAIN) {
             int64_t left = r->stuck_ms - (now_ms() - start);
             struct pollfd p = {.fd = r->request_fd, .events = POLLOUT};
+            if (!patient)
+                return -EAGAIN;
             if (left <= 0)
                 return -ETIMEDOUT;
             poll(&p, 1, (int)(left < WAIT_SLICE_MS ? left : WAIT_SLICE_MS));
@@ -178,7 +180,8 @@ static int request(struct remote *r, const uint64_t *blocks, size_t n)
 }
 
 /* Claim the ABSENT or FAILED blocks among [first, first + n) (n <= CLAIM_BATCH) and send
- * them; mine[i] notes the blocks this call claimed (may be NULL). */
+ * them; mine[i] notes the blocks this call claimed (NULL: a prefetch, which never waits
+ * for room in the pipe). */
 static int claim(struct remote *r, uint64_t first, size_t n, uint8_t *mine)
 {
     uint64_t won[CLAIM_BATCH];
@@ -195,20 +198,23 @@ static int claim(struct remote *r, uint64_t first, size_t n, uint8_t *mine)
             won[k++] = first + i;
         }
     }
-    int rc = k ? request(r, won, k) : 0;
+    int rc = k ? request(r, won, k, mine != NULL) : 0;
     for (size_t i = 0; rc && i < k; i++)
         unclaim(&r->words[won[i]], was[i]);
     return rc;
 }
 
 /* Wait until block b is present, then copy n bytes at file offset at into dst. waited:
- * this reader already waits for a fetch of it (claimed it): FAILED then answers EIO. */
+ * this reader already waits for a fetch of it (claimed it): FAILED then answers EIO.
+ * However the word changes, this gives up after 2 x stuck_ms. */
 static int read_block(struct remote *r, int fd, uint64_t b, char *dst, size_t n, uint64_t at, int waited)
 {
     uint32_t *word = &r->words[b], last = 0;
     int64_t start = now_ms(), since = start;
     int seen_filling = 0;
-    for (;;) {
+    for (int round = 0;; round++) {
+        if (round && now_ms() - start >= 2 * r->stuck_ms)
+            return -ETIMEDOUT;
         uint32_t w = bs_load(word);
         switch (bs_state(w)) {
         case BS_PRESENT: {
@@ -225,7 +231,7 @@ static int read_block(struct remote *r, int fd, uint64_t b, char *dst, size_t n,
             __attribute__((fallthrough));  /* a new reader fetches it again */
         case BS_ABSENT:
             if (bs_cas(word, w, as_filling(w))) {
-                int rc = request(r, &b, 1);
+                int rc = request(r, &b, 1, 1);
                 if (rc) {
                     unclaim(word, as_filling(w));
                     return rc;
@@ -246,8 +252,6 @@ static int read_block(struct remote *r, int fd, uint64_t b, char *dst, size_t n,
                     bs_wake(word);
                 return -ETIMEDOUT;
             }
-            if (t - start >= 2 * r->stuck_ms)
-                return -ETIMEDOUT;
             long left = r->stuck_ms - (long)(t - since);
             bs_wait(word, w, left < WAIT_SLICE_MS ? left : WAIT_SLICE_MS);
         }

@@ -1,9 +1,10 @@
-/* The merged tree: directory nodes (ids handed out on first sight, never freed: bounded
- * by the number of directories), the byte-bounded LRU cache of directory records, and
- * name resolution across layers. */
-#include "serve.h"
+/* The merged tree (tree.h): directory nodes (ids handed out on first sight, never freed:
+ * bounded by the number of directories), the byte-bounded LRU cache of directory records,
+ * name resolution across layers, attributes and FUSE entries. */
+#include "tree.h"
 
 #include <errno.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -20,11 +21,6 @@ static size_t nbuckets;
 static pthread_mutex_t cache_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct record *lru_head, *lru_tail;
 static size_t cache_used;
-
-uint64_t file_ino(uint64_t node, int layer, uint32_t row)
-{
-    return FILE_INO_BIT | node << 30 | (uint64_t)layer << ROW_BITS | row;
-}
 
 struct node *node_get(uint64_t id)
 {
@@ -175,7 +171,7 @@ struct record *node_record(struct node *n, int layer, int *err)
     if (rec)
         return rec;
     if (state != L_PRESENT) {
-        *err = state == L_BAD ? EIO : ENOENT;
+        *err = state == L_BAD ? -EIO : -ENOENT;
         return NULL;
     }
     const char *rel;
@@ -187,20 +183,20 @@ struct record *node_record(struct node *n, int layer, int *err)
     layer_rel(n, layer, &rel, &len);
     int rc = layer_fetch_record(&srv.layers[layer], rel, len, __atomic_load_n(&ln->head_len, __ATOMIC_RELAXED), &raw,
                                 &raw_len, &raw_total, &raw_off);
-    if (rc == MDB_NOTFOUND || rc == -EFBIG) {
+    if (rc == -ENOENT || rc == -EFBIG) {
         mark_bad(n, layer, rc == -EFBIG ? "its record is larger than 256 MiB" : "listed, but its record is missing");
-        *err = EIO;
+        *err = -EIO;
         return NULL;
     }
     if (rc) {
-        *err = rc == -ENOMEM ? ENOMEM : EIO;
+        *err = rc == -ENOMEM ? -ENOMEM : -EIO;
         return NULL;
     }
     rec = record_parse(raw, raw_len, raw_total, raw_off, rel, len, &srv.layers[layer], why, sizeof(why));
     layer_record_done();
     if (!rec) {
         mark_bad(n, layer, why);
-        *err = EIO;
+        *err = -EIO;
         return NULL;
     }
     /* The first fetch of a version-4 record read its head only: the inline bytes after it
@@ -249,7 +245,7 @@ static void fill_times(struct stat *st, int64_t ns)
 void stat_dir(const struct node *n, struct stat *st)
 {
     memset(st, 0, sizeof(*st));
-    st->st_ino = n->id + 1;
+    st->st_ino = ino_of_dir(n->id);
     st->st_mode = S_IFDIR | (n->mode & 07555);
     st->st_nlink = n->nlink;
     st->st_uid = srv.uid;
@@ -273,7 +269,6 @@ void stat_row(const struct row *r, uint64_t ino, struct stat *st)
     fill_times(st, r->mtime_ns);
 }
 
-/* The name of the next folder of layer's prefix below dir (for L_SYNTH layers). */
 void synth_name(const struct node *dir, int layer, const char **name, size_t *len)
 {
     const struct layer *ly = &srv.layers[layer];
@@ -344,15 +339,12 @@ static struct node *child_get(struct node *dir, const char *name, size_t len, co
     }
     pthread_mutex_unlock(&tree_lock);
     if (!n)
-        *err = ENOMEM;
+        *err = -ENOMEM;
     return n;
 }
 
-struct node *tree_child_single(struct node *dir, int layer, const struct record *rec, uint32_t i,
-                               const struct row *r, int *err)
+struct node *tree_child_single(struct node *dir, int layer, const struct record *rec, const struct row *r, int *err)
 {
-    (void)rec;
-    (void)i;
     uint8_t states[LAYER_MAX] = {0};
     states[layer] = L_PRESENT;
     return child_get(dir, row_name(rec, r), r->name_len, states, r, layer, err);
@@ -381,7 +373,7 @@ int tree_resolve(struct node *dir, const char *name, size_t len, struct hit *out
             continue;
         struct record *rec = node_record(dir, L, &err);
         if (!rec)
-            return -err;
+            return err;
         long i = record_find(rec, name, len);
         if (i < 0) {
             record_put(rec);
@@ -419,7 +411,48 @@ int tree_resolve(struct node *dir, const char *name, size_t len, struct hit *out
     out->kind = KIND_DIR;
     out->rec = NULL;
     out->child = child_get(dir, name, len, states, have_row ? &first_row : NULL, first, &err);
-    return out->child ? 0 : -err;
+    return out->child ? 0 : err;
+}
+
+/* ---- inodes ----------------------------------------------------------------------------- */
+struct node *tree_dir(fuse_ino_t ino)
+{
+    return ino_is_file(ino) ? NULL : node_get(ino_dir_node(ino));
+}
+
+struct node *tree_file_node(fuse_ino_t ino, int *layer, uint32_t *row_i)
+{
+    return node_get(ino_file_split(ino, layer, row_i));
+}
+
+int tree_file(fuse_ino_t ino, struct node **n, int *layer, uint32_t *row_i, struct row *r, struct record **rec)
+{
+    int err = 0;
+    *n = tree_file_node(ino, layer, row_i);
+    if (!*n || *layer >= srv.nlayers)
+        return -ENOENT;
+    *rec = node_record(*n, *layer, &err);
+    if (!*rec)
+        return err;
+    if (*row_i >= (*rec)->count || (*rec)->bad[*row_i]) {
+        record_put(*rec);
+        return -EIO;
+    }
+    row_get(*rec, *row_i, r);
+    return 0;
+}
+
+void tree_entry(const struct node *dir, const struct hit *h, struct fuse_entry_param *e)
+{
+    memset(e, 0, sizeof(*e));
+    e->attr_timeout = e->entry_timeout = srv.timeout;
+    if (h->kind == KIND_DIR) {
+        e->ino = ino_of_dir(h->child->id);
+        stat_dir(h->child, &e->attr);
+    } else {
+        e->ino = ino_of_file(dir->id, h->layer, h->row_i);
+        stat_row(&h->row, e->ino, &e->attr);
+    }
 }
 
 void tree_free(void)

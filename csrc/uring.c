@@ -14,7 +14,9 @@
  * Anything that fails before the kernel uses the rings leaves the mount on /dev/fuse: a
  * failed REGISTER makes the kernel drop io_uring for the connection. */
 #define _GNU_SOURCE
-#include "serve.h"
+#include "uring.h"
+
+#include "read.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -93,14 +95,6 @@ static struct {
 } u = {.lock = PTHREAD_MUTEX_INITIALIZER, .cond = PTHREAD_COND_INITIALIZER, .fd = -1};
 
 static __thread struct rthread *cur;
-
-void *uring_payload(size_t *cap)
-{
-    if (!cur)
-        return NULL;
-    *cap = PAYLOAD_MAX;
-    return cur->payload;
-}
 
 /* ---- libfuse's custom io: plain /dev/fuse, plus the INIT offer and ring replies ---- */
 
@@ -241,7 +235,9 @@ static void serve_one(struct rthread *t)
     memcpy(t->req + sizeof(ih) + op, t->payload, payload);
     struct fuse_buf fb = {.size = ih.len, .mem = t->req};
     cur = t;
+    read_reply_into(t->payload, PAYLOAD_MAX);  /* READ copies its bytes straight into the entry */
     fuse_session_process_buf(u.se, &fb);
+    read_reply_into(NULL, 0);
     cur = NULL;
     if (!t->replied) { /* every request on a ring wants an answer */
         struct u_out_header oh = {.len = sizeof(oh), .error = -EIO, .unique = ih.unique};

@@ -270,6 +270,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         ready_fd=args.ready_fd,
         cache_dir=args.cache_dir,
         cache_size=args.cache_size,
+        fetch_all=args.fetch_all,
     )
     mount(args.dbs, args.mountpoint, opts)
     return 0
@@ -457,6 +458,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name in ("info", "ls", "cat", "verify", "unpack", "mount"):
         _cache_options(sub.choices[name])
+    sub.choices["mount"].add_argument(
+        "--fetch-all",
+        action="store_true",
+        help="remote DBs: stream the whole DB into the cache after mount (a first epoch in random order "
+        "then runs at the link's speed; needs --cache-size of twice the DB, or none)",
+    )
 
     p = add("umount", cmd_umount, "unmount (also cleans up after a daemon that died)")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")

@@ -19,6 +19,7 @@ EXIT_EXISTS = 5
 EXIT_CORRUPT = 6
 EXIT_SOURCE = 7
 EXIT_MOUNT = 8
+EXIT_REMOTE = 9
 EXIT_INTERRUPTED = 130
 
 
@@ -152,3 +153,24 @@ class UsageError(LmdbfsError):
 
     errno = _errno.EINVAL
     exit_code = EXIT_USAGE
+
+
+class RemoteError(LmdbfsError):
+    """A remote DB (s3://, http(s)://) that cannot be opened or read: unreachable,
+    denied, missing, or failing past the retries. Its message names the URL without
+    secrets."""
+
+    errno = _errno.EIO
+    exit_code = EXIT_REMOTE
+
+
+class RemoteChanged(RemoteError):
+    """The remote object was replaced since it was opened (its ETag changed)."""
+
+
+class CacheError(LmdbfsError):
+    """A remote DB's cache folder cannot hold what it must (unwritable, or --cache-size
+    smaller than the pinned index)."""
+
+    errno = _errno.ENOSPC
+    exit_code = EXIT_REMOTE

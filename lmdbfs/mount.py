@@ -46,6 +46,7 @@ class MountOptions:
     ready_fd: int | None = None
     cache_dir: str | None = None  # remote DBs: the block cache's folder (default under XDG_CACHE_HOME)
     cache_size: str | None = None  # remote DBs: its bound on disk, as given (20G, 500M)
+    fetch_all: bool = False  # remote DBs: stream the whole object into the cache after mount
 
 
 def _option_names(options: list[str]) -> set[str]:
@@ -183,6 +184,8 @@ def _spawn_daemon(dbs: list[str], mnt: str, opts: MountOptions) -> None:
         cmd += ["--cache-dir", os.path.abspath(opts.cache_dir)]
     if opts.cache_size:
         cmd += ["--cache-size", opts.cache_size]
+    if opts.fetch_all:
+        cmd.append("--fetch-all")
     cmd += [*map(_absolute, dbs), os.path.abspath(mnt)]
     with tempfile.TemporaryFile() as errors:
         proc = subprocess.Popen(
@@ -329,11 +332,11 @@ def serve(dbs: list[str], mnt: str, opts: MountOptions) -> None:
 
 def _configure_cache(opts: MountOptions) -> None:
     """Where a remote DB's block cache lives and how large it may grow, for this process."""
-    if opts.cache_dir or opts.cache_size:
+    if opts.cache_dir or opts.cache_size or opts.fetch_all:
         from .remote.cache import parse_size
         from .remote.source import configure
 
-        configure(opts.cache_dir, parse_size(opts.cache_size) if opts.cache_size else None)
+        configure(opts.cache_dir, parse_size(opts.cache_size) if opts.cache_size else None, opts.fetch_all)
 
 
 def _shown_name(spec: str) -> str:

@@ -92,6 +92,7 @@ def split_options(groups: Sequence[str]) -> tuple[list[str], dict[str, str | boo
                 "no_io_uring",
                 "cache_dir",
                 "cache_size",
+                "fetch_all",
             ):
                 own[key] = value if sep else True
             elif opt not in _NOT_FOR_FUSE and not opt.startswith(_NOT_FOR_FUSE_PREFIXES):
@@ -139,6 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             io_uring=not own.get("no_io_uring"),
             cache_dir=str(own["cache_dir"]) if "cache_dir" in own else None,
             cache_size=str(own["cache_size"]) if "cache_size" in own else None,
+            fetch_all=bool(own.get("fetch_all")),
         )
         if fake:
             return 0

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 import lmdbfs
+from lmdbfs.errors import RemoteChanged
 from lmdbfs.remote import cache as rcache
 from lmdbfs.remote import source
-from lmdbfs.remote.client import RemoteChanged
 from lmdbfs.remote.url import parse, redact
 from tests.conftest import load_script, one_error_line, run_cli
 from tests.servers import nginx
@@ -226,7 +226,7 @@ def test_bad_cache_files_are_rebuilt_and_damaged_blocks_refetched(remote_tree, t
 
 def test_cache_size_is_never_exceeded(remote_tree, tmp_path: Path, fresh_sources) -> None:
     tree, db = remote_tree
-    limit = 2 << 20
+    limit = 3 << 20
     with nginx(tmp_path / "www") as web:
         url = web.put(db, "tree.lmdb")
         cache = tmp_path / "cache"
@@ -244,7 +244,7 @@ def test_cache_size_is_never_exceeded(remote_tree, tmp_path: Path, fresh_sources
                         assert archive.read_bytes(rel) == (tree / rel).read_bytes()
                         assert budget.used() <= limit
         assert not other.exists()
-        assert os.path.getsize(db) > 2 * limit  # so eviction happened
+        assert os.path.getsize(db) > 1.5 * limit  # so eviction happened
     with pytest.raises(lmdbfs.errors.LmdbfsError, match="cache-size"):
         rcache.parse_size("lots")
 

@@ -185,7 +185,7 @@ def test_fstab_source_with_urls_and_a_bounded_cache(tree_db, tmp_path: Path, mou
         mnt = tmp_path / "mnt"
         mnt.mkdir()
         cache = tmp_path / "cache"
-        limit = 1 << 20
+        limit = 3 << 19
         # mount(8)'s form: SOURCE with ':'-separated DBs (a URL's own ':'s do not split it).
         proc = cli(f"a={url}:b={url}", mnt, "-o", f"cache_dir={cache},cache_size={limit}", check=False)
         assert proc.returncode == 0, proc.stderr
@@ -198,4 +198,28 @@ def test_fstab_source_with_urls_and_a_bounded_cache(tree_db, tmp_path: Path, mou
                         assert used <= limit
         finally:
             cli("umount", mnt)
-        assert os.path.getsize(db) > 2 * limit
+        assert os.path.getsize(db) > 1.5 * limit
+
+
+def test_fetch_all_streams_the_whole_db_into_the_cache(tree_db, tmp_path: Path, mounts) -> None:
+    import mmap
+
+    from lmdbfs import _blocks
+
+    tree, db = tree_db
+    faultproxy = load_script("faultproxy")
+    with nginx(tmp_path / "www") as web, faultproxy.FaultProxy(("127.0.0.1", web.port)) as proxy:
+        web.put(db, "tree.lmdb")
+        cache = tmp_path / "cache"
+        mnt = mounts(proxy.url() + "/tree.lmdb", "--cache-dir", cache, "--fetch-all", tmp_path / "mnt")
+        (state,) = cache.glob("*/state")
+        with open(state, "r+b") as f, mmap.mmap(f.fileno(), 0) as words:
+            blocks = (len(words) - 4096) // 4
+            deadline = time.monotonic() + 120
+            while _blocks.tally(words, blocks)[0] < blocks:  # every block present, nothing read
+                assert time.monotonic() < deadline, "the stream never finished"
+                time.sleep(0.1)
+        assert proxy.totals().bytes <= 1.05 * os.path.getsize(db)
+        # The server now fails every request: every byte comes from the cache.
+        proxy.add_rule(fault="status", status=503, fraction=1.0)
+        assert differences(_without_write_bits(snapshot(tree)), snapshot(mnt)) == []

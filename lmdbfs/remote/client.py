@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from ..errors import LmdbfsError
+from ..errors import RemoteChanged, RemoteError
 from .url import RemoteURL
 
 log = logging.getLogger(__name__)
@@ -30,16 +30,6 @@ REQUEST_TIMEOUT = timedelta(seconds=float(os.environ.get("LMDBFS_REMOTE_TIMEOUT"
 RETRIES = 4  # obstore's own retries of 5xx, 429 and connection errors, with backoff + jitter
 ATTEMPTS = 3  # ours around them: short bodies, broken bodies, what obstore gave up on
 _BACKOFF = (0.2, 2.0)  # our jittered wait between attempts: base, cap (s)
-
-
-class RemoteError(LmdbfsError):
-    """A remote DB that cannot be opened or read: unreachable, denied, missing."""
-
-    exit_code = 9
-
-
-class RemoteChanged(RemoteError):
-    """The object was replaced since it was opened (its ETag changed)."""
 
 
 @dataclass(frozen=True)
@@ -102,7 +92,7 @@ class Client:
         return RemoteError(f"{self.url}: cannot reach the server", fix)
 
     # -- reads --------------------------------------------------------------------------
-    async def get_async(self, start: int, end: int, info: ObjectInfo) -> bytes:
+    async def get_async(self, start: int, end: int, info: ObjectInfo) -> memoryview:
         """Bytes [start, end) of the object version ``info``, exactly; retried with
         backoff and jitter, bounded. RemoteChanged when the object was replaced,
         RemoteError when it still fails."""
@@ -121,7 +111,7 @@ class Client:
                 result = await obstore.get_async(self._store, self._path, options=options)
                 if info.if_match is None and result.meta.get("size") not in (None, info.size):
                     raise RemoteChanged(f"{self.url}: the object changed since it was opened", "mount it again")
-                data = bytes(await result.bytes_async())
+                data = memoryview(await result.bytes_async())  # obstore's buffer, not copied
             except ox.PreconditionError:
                 raise RemoteChanged(f"{self.url}: the object changed since it was opened", "mount it again") from None
             except (ox.NotFoundError, ox.PermissionDeniedError, ox.UnauthenticatedError) as exc:
@@ -145,7 +135,7 @@ class Client:
         raise RemoteError(f"{self.url}: bytes {start}-{end - 1} failed after retries ({why})", "check the server")
 
     def get(self, start: int, end: int, info: ObjectInfo) -> bytes:
-        return run(self.get_async(start, end, info))
+        return bytes(run(self.get_async(start, end, info)))
 
 
 def _make_store(url: RemoteURL) -> tuple[Any, str]:

@@ -19,13 +19,14 @@ import struct
 import threading
 from collections import OrderedDict
 
-from .source import RemoteSource, loop
+from .source import SETTINGS, RemoteSource, loop
 
 log = logging.getLogger(__name__)
 
 _STREAMS = 256  # readers followed for readahead (next expected block -> window)
 _WINDOW_FIRST = 2  # blocks claimed ahead on a reader's second sequential request
 _READ = 8 * 512  # block numbers read from the pipe at once
+STREAM_INFLIGHT = 12  # --fetch-all: its GETs in flight (the readers' own go beside them)
 
 
 class Fetcher:
@@ -37,6 +38,7 @@ class Fetcher:
         self.window_max = src.max_blocks
         self._streams: OrderedDict[int, int] = OrderedDict()
         self._thread: threading.Thread | None = None
+        self._streaming: set[asyncio.Future] = set()
         self.requests = 0  # block numbers received from C
 
     def describe(self) -> dict:
@@ -52,6 +54,28 @@ class Fetcher:
         loop()  # the event loop runs before the first request arrives
         self._thread = threading.Thread(target=self._drain, name="lmdbfs-fetcher", daemon=True)
         self._thread.start()
+        src = self.src
+        room = SETTINGS.cache_size is None or SETTINGS.cache_size >= 2 * src.size
+        if SETTINGS.fetch_all and room:
+            asyncio.run_coroutine_threadsafe(self._stream(), loop())
+        elif SETTINGS.fetch_all:
+            log.warning("%s: --fetch-all needs --cache-size of twice the DB at least; fetching on demand", src.url)
+
+    async def _stream(self) -> None:
+        """--fetch-all: the whole object, in order, a few large GETs at a time beside the
+        readers' (a cold epoch in random order then reads at the link's speed, not at
+        one round trip per file)."""
+        src, cache = self.src, self.src.cache
+        gate = asyncio.Semaphore(STREAM_INFLIGHT)
+        for first in range(0, cache.blocks, src.max_blocks):
+            claimed = cache.claim(first, src.max_blocks)
+            if not claimed:
+                continue
+            await gate.acquire()
+            task = asyncio.ensure_future(src.fetch_claimed(claimed))
+            task.add_done_callback(lambda _t: gate.release())
+            self._streaming.add(task)
+            task.add_done_callback(self._streaming.discard)
 
     def stop(self) -> None:
         """Close the write end (C has stopped): the thread sees EOF and ends."""
@@ -105,4 +129,3 @@ class Fetcher:
                 self._streams.popitem(last=False)
         if claimed:
             asyncio.run_coroutine_threadsafe(src.fetch_claimed(claimed), loop())
-

@@ -16,9 +16,9 @@ import threading
 import time
 from dataclasses import dataclass
 
-from ..errors import CorruptValue
+from ..errors import CorruptValue, RemoteChanged, RemoteError
 from .cache import BlockCache, default_dir
-from .client import Client, ObjectInfo, RemoteChanged, RemoteError, loop, run
+from .client import Client, ObjectInfo, loop, run
 from .url import RemoteURL, parse
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,7 @@ class Settings:
 
     cache_dir: str | None = None
     cache_size: int | None = None
+    fetch_all: bool = False  # the mount's fetcher streams the whole object into the cache
 
 
 SETTINGS = Settings()
@@ -41,7 +42,9 @@ _SOURCES: dict[tuple[int, str], RemoteSource] = {}
 _LOCK = threading.Lock()
 
 
-def configure(cache_dir: str | None = None, cache_size: int | None = None) -> None:
+def configure(cache_dir: str | None = None, cache_size: int | None = None, fetch_all: bool | None = None) -> None:
+    if fetch_all is not None:
+        SETTINGS.fetch_all = fetch_all
     if cache_dir is not None:
         SETTINGS.cache_dir = os.path.abspath(cache_dir)
     if cache_size is not None:
