@@ -465,28 +465,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
 
-    for name in ("info", "ls", "cat", "verify", "unpack", "mount"):
-        _cache_options(sub.choices[name])
+    for name in ("info", "ls", "cat", "verify", "unpack", "mount"):  # remote DBs (s3://, http(s)://)
+        sub.choices[name].add_argument(
+            "--cache-dir", metavar="DIR", help="remote DBs: block cache folder (default $XDG_CACHE_HOME/lmdbfs)"
+        )
+        sub.choices[name].add_argument(
+            "--cache-size", metavar="SIZE", help="remote DBs: bound of the cache on disk, e.g. 20G"
+        )
     sub.choices["mount"].add_argument(
-        "--fetch-all",
-        action="store_true",
-        help="remote DBs: stream the whole DB into the cache after mount (a first epoch in random order "
-        "then runs at the link's speed; needs --cache-size of twice the DB, or none)",
+        "--fetch-all", action="store_true", help="stream the whole remote DB into the cache after mount"
     )
 
     p = add("umount", cmd_umount, "unmount (also cleans up after a daemon that died)")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     return parser
-
-
-def _cache_options(p: argparse.ArgumentParser) -> None:
-    """Remote DBs (s3://, http(s)://): where the block cache lives, how large it may grow."""
-    p.add_argument("--cache-dir", metavar="DIR", help="remote DBs: block cache folder (default $XDG_CACHE_HOME/lmdbfs)")
-    p.add_argument(
-        "--cache-size",
-        metavar="SIZE",
-        help="remote DBs: most the cache folder may hold on disk, e.g. 20G (default: no bound)",
-    )
 
 
 def _positive(text: str) -> int:
@@ -516,10 +508,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("lmdbfs.reader").setLevel(logging.ERROR)  # commands report damaged entries themselves
     try:
         if getattr(args, "cache_dir", None) or getattr(args, "cache_size", None):
-            from .remote.cache import parse_size
-            from .remote.source import configure
+            from .remote.source import configure_text
 
-            configure(args.cache_dir, parse_size(args.cache_size) if args.cache_size else None)
+            configure_text(args.cache_dir, args.cache_size)
         return args.func(args)
     except LmdbfsError as exc:
         print(f"lmdbfs: error: {exc.one_line()}", file=sys.stderr)

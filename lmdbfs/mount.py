@@ -385,10 +385,9 @@ def serve(dbs: list[str], mnt: str, opts: MountOptions) -> None:
 def _configure_cache(opts: MountOptions) -> None:
     """Where a remote DB's block cache lives and how large it may grow, for this process."""
     if opts.cache_dir or opts.cache_size or opts.fetch_all:
-        from .remote.cache import parse_size
-        from .remote.source import configure
+        from .remote.source import configure_text
 
-        configure(opts.cache_dir, parse_size(opts.cache_size) if opts.cache_size else None, opts.fetch_all)
+        configure_text(opts.cache_dir, opts.cache_size, opts.fetch_all)
 
 
 def _shown_name(spec: str) -> str:

@@ -1,5 +1,8 @@
 """The mount daemon's serving loop: describe each DB as a layer, then let C serve.
 
+A remote DB's layer (s3://, http(s)://) is served from its block cache: this module
+starts its fetcher (lmdbfs.remote.fetcher) beside the C server and stops it after.
+
 Python checks the DB with the reader (meta record, index, truncation) and turns it into
 a layer description; `lmdbfs._serve` (libfuse3 low-level API, multithreaded, in C)
 answers every request without taking the GIL. A layer is one DB shown under a folder
@@ -79,7 +82,7 @@ def describe(dbs: list[str]) -> Served:
         warnings = [line for _kind, line in getattr(tree, "shard_problems", list)()]
         described = layer_descriptions(tree)
         for layer in described:
-            if layer["remote"] is not None:
+            if layer.get("remote") is not None:
                 fetchers.append(_fetcher(layer["remote"]))
                 layer["remote"] = fetchers[-1].describe()
         layers = [c_layer(layer) for layer in described]

@@ -458,9 +458,10 @@ def layer_descriptions(tree: Archive) -> list[dict[str, Any]]:
                 "key_sep": meta.key_sep,
                 "root_mode": meta.root_mode,
                 "root_mtime_ns": meta.root_mtime_ns,
-                "remote": where.remote,  # a remote DB's byte source (its index pinned in the cache), else None
             }
         )
+        if where.remote is not None:  # a remote DB's byte source (its index pinned in the cache)
+            out[-1]["remote"] = where.remote
     return out
 
 

@@ -27,7 +27,7 @@ DEEP = "/".join(["d"] * (format.DEPTH_MAX + 1))  # a folder one level too deep
 
 
 def test_c_server_limits_are_the_python_ones() -> None:
-    header = (ROOT / "csrc" / "serve.h").read_text()
+    header = "\n".join(p.read_text() for p in sorted((ROOT / "csrc").glob("*.h")))
 
     def define(name: str) -> str:
         return re.search(rf"^#define {name} (.+?)(\s*/\*.*)?$", header, re.M).group(1)

@@ -290,3 +290,29 @@ def test_faults_are_retried_and_a_replaced_object_never_gives_wrong_bytes(
                     failures += 1
         assert failures > 0
         archive.close()
+
+
+def test_threads_reading_one_remote_db_at_once(remote_tree, tmp_path: Path, fresh_sources) -> None:
+    import random
+    import threading
+
+    tree, db = remote_tree
+    with nginx(tmp_path / "www") as web:
+        source.configure(cache_dir=str(tmp_path / "cache"))
+        archive = lmdbfs.open(web.put(db, "tree.lmdb"))
+        files = [p.relative_to(tree).as_posix() for p in tree.rglob("*") if p.is_file() and not p.is_symlink()]
+        wrong: list[str] = []
+
+        def reader(seed: int) -> None:
+            order = files[:]
+            random.Random(seed).shuffle(order)
+            wrong.extend(rel for rel in order if archive.read_bytes(rel) != (tree / rel).read_bytes())
+
+        threads = [threading.Thread(target=reader, args=(k,)) for k in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        archive.close()
+        assert wrong == [] and len(files) == 156
+        assert web.bytes_sent() <= 1.2 * os.path.getsize(db)  # each block fetched about once

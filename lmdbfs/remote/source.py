@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 
 from ..errors import CorruptValue, RemoteChanged, RemoteError
-from .cache import BlockCache, default_dir
+from .cache import BlockCache, default_dir, parse_size
 from .client import Client, ObjectInfo, loop, run
 from .url import RemoteURL, parse
 
@@ -49,6 +49,11 @@ def configure(cache_dir: str | None = None, cache_size: int | None = None, fetch
         SETTINGS.cache_dir = os.path.abspath(cache_dir)
     if cache_size is not None:
         SETTINGS.cache_size = cache_size
+
+
+def configure_text(cache_dir: str | None, cache_size: str | None, fetch_all: bool | None = None) -> None:
+    """`configure` from the command line's words (``--cache-size 20G``)."""
+    configure(cache_dir, parse_size(cache_size) if cache_size else None, fetch_all)
 
 
 def open_source(text: str) -> RemoteSource:
@@ -174,7 +179,9 @@ class RemoteSource:
                 self.fetch_sync(claimed, pin)
                 continue
             if not waiting:
-                return {i: words[i] for i in wanted}
+                if len(words) == len(wanted):
+                    return {i: words[i] for i in wanted}
+                continue  # another thread claimed a block between our look and our claim
             i, seen = waiting[0]
             since = filling_since.setdefault(i, time.monotonic())
             self.cache.wait(i, seen, WAIT_MS)
