@@ -36,6 +36,7 @@ from .format import (
 )
 from .handle import DirCache, Handle
 from .recordcheck import decode_dir
+from .valuefile import OPEN_WHOLE, ValueFile
 
 log = logging.getLogger(__name__)
 
@@ -470,18 +471,9 @@ class Archive:
         """A file object over the bytes, for PIL.Image.open, pandas.read_csv and friends
         (a file over 64 MiB is read as asked, not held whole)."""
         rel, entry = self._file_entry(path)
-        if entry.size <= _OPEN_WHOLE:
+        if entry.size <= OPEN_WHOLE:
             return io.BytesIO(self.read_whole(rel, entry))
-        return io.BufferedReader(_ValueFile(self, rel, entry), _HASH_CHUNK)
-
-    def _remote_checksum(self, h: Handle, rel: str, entry: Entry, file_off: int) -> int:
-        """`stored_checksum` of a remote DB's file; a mismatch drops its cached blocks
-        and reads them once more (a damaged cache block, not a damaged DB)."""
-        got = _remote_checksum_impl(h, entry, file_off)
-        if got != entry.checksum and self.checksummed:
-            h.remote.drop(file_off, entry.size)
-            got = _remote_checksum_impl(h, entry, file_off)
-        return got
+        return io.BufferedReader(ValueFile(self, rel, entry), _HASH_CHUNK)
 
     def check(self, path: str) -> bool:
         """True when the stored bytes of ``path`` match the indexed checksum. Without
@@ -511,7 +503,10 @@ class Archive:
             return checksum(self.value_view(rel, entry))
         h = self._h()
         if h.remote is not None:
-            return self._remote_checksum(h, rel, entry, file_off)
+            got = _hash_range(h.remote.read, file_off, entry.size)
+            if got != entry.checksum and self.checksummed and self._drop_remote(rel, entry):
+                got = _hash_range(h.remote.read, file_off, entry.size)  # a damaged cache block: fetched again, once
+            return got
         buf = getattr(_THREAD, "buf", None)
         if buf is None:  # one per thread, whatever the number of archives open
             buf = _THREAD.buf = memoryview(bytearray(_HASH_CHUNK))
@@ -529,42 +524,14 @@ class Archive:
         return hasher.intdigest()
 
 
-def _remote_checksum_impl(h: Handle, entry: Entry, file_off: int) -> int:
-    if entry.size <= _HASH_CHUNK:
-        return checksum(h.remote.read(file_off, entry.size))
+def _hash_range(read: Callable[[int, int], bytes], offset: int, size: int) -> int:
+    """xxh3 of ``size`` bytes from ``offset``, read with ``read(offset, size)`` 1 MiB at a time."""
+    if size <= _HASH_CHUNK:
+        return checksum(read(offset, size))
     hasher = xxhash.xxh3_64()
-    for done in range(0, entry.size, _HASH_CHUNK):
-        hasher.update(h.remote.read(file_off + done, min(_HASH_CHUNK, entry.size - done)))
+    for done in range(0, size, _HASH_CHUNK):
+        hasher.update(read(offset + done, min(_HASH_CHUNK, size - done)))
     return hasher.intdigest()
-
-
-_OPEN_WHOLE = 64 << 20  # Archive.open reads files up to this size whole
-
-
-class _ValueFile(io.RawIOBase):
-    """A large file's bytes read on demand (`Archive.open`), never held whole."""
-
-    def __init__(self, archive: Archive, rel: str, entry: Entry) -> None:
-        self.archive, self.rel, self.entry, self.pos = archive, rel, entry, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def readinto(self, buf: Any) -> int:
-        data = self.archive.read_range(self.rel, self.entry, self.pos, len(buf))
-        buf[: len(data)] = data
-        self.pos += len(data)
-        return len(data)
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        self.pos = max(0, (0, self.pos, self.entry.size)[whence] + offset)
-        return self.pos
-
-    def tell(self) -> int:
-        return self.pos
 
 
 def open(path: str | os.PathLike[str], **kwargs: Any) -> Archive:  # noqa: A001 - the API name
