@@ -70,8 +70,9 @@ def test_nginx_serves_ranges_byte_exact_with_etag_and_counts_them(served):
     assert resp.headers["ETag"] == etag
     hits = served.hits("d/blob.bin")
     # Two workers log as each request ends: the lines can come in either order.
-    assert sorted((h.method, h.range, h.status, h.body_bytes) for h in hits) == sorted([
-        ("GET", "bytes=1000-1999", 206, 1000), ("GET", f"bytes={len(DATA) - 10}-", 206, 10)])
+    assert sorted((h.method, h.range, h.status, h.body_bytes) for h in hits) == sorted(
+        [("GET", "bytes=1000-1999", 206, 1000), ("GET", f"bytes={len(DATA) - 10}-", 206, 10)]
+    )
     assert served.gets() == 2 and served.bytes_sent("d/blob.bin") == 1010
     served.reset()
     assert served.gets() == 0
