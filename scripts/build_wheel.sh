@@ -33,6 +33,7 @@ export PATH
 
 raw=build/wheel-raw
 rm -rf "$raw"
+mkdir -p build
 mkdir -p "$OUT"
 # The sdist first, then the wheel built from it: what the sdist lacks, the wheel lacks too.
 # LDSHARED: no run path into the building Python's own lib dir (a pyenv or conda Python
