@@ -150,6 +150,7 @@ def main(argv=None) -> int:
         datefmt="%H:%M:%S",
     )
     work = a.workdir.resolve()
+    a.out = Path(a.out).resolve()  # before the chdir below: --out is relative to where it was given
     work.mkdir(parents=True, exist_ok=True)
     os.chdir(work)  # not the repo root: `python -m lmdbfs` must import the installed package
     tree = ensure_tree(work, a.size, a.seed, os.cpu_count() or 1, False)
