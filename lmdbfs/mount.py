@@ -103,9 +103,9 @@ def _check_server_built() -> None:
     """A source install without libfuse3 and friends has no C server: say so before anything."""
     if importlib.util.find_spec("lmdbfs._serve") is None:
         raise MountError(
-            "the FUSE server was not built: its libraries were missing when lmdbfs was installed",
-            f"install them, then reinstall lmdbfs ({SERVER_PACKAGES}), or install the binary wheel "
-            f"(scripts/build_wheel.sh); {WITHOUT_FUSE}",
+            "the FUSE server was not built: its libraries were missing (or too old) when lmdbfs was installed",
+            f"install them, then reinstall lmdbfs ({SERVER_PACKAGES}), or install lmdbfs's binary wheel "
+            f"(docs/install.md); {WITHOUT_FUSE}",
         )
 
 
@@ -113,6 +113,17 @@ def _fusermount3() -> str | None:
     """The fusermount3 libfuse3 will run for a non-root mount: its compiled-in one, else PATH's."""
     tool = os.path.join(FUSERMOUNT_DIR, "fusermount3")
     return tool if os.access(tool, os.X_OK) else shutil.which("fusermount3")
+
+
+def _privileged(tool: str) -> bool:
+    """Whether fusermount3 can mount for a user: setuid root, or given file capabilities."""
+    info = os.stat(tool)
+    if info.st_uid == 0 and info.st_mode & stat.S_ISUID:
+        return True
+    try:
+        return bool(os.getxattr(tool, "security.capability"))
+    except OSError:
+        return False
 
 
 def _check_fuse_available(opts: MountOptions, mnt: str) -> None:
@@ -130,8 +141,7 @@ def _check_fuse_available(opts: MountOptions, mnt: str) -> None:
             "fusermount3 not found: a non-root user mounts FUSE through it",
             f"ask the administrator to install FUSE 3 (apt-get install fuse3, dnf install fuse3); {WITHOUT_FUSE}",
         )
-    info = os.stat(tool)
-    if info.st_uid != 0 or not info.st_mode & stat.S_ISUID:
+    if not _privileged(tool):
         raise MountError(
             f"{tool} is not setuid root, so non-root users may not mount FUSE here",
             f"as root: chown root {tool}; chmod u+s {tool}; {WITHOUT_FUSE}",

@@ -258,6 +258,17 @@ echo done
     line = proc.stderr.strip()
     assert "\n" not in line and line.startswith("lmdbfs: error: fusermount3 not found") and "lmdbfs.open" in line
 
+    # A fusermount3 that is not setuid root cannot mount for a user either.
+    plain = hidden_layer / "bin" / "fusermount3"
+    plain.unlink()
+    shutil.copyfile("/usr/bin/fusermount3", plain)
+    plain.chmod(0o755)
+    proc = _run_hidden(name, work, hidden_layer, "venv/bin/lmdbfs mount db.lmdb mnt2")
+    assert proc.returncode == 8 and proc.stdout == "", proc.stderr
+    line = proc.stderr.strip()
+    assert "\n" not in line and "/usr/bin/fusermount3 is not setuid root" in line and "lmdbfs.open" in line
+    assert os.listdir(work / "mnt2") == []
+
 
 def test_source_install_without_fuse_libraries_works_except_mount(
     shared: Path, built: dict, user: tuple[str, Path], hidden_layer: Path
