@@ -161,6 +161,18 @@ class Nginx:
         os.replace(tmp, dest)  # a reader never sees a half-copied file
         return self.url(rel)
 
+    def replace_damaged(self, original: str | os.PathLike, rel: str, fill: bytes) -> None:
+        """Serve at ``rel`` a copy of ``original`` with ``fill`` written a third of the way
+        in, under a new ETag (another mtime): the object replaced while it is read."""
+        changed = self.root / (rel.lstrip("/") + ".changed")
+        shutil.copyfile(original, changed)
+        with open(changed, "r+b") as f:
+            f.seek(os.path.getsize(original) // 3)
+            f.write(fill)
+        self.put(changed, rel)
+        changed.unlink()
+        os.utime(self.root / rel.lstrip("/"), (1, 1))
+
     def hits(self, path: str | None = None) -> list[Hit]:
         """Requests logged since start (or the last reset), optionally for one path.
 

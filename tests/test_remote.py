@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -108,7 +107,7 @@ def test_http_reader_commands_and_a_shared_cache(remote_tree, tmp_path: Path, fr
         cache = tmp_path / "cache"
         source.configure(cache_dir=str(cache))
         with lmdbfs.open(url) as archive:
-            src = archive._h().remote  # noqa: SLF001
+            src = archive.locations().remote
             gets_at_open = web.gets()
             assert gets_at_open == src.gets and src.gets < 20  # the index: a few large ranges
             web.reset()
@@ -198,7 +197,7 @@ def test_bad_cache_files_are_rebuilt_and_damaged_blocks_refetched(remote_tree, t
         source.configure(cache_dir=str(cache))
         with lmdbfs.open(url) as archive:
             read_all(archive, tree)
-            src = archive._h().remote  # noqa: SLF001
+            src = archive.locations().remote
             folder = Path(src.cache.folder)
             name = next(f"seq003/{n}" for n in archive.listdir("seq003") if archive.lstat(f"seq003/{n}").size > 10_000)
             entry = archive.lstat(name)
@@ -238,7 +237,7 @@ def test_cache_size_is_never_exceeded(remote_tree, tmp_path: Path, fresh_sources
         other.mkdir(parents=True)
         (other / "data").write_bytes(os.urandom(1 << 20))
         with lmdbfs.open(url) as archive:
-            budget = archive._h().remote.cache.budget  # noqa: SLF001
+            budget = archive.locations().remote.cache.budget
             for dirpath, _dirs, files in archive.walk():
                 for name in files:
                     rel = f"{dirpath}/{name}" if dirpath else name
@@ -271,13 +270,7 @@ def test_faults_are_retried_and_a_replaced_object_never_gives_wrong_bytes(
         source._SOURCES.clear()  # noqa: SLF001
         source.configure(cache_dir=str(tmp_path / "cache2"))  # nothing cached yet
         archive = lmdbfs.open(url)
-        changed = tmp_path / "changed.lmdb"
-        shutil.copyfile(db, changed)
-        with open(changed, "r+b") as f:
-            f.seek(os.path.getsize(db) // 3)
-            f.write(b"\0" * 4096)
-        web.put(changed, "tree.lmdb")
-        os.utime(web.root / "tree.lmdb", (1, 1))
+        web.replace_damaged(db, "tree.lmdb", b"\0" * 4096)
         failures = 0
         for dirpath, _dirs, files in archive.walk():
             for name in files:

@@ -140,13 +140,7 @@ def test_faults_on_a_live_mount_never_give_a_wrong_byte(tree_db, tmp_path: Path,
         proxy.set_rules([])
         assert (mnt / "seq004" / big.name).read_bytes() == big.read_bytes()  # FAILED blocks: fetched anew
         # The object replaced while mounted: reads of what is not cached fail, never mix.
-        changed = tmp_path / "changed.lmdb"
-        shutil.copyfile(db, changed)
-        with open(changed, "r+b") as f:
-            f.seek(os.path.getsize(db) // 3)
-            f.write(b"\x5a" * 65536)
-        web.put(changed, "tree.lmdb")
-        os.utime(web.root / "tree.lmdb", (1, 1))
+        web.replace_damaged(db, "tree.lmdb", b"\x5a" * 65536)
         eio = 0
         for path in sorted(tree.rglob("*")):
             if path.is_file() and not path.is_symlink():
