@@ -11,15 +11,16 @@ from .errors import LmdbfsError  # noqa: E402
 
 if TYPE_CHECKING:
     from .reader import Archive
+    from .tree import Tree
 
 __all__ = ["Archive", "LmdbfsError", "open", "__version__"]
 
 
-def open(*dbs: Any, **kwargs: Any) -> Archive:  # noqa: A001 - the API's name
+def open(*dbs: Any, **kwargs: Any) -> Tree:  # noqa: A001 - the API's name
     """Open packed DBs for reading: ``open("got10k.lmdb")`` gives an `Archive`;
     several DBs (``open("a.lmdb", "b.lmdb")``, ``open(["got10k.0.lmdb", ...])``) or
     DBs under folders (``open("got10k=GOT-10k.lmdb", "lasot=LaSOT.lmdb")``) give one
-    `lmdbfs.union.Union` tree with the same API."""
+    `lmdbfs.union.Union` tree with the same API (both are `lmdbfs.tree.Tree`s)."""
     from .union import open_tree
 
     return open_tree(*dbs, **kwargs)

@@ -20,6 +20,7 @@ from .foreign import CHECKSUM_NONE, KIND_MD5, KIND_PATH
 from .format import LAYOUT_COMPACT, decode_path
 from .reader import Archive, Locations
 from .recordcheck import BAD_NAME
+from .tree import Tree
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ def _adopted_info(meta, where: Locations) -> dict[str, Any]:
     }
 
 
-def iter_files(archive: Archive, top: str = "") -> Iterator[str]:
+def iter_files(archive: Tree, top: str = "") -> Iterator[str]:
     for dirpath, _dirs, files in archive.walk(top):
         for name in files:
             yield posixpath.join(dirpath, name)
@@ -111,7 +112,7 @@ def _safe_name(name: str, where: str) -> str:
 
 
 def unpack(
-    archive: Archive, dst: str, force: bool = False, progress: bool = False, keep_special_bits: bool = False
+    archive: Tree, dst: str, force: bool = False, progress: bool = False, keep_special_bits: bool = False
 ) -> UnpackResult:
     """Restore names, bytes, symlinks, permission bits and mtimes under ``dst``.
 
@@ -167,7 +168,7 @@ def unpack(
     return result
 
 
-def _refuse_damaged(archive: Archive, rel_dir: str) -> None:
+def _refuse_damaged(archive: Tree, rel_dir: str) -> None:
     """Stop at a directory with damaged entries: unpacking must not drop files silently."""
     bad = archive.dir_record(rel_dir).bad
     if not bad:

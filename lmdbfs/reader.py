@@ -1,18 +1,17 @@
 """The reader API: an archive object that needs no FUSE.
 
 `lmdbfs.open(DB)` gives an `Archive` with the calls a data loader needs (read_bytes,
-stat, listdir, walk, readlink). It is safe to create before forking: the LMDB
-environment is opened lazily, once per process, so PyTorch DataLoader workers each get
-their own (LMDB must not be used across fork). It also pickles as just its path.
+stat, listdir, walk, readlink: `tree.Tree`'s, which this module answers from one DB's
+handle). It is safe to create before forking: the LMDB environment is opened lazily,
+once per process, so PyTorch DataLoader workers each get their own (LMDB must not be
+used across fork). It also pickles as just its path.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import os
-import posixpath
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -21,30 +20,19 @@ from typing import Any
 import xxhash
 
 from . import foreign, store
-from .errors import CorruptValue, IsADirectory, LmdbfsError, NotADirectory, NotASymlink, PathNotFound
-from .format import (
-    DEPTH_MAX,
-    KIND_DIR,
-    KIND_FILE,
-    DirRecord,
-    Entry,
-    Meta,
-    checksum,
-    content_key,
-    decode_path,
-    dir_key,
-)
+from .errors import CorruptValue
+from .format import KIND_DIR, DirRecord, Entry, Meta, checksum, content_key, decode_path, dir_key
 from .handle import DirCache, Handle
 from .recordcheck import decode_dir
-from .valuefile import OPEN_WHOLE, ValueFile
+from .tree import MAX_DEPTH, PIECE, Tree, normpath
+
+__all__ = ["DEFAULT_DIR_CACHE_BYTES", "MAX_DEPTH", "Archive", "Locations", "normpath", "open"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_DIR_CACHE_BYTES = 32 << 20  # decoded records weigh what they do on disk
-_MAX_SYMLINK_HOPS = 40
-MAX_DEPTH = DEPTH_MAX  # directory levels a walk descends (pack refuses deeper trees)
 _REPORTED_MAX = 1000  # directories whose damaged rows were logged
-_HASH_CHUNK = 1 << 20
+_HASH_CHUNK = PIECE
 _THREAD = threading.local()
 
 
@@ -60,13 +48,7 @@ class Locations:
     remote: Any = None  # a remote DB's byte source (lmdbfs.remote.source.RemoteSource), else None
 
 
-def normpath(path: str) -> str:
-    """Archive-relative form of ``path``: no leading slash, '' for the root, never above it."""
-    path = posixpath.normpath("/" + path.replace(os.sep, "/"))
-    return path.lstrip("/")
-
-
-class Archive:
+class Archive(Tree):
     """A packed tree, read through its path index. Paths are archive-relative, '/'-separated."""
 
     def __init__(self, path: str, *, verify: bool = True, dir_cache_bytes: int = DEFAULT_DIR_CACHE_BYTES) -> None:
@@ -111,12 +93,6 @@ class Archive:
             self._handle = None
             self._dirs.clear()
 
-    def __enter__(self) -> Archive:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     @property
     def data_fd(self) -> int:
         """A descriptor of the DB's data file, for reads at `value_offset` offsets."""
@@ -135,21 +111,17 @@ class Archive:
         h = self._h()
         return Locations(h.index_loc, h.loc, h.venv is not h.env, bool(h.offsets_ok), h.remote)
 
-    def record(self, rel: str) -> DirRecord | None:
-        """The decoded record of directory ``rel`` (archive-relative, normalised), or None
-        when ``rel`` is not a directory. Cached; a union asks its layers this."""
-        return self._dir(rel)
-
-    def read_range(self, rel: str, entry: Entry, offset: int, size: int) -> bytes:
-        """``size`` bytes from ``offset`` (fewer at the end) of file ``rel``, already looked up."""
-        return self._read_range(rel, entry, offset, size)
+    def layers(self) -> list[tuple[str, Archive]]:
+        return [("", self)]
 
     def index_stat(self) -> dict[str, int]:
         """LMDB's statistics of the index environment's main B-tree (psize, depth, …)."""
         return dict(self._h().env.stat())
 
     # -- index --------------------------------------------------------------------------
-    def _dir(self, rel: str) -> DirRecord | None:
+    def record(self, rel: str) -> DirRecord | None:
+        """The decoded record of directory ``rel`` (archive-relative, normalised), or None
+        when ``rel`` is not a directory. Cached; a union asks its layers this."""
         rec = self._dirs.get(rel)
         if rec is None:
             h = self._h()
@@ -190,150 +162,11 @@ class Archive:
         data = os.pread(h.index_fd, len(view), store.map_offset(view, h.index_base))
         return data if len(data) == len(view) else bytes(view)
 
-    def _root_entry(self) -> Entry:
+    def root_entry(self) -> Entry:
         meta = self.meta
-        root = self._dir("")
+        root = self.record("")
         subdirs = root.subdir_count if root is not None else 0
         return Entry("", KIND_DIR, meta.root_mode, 0, meta.root_mtime_ns, checksum=subdirs)
-
-    def lstat(self, path: str) -> Entry:
-        """The index entry of ``path`` itself (a symlink is not followed)."""
-        return self.lstat_rel(normpath(path))
-
-    def lstat_rel(self, rel: str) -> Entry:
-        """`lstat` for a path already in archive-relative form (no normalising)."""
-        if not rel:
-            return self._root_entry()
-        parent, name = posixpath.split(rel)
-        rec = self._dir(parent)
-        entry = rec.lookup(name) if rec is not None else None
-        if entry is None:
-            self._raise_missing(rel)
-        return entry
-
-    def _raise_missing(self, rel: str) -> None:
-        """Say precisely why ``rel`` is absent: ENOTDIR when a parent is not a directory."""
-        parts = rel.split("/")
-        for depth in range(1, len(parts)):
-            prefix = "/".join(parts[:depth])
-            parent, name = posixpath.split(prefix)
-            rec = self._dir(parent)
-            entry = rec.lookup(name) if rec is not None else None
-            if entry is None:
-                break
-            if not entry.is_dir:
-                raise NotADirectory(f"{prefix}: not a directory in the archive")
-        raise PathNotFound(f"{rel}: no such file in the archive", "check the path with `lmdbfs ls`")
-
-    def resolve(self, path: str) -> str:
-        """``path`` with every symlink inside the archive followed, as the kernel would."""
-        todo = normpath(path).split("/") if normpath(path) else []
-        done: list[str] = []
-        hops = 0
-        while todo:
-            name = todo.pop(0)
-            if name == "..":
-                if done:
-                    done.pop()
-                continue
-            current = "/".join(done + [name])
-            entry = self.lstat(current)
-            if entry.is_symlink:
-                hops += 1
-                if hops > _MAX_SYMLINK_HOPS:
-                    raise PathNotFound(f"{path}: too many levels of symbolic links")
-                target = entry.target or ""
-                if target.startswith("/"):
-                    raise PathNotFound(f"{current}: symlink points outside the archive ({target})")
-                todo = [p for p in target.split("/") if p not in ("", ".")] + todo
-                continue
-            done.append(name)
-        return "/".join(done)
-
-    def stat(self, path: str, follow_symlinks: bool = True) -> Entry:
-        return self.lstat(self.resolve(path) if follow_symlinks else path)
-
-    def exists(self, path: str) -> bool:
-        try:
-            self.stat(path)
-        except (PathNotFound, NotADirectory):
-            return False
-        return True
-
-    def scandir(self, path: str = "") -> list[Entry]:
-        rel = self.resolve(path)
-        rec = self._dir(rel)
-        if rec is None:
-            entry = self.lstat(rel)  # raises PathNotFound when absent
-            raise NotADirectory(f"{rel or '/'}: not a directory ({entry.name})")
-        return rec.entries()
-
-    def listdir(self, path: str = "") -> list[str]:
-        rel = self.resolve(path)
-        rec = self._dir(rel)
-        if rec is None:
-            self.lstat(rel)
-            raise NotADirectory(f"{rel or '/'}: not a directory")
-        return list(rec.names)
-
-    def dir_record(self, path: str) -> DirRecord:
-        """The decoded record itself, for callers that want every row (verify, damaged-row reports)."""
-        rel = normpath(path)
-        rec = self._dir(rel)
-        if rec is None:
-            self.lstat(rel)
-            raise NotADirectory(f"{rel or '/'}: not a directory")
-        return rec
-
-    def walk(
-        self, top: str = "", onerror: Callable[[LmdbfsError], None] | None = None
-    ) -> Iterator[tuple[str, list[str], list[str]]]:
-        """Like os.walk, top-down; symlinks (even to directories) are listed with files.
-
-        A damaged DB cannot make it loop or explode: each directory is visited once and
-        at most MAX_DEPTH levels deep. A subdirectory that cannot be read raises, or
-        with ``onerror`` is reported there and skipped (top's own errors always raise)."""
-        top = normpath(top)
-        stack = [(top, 0)]
-        seen: set[str] = set()
-        while stack:
-            rel, depth = stack.pop()
-            try:
-                if rel in seen:
-                    raise CorruptValue(f"{rel}: directory listed twice", "re-pack the DB")
-                if depth > MAX_DEPTH:
-                    raise CorruptValue(f"{rel}: directories nested over {MAX_DEPTH} levels deep", "re-pack the DB")
-                seen.add(rel)
-                rec = self._dir(rel)
-                if rec is None:
-                    self.lstat(rel)
-                    raise NotADirectory(f"{rel or '/'}: not a directory")
-            except LmdbfsError as exc:
-                if onerror is None or rel == top:
-                    raise
-                onerror(exc)
-                continue
-            named = list(zip(rec.names, rec.rows["kind"].tolist()))
-            dirs = [n for n, k in named if k == KIND_DIR]
-            files = [n for n, k in named if k != KIND_DIR]
-            yield rel, dirs, files
-            stack.extend((posixpath.join(rel, d), depth + 1) for d in reversed(dirs))
-
-    def readlink(self, path: str) -> str:
-        entry = self.lstat(path)
-        if not entry.is_symlink:
-            raise NotASymlink(f"{normpath(path)}: not a symbolic link")
-        return entry.target or ""
-
-    # -- contents -----------------------------------------------------------------------
-    def _file_entry(self, path: str) -> tuple[str, Entry]:
-        rel = self.resolve(path)
-        entry = self.lstat(rel)
-        if entry.kind != KIND_FILE:
-            if entry.is_dir:
-                raise IsADirectory(f"{rel or '/'}: is a directory")
-            raise PathNotFound(f"{rel}: not a regular file")
-        return rel, entry
 
     def key_of(self, path: str) -> bytes:
         """The main-database key of ``path`` (md5 of the prefixed path)."""
@@ -404,22 +237,7 @@ class Archive:
         """(descriptor, offset) to pread a file's value from; offset None: use `value_view`."""
         return self.data_fd, self.value_offset(rel, entry)
 
-    def read_bytes(self, path: str, verify: bool | None = None) -> bytes:
-        """The file's exact bytes, checked against its checksum unless verify=False."""
-        return self.read_whole(*self._file_entry(path), verify=verify)
-
-    def read_whole(self, rel: str, entry: Entry, verify: bool | None = None) -> bytes:
-        """`read_bytes` of a file already looked up (a walk's entries: no path resolved)."""
-        data = self._read_range(rel, entry, 0, entry.size)
-        if (self.verify if verify is None else verify) and self.checksummed and checksum(data) != entry.checksum:
-            if self._drop_remote(rel, entry):  # a damaged cache block: fetched again, once
-                data = self._read_range(rel, entry, 0, entry.size)
-                if checksum(data) == entry.checksum:
-                    return data
-            raise CorruptValue(f"{rel}: checksum mismatch, the DB is damaged", "re-pack or restore the DB")
-        return data
-
-    def _drop_remote(self, rel: str, entry: Entry) -> bool:
+    def refetch(self, rel: str, entry: Entry) -> bool:
         """A remote DB's file failed its checksum: drop its cached blocks (True), so the
         next read fetches them again. False for a local DB or an inline file."""
         h = self._h()
@@ -429,28 +247,8 @@ class Archive:
         h.remote.drop(file_off, entry.size)
         return True
 
-    def read_pieces(self, path: str, verify: bool | None = None) -> Iterator[bytes]:
-        """`read_bytes` in pieces of at most 1 MiB: a file of any size in bounded memory."""
-        return self.pieces_of(*self._file_entry(path), verify=verify)
-
-    def pieces_of(self, rel: str, entry: Entry, verify: bool | None = None) -> Iterator[bytes]:
-        """`read_pieces` of a file already looked up; a checksum mismatch raises after
-        the last piece."""
-        hasher = xxhash.xxh3_64() if (self.verify if verify is None else verify) and self.checksummed else None
-        for at in range(0, entry.size, _HASH_CHUNK):
-            piece = self._read_range(rel, entry, at, _HASH_CHUNK)
-            if hasher is not None:
-                hasher.update(piece)
-            yield piece
-        if hasher is not None and hasher.intdigest() != entry.checksum:
-            raise CorruptValue(f"{rel}: checksum mismatch, the DB is damaged", "re-pack or restore the DB")
-
-    def read(self, path: str, size: int, offset: int = 0) -> bytes:
-        """A slice of the file (``size`` bytes from ``offset``; fewer at its end)."""
-        rel, entry = self._file_entry(path)
-        return self._read_range(rel, entry, offset, size)
-
-    def _read_range(self, rel: str, entry: Entry, offset: int, size: int) -> bytes:
+    def read_range(self, rel: str, entry: Entry, offset: int, size: int) -> bytes:
+        """``size`` bytes from ``offset`` (fewer at the end) of file ``rel``, already looked up."""
         if offset >= entry.size or size <= 0:
             return b""
         size = min(size, entry.size - offset)
@@ -467,22 +265,11 @@ class Archive:
             raise CorruptValue(f"{rel}: short read from the DB file", "the DB file is truncated; copy it again")
         return data
 
-    def open(self, path: str) -> io.BytesIO | io.BufferedReader:
-        """A file object over the bytes, for PIL.Image.open, pandas.read_csv and friends
-        (a file over 64 MiB is read as asked, not held whole)."""
-        rel, entry = self._file_entry(path)
-        if entry.size <= OPEN_WHOLE:
-            return io.BytesIO(self.read_whole(rel, entry))
-        return io.BufferedReader(ValueFile(self, rel, entry), _HASH_CHUNK)
-
-    def check(self, path: str) -> bool:
-        """True when the stored bytes of ``path`` match the indexed checksum. Without
-        checksums (adopted without `--checksum`): when the value is still found by its
-        key, with the indexed size, at the indexed offset."""
-        return self.check_entry(*self._file_entry(path))
-
     def check_entry(self, rel: str, entry: Entry, keyed: Callable[[str, Entry], memoryview] | None = None) -> bool:
-        """`check` for a file already looked up; ``keyed``: a lookup from `keyed_values`."""
+        """True when the stored bytes of a file already looked up match the indexed
+        checksum. Without checksums (adopted without `--checksum`): when the value is
+        still found by its key, with the indexed size, at the indexed offset.
+        ``keyed``: a lookup from `keyed_values`."""
         if self.checksummed:
             return self.stored_checksum(rel, entry) == entry.checksum
         if entry.inline is not None:
@@ -504,7 +291,7 @@ class Archive:
         h = self._h()
         if h.remote is not None:
             got = _hash_range(h.remote.read, file_off, entry.size)
-            if got != entry.checksum and self.checksummed and self._drop_remote(rel, entry):
+            if got != entry.checksum and self.checksummed and self.refetch(rel, entry):
                 got = _hash_range(h.remote.read, file_off, entry.size)  # a damaged cache block: fetched again, once
             return got
         buf = getattr(_THREAD, "buf", None)

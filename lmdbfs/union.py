@@ -6,9 +6,9 @@ and anything in another is refused when the union is opened, naming the path and
 DBs — nothing is ever shadowed. Finding those clashes only compares the directory
 records (names and kinds) of the directories the layers share, never values.
 
-`Union` has the `Archive` API (it inherits the path-level calls — walk, scandir,
-resolve, read_bytes, … — and answers the primitives they rest on from its layers), so
-`ls`/`cat`/`verify`/`unpack` and data loaders use it unchanged. The mount daemon does
+`Union` is a `tree.Tree` like `Archive`: it holds one `Archive` per layer and answers
+the few primitives the path-level calls (walk, scandir, resolve, read_bytes, …) rest on
+from them, so `ls`/`cat`/`verify`/`unpack` and data loaders use it unchanged. The mount daemon does
 not read through it: it hands the layers to the C server (`layer_descriptions`).
 """
 
@@ -32,16 +32,16 @@ from .format import (
     DirRecord,
     Entry,
     Meta,
-    checksum,
     decode_path,
     encode_path,
     new_rows,
     pack_inline,
 )
 from .handle import DirCache
-from .reader import DEFAULT_DIR_CACHE_BYTES, Archive, normpath
+from .reader import DEFAULT_DIR_CACHE_BYTES, Archive
 from .remote.url import is_url
 from .shard import set_problems
+from .tree import Tree, normpath
 
 _SOURCES_MAX = 1 << 16  # remembered directory -> layers answers (~10 MB at most)
 _VIRTUAL_MODE = 0o755
@@ -98,9 +98,10 @@ class _Merged(DirRecord):
         self.shared = shared
 
 
-class Union(Archive):
-    """Several DBs as one tree (see the module docstring). Safe to create before
-    forking and pickles as its layer list, like `Archive`."""
+class Union(Tree):
+    """Several DBs as one tree (see the module docstring): it holds one `Archive` per
+    layer and answers `Tree`'s primitives from them. Safe to create before forking and
+    pickles as its layer list, like `Archive`."""
 
     def __init__(
         self,
@@ -117,10 +118,10 @@ class Union(Archive):
         # The layers share one budget (merged folders have another), so memory does not
         # grow with their number.
         share = max(1 << 20, dir_cache_bytes // len(self.specs))
-        self.layers: list[Archive] = []
+        self._archives: list[Archive] = []
         try:
             for spec in self.specs:
-                self.layers.append(Archive(spec.path, verify=verify, dir_cache_bytes=share))
+                self._archives.append(Archive(spec.path, verify=verify, dir_cache_bytes=share))
         except BaseException:
             self.close()
             raise
@@ -133,6 +134,9 @@ class Union(Archive):
             except BaseException:
                 self.close()
                 raise
+
+    def layers(self) -> list[tuple[str, Archive]]:
+        return [(spec.prefix, archive) for spec, archive in zip(self.specs, self._archives)]
 
     def _virtual_dirs(self) -> dict[str, dict[str, int]]:
         """Folders that exist because a layer sits below them: dir -> {name: layer}."""
@@ -161,11 +165,11 @@ class Union(Archive):
             if kind == "twice":
                 problem, _, fix = line.partition(" — ")
                 raise LayerConflict(problem, fix)
-        self._dir("")
+        self.record("")
 
     def shard_problems(self) -> list[tuple[str, str]]:
         """Missing, duplicated or mismatched shards among the layers (see shard.set_problems)."""
-        return set_problems((s.path, s.prefix, layer.meta.extra) for s, layer in zip(self.specs, self.layers))
+        return set_problems((s.path, s.prefix, layer.meta.extra) for s, layer in zip(self.specs, self._archives))
 
     def __getstate__(self) -> dict[str, Any]:
         return {
@@ -179,13 +183,10 @@ class Union(Archive):
         self.__init__(state["layers"], verify=state["verify"], dir_cache_bytes=state["dir_cache_bytes"], check=False)
 
     def close(self) -> None:
-        for layer in getattr(self, "layers", []):
+        for layer in getattr(self, "_archives", []):
             layer.close()
         if hasattr(self, "_merged"):
             self._merged.clear()
-
-    def _h(self):  # the one Archive internal a union has no single answer for
-        raise TypeError("a union of DBs has no single LMDB handle; use its layers")
 
     # -- where a directory lives ------------------------------------------------------------
     def _sources(self, rel: str) -> tuple[tuple[int, str], ...]:
@@ -209,7 +210,7 @@ class Union(Archive):
                 # A folder of one layer only: the merged parent knows which (one search, not one per layer).
                 candidates = [c for c in candidates if c[0] == int(merged.owners[at])]
             for i, sub in candidates:
-                rec = self.layers[i].record(sub)
+                rec = self._archives[i].record(sub)
                 at = rec.index_of(name) if rec is not None else None
                 if at is not None and int(rec.rows["kind"][at]) == KIND_DIR:
                     found.append((i, posixpath.join(sub, name)))
@@ -222,12 +223,14 @@ class Union(Archive):
                 memo.popitem(last=False)
         return result
 
-    def _dir(self, rel: str) -> DirRecord | None:
+    def record(self, rel: str) -> DirRecord | None:
+        """Directory ``rel``'s record: a layer's own when one layer alone holds it, else
+        merged from every layer holding it (cached)."""
         sources = self._sources(rel)
         virtual = self._virtual.get(rel)
         if len(sources) == 1 and not virtual:
             i, sub = sources[0]
-            return self.layers[i].record(sub)
+            return self._archives[i].record(sub)
         if not sources and not virtual:
             return None
         rec = self._merged.get(rel)
@@ -239,7 +242,7 @@ class Union(Archive):
     def _merge(self, rel: str, sources: tuple[tuple[int, str], ...], virtual: dict[str, int]) -> _Merged:
         """One record from the records of every layer holding ``rel``, plus the folders
         of layers placed below it. Only names and kinds are compared."""
-        recs = [self.layers[i].record(sub) for i, sub in sources]
+        recs = [self._archives[i].record(sub) for i, sub in sources]
         seen: dict[bytes, tuple[int, int, int]] = {}  # name -> (record k, row), or (-1, placing layer); kind
         shared: set[bytes] = set()
         for k, rec in enumerate(recs):
@@ -277,7 +280,7 @@ class Union(Archive):
                 inline[n] = recs[k].inline_bytes(j)
             if k < 0 or name in shared:  # a folder of several layers: Union counts all their subfolders in st_nlink
                 shared_rows[n] = True
-                rows[n]["checksum"] = self._dir(posixpath.join(rel, decode_path(name))).subdir_count
+                rows[n]["checksum"] = self.record(posixpath.join(rel, decode_path(name))).subdir_count
         rows["name_off"] = np.cumsum(lens) - lens
         rows["flags"] &= np.uint8(~FLAG_INLINE & 0xFF)
         return _Merged(rel, rows, b"".join(pieces), owners, shared_rows, pack_inline(rows, inline))
@@ -299,7 +302,7 @@ class Union(Archive):
         )
 
     def _virtual_row(self, layer: int, child: str) -> np.void:
-        spec, meta = self.specs[layer], self.layers[layer].meta
+        spec, meta = self.specs[layer], self._archives[layer].meta
         row = new_rows(1)[0]
         row["kind"] = KIND_DIR
         row["mode"] = meta.root_mode if spec.prefix == child else _VIRTUAL_MODE
@@ -307,15 +310,16 @@ class Union(Archive):
         return row
 
     # -- entries ----------------------------------------------------------------------------
-    def _root_entry(self) -> Entry:
+    def root_entry(self) -> Entry:
         sources = self._sources("")
-        first = self.layers[sources[0][0]].meta if sources else self.layers[0].meta
+        first = self._archives[sources[0][0]].meta if sources else self._archives[0].meta
         mode = first.root_mode if sources else _VIRTUAL_MODE
-        root = self._dir("")
+        root = self.record("")
         return Entry("", KIND_DIR, mode, 0, first.root_mtime_ns, checksum=root.subdir_count if root else 0)
 
     def owner(self, rel: str) -> tuple[Archive, str]:
-        """The layer holding file ``rel`` and the file's path inside it."""
+        """The layer holding file ``rel`` and the file's path inside it: a union's reads
+        and checks are that layer's (its values, offsets and keys are asked of it)."""
         last = self._last_owner  # a read asks twice (checksum, then location)
         if last[0] == rel:
             return last[1], last[2]
@@ -327,72 +331,51 @@ class Union(Archive):
         parent, name = posixpath.split(rel)
         sources = self._sources(parent)
         if len(sources) != 1 or parent in self._virtual:
-            rec = self._dir(parent)
+            rec = self.record(parent)
             at = rec.index_of(name) if isinstance(rec, _Merged) else None
             if at is None:
-                self._raise_missing(rel)
+                self.raise_missing(rel)
             layer = int(rec.owners[at])
             sources = [s for s in sources if s[0] == layer]
         i, sub = sources[0]
-        return self.layers[i], posixpath.join(sub, name)
+        return self._archives[i], posixpath.join(sub, name)
 
-    # -- contents: delegated to the layer that holds the file -----------------------------------
-    def value_offset(self, rel: str, entry: Entry) -> int | None:
-        layer, sub = self.owner(rel)
-        return layer.value_offset(sub, entry)
-
-    def value_view(self, rel: str, entry: Entry) -> memoryview:
-        layer, sub = self.owner(rel)
-        return layer.value_view(sub, entry)
-
-    def check(self, path: str) -> bool:
-        """`Archive.check` by the layer holding the file: with checksums, or without them
-        (an adopted DB) by its key, size and offset."""
-        rel, _entry = self._file_entry(path)
-        layer, sub = self.owner(rel)
-        return layer.check(sub)
-
-    def keyed_value(self, rel: str, entry: Entry) -> memoryview:
-        layer, sub = self.owner(rel)
-        return layer.keyed_value(sub, entry)
-
-    def value_location(self, rel: str, entry: Entry) -> tuple[int, int | None]:
-        layer, sub = self.owner(rel)
-        return layer.value_location(sub, entry)
-
-    def stored_checksum(self, rel: str, entry: Entry) -> int:
+    # -- contents: the layer that holds the file answers -------------------------------------
+    def read_range(self, rel: str, entry: Entry, offset: int, size: int) -> bytes:
         if entry.inline is not None:  # the bytes came with the entry: no layer to find
-            return checksum(entry.inline)
-        layer, sub = self.owner(rel)
-        return layer.stored_checksum(sub, entry)
-
-    def _read_range(self, rel: str, entry: Entry, offset: int, size: int) -> bytes:
-        if entry.inline is not None:
             return entry.inline[offset : offset + max(0, size)]
         layer, sub = self.owner(rel)
         return layer.read_range(sub, entry, offset, size)
+
+    def check_entry(self, rel: str, entry: Entry) -> bool:
+        """`Archive.check_entry` by the layer holding the file: with checksums, or
+        without them (an adopted DB) by its key, size and offset."""
+        layer, sub = self.owner(rel)
+        return layer.check_entry(sub, entry)
+
+    def refetch(self, rel: str, entry: Entry) -> bool:
+        if entry.inline is not None:
+            return False
+        layer, sub = self.owner(rel)
+        return layer.refetch(sub, entry)
 
     def key_of(self, path: str) -> bytes:
         layer, sub = self.owner(normpath(path))
         return layer.key_of(sub)
 
     @property
-    def data_fd(self) -> int:
-        raise TypeError("a union of DBs has one data file per layer; use value_location")
-
-    @property
     def data_bytes(self) -> int:
-        return sum(layer.data_bytes for layer in self.layers)
+        return sum(layer.data_bytes for layer in self._archives)
 
     @property
     def checksummed(self) -> bool:
         """True when every layer's values carry checksums (an adopted DB may not)."""
-        return all(layer.checksummed for layer in self.layers)
+        return all(layer.checksummed for layer in self._archives)
 
     @property
     def meta(self) -> Meta:
         """Totals over the layers (directories shared by several count once per layer)."""
-        metas = [layer.meta for layer in self.layers]
+        metas = [layer.meta for layer in self._archives]
         first = metas[0]
         excludes = sorted({g for m in metas for g in m.extra.get("excludes", [])})
         return Meta(
@@ -408,7 +391,7 @@ class Union(Archive):
         )
 
 
-def open_tree(*specs: Any, **kwargs: Any) -> Archive:
+def open_tree(*specs: Any, **kwargs: Any) -> Tree:
     """An `Archive` for one DB at the root, else a `Union` of every DB given."""
     flat: list[Any] = []
     for spec in specs:
@@ -423,7 +406,7 @@ def _is_pair(spec: Any) -> bool:
     return isinstance(spec, tuple) and len(spec) == 2 and all(isinstance(s, str) for s in spec) and "=" not in spec[0]
 
 
-def layer_descriptions(tree: Archive) -> list[dict[str, Any]]:
+def layer_descriptions(tree: Tree) -> list[dict[str, Any]]:
     """The union (or single archive) as the list of layers a native server needs: where
     each index and data file is, whether recorded value offsets hold, how keys are made,
     and the attributes of each layer's root.
@@ -438,13 +421,12 @@ def layer_descriptions(tree: Archive) -> list[dict[str, Any]]:
     layer's root_mode and root_mtime_ns), and a folder merged from several layers has
     st_nlink 1 ("unknown", as union filesystems do) where `Union` counts 2 + its
     distinct subfolders over all layers."""
-    pairs = zip(tree.specs, tree.layers) if isinstance(tree, Union) else [(Layer("", tree.path), tree)]
     out = []
-    for spec, archive in pairs:
+    for prefix, archive in tree.layers():
         where, meta = archive.locations(), archive.meta
         out.append(
             {
-                "prefix": spec.prefix,
+                "prefix": prefix,
                 "index_path": os.path.abspath(where.index.path),
                 "index_subdir": where.index.subdir,
                 "data_path": os.path.abspath(where.values.data_file),

@@ -35,6 +35,7 @@ from .format import (
 from .reader import Archive
 from .scan import Scan, ScannedDir
 from .sources import build_scan
+from .tree import Tree
 
 READ_WORKERS = 8  # threads reading the sources, as `lmdbfs pack` does by default
 
@@ -53,25 +54,17 @@ class VerifyReport:
         self.problems.append(problem)
 
 
-def verify(archive: Archive, against: list[str] | str | None = None, progress: bool = False) -> VerifyReport:
+def verify(archive: Tree, against: list[str] | str | None = None, progress: bool = False) -> VerifyReport:
     """Checksum every stored value (each DB of a union on its own); with ``against``,
     also compare the tree with the sources (folders or archives) it was packed from."""
     report = VerifyReport()
     bar = tqdm(total=archive.meta.files, unit="file", desc="verify", disable=not progress)
-    for prefix, layer in _layers(archive):
+    for prefix, layer in archive.layers():
         _check_values(layer, prefix, report, bar.update)
     bar.close()
     if against:
         _compare_tree(archive, [against] if isinstance(against, str) else list(against), report, progress)
     return report
-
-
-def _layers(archive: Archive) -> list[tuple[str, Archive]]:
-    """(folder it appears under, DB) for each DB of a union; the archive itself otherwise."""
-    specs = getattr(archive, "specs", None)
-    if specs is None:
-        return [("", archive)]
-    return [(spec.prefix, layer) for spec, layer in zip(specs, archive.layers)]  # type: ignore[attr-defined]
 
 
 def _check_values(layer: Archive, prefix: str, report: VerifyReport, tick: Callable[[int], object]) -> None:
@@ -101,7 +94,7 @@ def _check_values(layer: Archive, prefix: str, report: VerifyReport, tick: Calla
                 report.bytes += entry.size
 
 
-def _compare_tree(archive: Archive, against: list[str], report: VerifyReport, progress: bool) -> None:
+def _compare_tree(archive: Tree, against: list[str], report: VerifyReport, progress: bool) -> None:
     """Same names, kinds, sizes, modes, mtimes, link targets and bytes as the sources
     (placed and stripped as they were packed)."""
     extra = archive.meta.extra
@@ -219,7 +212,7 @@ def _even(pieces: Iterator[bytes]) -> Iterator[bytes]:
 
 
 def _compare_contents(
-    archive: Archive, scan: Scan, matched: list[np.ndarray | None], report: VerifyReport, progress: bool
+    archive: Tree, scan: Scan, matched: list[np.ndarray | None], report: VerifyReport, progress: bool
 ) -> None:
     """Every file's bytes, read from the source on worker threads, against the DB's."""
     file_dir, file_row = array("I", scan.file_dir.tobytes()), array("I", scan.file_row.tobytes())
@@ -260,7 +253,7 @@ def _compare_contents(
 class _RecordsInTurn:
     """The DB record of the scanned directory being compared (files come a directory at a time)."""
 
-    def __init__(self, archive: Archive, scan: Scan) -> None:
+    def __init__(self, archive: Tree, scan: Scan) -> None:
         self.archive, self.scan = archive, scan
         self.k, self.rec = -1, None
 
