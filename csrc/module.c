@@ -19,23 +19,43 @@
 static PyObject *LayerError, *FuseError;
 static int serving;
 
+/* A layer is a lmdbfs.serve.ServedLayer: its fields are read here by their Python names,
+ * as attributes, with nothing renamed on the way (the one declaration is the dataclass).
+ * Its "remote" field is a dict (lmdbfs.remote.fetcher.Fetcher.describe), read by key.
+ * Returns a new reference, or NULL (no error set) when the field is absent. */
+static PyObject *field(PyObject *obj, const char *key)
+{
+    if (PyDict_Check(obj))
+        return Py_XNewRef(PyDict_GetItemString(obj, key));
+    PyObject *v = PyObject_GetAttrString(obj, key);
+    if (!v && PyErr_ExceptionMatches(PyExc_AttributeError))
+        PyErr_Clear();
+    return v;
+}
+
 static int get_str(PyObject *d, const char *key, char **out, size_t *len, int optional)
 {
-    PyObject *v = PyDict_GetItemString(d, key);  /* borrowed */
+    PyObject *v = field(d, key);
     PyObject *bytes = NULL;
     *out = NULL;
+    if (PyErr_Occurred()) {
+        Py_XDECREF(v);
+        return -1;
+    }
     if (!v || v == Py_None) {
+        Py_XDECREF(v);
         if (optional)
             return 0;
         PyErr_Format(PyExc_KeyError, "layer lacks %s", key);
         return -1;
     }
     if (PyBytes_Check(v)) {
-        bytes = v;
-        Py_INCREF(bytes);
+        bytes = Py_NewRef(v);
     } else if (!PyUnicode_FSConverter(v, &bytes)) {
+        Py_DECREF(v);
         return -1;
     }
+    Py_DECREF(v);
     Py_ssize_t n = PyBytes_GET_SIZE(bytes);
     *out = malloc((size_t)n + 1);
     if (*out) {
@@ -52,14 +72,20 @@ static int get_str(PyObject *d, const char *key, char **out, size_t *len, int op
     return 0;
 }
 
-static int get_int(PyObject *d, const char *key, long long *out)
+/* An int field (a bool is one); with optional, an absent field leaves *out as it is. */
+static int get_int(PyObject *d, const char *key, long long *out, int optional)
 {
-    PyObject *v = PyDict_GetItemString(d, key);
+    PyObject *v = field(d, key);
     if (!v) {
+        if (PyErr_Occurred())
+            return -1;
+        if (optional)
+            return 0;
         PyErr_Format(PyExc_KeyError, "layer lacks %s", key);
         return -1;
     }
     *out = PyLong_AsLongLong(v);
+    Py_DECREF(v);
     return *out == -1 && PyErr_Occurred() ? -1 : 0;
 }
 
@@ -83,24 +109,30 @@ static int prefix_ok(const char *p, size_t len)
  * tests stuck_ms} (csrc/source.h). 1 found, 0 absent, -1 error. */
 static int get_remote(PyObject *d, struct remote_spec *rs, char **state, char **url)
 {
-    PyObject *r = PyDict_GetItemString(d, "remote"); /* borrowed */
+    PyObject *r = field(d, "remote");
     long long block_size, fd, stuck_ms = 0;
-    if (!r || r == Py_None)
-        return 0;
+    int rc = -1;
+    if (!r || r == Py_None) {
+        Py_XDECREF(r);
+        return PyErr_Occurred() ? -1 : 0;
+    }
     if (!PyDict_Check(r)) {
         PyErr_SetString(PyExc_TypeError, "a layer's remote is a dict");
-        return -1;
+        goto out;
     }
     if (get_str(r, "state_path", state, NULL, 0) || get_str(r, "url", url, NULL, 0) ||
-        get_int(r, "block_size", &block_size) || get_int(r, "request_fd", &fd) ||
-        (PyDict_GetItemString(r, "stuck_ms") && get_int(r, "stuck_ms", &stuck_ms)))
-        return -1;
+        get_int(r, "block_size", &block_size, 0) || get_int(r, "request_fd", &fd, 0) ||
+        get_int(r, "stuck_ms", &stuck_ms, 1))
+        goto out;
     if (block_size <= 0 || fd < 0 || fd > INT_MAX || stuck_ms < 0 || stuck_ms > LONG_MAX) {
         PyErr_SetString(PyExc_ValueError, "a layer's remote needs block_size > 0, request_fd >= 0, stuck_ms >= 0");
-        return -1;
+        goto out;
     }
     *rs = (struct remote_spec){*state, *url, (uint64_t)block_size, (int)fd, (long)stuck_ms};
-    return 1;
+    rc = 1;
+out:
+    Py_DECREF(r);
+    return rc;
 }
 
 static void free_layers(void)
@@ -122,31 +154,29 @@ static int load_layer(PyObject *d, struct layer *ly, int index)
     char *index_path = NULL, *vals_path = NULL, *data_path = NULL, *state = NULL, *url = NULL, why[512];
     struct remote_spec rs;
     int remote = 0;
-    long long index_subdir, vals_subdir = 0, offsets_ok, keys_path, root_mode, root_mtime;
+    long long index_subdir, vals_subdir = 0, offsets_ok, keys_path, root_mode, root_mtime, checksummed;
     int rc = -1;
     ly->index = index;
     ly->data_src.fd = -1;
-    if (!PyDict_Check(d)) {
-        PyErr_SetString(PyExc_TypeError, "each layer is a dict");
+    if (PyDict_Check(d)) {
+        PyErr_SetString(PyExc_TypeError, "each layer is a lmdbfs.serve.ServedLayer");
         return -1;
     }
     if (get_str(d, "prefix", &ly->prefix, &ly->prefix_len, 0) || get_str(d, "index_path", &index_path, NULL, 0) ||
         get_str(d, "values_path", &vals_path, NULL, 1) || get_str(d, "data_path", &data_path, NULL, 0) ||
         get_str(d, "key_prefix", &ly->key_prefix, &ly->key_prefix_len, 0) ||
-        get_str(d, "key_sep", &ly->key_sep, &ly->key_sep_len, 0) || get_int(d, "index_subdir", &index_subdir) ||
-        get_int(d, "offsets_ok", &offsets_ok) || get_int(d, "keys_path", &keys_path) ||
-        get_int(d, "root_mode", &root_mode) || get_int(d, "root_mtime_ns", &root_mtime))
+        get_str(d, "key_sep", &ly->key_sep, &ly->key_sep_len, 0) || get_int(d, "index_subdir", &index_subdir, 0) ||
+        get_int(d, "offsets_ok", &offsets_ok, 0) || get_int(d, "keys_path", &keys_path, 0) ||
+        get_int(d, "root_mode", &root_mode, 0) || get_int(d, "root_mtime_ns", &root_mtime, 0) ||
+        get_int(d, "checksummed", &checksummed, 0) || get_int(d, "values_subdir", &vals_subdir, 0))
         goto out;
-    if ((vals_path && get_int(d, "values_subdir", &vals_subdir)) || (remote = get_remote(d, &rs, &state, &url)) < 0)
+    if ((remote = get_remote(d, &rs, &state, &url)) < 0)
         goto out;
     if (!prefix_ok(ly->prefix, ly->prefix_len)) {
         PyErr_Format(PyExc_ValueError, "layer %d: bad prefix %s", index, ly->prefix);
         goto out;
     }
-    PyObject *checked = PyDict_GetItemString(d, "checksummed"); /* borrowed; absent = yes */
-    ly->verify = checked ? PyObject_IsTrue(checked) : 1;
-    if (ly->verify < 0)
-        goto out;
+    ly->verify = checksummed != 0;
     ly->offsets_ok = offsets_ok != 0;
     ly->keys_path = keys_path != 0;
     ly->root_mode = (uint32_t)root_mode & 07777;

@@ -36,59 +36,89 @@ PUSH_BYTES = 64 << 10
 
 
 @dataclass
+class ServedLayer:
+    """One DB of the mounted tree as the C server reads it: `csrc/module.c` (load_layer)
+    reads these fields by these names, nothing renames them on the way, so a new field
+    is one line here, the line that fills it in `served_layers`, and its use in C.
+
+    The C server (csrc/tree.c) serves the layers with the rules `union.Union` uses:
+    union folder D comes from every layer where D lies under its prefix and is a folder
+    there, in layer order; a name in several layers is a folder, its attributes from the
+    first (real before made up); a file is read from the layer listing it. Two
+    attributes differ from `Union`'s, as docs/serving.md says: a folder on the way to a
+    prefix is made up with mode 0555 (`Union`: 0755) and the placing layer's root mtime
+    (the prefix folder itself has its layer's root_mode and root_mtime_ns), and a folder
+    merged from several layers has st_nlink 1 ("unknown", as union filesystems do) where
+    `Union` counts 2 + its distinct subfolders over all layers."""
+
+    prefix: bytes  # the folder the DB appears under, b"" = the root
+    index_path: str  # the LMDB holding the index and meta record
+    index_subdir: bool  # ... as an LMDB directory (data.mdb inside), not a file
+    data_path: str  # the file the values (and rows' data_off offsets) are in
+    offsets_ok: bool  # the rows' data_off offsets hold for data_path
+    checksummed: bool  # first reads are checked against xxh3 (not a DB adopted without --checksum)
+    keys_path: bool  # main-database keys are plain paths (else md5 digests)
+    key_prefix: bytes
+    key_sep: bytes
+    root_mode: int
+    root_mtime_ns: int
+    values_path: str | None = None  # an adopted DB: key lookups go to this foreign LMDB
+    values_subdir: bool = False
+    remote: dict | None = None  # a remote DB: its block cache (lmdbfs.remote.fetcher.Fetcher.describe)
+
+
+def served_layers(tree) -> tuple[list[ServedLayer], list]:
+    """The tree's DBs as the C server's layers, and the fetchers of its remote DBs
+    (not started: `run` starts them beside the C server)."""
+    layers, fetchers = [], []
+    for prefix, archive in tree.layers():
+        where, meta = archive.locations(), archive.meta
+        layer = ServedLayer(
+            prefix=encode_path(prefix.strip("/")),
+            index_path=os.path.abspath(where.index.path),
+            index_subdir=where.index.subdir,
+            data_path=os.path.abspath(where.values.data_file),
+            offsets_ok=where.offsets_ok,
+            checksummed=archive.checksummed,
+            keys_path=meta.keys == KEYS_PATH,
+            key_prefix=encode_path(meta.key_prefix),
+            key_sep=encode_path(meta.key_sep),
+            root_mode=meta.root_mode,
+            root_mtime_ns=meta.root_mtime_ns,
+        )
+        if where.adopted:  # values (and key lookups) in the foreign DB, not the index's
+            layer.values_path, layer.values_subdir = os.path.abspath(where.values.path), where.values.subdir
+        if where.remote is not None:  # reads go through its block cache (its index pinned there)
+            fetchers.append(_fetcher(where.remote))
+            layer.remote = fetchers[-1].describe()
+        layers.append(layer)
+    return layers, fetchers
+
+
+@dataclass
 class Served:
     """What the C server needs: the layers, statfs totals, and any warnings about the
     set (a missing shard) to pass on once the mount is up."""
 
-    layers: list[dict]
+    layers: list[ServedLayer]
     blocks: int
     files: int
     warnings: list[str]
     fetchers: list = field(default_factory=list)  # one per remote layer (lmdbfs.remote.fetcher)
 
 
-def c_layer(layer: dict) -> dict:
-    """A layer of `union.layer_descriptions` in the C server's terms (bytes, ints)."""
-    out = {
-        "prefix": encode_path(layer["prefix"].strip("/")),
-        "index_path": layer["index_path"],
-        "index_subdir": int(layer["index_subdir"]),
-        "data_path": layer["data_path"],
-        "offsets_ok": int(layer["offsets_ok"]),
-        "keys_path": int(layer["keys"] == KEYS_PATH),
-        "key_prefix": encode_path(layer["key_prefix"]),
-        "key_sep": encode_path(layer["key_sep"]),
-        "root_mode": layer["root_mode"],
-        "root_mtime_ns": layer["root_mtime_ns"],
-        # A DB adopted without --checksum has no checksums to check first reads against.
-        "checksummed": int(layer["checksummed"]),
-    }
-    if layer.get("remote") is not None:  # a remote DB: reads go through its block cache
-        out["remote"] = layer["remote"]
-    if layer.get("values_path"):  # an adopted DB: key lookups go to the foreign DB
-        out["values_path"] = layer["values_path"]
-        out["values_subdir"] = int(layer["values_subdir"])
-    return out
-
-
 def describe(dbs: list[str]) -> Served:
     """Open the DBs as one tree with the reader (which refuses a bad DB, a clash between
     DBs or a shard given twice, with its typed errors) and describe its layers. The
     Python environments are closed again: C opens its own."""
-    from .union import layer_descriptions, open_tree
+    from .union import open_tree
 
-    fetchers = []
     with open_tree(*dbs) as tree:
         warnings = [line for _kind, line in getattr(tree, "shard_problems", list)()]
-        described = layer_descriptions(tree)
-        for layer in described:
-            if layer.get("remote") is not None:
-                fetchers.append(_fetcher(layer["remote"]))
-                layer["remote"] = fetchers[-1].describe()
-        layers = [c_layer(layer) for layer in described]
+        layers, fetchers = served_layers(tree)
         meta = tree.meta
         files = meta.files + meta.dirs + meta.symlinks
-    blocks = sum((os.path.getsize(layer["data_path"]) + 4095) // 4096 for layer in layers)
+    blocks = sum((os.path.getsize(layer.data_path) + 4095) // 4096 for layer in layers)
     return Served(layers, blocks, files, warnings, fetchers)
 
 

@@ -166,9 +166,9 @@ from lmdbfs import serve
 db, data, state, block, fd, mnt, url, stuck, uring = sys.argv[1:]
 served = serve.describe([db])
 layer = served.layers[0]
-layer.update(index_path=data, data_path=data,
-             remote={"state_path": state, "block_size": int(block), "request_fd": int(fd), "url": url,
-                     "stuck_ms": int(stuck)})
+layer.index_path, layer.data_path = data, data
+layer.remote = {"state_path": state, "block_size": int(block), "request_fd": int(fd), "url": url,
+                "stuck_ms": int(stuck)}
 sys.exit(serve.run(mnt, served, serve.fuse_args("remote-test", [], False), lambda: print("ready", flush=True),
                    io_uring=uring == "1"))
 """

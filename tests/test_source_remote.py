@@ -240,11 +240,8 @@ def test_a_state_file_that_does_not_match_refuses_the_layer(db: Path, tmp_path: 
     state.write_bytes(damage(raw[:4096]) + raw[4096:] if len(damage(raw[:4096])) == 4096 else damage(raw))
     layer = serve.describe([str(db)]).layers[0]
     read_end, write_end = os.pipe()
-    layer.update(
-        index_path=str(data),
-        data_path=str(data),
-        remote={"state_path": str(state), "block_size": BLOCK, "request_fd": write_end, "url": URL},
-    )
+    layer.index_path = layer.data_path = str(data)
+    layer.remote = {"state_path": str(state), "block_size": BLOCK, "request_fd": write_end, "url": URL}
     try:
         with pytest.raises(_serve.LayerError) as caught:
             _serve.serve(str(tmp_path / "no-such-mountpoint"), [layer], [])

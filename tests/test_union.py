@@ -13,7 +13,8 @@ import pytest
 
 import lmdbfs
 from lmdbfs.errors import LayerConflict
-from lmdbfs.union import Union, layer_descriptions
+from lmdbfs.serve import served_layers
+from lmdbfs.union import Union
 
 from .conftest import is_mounted, one_error_line, run_cli
 from .test_mount import _without_write_bits
@@ -90,17 +91,15 @@ def test_union_under_folders(parts: dict[str, Path]) -> None:
     assert tree.read_bytes("train/list.txt") == b"other"
     assert tree.read_bytes("deep/er/y/train/s2/f1.jpg") == (parts["b_src"] / "train/s2/f1.jpg").read_bytes()
     assert tree.stat("x").mode == os.stat(parts["a_src"]).st_mode & 0o7777
-    layers = layer_descriptions(tree)
-    assert [(layer["prefix"], layer["data_path"]) for layer in layers] == [
-        ("x", str(parts["a"])),
-        ("deep/er/y", str(parts["b"])),
-        ("", str(parts["clash"])),
+    layers, fetchers = served_layers(tree)
+    assert [(layer.prefix, layer.data_path) for layer in layers] == [
+        (b"x", str(parts["a"])),
+        (b"deep/er/y", str(parts["b"])),
+        (b"", str(parts["clash"])),
     ]
-    assert set(layers[0]) == {
-        "prefix", "index_path", "index_subdir", "data_path", "offsets_ok", "keys",
-        "key_prefix", "key_sep", "root_mode", "root_mtime_ns", "checksummed", "values_path", "values_subdir",
-    }  # fmt: skip
-    assert layers[0]["offsets_ok"] is True and layers[0]["keys"] == "md5"
+    assert not fetchers and layers[0].offsets_ok is True and layers[0].keys_path is False
+    assert layers[0].index_path == layers[0].data_path and layers[0].values_path is None and layers[0].remote is None
+    assert layers[0].root_mode == tree.stat("x").mode and layers[0].checksummed is True
 
 
 @pytest.mark.parametrize(
@@ -238,3 +237,24 @@ def test_parallel_shard_packs_mount_as_the_source(got10k_tree: Path, tmp_path: P
         assert sorted(os.listdir(m.mnt)) == ["test", "train", "val"]
     finally:
         run_cli("umount", m.mnt)
+
+
+def test_the_c_server_reads_every_declared_layer_field(parts: dict[str, Path], tmp_path: Path) -> None:
+    """ServedLayer is the one declaration of a layer: the C server reads each of its
+    required fields by that very name (a missing one is refused, named), and takes no
+    dict with other names."""
+    from dataclasses import MISSING, asdict, fields
+    from types import SimpleNamespace
+
+    from lmdbfs import _serve
+
+    with lmdbfs.open(parts["a"]) as tree:
+        (layer,), _ = served_layers(tree)
+    required = [f.name for f in fields(layer) if f.default is MISSING]
+    assert "prefix" in required and "checksummed" in required
+    for name in required:
+        partial = SimpleNamespace(**{k: v for k, v in asdict(layer).items() if k != name})
+        with pytest.raises(KeyError, match=name):
+            _serve.serve(str(tmp_path / "nowhere"), [partial], [])
+    with pytest.raises(TypeError, match="ServedLayer"):
+        _serve.serve(str(tmp_path / "nowhere"), [asdict(layer)], [])
