@@ -43,12 +43,11 @@ from .format import (
     META_DB,
     META_KEY,
     Meta,
+    build_dir,
     checksum,
     dir_key,
     encode_dir,
     new_rows,
-    pack_inline,
-    pack_names,
 )
 
 log = logging.getLogger(__name__)
@@ -139,7 +138,6 @@ class _Tree:
             for name in d.subdirs:
                 sub = self.dirs[(path + b"/" + name) if path else name]
                 entries.append((name, KIND_DIR, 0, 0, len(sub.subdirs), None))
-            entries.sort(key=lambda e: e[0])
             rows = new_rows(len(entries))
             if entries:
                 rows["kind"] = [e[1] for e in entries]
@@ -148,8 +146,8 @@ class _Tree:
                 rows["data_off"] = [e[3] for e in entries]
                 rows["checksum"] = [e[4] for e in entries]
                 rows["mtime_ns"] = mtime_ns
-            blob = pack_names(rows, [e[0] for e in entries], [b""] * len(entries))
-            tail = pack_inline(rows, [e[5] for e in entries])
+            names = [e[0] for e in entries]
+            rows, blob, tail, _ = build_dir(names, [b""] * len(entries), rows, [e[5] for e in entries])
             rel = path.decode()
             out.append((rel, encode_dir(rel, rows, blob, tail)))
         return out, files, nbytes, len(self.dirs)

@@ -22,6 +22,7 @@ import os
 import posixpath
 import stat as _stat
 import struct
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -361,6 +362,39 @@ def pack_inline(rows: np.ndarray, inline: list[bytes | None]) -> bytes:
         tail.append(data)
         at += len(data)
     return b"".join(tail)
+
+
+def build_dir(
+    names: Sequence[bytes],
+    targets: Sequence[bytes],
+    rows: np.ndarray,
+    inline: Sequence[bytes | None] | None = None,
+    on_duplicate: Callable[[int, int], None] | None = None,
+) -> tuple[np.ndarray, bytes, bytes, list[int]]:
+    """One directory record's parts, made the one way `lmdbfs pack` (scan.TreeBuilder,
+    then writer), `lmdbfs adopt` and a union's merged folders make them.
+
+    ``rows`` holds one row per entry, in the order ``names`` and ``targets`` (b"" but for
+    symlinks) give them, with kind, mode, size, mtime_ns, checksum and data_off filled.
+    Returns (rows sorted by name bytes with their name fields pointing into the blob,
+    the blob from `pack_names`, the tail of inline bytes from `pack_inline` — FLAG_INLINE
+    and data_off set on exactly the rows ``inline`` gives bytes for —, and order: sorted
+    row r is the entry given at order[r]). Two entries of one name call
+    ``on_duplicate(first, second)`` (given indices), which should raise; without it,
+    ValueError. `encode_dir` of the parts is the record; the packer, which knows the
+    inline bytes only after reading the files, adds its tail later with `pack_inline`."""
+    order = sorted(range(len(names)), key=names.__getitem__)
+    for a, b in zip(order, order[1:]):
+        if names[a] == names[b]:
+            if on_duplicate is not None:
+                on_duplicate(a, b)
+            raise ValueError(f"{decode_path(names[a])!r} is listed twice")
+    if order != list(range(len(order))):
+        rows = rows[np.asarray(order, dtype=np.int64)]
+    rows["flags"] &= np.uint8(~FLAG_INLINE & 0xFF)
+    blob = pack_names(rows, [names[k] for k in order], [targets[k] for k in order])
+    tail = pack_inline(rows, [inline[k] for k in order]) if inline is not None else b""
+    return rows, blob, tail, order
 
 
 def encode_dir(path: str, rows: np.ndarray, blob: bytes, tail: bytes = b"") -> bytes:

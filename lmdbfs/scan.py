@@ -31,10 +31,10 @@ from .format import (
     ROWS_MAX,
     TARGET_MAX,
     VALUE_MAX,
+    build_dir,
     decode_path,
     encode_path,
     new_rows,
-    pack_names,
 )
 
 log = logging.getLogger(__name__)
@@ -65,8 +65,8 @@ class ScannedDir:
     def without(self, drop: set[int]) -> ScannedDir:
         keep = [r for r in range(len(self.rows)) if r not in drop]
         pairs = [self.name_and_target(r) for r in keep]
-        rows = self.rows[keep].copy()
-        return ScannedDir(self.path, rows, pack_names(rows, [n for n, _ in pairs], [t for _, t in pairs]))
+        rows, blob, _, _ = build_dir([n for n, _ in pairs], [t for _, t in pairs], self.rows[keep].copy())
+        return ScannedDir(self.path, rows, blob)
 
 
 @dataclass
@@ -291,31 +291,30 @@ class TreeBuilder:
             problem = record_problem(rel, len(acc.names), sum(map(len, acc.names)) + sum(map(len, acc.targets)))
             if problem:
                 raise SourceError(f"{rel or '/'}: {problem}", "split the folder into several, or --exclude some of it")
-            order = sorted(range(len(acc.names)), key=acc.names.__getitem__)
-            for a, b in zip(order, order[1:]):
-                if acc.names[a] == acc.names[b]:
-                    self._duplicate(rel, acc, a, b)
-            rows = new_rows(len(order))
+            rows = new_rows(len(acc.names))
+            if len(rows):
+                rows["kind"] = np.frombuffer(acc.kinds, np.uint8)
+                rows["mode"] = np.frombuffer(acc.modes, np.uint16)
+                rows["size"] = np.frombuffer(acc.sizes, np.uint64)
+                rows["mtime_ns"] = np.frombuffer(acc.mtimes, np.int64)
+                for k in np.flatnonzero(rows["kind"] == KIND_DIR).tolist():
+                    # A directory row's checksum field holds its subdirectory count
+                    # (st_nlink - 2), so stat never has to open the child's record.
+                    child = f"{rel}/{decode_path(acc.names[k])}" if rel else decode_path(acc.names[k])
+                    rows["checksum"][k] = subdirs[child]
+            rows, blob, _, order = build_dir(
+                acc.names,
+                acc.targets,
+                rows,
+                on_duplicate=lambda a, b, rel=rel, acc=acc: self._duplicate(rel, acc, a, b),
+            )
             if order:
-                take = np.asarray(order, dtype=np.int64)
-                rows["kind"] = np.frombuffer(acc.kinds, np.uint8)[take]
-                rows["mode"] = np.frombuffer(acc.modes, np.uint16)[take]
-                rows["size"] = np.frombuffer(acc.sizes, np.uint64)[take]
-                rows["mtime_ns"] = np.frombuffer(acc.mtimes, np.int64)[take]
-                nums = np.frombuffer(acc.filenums, np.int64)[take]
+                nums = np.frombuffer(acc.filenums, np.int64)[np.asarray(order, dtype=np.int64)]
                 is_file = nums >= 0
                 file_dir[nums[is_file]] = len(dirs)
                 file_row[nums[is_file]] = np.flatnonzero(is_file)
                 file_size[nums[is_file]] = rows["size"][is_file]
-                for r, k in enumerate(order):
-                    if acc.kinds[k] == KIND_DIR:
-                        # A directory row's checksum field holds its subdirectory count
-                        # (st_nlink - 2), so stat never has to open the child's record.
-                        child = f"{rel}/{decode_path(acc.names[k])}" if rel else decode_path(acc.names[k])
-                        rows["checksum"][r] = subdirs[child]
-            names = [acc.names[k] for k in order]
-            targets = [acc.targets[k] for k in order]
-            dirs.append(ScannedDir(rel, rows, pack_names(rows, names, targets)))
+            dirs.append(ScannedDir(rel, rows, blob))
         self.accs.clear()
         return Scan(
             dirs=dirs,

@@ -9,7 +9,7 @@ records (names and kinds) of the directories the layers share, never values.
 `Union` is a `tree.Tree` like `Archive`: it holds one `Archive` per layer and answers
 the few primitives the path-level calls (walk, scandir, resolve, read_bytes, …) rest on
 from them, so `ls`/`cat`/`verify`/`unpack` and data loaders use it unchanged. The mount daemon does
-not read through it: it hands the layers to the C server (`layer_descriptions`).
+not read through it: it hands the layers to the C server (`serve.ServedLayer`).
 """
 
 from __future__ import annotations
@@ -26,16 +26,15 @@ import numpy as np
 
 from .errors import BadDatabase, LayerConflict
 from .format import (
-    FLAG_INLINE,
     KIND_DIR,
     KIND_NAMES,
     DirRecord,
     Entry,
     Meta,
+    build_dir,
     decode_path,
     encode_path,
     new_rows,
-    pack_inline,
 )
 from .handle import DirCache
 from .reader import DEFAULT_DIR_CACHE_BYTES, Archive
@@ -265,25 +264,22 @@ class Union(Tree):
             at = np.flatnonzero(ks == k)
             rows[at] = rec.rows[js[at]]
             owners[at] = sources[k][0]
-        lens = rows["name_len"].astype(np.int64) + rows["target_len"]
-        pieces = []
+        targets: list[bytes] = []
         inline: list[bytes | None] = [None] * len(names)
         shared_rows = np.zeros(len(names), bool)
         for n, (name, (k, j, _kind)) in enumerate(zip(names, where)):
             if k < 0:
                 rows[n] = self._virtual_row(j, posixpath.join(rel, decode_path(name)))
-                rows[n]["name_len"] = lens[n] = len(name)
                 owners[n] = j
-                pieces.append(name)
+                targets.append(b"")
             else:
-                pieces.append(recs[k].name_and_target(j))
+                targets.append(recs[k].name_and_target(j)[len(name) :])
                 inline[n] = recs[k].inline_bytes(j)
             if k < 0 or name in shared:  # a folder of several layers: Union counts all their subfolders in st_nlink
                 shared_rows[n] = True
                 rows[n]["checksum"] = self.record(posixpath.join(rel, decode_path(name))).subdir_count
-        rows["name_off"] = np.cumsum(lens) - lens
-        rows["flags"] &= np.uint8(~FLAG_INLINE & 0xFF)
-        return _Merged(rel, rows, b"".join(pieces), owners, shared_rows, pack_inline(rows, inline))
+        rows, blob, tail, _ = build_dir(names, targets, rows, inline)  # names come sorted: rows stay in place
+        return _Merged(rel, rows, blob, owners, shared_rows, tail)
 
     def _clash(self, rel: str, name: bytes, prev: tuple, new: tuple, sources: tuple, shared: set[bytes]) -> None:
         """Two layers list ``name``: fine for two folders (they merge), else refused."""
@@ -404,47 +400,6 @@ def open_tree(*specs: Any, **kwargs: Any) -> Tree:
 
 def _is_pair(spec: Any) -> bool:
     return isinstance(spec, tuple) and len(spec) == 2 and all(isinstance(s, str) for s in spec) and "=" not in spec[0]
-
-
-def layer_descriptions(tree: Tree) -> list[dict[str, Any]]:
-    """The union (or single archive) as the list of layers a native server needs: where
-    each index and data file is, whether recorded value offsets hold, how keys are made,
-    and the attributes of each layer's root.
-
-    Clashes were refused when ``tree`` was opened; the C server (csrc/tree.c) serves the
-    layers with the rules `Union` uses: union folder D comes from every layer where D
-    lies under its prefix and is a folder there, in layer order; a name in several
-    layers is a folder, its attributes from the first (real before made up); a file is
-    read from the layer listing it. Two attributes differ from `Union`'s, as
-    docs/serving.md says: a folder on the way to a prefix is made up with mode 0555
-    (`Union`: 0755) and the placing layer's root mtime (the prefix folder itself has its
-    layer's root_mode and root_mtime_ns), and a folder merged from several layers has
-    st_nlink 1 ("unknown", as union filesystems do) where `Union` counts 2 + its
-    distinct subfolders over all layers."""
-    out = []
-    for prefix, archive in tree.layers():
-        where, meta = archive.locations(), archive.meta
-        out.append(
-            {
-                "prefix": prefix,
-                "index_path": os.path.abspath(where.index.path),
-                "index_subdir": where.index.subdir,
-                "data_path": os.path.abspath(where.values.data_file),
-                "offsets_ok": where.offsets_ok,
-                "checksummed": archive.checksummed,
-                # An adopted DB: values (and key lookups) in the foreign DB, not the index's.
-                "values_path": os.path.abspath(where.values.path) if where.adopted else None,
-                "values_subdir": where.values.subdir,
-                "keys": meta.keys,
-                "key_prefix": meta.key_prefix,
-                "key_sep": meta.key_sep,
-                "root_mode": meta.root_mode,
-                "root_mtime_ns": meta.root_mtime_ns,
-            }
-        )
-        if where.remote is not None:  # a remote DB's byte source (its index pinned in the cache)
-            out[-1]["remote"] = where.remote
-    return out
 
 
 def shard_problems(specs: Sequence[Any]) -> list[tuple[str, str]]:
