@@ -21,6 +21,7 @@ from lmdbfs.format import (
     KIND_SYMLINK,
     Entry,
     Meta,
+    build_dir,
     content_key,
     decode_path,
     dir_key,
@@ -96,6 +97,31 @@ def test_a_record_decodes_to_what_was_encoded() -> None:
     assert c.target == "a" and c.size == 1
     assert rec.lookup("b") == b and rec.lookup("zz") is None and rec.index_of("c") == 2
     assert rec.inline_bytes(0) == b"xyz" and rec.inline_bytes(1) is None
+
+
+def test_the_record_builder_sorts_names_packs_them_and_carries_inline_bytes() -> None:
+    """format.build_dir, the one way pack, adopt and unions make a record's parts."""
+    rows = new_rows(4)
+    rows["kind"] = [KIND_SYMLINK, KIND_FILE, KIND_DIR, KIND_FILE]
+    rows["size"] = [1, 3, 0, 5]
+    rows["data_off"] = [0, 0, 0, 8192 + 16]
+    rows["checksum"] = [0, 99, 2, 7]
+    rows["flags"] = FLAG_INLINE  # stale flags never survive: inline says which rows carry bytes
+    names = [b"c", "é".encode(), b"b", b"a"]
+    out, blob, tail, order = build_dir(names, [b"a", b"", b"", b""], rows, [None, b"xyz", None, None])
+    assert order == [3, 2, 0, 1] and blob == b"abca" + "é".encode() and tail == b"xyz"
+    assert out["kind"].tolist() == [KIND_FILE, KIND_DIR, KIND_SYMLINK, KIND_FILE]
+    assert out["flags"].tolist() == [0, 0, 0, FLAG_INLINE] and out["data_off"].tolist() == [8192 + 16, 0, 0, 0]
+    rec = decode_dir(encode_dir("top", out, blob, tail), "top", data_size=1 << 20, check_offsets=True)
+    assert rec.names == ["a", "b", "c", "é"] and not rec.bad
+    assert rec.lookup("é").inline == b"xyz" and rec.lookup("c").target == "a" and rec.lookup("b").nlink == 4
+    # Already sorted (a union's merged names): the rows stay in place; no inline: no tail.
+    again, blob2, tail2, order2 = build_dir([b"a", b"b"], [b"", b""], new_rows(2))
+    assert order2 == [0, 1] and blob2 == b"ab" and tail2 == b"" and again["name_off"].tolist() == [0, 1]
+    seen = []
+    with pytest.raises(ValueError, match="listed twice"):
+        build_dir([b"x", b"y", b"x"], [b""] * 3, new_rows(3), on_duplicate=lambda a, b: seen.append((a, b)))
+    assert seen == [(0, 2)]
 
 
 def test_meta_round_trips_and_marks_a_finished_pack() -> None:
