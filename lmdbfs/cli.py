@@ -64,22 +64,11 @@ def _split_dbs(words: list[str]) -> tuple[list[str], list[str]]:
 def cmd_pack(args: argparse.Namespace) -> int:
     from .packer import PackOptions, pack
 
-    include, extra, share = None, {}, None
+    shard = None
     if args.shard:
-        from .shard import parse_shard, plan_for_source
+        from .shard import parse_shard
 
-        index, count = parse_shard(args.shard)
-        share = plan_for_source(
-            args.sources,
-            index,
-            count,
-            args.shard_depth,
-            args.exclude or [],
-            args.db,
-            strip=args.strip,
-            expand_zips=args.expand_zips,
-        )
-        include, extra = share.include, share.extra()
+        shard = (*parse_shard(args.shard), args.shard_depth)
     elif args.shard_depth is not None:
         raise UsageError("--shard-depth only goes with --shard I/N", "add --shard I/N")
 
@@ -96,17 +85,17 @@ def cmd_pack(args: argparse.Namespace) -> int:
         strip=args.strip,
         expand_zips=args.expand_zips,
         progress=not args.no_progress and sys.stderr.isatty() or args.progress,
-        include=include,
-        extra=extra,
+        shard=shard,
     )
     result = pack(args.sources, args.db, opts)
+    share = result.share
     rate = result.bytes / result.seconds / 1e6 if result.seconds else 0.0
     print(
         f"packed {result.files} files, {result.dirs} dirs, {result.symlinks} symlinks, "
         f"{result.bytes / 1e6:.1f} MB into {result.db} ({result.db_bytes / 1e6:.1f} MB) "
         f"in {result.seconds:.1f} s ({rate:.0f} MB/s)"
         + (f"; {result.resumed_files} files kept from the interrupted run" if result.resumed_files else "")
-        + (f"; shard {extra['shard']}: {share.units_text()}" if share else "")
+        + (f"; shard {share.index}/{share.count}: {share.units_text()}" if share else "")
     )
     for what, items in (
         ("skipped (special files, or past a limit)", result.skipped),

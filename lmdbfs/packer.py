@@ -24,7 +24,6 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -50,6 +49,7 @@ from .format import (
     output_files,
 )
 from .scan import Scan
+from .shard import ShardPlan, iter_scan_entries, plan
 from .sources import SourceSpec, build_scan
 from .writer import DATA_FILE, Keys, Writer
 
@@ -78,8 +78,8 @@ class PackOptions:
     keys: str = KEYS_MD5  # KEYS_PATH: plain path keys in an LMDB directory, as STARK-style readers expect
     layout: str = LAYOUT_KEYED  # LAYOUT_COMPACT: small files stored once, in their records only
     progress: bool = True
-    include: Callable[[str], bool] | None = None  # keep only relative paths it accepts (shards)
-    extra: dict = field(default_factory=dict)  # added to the meta's `extra` (shard info)
+    shard: tuple[int, int, int | None] | None = None  # (I, N, --shard-depth): pack only shard I of N
+    extra: dict = field(default_factory=dict)  # added to the meta's `extra`
 
 
 @dataclass
@@ -94,6 +94,7 @@ class PackResult:
     resumed_files: int = 0
     skipped: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    share: ShardPlan | None = None  # with --shard: what this shard packed
 
 
 def pack(src: str | list[str], db: str, opts: PackOptions | None = None) -> PackResult:
@@ -112,12 +113,20 @@ def pack(src: str | list[str], db: str, opts: PackOptions | None = None) -> Pack
         specs,
         excludes=opts.excludes,
         skip_abs=skip,
-        skip_errors=opts.skip_errors,
+        # A shard deals out the whole tree, so it lists all of it, once, and keeps its
+        # share (Scan.share raises what a listing of the share alone would have).
+        skip_errors=opts.skip_errors or opts.shard is not None,
         strip=opts.strip,
         expand_zips=opts.expand_zips,
         progress=opts.progress,
-        include=opts.include,
+        quiet=opts.shard is not None,
     )
+    share, extra = None, dict(opts.extra)
+    if opts.shard is not None:
+        index, count, depth = opts.shard
+        share = plan(list(iter_scan_entries(scan)), index, count, depth)
+        scan = scan.share(share.include, opts.skip_errors)
+        extra.update(share.extra())
     log.info(
         "found %d files, %d dirs, %d symlinks, %.1f MB", scan.files, len(scan.dirs), scan.symlinks, scan.bytes / 1e6
     )
@@ -129,7 +138,7 @@ def pack(src: str | list[str], db: str, opts: PackOptions | None = None) -> Pack
         todo = writer.resume_todo(np.arange(scan.files, dtype=np.int64))
         unreadable = _copy_contents(scan, todo, writer, opts)
         scan.drop_files(unreadable)
-        writer.finish(scan, _meta_for(specs, scan, opts))
+        writer.finish(scan, _meta_for(specs, scan, opts, extra))
     finally:
         writer.close()
     _publish(partial, db)
@@ -144,6 +153,7 @@ def pack(src: str | list[str], db: str, opts: PackOptions | None = None) -> Pack
         resumed_files=scan.files + len(unreadable) - len(todo),
         skipped=scan.skipped,
         errors=scan.errors,
+        share=share,
     )
 
 
@@ -283,7 +293,7 @@ def _put_large(scan: Scan, writer: Writer, i: int, large: Large) -> None:
     row["checksum"] = digest
 
 
-def _meta_for(specs: list[str], scan: Scan, opts: PackOptions) -> Meta:
+def _meta_for(specs: list[str], scan: Scan, opts: PackOptions, extra: dict) -> Meta:
     return Meta(
         key_prefix=opts.key_prefix,
         key_sep=opts.key_sep,
@@ -307,7 +317,7 @@ def _meta_for(specs: list[str], scan: Scan, opts: PackOptions) -> Meta:
             "expand_zips": opts.expand_zips,
             "skipped": len(scan.skipped),
             "unreadable": len(scan.errors),
-            **opts.extra,
+            **extra,
         },
     )
 

@@ -88,6 +88,7 @@ class Scan:
     errors: list[str] = field(default_factory=list)
     root_mode: int = 0o755
     root_mtime_ns: int = 0
+    placed: dict[str, tuple[str, str | None, str]] = field(default_factory=dict)  # sourcebase.Listing.placed
 
     def file_relpath(self, i: int) -> str:
         where = self.__dict__.get("_where")
@@ -99,6 +100,83 @@ class Scan:
 
     def row(self, i: int) -> np.void:
         return self.dirs[int(self.file_dir[i])].rows[int(self.file_row[i])]
+
+    def share(self, include: Callable[[str], bool], skip_errors: bool) -> Scan:
+        """The part of the tree whose every path, and every folder above it, ``include``
+        accepts (a shard's share: shard.ShardPlan.include), as a scan that listed only
+        it would have found it: the same rows, files numbered in the same order,
+        folders' subfolder counts of the share. What listing left out beyond the share is
+        forgotten; within it, without ``skip_errors``, the first such entry stops the
+        pack with the line a scan of the share alone would have stopped with."""
+        memo: dict[str, bool] = {"": True}
+
+        def kept(rel: str) -> bool:
+            chain = []
+            while rel not in memo:
+                chain.append(rel)
+                rel = rel.rpartition("/")[0]
+            ok = memo[rel]
+            for path in reversed(chain):
+                ok = memo[path] = ok and include(path)
+            return ok
+
+        for rel, stop, fix in self.placed.values():
+            if stop is not None and not skip_errors and kept(rel):
+                raise SourceError(stop, fix)
+        dirs = [d for d in self.dirs if kept(d.path)]
+        subdirs: dict[str, int] = {d.path: 0 for d in dirs}
+        for d in dirs:
+            if d.path:
+                subdirs[d.path.rpartition("/")[0]] += 1
+        new_index = {d.path: k for k, d in enumerate(dirs)}
+        old_index = {d.path: k for k, d in enumerate(self.dirs)}
+        row_map: dict[int, np.ndarray] = {}  # old directory -> each old row's new row (-1: left out)
+        out_dirs: list[ScannedDir] = []
+        for d in dirs:
+            names = [d.name(r) for r in range(len(d.rows))]
+            keep = [r for r, name in enumerate(names) if kept(_join(d.path, decode_path(name)))]
+            rows = d.rows[keep].copy()
+            for r in np.flatnonzero(rows["kind"] == KIND_DIR).tolist():
+                rows["checksum"][r] = subdirs[_join(d.path, decode_path(names[keep[r]]))]
+            pairs = [d.name_and_target(r) for r in keep]
+            rows, blob, _, _ = build_dir([n for n, _ in pairs], [t for _, t in pairs], rows)
+            mapping = np.full(len(d.rows), -1, np.int64)
+            mapping[keep] = np.arange(len(keep))
+            row_map[old_index[d.path]] = mapping
+            out_dirs.append(ScannedDir(d.path, rows, blob))
+        files = [
+            i
+            for i in range(self.files)
+            if int(self.file_dir[i]) in row_map and row_map[int(self.file_dir[i])][int(self.file_row[i])] >= 0
+        ]
+        take = np.asarray(files, dtype=np.int64)
+        old_dirs = self.file_dir[take].astype(np.int64)
+        dir_renumber = np.full(len(self.dirs), -1, np.int64)
+        for old, k in ((old_index[d.path], new_index[d.path]) for d in dirs):
+            dir_renumber[old] = k
+        file_row = np.array([row_map[int(k)][int(r)] for k, r in zip(old_dirs, self.file_row[take])], np.uint32)
+
+        def left(lines: list[str]) -> list[str]:
+            return [line for line in lines if line not in self.placed or kept(self.placed[line][0])]
+
+        for line in left(self.skipped) + left(self.errors):
+            log.warning("skipping %s", line)
+        return Scan(
+            dirs=out_dirs,
+            file_dir=dir_renumber[old_dirs].astype(np.uint32),
+            file_row=file_row,
+            file_size=self.file_size[take],
+            file_src=self.file_src[take],
+            file_ref=[self.file_ref[i] for i in files],
+            sources=self.sources,
+            files=len(files),
+            symlinks=sum(int(np.count_nonzero(d.rows["kind"] == KIND_SYMLINK)) for d in out_dirs),
+            bytes=int(self.file_size[take].sum()),
+            skipped=left(self.skipped),
+            errors=left(self.errors),
+            root_mode=self.root_mode,
+            root_mtime_ns=self.root_mtime_ns,
+        )
 
     def drop_files(self, indices: list[int]) -> None:
         """Leave out files that could not be read (--skip-errors). Call after copying:
@@ -112,6 +190,10 @@ class Scan:
             self.bytes -= int(sum(int(d.rows[r]["size"]) for r in drop))
             self.dirs[d_idx] = d.without(drop)
         self.files -= len(indices)
+
+
+def _join(parent: str, name: str) -> str:
+    return f"{parent}/{name}" if parent else name
 
 
 def limit_problem(rel: str, kind: int, target: bytes = b"", size: int = 0) -> tuple[str, str] | None:
@@ -220,6 +302,7 @@ class TreeBuilder:
         self.bytes = 0
         self.skipped: list[str] = []
         self.errors: list[str] = []
+        self.placed: dict[str, tuple[str, str | None, str]] = {}
 
     def add_source(self, source: Any, label: str) -> int:
         self.sources.append(source)
@@ -331,6 +414,7 @@ class TreeBuilder:
             errors=self.errors,
             root_mode=root_mode,
             root_mtime_ns=root_mtime_ns,
+            placed=self.placed,
         )
 
     def _duplicate(self, rel: str, acc: _DirAcc, a: int, b: int) -> None:

@@ -18,10 +18,9 @@ import heapq
 import posixpath
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 from .errors import UsageError
-from .format import KIND_DIR, decode_path, output_files
+from .format import KIND_DIR, decode_path
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -193,15 +192,3 @@ def iter_scan_entries(scan) -> Iterator[tuple[str, int, int]]:
         for r, (kind, size) in enumerate(zip(kinds, sizes)):
             name = decode_path(d.name_and_target(r)[0])
             yield (f"{d.path}/{name}" if d.path else name), kind, size
-
-
-def plan_for_source(
-    specs: list[str], index: int, count: int, depth: int | None, excludes: list[str], db: str, **scan_opts: Any
-) -> ShardPlan:
-    """Scan the sources (names and sizes only, as `pack` would, excludes applied) and plan."""
-    from .sources import build_scan
-
-    scan = build_scan(
-        list(specs), excludes=excludes, skip_abs=output_files(db), skip_errors=True, quiet=True, **scan_opts
-    )
-    return plan(list(iter_scan_entries(scan)), index, count, depth)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, Any
 
 
@@ -48,6 +48,16 @@ class Listing:
     skip_errors: bool
     expand_zips: bool
     level: int = logging.WARNING  # how loudly to report what is left out (verify: quietly)
+    under: str = ""  # where the source sits in the tree ('' = the root)
+    # Each line added to skipped or errors -> (its tree path, the line a pack without
+    # --skip-errors stops with, and that line's fix; None: only ever reported), so that
+    # one scan can serve a shard: what lies outside its share is dropped (Scan.share).
+    placed: dict[str, tuple[str, str | None, str]] = field(default_factory=dict)
+
+    def in_tree(self, rel: str) -> str:
+        """The tree path of ``rel``, a path relative to the source ('.': its root)."""
+        rel = "" if rel == "." else rel
+        return f"{self.under}/{rel}" if self.under and rel else self.under or rel
 
 
 class Source:

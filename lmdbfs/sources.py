@@ -96,6 +96,7 @@ class FolderSource(Source):
                 else:
                     log.log(listing.level, "skipping %s: not a regular file, directory or symlink", child)
                     listing.skipped.append(child)
+                    listing.placed[child] = (listing.in_tree(child), None, "")
             stack.extend(reversed(subdirs))
 
     def reader(self) -> Reader:
@@ -132,10 +133,12 @@ def _read_error(err: int) -> OSError:
 
 def _problem(listing: Listing, rel: str, exc: OSError) -> None:
     reason = exc.strerror or str(exc)
+    stop, fix = f"cannot read {rel}: {reason}", "fix its permissions, or pass --skip-errors to leave it out"
     if not listing.skip_errors:
-        raise SourceError(f"cannot read {rel}: {reason}", "fix its permissions, or pass --skip-errors to leave it out")
+        raise SourceError(stop, fix)
     log.log(listing.level, "skipping %s: %s", rel, reason)
     listing.errors.append(f"{rel}: {reason}")
+    listing.placed[f"{rel}: {reason}"] = (listing.in_tree(rel), stop, fix)
 
 
 @dataclass(frozen=True)
@@ -194,6 +197,7 @@ def build_scan(
             root = source.root_attrs()
         listing = Listing(_pruner(excluded, spec.under), builder.skipped, builder.errors, skip_errors, expand_zips)
         listing.level = logging.DEBUG if quiet else logging.WARNING
+        listing.under, listing.placed = spec.under, builder.placed
         _add(builder, source, spec.under, "0" if source.is_folder else strip, listing, excluded, bar, str(spec))
     bar.close()
     mode, mtime = root if root is not None else (0o755, 0)
@@ -245,10 +249,12 @@ def _add(
         if problem:
             at, why = problem
             where = at if source.is_folder else f"{label}: {item.path}"
+            fix = "rename or exclude it, or pass --skip-errors to leave it out"
             if not listing.skip_errors:
-                raise SourceError(f"{where}: {why}", "rename or exclude it, or pass --skip-errors to leave it out")
+                raise SourceError(f"{where}: {why}", fix)
             log.log(listing.level, "skipping %s: %s", where, why)
             listing.skipped.append(f"{where} ({why})")
+            listing.placed[f"{where} ({why})"] = (at, f"{where}: {why}", fix)
             refused = (*refused, at + "/")
             continue
         bar.update(1)
@@ -257,7 +263,14 @@ def _add(
             folder = rel[: -len(".zip")]
             builder.add(folder, KIND_DIR, mode, item.mtime_ns, 0, b"", src, None, dir_mtime)
             sub = Listing(
-                _pruner(excluded, folder), listing.skipped, listing.errors, listing.skip_errors, True, listing.level
+                _pruner(excluded, folder),
+                listing.skipped,
+                listing.errors,
+                listing.skip_errors,
+                True,
+                listing.level,
+                folder,
+                listing.placed,
             )
             _add(builder, item.source, folder, "0", sub, excluded, bar, item.source.label)
         else:

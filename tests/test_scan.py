@@ -66,3 +66,56 @@ def test_sources_merge_under_folders_and_refuse_a_path_given_twice(tmp_path: Pat
     assert scan.files == 8 and "copy/b/c" in [d.path for d in scan.dirs]
     with pytest.raises(SourceError, match="a.txt"):
         build_scan([str(src), str(src)])
+
+
+def _same_scan(a, b) -> None:
+    assert [d.path for d in a.dirs] == [d.path for d in b.dirs]
+    for x, y in zip(a.dirs, b.dirs):
+        assert x.rows.tobytes() == y.rows.tobytes() and x.blob == y.blob, x.path
+    assert [a.file_relpath(i) for i in range(a.files)] == [b.file_relpath(i) for i in range(b.files)]
+    assert a.file_size.tolist() == b.file_size.tolist() and a.file_src.tolist() == b.file_src.tolist()
+    assert a.file_ref == b.file_ref
+    assert (a.files, a.symlinks, a.bytes, a.skipped, a.errors) == (b.files, b.symlinks, b.bytes, b.skipped, b.errors)
+
+
+@pytest.mark.parametrize("wanted", [{"b", "b/c"}, {"a.txt", "empty", "link"}, {"b", "b/1.txt", "empty"}, set()])
+def test_a_share_of_a_scan_is_the_scan_of_that_share(tmp_path: Path, wanted: set[str]) -> None:
+    """A shard lists the tree once and keeps its share (Scan.share): the same records,
+    file numbers and left-out entries as a listing that only descended into the share."""
+    src = _tree(tmp_path / "src")
+    os.mkfifo(src / "b" / "pipe")  # left out (not a file): reported only by the share holding it
+    os.mkfifo(src / "empty" / "pipe")
+
+    def include(rel: str) -> bool:
+        return rel in wanted or rel.startswith("b/c/")
+
+    whole = build_scan([str(src)], excludes=["*.bak"], skip_errors=True, quiet=True)
+    alone = build_scan([str(src)], excludes=["*.bak"], include=include)
+    _same_scan(whole.share(include, skip_errors=False), alone)
+
+
+def test_a_share_stops_only_at_what_was_left_out_inside_it(tmp_path: Path) -> None:
+    whole = build_scan([str(_tree(tmp_path / "src"))], excludes=["*.bak"], skip_errors=True)
+    whole.errors.append("b/c: Permission denied")
+    whole.placed["b/c: Permission denied"] = ("b/c", "cannot read b/c: Permission denied", "fix its permissions")
+    only_top = whole.share(lambda rel: "/" not in rel and rel != "b", skip_errors=False)
+    assert only_top.errors == [] and [d.path for d in only_top.dirs] == ["", "empty"]
+    with pytest.raises(SourceError, match="cannot read b/c: Permission denied"):
+        whole.share(lambda rel: True, skip_errors=False)
+    assert whole.share(lambda rel: True, skip_errors=True).errors == ["b/c: Permission denied"]
+
+
+def test_a_shard_pack_lists_its_sources_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lmdbfs import packer, sources
+    from lmdbfs.reader import Archive
+
+    src = _tree(tmp_path / "src")
+    listed = []
+    members = sources.FolderSource.members
+    monkeypatch.setattr(
+        sources.FolderSource, "members", lambda self, listing: listed.append(1) or members(self, listing)
+    )
+    result = packer.pack(str(src), str(tmp_path / "s.lmdb"), packer.PackOptions(progress=False, shard=(0, 2, 1)))
+    assert listed == [1] and result.share is not None and result.share.index == 0
+    with Archive(str(tmp_path / "s.lmdb")) as db:
+        assert db.meta.extra["shard"] == "0/2" and db.meta.files == result.files
