@@ -41,7 +41,6 @@ SERVER_PACKAGES = (
     "conda: libfuse3 lmdb xxhash nettle liburing pkg-config"
 )
 _OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")  # mountinfo writes ' ' as \040
-READAHEAD_KB = 1024  # matches libfuse3's largest READ (max_pages = 256)
 
 
 @dataclass
@@ -61,13 +60,6 @@ class MountOptions:
 def _option_names(options: list[str]) -> set[str]:
     """The option names in -o a,b=c groups (repeatable)."""
     return {item.partition("=")[0].strip() for group in options for item in group.split(",") if item.strip()}
-
-
-def fuse_option_value(text: str) -> str:
-    """``text`` escaped for a libfuse -o option list, where ',' separates options and
-    '\\' escapes the next character (lib/fuse_opt.c): a DB named `a,b=c.lmdb` must not
-    smuggle in an option. Every serving path builds fsname= and the like with this."""
-    return text.replace("\\", "\\\\").replace(",", "\\,")
 
 
 def check_mountpoint(mnt: str) -> None:
@@ -346,8 +338,6 @@ def serve(dbs: list[str], mnt: str, opts: MountOptions) -> None:
     try:
         from . import _serve  # noqa: F401 - loads libfuse3 and the other libraries now
         from . import serve as server
-
-        served = server.describe(dbs)
     except ImportError as exc:  # the C server is missing, or a library it links
         error = MountError(
             f"cannot load the FUSE server ({exc})",
@@ -356,20 +346,16 @@ def serve(dbs: list[str], mnt: str, opts: MountOptions) -> None:
         )
         report(f"error {error.exit_code} {error.one_line()}")
         raise error from None
-    except LmdbfsError as exc:
-        report(f"error {exc.exit_code} {exc.one_line()}")
-        raise
 
     ready = False
 
-    def on_ready() -> None:
+    def on_ready(warnings: list[str]) -> None:
         nonlocal ready
         ready = True
-        _raise_readahead(mnt)
         detached = opts.ready_fd is not None
         log.info("serving %s at %s", " ".join(map(redact, dbs)), mnt)
-        report(" ".join(["ok", *served.warnings[:1]]))
-        for line in served.warnings:
+        report(" ".join(["ok", *warnings[:1]]))
+        for line in warnings:
             log.warning("%s", line)
         if detached and not opts.log_file:
             # Nobody reads a background daemon's stderr once it is up: without
@@ -378,10 +364,13 @@ def serve(dbs: list[str], mnt: str, opts: MountOptions) -> None:
             os.dup2(devnull, 2)
             os.close(devnull)
 
-    fsname = fuse_option_value("lmdbfs:" + "+".join(map(_shown_name, dbs)))
-    args = server.fuse_args(fsname, opts.fuse_options, opts.debug)
     try:
-        status = server.run(mnt, served, args, on_ready, threads=opts.threads, io_uring=opts.io_uring)
+        # The DB list goes down once: serve opens and checks the DBs (their errors come
+        # back typed, as one line for the parent), mounts and serves; the one way back
+        # up is on_ready, because only this process holds the parent's pipe.
+        status = server.serve_dbs(
+            dbs, mnt, opts.fuse_options, opts.debug, on_ready, threads=opts.threads, io_uring=opts.io_uring
+        )
     except LmdbfsError as exc:
         report(f"error {exc.exit_code} {exc.one_line()}")
         raise
@@ -398,32 +387,6 @@ def _configure_cache(opts: MountOptions) -> None:
         from .remote.source import configure_text
 
         configure_text(opts.cache_dir, opts.cache_size, opts.fetch_all)
-
-
-def _shown_name(spec: str) -> str:
-    """A DB's name in /proc/mounts: a file's base name, a URL without its secrets."""
-    if is_url(spec):
-        return redact(spec)
-    prefix, sep, rest = spec.partition("=")
-    if sep and is_url(rest):
-        return f"{prefix}={redact(rest)}"
-    return os.path.basename(spec)
-
-
-def _raise_readahead(mnt: str) -> None:
-    """Let the kernel ask for up to 1 MiB per READ instead of 128 KiB.
-
-    FUSE can only lower the kernel's offer at INIT, but root may raise the mount's
-    own readahead in sysfs: a 300 KB frame then arrives in one request, not three.
-    Files are clamped to their size, so small files cost nothing extra.
-    """
-    try:
-        dev = os.stat(mnt).st_dev
-        with open(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb", "w") as fh:
-            fh.write(str(READAHEAD_KB))
-        log.debug("readahead of %s set to %d KiB", mnt, READAHEAD_KB)
-    except OSError as exc:
-        log.debug("readahead of %s left as it is: %s", mnt, exc)
 
 
 def _setup_daemon_logging(opts: MountOptions) -> None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from .errors import BadDatabase, MountError
 from .format import KEYS_PATH, encode_path
+from .remote.url import is_url, redact
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +110,13 @@ class Served:
 
 def describe(dbs: list[str]) -> Served:
     """Open the DBs as one tree with the reader (which refuses a bad DB, a clash between
-    DBs or a shard given twice, with its typed errors) and describe its layers. The
-    Python environments are closed again: C opens its own."""
+    DBs or a shard given twice, with its typed errors) and describe its layers.
+
+    Each DB is opened twice, on purpose: Python checks what C does not (the meta
+    record's JSON, the format version, truncation, clashes and shard sets) and says what
+    is wrong in one typed line; then its environments are closed before C opens its own,
+    because LMDB forbids one process to hold an environment open twice at once, and
+    py-lmdb's handle cannot be passed to the C server's liblmdb."""
     from .union import open_tree
 
     with open_tree(*dbs) as tree:
@@ -131,7 +137,7 @@ def _fetcher(src):
 
 def fuse_args(fsname: str, options: list[str], debug: bool) -> list[str]:
     """libfuse's command line: read-only, kernel-checked permissions, the user's -o.
-    ``fsname`` comes escaped for an option list (mount.fuse_option_value)."""
+    ``fsname`` comes escaped for an option list (`fuse_option_value`)."""
     args = ["-o", f"ro,default_permissions,fsname={fsname},subtype=lmdbfs"]
     for group in options:
         args += ["-o", group]
@@ -153,6 +159,9 @@ def run(
     /dev/fuse otherwise."""
     from . import _serve
 
+    # C reports INIT on a pipe of its own, not on the parent's ready pipe: "ready" may be
+    # said only after the steps that need the mount to exist (its readahead, the set's
+    # warnings, letting go of stderr), which live in Python and which C knows nothing of.
     read_end, write_end = os.pipe()
 
     def wait_init() -> None:
@@ -190,3 +199,65 @@ def run(
         waiter.join(timeout=5)
         for fetcher in served.fetchers:
             fetcher.stop()
+
+
+READAHEAD_KB = 1024  # matches libfuse3's largest READ (max_pages = 256)
+
+
+def serve_dbs(
+    dbs: list[str],
+    mnt: str,
+    options: list[str],
+    debug: bool,
+    on_ready: Callable[[list[str]], None],
+    threads: bool = True,
+    io_uring: bool = True,
+) -> int:
+    """The daemon's way in, in one place: open and check the DBs (`describe`), mount them
+    at ``mnt`` and serve until unmounted; ``on_ready(warnings)`` runs once the kernel has
+    the mount (its readahead raised). Returns libfuse's status (see `run`)."""
+    served = describe(dbs)
+
+    def ready() -> None:
+        _raise_readahead(mnt)
+        on_ready(served.warnings)
+
+    return run(mnt, served, fuse_args(fsname(dbs), options, debug), ready, threads=threads, io_uring=io_uring)
+
+
+def fsname(dbs: list[str]) -> str:
+    """The mount's name in /proc/mounts (fsname=), escaped for libfuse's option list."""
+    return fuse_option_value("lmdbfs:" + "+".join(map(shown_name, dbs)))
+
+
+def fuse_option_value(text: str) -> str:
+    """``text`` escaped for a libfuse -o option list, where ',' separates options and
+    '\\' escapes the next character (lib/fuse_opt.c): a DB named `a,b=c.lmdb` must not
+    smuggle in an option. `fsname` builds fsname= with this."""
+    return text.replace("\\", "\\\\").replace(",", "\\,")
+
+
+def shown_name(spec: str) -> str:
+    """A DB's name in /proc/mounts: a file's base name, a URL without its secrets."""
+    if is_url(spec):
+        return redact(spec)
+    prefix, sep, rest = spec.partition("=")
+    if sep and is_url(rest):
+        return f"{prefix}={redact(rest)}"
+    return os.path.basename(spec)
+
+
+def _raise_readahead(mnt: str) -> None:
+    """Let the kernel ask for up to 1 MiB per READ instead of 128 KiB.
+
+    FUSE can only lower the kernel's offer at INIT, but root may raise the mount's
+    own readahead in sysfs: a 300 KB frame then arrives in one request, not three.
+    Files are clamped to their size, so small files cost nothing extra.
+    """
+    try:
+        dev = os.stat(mnt).st_dev
+        with open(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb", "w") as fh:
+            fh.write(str(READAHEAD_KB))
+        log.debug("readahead of %s set to %d KiB", mnt, READAHEAD_KB)
+    except OSError as exc:
+        log.debug("readahead of %s left as it is: %s", mnt, exc)

@@ -295,7 +295,7 @@ def test_a_record_packed_with_pack_names_decodes_whole() -> None:
 
 
 def test_fuse_option_values_are_escaped_for_libfuse() -> None:
-    from lmdbfs.mount import fuse_option_value
+    from lmdbfs.serve import fuse_option_value
 
     assert fuse_option_value("lmdbfs:a,b=c\\d.lmdb") == "lmdbfs:a\\,b=c\\\\d.lmdb"
     assert fuse_option_value("plain name.lmdb") == "plain name.lmdb"
