@@ -128,33 +128,31 @@ class Scan:
         for d in dirs:
             if d.path:
                 subdirs[d.path.rpartition("/")[0]] += 1
-        new_index = {d.path: k for k, d in enumerate(dirs)}
         old_index = {d.path: k for k, d in enumerate(self.dirs)}
-        row_map: dict[int, np.ndarray] = {}  # old directory -> each old row's new row (-1: left out)
+        # Each old row's new row (-1: left out), all directories end to end, so each
+        # file's new place is one lookup for all files at once.
+        starts = np.zeros(len(self.dirs) + 1, np.int64)
+        starts[1:] = np.cumsum([len(d.rows) for d in self.dirs])
+        new_row = np.full(int(starts[-1]), -1, np.int64)
+        new_dir = np.full(len(self.dirs), -1, np.int64)
         out_dirs: list[ScannedDir] = []
         for d in dirs:
             names = [d.name(r) for r in range(len(d.rows))]
-            keep = [r for r, name in enumerate(names) if kept(_join(d.path, decode_path(name)))]
+            keep = [r for r, name in enumerate(names) if include(_join(d.path, decode_path(name)))]  # d is kept
             rows = d.rows[keep].copy()
             for r in np.flatnonzero(rows["kind"] == KIND_DIR).tolist():
                 rows["checksum"][r] = subdirs[_join(d.path, decode_path(names[keep[r]]))]
-            pairs = [d.name_and_target(r) for r in keep]
-            rows, blob, _, _ = build_dir([n for n, _ in pairs], [t for _, t in pairs], rows)
-            mapping = np.full(len(d.rows), -1, np.int64)
-            mapping[keep] = np.arange(len(keep))
-            row_map[old_index[d.path]] = mapping
+            ends = (rows["name_off"].astype(np.int64) + rows["name_len"]).tolist()
+            targets = [d.blob[e : e + t] for e, t in zip(ends, rows["target_len"].tolist())]
+            rows, blob, _, _ = build_dir([names[r] for r in keep], targets, rows)
+            k = old_index[d.path]
+            new_row[starts[k] + np.asarray(keep, np.int64)] = np.arange(len(keep))
+            new_dir[k] = len(out_dirs)
             out_dirs.append(ScannedDir(d.path, rows, blob))
-        files = [
-            i
-            for i in range(self.files)
-            if int(self.file_dir[i]) in row_map and row_map[int(self.file_dir[i])][int(self.file_row[i])] >= 0
-        ]
-        take = np.asarray(files, dtype=np.int64)
-        old_dirs = self.file_dir[take].astype(np.int64)
-        dir_renumber = np.full(len(self.dirs), -1, np.int64)
-        for old, k in ((old_index[d.path], new_index[d.path]) for d in dirs):
-            dir_renumber[old] = k
-        file_row = np.array([row_map[int(k)][int(r)] for k, r in zip(old_dirs, self.file_row[take])], np.uint32)
+        old_dir = self.file_dir.astype(np.int64)
+        place = new_row[starts[old_dir] + self.file_row.astype(np.int64)] if self.files else np.zeros(0, np.int64)
+        take = np.flatnonzero(place >= 0)
+        files = take.tolist()
 
         def left(lines: list[str]) -> list[str]:
             return [line for line in lines if line not in self.placed or kept(self.placed[line][0])]
@@ -163,8 +161,8 @@ class Scan:
             log.warning("skipping %s", line)
         return Scan(
             dirs=out_dirs,
-            file_dir=dir_renumber[old_dirs].astype(np.uint32),
-            file_row=file_row,
+            file_dir=new_dir[old_dir[take]].astype(np.uint32),
+            file_row=place[take].astype(np.uint32),
             file_size=self.file_size[take],
             file_src=self.file_src[take],
             file_ref=[self.file_ref[i] for i in files],

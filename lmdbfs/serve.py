@@ -17,10 +17,14 @@ import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .errors import BadDatabase, MountError
 from .format import KEYS_PATH, encode_path
 from .remote.url import is_url, redact
+
+if TYPE_CHECKING:
+    from .tree import Tree
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +72,7 @@ class ServedLayer:
     remote: dict | None = None  # a remote DB: its block cache (lmdbfs.remote.fetcher.Fetcher.describe)
 
 
-def served_layers(tree) -> tuple[list[ServedLayer], list]:
+def served_layers(tree: Tree) -> tuple[list[ServedLayer], list]:
     """The tree's DBs as the C server's layers, and the fetchers of its remote DBs
     (not started: `run` starts them beside the C server)."""
     layers, fetchers = [], []
