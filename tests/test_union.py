@@ -258,3 +258,21 @@ def test_the_c_server_reads_every_declared_layer_field(parts: dict[str, Path], t
             _serve.serve(str(tmp_path / "nowhere"), [partial], [])
     with pytest.raises(TypeError, match="ServedLayer"):
         _serve.serve(str(tmp_path / "nowhere"), [asdict(layer)], [])
+
+
+def test_a_union_is_made_of_its_layers_archives(parts: dict[str, Path]) -> None:
+    """Union is a Tree holding one Archive per layer, not an Archive: a file's reads and
+    checks are its owning layer's, asked through the Archive's public calls."""
+    from lmdbfs.reader import Archive
+    from lmdbfs.tree import Tree
+
+    with lmdbfs.open(f"x={parts['a']}", parts["b"]) as tree:
+        assert isinstance(tree, Tree) and not isinstance(tree, Archive)
+        layers = tree.layers()
+        assert [prefix for prefix, _ in layers] == ["x", ""] and all(isinstance(a, Archive) for _, a in layers)
+        layer, sub = tree.owner("x/train/list.txt")
+        assert layer is layers[0][1] and sub == "train/list.txt"
+        entry = tree.lstat("x/train/list.txt")
+        assert tree.read_range("x/train/list.txt", entry, 1, 3) == layer.read_range(sub, entry, 1, 3) == b"1\ns"
+        assert tree.check("x/train/list.txt") and tree.record("x") is layer.record("")
+        assert tree.key_of("x/train/list.txt") == layer.key_of("train/list.txt")
