@@ -119,3 +119,22 @@ def test_a_shard_pack_lists_its_sources_once(tmp_path: Path, monkeypatch: pytest
     assert listed == [1] and result.share is not None and result.share.index == 0
     with Archive(str(tmp_path / "s.lmdb")) as db:
         assert db.meta.extra["shard"] == "0/2" and db.meta.files == result.files
+
+
+def test_shards_of_sources_placed_under_folders_split_them(tmp_path: Path) -> None:
+    """Each shard keeps a path only when every folder above it is in its share, the
+    folders a source is placed under too (a listing that checked only each entry's own
+    path put the deeper entries of DIR=SRC sources into every shard, which then clashed)."""
+    from lmdbfs import packer
+    from lmdbfs.union import open_tree
+
+    for name, rel in (("s1", "x/f"), ("s2", "y/g")):
+        (tmp_path / name / rel).parent.mkdir(parents=True)
+        (tmp_path / name / rel).write_bytes(name.encode())
+    specs = [f"a={tmp_path / 's1'}", f"b={tmp_path / 's2'}"]
+    dbs = [str(tmp_path / f"{i}.lmdb") for i in range(2)]
+    for i, db in enumerate(dbs):
+        result = packer.pack(specs, db, packer.PackOptions(progress=False, shard=(i, 2, 1)))
+        assert result.files == 1
+    with open_tree(*dbs) as tree:
+        assert tree.read_bytes("a/x/f") == b"s1" and tree.read_bytes("b/y/g") == b"s2" and tree.shard_problems() == []
