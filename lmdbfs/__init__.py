@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 from .errors import LmdbfsError  # noqa: E402
 
 if TYPE_CHECKING:
-    from .reader import Archive
+    from .read.reader import Archive
 
 __all__ = ["Archive", "LmdbfsError", "open", "__version__"]
 
@@ -20,7 +20,7 @@ def open(*dbs: Any, **kwargs: Any) -> Archive:  # noqa: A001 - the API's name
     several DBs (``open("a.lmdb", "b.lmdb")``, ``open(["got10k.0.lmdb", ...])``) or
     DBs under folders (``open("got10k=GOT-10k.lmdb", "lasot=LaSOT.lmdb")``) give one
     `lmdbfs.union.Union` tree with the same API."""
-    from .union import open_tree
+    from .read.union import open_tree
 
     return open_tree(*dbs, **kwargs)
 
@@ -28,7 +28,7 @@ def open(*dbs: Any, **kwargs: Any) -> Archive:  # noqa: A001 - the API's name
 def __getattr__(name: str) -> Any:
     # Imported on first use, so `lmdbfs mount` and `--help` do not pay for numpy.
     if name == "Archive":
-        from .reader import Archive
+        from .read.reader import Archive
 
         return Archive
     raise AttributeError(f"module 'lmdbfs' has no attribute {name!r}")

@@ -76,8 +76,8 @@ def timed(label: str, code: str, db: Path, cold: bool) -> float:
         evict(db)
     prog = (
         "import time, lmdb, sys\n"
-        "from lmdbfs import btree\n"
-        "from lmdbfs.adopt import AdoptOptions, adopt\n"
+        "from lmdbfs.db import btree\n"
+        "from lmdbfs.adopt.adopt import AdoptOptions, adopt\n"
         f"db = {str(db)!r}\n"
         "t = time.perf_counter()\n" + code + "\nprint(time.perf_counter() - t)\n"
     )

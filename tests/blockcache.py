@@ -25,8 +25,8 @@ from pathlib import Path
 
 import lmdb
 
-from lmdbfs import store
-from lmdbfs.format import INDEX_DB
+from lmdbfs.db import store
+from lmdbfs.format.records import INDEX_DB
 
 from .conftest import is_mounted
 

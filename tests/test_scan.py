@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from lmdbfs.errors import SourceError
-from lmdbfs.format import KIND_DIR, KIND_FILE, KIND_SYMLINK
-from lmdbfs.scan import Excluder
-from lmdbfs.sources import build_scan
+from lmdbfs.format.records import KIND_DIR, KIND_FILE, KIND_SYMLINK
+from lmdbfs.pack.scan import Excluder
+from lmdbfs.pack.sources import build_scan
 
 
 def _tree(root: Path) -> Path:

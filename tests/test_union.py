@@ -13,7 +13,7 @@ import pytest
 
 import lmdbfs
 from lmdbfs.errors import LayerConflict
-from lmdbfs.union import Union, layer_descriptions
+from lmdbfs.read.union import Union, layer_descriptions
 
 from .conftest import is_mounted, one_error_line, run_cli
 from .test_mount import _without_write_bits

@@ -18,8 +18,8 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .errors import BadDatabase, MountError
-from .format import KEYS_PATH, encode_path
+from ..errors import BadDatabase, MountError
+from ..format.records import KEYS_PATH, encode_path
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def describe(dbs: list[str]) -> Served:
     """Open the DBs as one tree with the reader (which refuses a bad DB, a clash between
     DBs or a shard given twice, with its typed errors) and describe its layers. The
     Python environments are closed again: C opens its own."""
-    from .union import layer_descriptions, open_tree
+    from ..read.union import layer_descriptions, open_tree
 
     fetchers = []
     with open_tree(*dbs) as tree:
@@ -94,7 +94,7 @@ def describe(dbs: list[str]) -> Served:
 
 def _fetcher(src):
     """The fetcher that fills the blocks C claims in a remote layer (started by `run`)."""
-    from .remote.fetcher import Fetcher
+    from ..remote.fetcher import Fetcher
 
     return Fetcher(src)
 
@@ -121,7 +121,7 @@ def run(
     With ``io_uring`` (and threads), requests come through FUSE over io_uring where the
     kernel offers it (Linux 6.14+ with the fuse module's enable_uring on), through
     /dev/fuse otherwise."""
-    from . import _serve
+    from .. import _serve
 
     read_end, write_end = os.pipe()
 

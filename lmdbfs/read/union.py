@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import BadDatabase, LayerConflict
-from .format import (
+from ..errors import BadDatabase, LayerConflict
+from ..format.records import (
     FLAG_INLINE,
     KIND_DIR,
     KIND_NAMES,
@@ -38,10 +38,10 @@ from .format import (
     new_rows,
     pack_inline,
 )
+from ..pack.shard import set_problems
+from ..remote.url import is_url
 from .handle import DirCache
 from .reader import DEFAULT_DIR_CACHE_BYTES, Archive, normpath
-from .remote.url import is_url
-from .shard import set_problems
 
 _SOURCES_MAX = 1 << 16  # remembered directory -> layers answers (~10 MB at most)
 _VIRTUAL_MODE = 0o755

@@ -30,10 +30,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm import tqdm
 
-from . import __version__
-from .errors import DestinationExists, SourceError
-from .feed import Large, read_in_order
-from .format import (
+from .. import __version__
+from ..errors import DestinationExists, SourceError
+from ..format.records import (
     COMPACT_VERSION,
     FORMAT_VERSION,
     INDEX_DB,
@@ -49,6 +48,7 @@ from .format import (
     checksum,
     output_files,
 )
+from .feed import Large, read_in_order
 from .scan import Scan
 from .sources import SourceSpec, build_scan
 from .writer import DATA_FILE, Keys, Writer

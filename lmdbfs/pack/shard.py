@@ -20,8 +20,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import UsageError
-from .format import KIND_DIR, decode_path, output_files
+from ..errors import UsageError
+from ..format.records import KIND_DIR, decode_path, output_files
 
 
 def parse_shard(text: str) -> tuple[int, int]:

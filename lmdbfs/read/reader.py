@@ -20,9 +20,10 @@ from typing import Any
 
 import xxhash
 
-from . import foreign, store
-from .errors import CorruptValue, IsADirectory, LmdbfsError, NotADirectory, NotASymlink, PathNotFound
-from .format import (
+from ..db import foreign, store
+from ..errors import CorruptValue, IsADirectory, LmdbfsError, NotADirectory, NotASymlink, PathNotFound
+from ..format.recordcheck import decode_dir
+from ..format.records import (
     DEPTH_MAX,
     KIND_DIR,
     KIND_FILE,
@@ -35,7 +36,6 @@ from .format import (
     dir_key,
 )
 from .handle import DirCache, Handle
-from .recordcheck import decode_dir
 from .valuefile import OPEN_WHOLE, ValueFile
 
 log = logging.getLogger(__name__)
