@@ -10,8 +10,8 @@ __version__ = "0.1.0"
 from .errors import LmdbfsError  # noqa: E402
 
 if TYPE_CHECKING:
-    from .reader import Archive
-    from .tree import Tree
+    from .read.reader import Archive
+    from .read.tree import Tree
 
 __all__ = ["Archive", "LmdbfsError", "open", "__version__"]
 
@@ -20,8 +20,8 @@ def open(*dbs: Any, **kwargs: Any) -> Tree:  # noqa: A001 - the API's name
     """Open packed DBs for reading: ``open("got10k.lmdb")`` gives an `Archive`;
     several DBs (``open("a.lmdb", "b.lmdb")``, ``open(["got10k.0.lmdb", ...])``) or
     DBs under folders (``open("got10k=GOT-10k.lmdb", "lasot=LaSOT.lmdb")``) give one
-    `lmdbfs.union.Union` tree with the same API (both are `lmdbfs.tree.Tree`s)."""
-    from .union import open_tree
+    `lmdbfs.read.union.Union` tree with the same API (both are `lmdbfs.read.tree.Tree`s)."""
+    from .read.union import open_tree
 
     return open_tree(*dbs, **kwargs)
 
@@ -29,7 +29,7 @@ def open(*dbs: Any, **kwargs: Any) -> Tree:  # noqa: A001 - the API's name
 def __getattr__(name: str) -> Any:
     # Imported on first use, so `lmdbfs mount` and `--help` do not pay for numpy.
     if name == "Archive":
-        from .reader import Archive
+        from .read.reader import Archive
 
         return Archive
     raise AttributeError(f"module 'lmdbfs' has no attribute {name!r}")

@@ -7,7 +7,7 @@ pages evicted from the page cache with posix_fadvise, this file only) and warm:
 
 * keys only:   py-lmdb cursor walk, keys without values (the floor: B-tree pages only),
                opened as STARK opens it (readahead=False); "keys, ra" with readahead
-* leaf walk:   lmdbfs.btree.leaves (keys + value sizes + offsets, no value page read)
+* leaf walk:   lmdbfs.db.btree.leaves (keys + value sizes + offsets, no value page read)
 * adopt:       the whole `lmdbfs adopt` (leaf walk, index build, index write)
 * with values: py-lmdb cursor walk taking each value as a buffer and its len() —
                what adopt would cost through py-lmdb, which touches every value page
@@ -76,8 +76,8 @@ def timed(label: str, code: str, db: Path, cold: bool) -> float:
         evict(db)
     prog = (
         "import time, lmdb, sys\n"
-        "from lmdbfs import btree\n"
-        "from lmdbfs.adopt import AdoptOptions, adopt\n"
+        "from lmdbfs.db import btree\n"
+        "from lmdbfs.adopt.adopt import AdoptOptions, adopt\n"
         f"db = {str(db)!r}\n"
         "t = time.perf_counter()\n" + code + "\nprint(time.perf_counter() - t)\n"
     )

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import lmdb
 
-from lmdbfs import store
-from lmdbfs.format import INDEX_DB
+from lmdbfs.db import store
+from lmdbfs.format.records import INDEX_DB
 
 from .conftest import is_mounted
 
@@ -162,7 +162,7 @@ class Fetcher:
 
 _SERVER = """
 import sys
-from lmdbfs import serve
+from lmdbfs.fuse import serve
 db, data, state, block, fd, mnt, url, stuck, uring = sys.argv[1:]
 served = serve.describe([db])
 layer = served.layers[0]

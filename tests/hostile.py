@@ -25,7 +25,7 @@ from pathlib import Path
 import lmdb
 import numpy as np
 
-from lmdbfs.format import (
+from lmdbfs.format.records import (
     ENTRY_DTYPE,
     FLAG_INLINE,
     INDEX_DB,
@@ -36,7 +36,7 @@ from lmdbfs.format import (
     pack_inline,
     pack_names,
 )
-from lmdbfs.packer import PackOptions, pack
+from lmdbfs.pack.packer import PackOptions, pack
 
 _HEADER = struct.Struct("<4sIII")
 CHILD_MEMORY = 192 << 20  # address space a command may add to what it starts with
@@ -264,7 +264,7 @@ def run_forked(argv: list[str], tmp: Path, memory: int = CHILD_MEMORY, seconds: 
             limit = _vm_size() + memory
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
             signal.alarm(seconds)
-            from lmdbfs.cli import main
+            from lmdbfs.cli.main import main
 
             code = main(argv)
         except SystemExit as exc:

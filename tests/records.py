@@ -9,7 +9,7 @@ import numpy as np
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
-from lmdbfs.format import (
+from lmdbfs.format.records import (
     INLINE_MAX,
     KIND_DIR,
     KIND_FILE,

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 import lmdbfs
-from lmdbfs import btree
+from lmdbfs.db import btree
 from tests.conftest import load_script, one_error_line, run_cli
 
 pytestmark = pytest.mark.slow  # builds foreign DBs and adopts them end to end
@@ -311,7 +311,7 @@ def test_key_check_agrees_with_a_plain_reference() -> None:
     """The fast substring tests in bad_path_reason clear exactly the clean keys."""
     import random
 
-    from lmdbfs.foreign import bad_path_reason
+    from lmdbfs.db.foreign import bad_path_reason
 
     rnd = random.Random(5)
     atoms = [b"a", b"b.jpg", b".", b"..", b"/", b"\0", b"\xff", b"\xc3\xa9", b".hidden", b"x" * 200, b"y" * 56]

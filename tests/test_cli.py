@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from lmdbfs import cli
+from lmdbfs.cli.main import main as cli
 from lmdbfs.errors import EXIT_NOT_FOUND, EXIT_OK, EXIT_USAGE
-from lmdbfs.packer import PackOptions, pack
+from lmdbfs.pack.packer import PackOptions, pack
 
 
 @pytest.fixture(scope="module")

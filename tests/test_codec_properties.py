@@ -10,7 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lmdbfs.errors import BadDatabase, CorruptValue
-from lmdbfs.format import (
+from lmdbfs.format.recordcheck import decode_dir
+from lmdbfs.format.records import (
     INLINE_MAX,
     KIND_DIR,
     KIND_FILE,
@@ -21,7 +22,6 @@ from lmdbfs.format import (
     encode_dir,
     new_rows,
 )
-from lmdbfs.recordcheck import decode_dir
 
 from .records import FAST, entries, names, record_of, record_v3
 

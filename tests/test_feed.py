@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lmdbfs.feed import read_in_order
-from lmdbfs.sources import build_scan
+from lmdbfs.pack.feed import read_in_order
+from lmdbfs.pack.sources import build_scan
 
 
 def _folder(root: Path, n: int = 700) -> Path:

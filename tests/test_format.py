@@ -9,7 +9,8 @@ import stat
 import pytest
 
 from lmdbfs.errors import BadDatabase, FormatVersionError, IncompleteDatabase
-from lmdbfs.format import (
+from lmdbfs.format.recordcheck import decode_dir
+from lmdbfs.format.records import (
     DIR_HEADER,
     DIR_MAGIC,
     ENTRY_DTYPE,
@@ -32,7 +33,6 @@ from lmdbfs.format import (
     pack_inline,
     pack_names,
 )
-from lmdbfs.recordcheck import decode_dir
 
 
 def test_keys_are_the_md5_of_the_prefixed_path_or_the_path_itself() -> None:

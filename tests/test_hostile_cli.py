@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lmdbfs.format import encode_dir, new_rows, pack_names
+from lmdbfs.format.records import encode_dir, new_rows, pack_names
 
 from . import hostile as H
 from .conftest import one_error_line, run_cli
@@ -288,14 +288,14 @@ def test_a_record_packed_with_pack_names_decodes_whole() -> None:
     rows["kind"] = [1, 2, 3]
     rows["size"] = [0, 0, 4]
     blob = pack_names(rows, [b"a", b"b", b"c"], [b"", b"", b"../a"])
-    from lmdbfs.recordcheck import decode_dir
+    from lmdbfs.format.recordcheck import decode_dir
 
     rec = decode_dir(encode_dir("x", rows, blob), "x", data_size=0)
     assert rec.names == ["a", "b", "c"] and not rec.bad
 
 
 def test_fuse_option_values_are_escaped_for_libfuse() -> None:
-    from lmdbfs.serve import fuse_option_value
+    from lmdbfs.fuse.serve import fuse_option_value
 
     assert fuse_option_value("lmdbfs:a,b=c\\d.lmdb") == "lmdbfs:a\\,b=c\\\\d.lmdb"
     assert fuse_option_value("plain name.lmdb") == "plain name.lmdb"

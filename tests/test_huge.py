@@ -22,8 +22,8 @@ import pytest
 import xxhash
 
 import lmdbfs
-from lmdbfs.feed import LARGE_BYTES
-from lmdbfs.format import VALUE_MAX
+from lmdbfs.format.records import VALUE_MAX
+from lmdbfs.pack.feed import LARGE_BYTES
 
 ANON_BOUND = 256 << 20
 GiB = 1 << 30

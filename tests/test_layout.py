@@ -14,7 +14,7 @@ import lmdb
 import pytest
 
 import lmdbfs
-from lmdbfs.format import COMPACT_VERSION, FORMAT_VERSION, INLINE_MAX
+from lmdbfs.format.records import COMPACT_VERSION, FORMAT_VERSION, INLINE_MAX
 
 from .conftest import load_script, run_cli
 from .treecmp import differences, snapshot

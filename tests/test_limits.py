@@ -16,9 +16,11 @@ from pathlib import Path
 import pytest
 
 import lmdbfs
-from lmdbfs import _serve, format, scan, writer
+from lmdbfs import _serve
 from lmdbfs.errors import SourceError
-from lmdbfs.packer import PackOptions, pack
+from lmdbfs.format import records as format
+from lmdbfs.pack import scan, writer
+from lmdbfs.pack.packer import PackOptions, pack
 
 from .conftest import ROOT, one_error_line, run_cli
 

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 import lmdbfs
-from lmdbfs import store
-from lmdbfs.format import (
+from lmdbfs.db import store
+from lmdbfs.format.records import (
     FORMAT_VERSION,
     INDEX_DB,
     META_DB,
@@ -342,9 +342,9 @@ def test_map_grows_when_the_first_estimate_is_too_small(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The packer never needs a hard-coded map size: a full map grows and the batch is redone."""
-    from lmdbfs import packer, writer
+    from lmdbfs.pack import packer, writer
 
-    caplog.set_level("INFO", logger="lmdbfs.writer")
+    caplog.set_level("INFO", logger="lmdbfs.pack.writer")
     src = tmp_path / "src"
     _slow_tree(src, files=100, size=300_000)  # 30 MB
     monkeypatch.setattr(packer, "_map_size_for", lambda scan: 2 << 20)
@@ -362,7 +362,7 @@ def test_pack_memory_does_not_grow_with_the_data(tmp_path: Path) -> None:
     # VmHWM belongs to the packer's own address space (ru_maxrss would also count the
     # forked test process before exec).
     code = (
-        "import sys; from lmdbfs.cli import main; rc = main(sys.argv[1:]); "
+        "import sys; from lmdbfs.cli.main import main; rc = main(sys.argv[1:]); "
         "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0]); sys.exit(rc)"
     )
     proc = subprocess.run(
@@ -431,7 +431,7 @@ def test_commits_start_their_writeback_instead_of_leaving_it_to_the_final_fsync(
     finally:
         os.close(fd)
     # ... and the packer calls it as it commits, not only at the end.
-    from lmdbfs import packer, writer
+    from lmdbfs.pack import packer, writer
 
     src = tmp_path / "src"
     src.mkdir()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import lmdbfs
-from lmdbfs.format import FLAG_INLINE, INLINE_MAX
+from lmdbfs.format.records import FLAG_INLINE, INLINE_MAX
 
 from .conftest import run_cli
 

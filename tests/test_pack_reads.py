@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 import lmdbfs
-from lmdbfs import packer
 from lmdbfs.errors import SourceError
-from lmdbfs.sources import FolderSource
+from lmdbfs.pack import packer
+from lmdbfs.pack.sources import FolderSource
 
 
 def _tree(root: Path) -> dict[str, bytes]:

@@ -11,8 +11,8 @@ import pytest
 
 import lmdbfs
 from lmdbfs.errors import IsADirectory, NotADirectory, NotASymlink, PathNotFound
-from lmdbfs.format import INLINE_MAX
-from lmdbfs.packer import PackOptions, pack
+from lmdbfs.format.records import INLINE_MAX
+from lmdbfs.pack.packer import PackOptions, pack
 
 FILES = {"a/1.txt": b"one\n", "a/big.bin": os.urandom(3 * INLINE_MAX), "b/c/deep.txt": b"deep", "top.txt": b""}
 

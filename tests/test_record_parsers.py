@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 
 from lmdbfs import _serve
 from lmdbfs.errors import CorruptValue
-from lmdbfs.format import ENTRY_DTYPE, FLAG_INLINE, INLINE_LIMIT, TARGET_MAX, encode_dir, encode_path, new_rows
-from lmdbfs.recordcheck import decode_dir
+from lmdbfs.format.recordcheck import decode_dir
+from lmdbfs.format.records import ENTRY_DTYPE, FLAG_INLINE, INLINE_LIMIT, TARGET_MAX, encode_dir, encode_path, new_rows
 
 from .hostile import split_record
 from .records import FAST, entries, names, record_of, record_v3

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from lmdbfs.errors import SourceError
-from lmdbfs.format import KIND_DIR, KIND_FILE, KIND_SYMLINK
-from lmdbfs.scan import Excluder
-from lmdbfs.sources import build_scan
+from lmdbfs.format.records import KIND_DIR, KIND_FILE, KIND_SYMLINK
+from lmdbfs.pack.scan import Excluder
+from lmdbfs.pack.sources import build_scan
 
 
 def _tree(root: Path) -> Path:
@@ -106,8 +106,8 @@ def test_a_share_stops_only_at_what_was_left_out_inside_it(tmp_path: Path) -> No
 
 
 def test_a_shard_pack_lists_its_sources_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from lmdbfs import packer, sources
-    from lmdbfs.reader import Archive
+    from lmdbfs.pack import packer, sources
+    from lmdbfs.read.reader import Archive
 
     src = _tree(tmp_path / "src")
     listed = []
@@ -125,8 +125,8 @@ def test_shards_of_sources_placed_under_folders_split_them(tmp_path: Path) -> No
     """Each shard keeps a path only when every folder above it is in its share, the
     folders a source is placed under too (a listing that checked only each entry's own
     path put the deeper entries of DIR=SRC sources into every shard, which then clashed)."""
-    from lmdbfs import packer
-    from lmdbfs.union import open_tree
+    from lmdbfs.pack import packer
+    from lmdbfs.read.union import open_tree
 
     for name, rel in (("s1", "x/f"), ("s2", "y/g")):
         (tmp_path / name / rel).parent.mkdir(parents=True)

@@ -20,9 +20,9 @@ import lmdb
 import pytest
 
 from lmdbfs import open as lmdbfs_open
-from lmdbfs import store
-from lmdbfs.format import INDEX_DB, dir_key
-from lmdbfs.recordcheck import decode_dir
+from lmdbfs.db import store
+from lmdbfs.format.recordcheck import decode_dir
+from lmdbfs.format.records import INDEX_DB, dir_key
 
 from .conftest import TRANSPORTS, is_mounted, one_error_line, run_cli
 from .treecmp import differences, snapshot
@@ -132,7 +132,7 @@ def _serve_layers(mnt: Path, layers: list[tuple[Path, str]], log: Path) -> subpr
     """A daemon serving several DBs in one tree, driven through the serving module itself."""
     script = (
         "import sys\n"
-        "from lmdbfs import serve\n"
+        "from lmdbfs.fuse import serve\n"
         "mnt, pairs = sys.argv[1], sys.argv[2:]\n"
         "specs = [f'{pairs[i + 1]}={pairs[i]}' if pairs[i + 1] else pairs[i] for i in range(0, len(pairs), 2)]\n"
         "served = serve.describe(specs)\n"

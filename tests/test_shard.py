@@ -7,7 +7,7 @@ import random
 import pytest
 
 from lmdbfs.errors import UsageError
-from lmdbfs.shard import deal, parse_shard, plan, set_problems, split_depth, units_at
+from lmdbfs.pack.shard import deal, parse_shard, plan, set_problems, split_depth, units_at
 
 DIR, FILE = 2, 1
 

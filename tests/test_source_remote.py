@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from lmdbfs import _serve, serve
+from lmdbfs import _serve
+from lmdbfs.fuse import serve
 
 from .blockcache import (
     ABSENT,

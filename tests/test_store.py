@@ -9,9 +9,9 @@ from pathlib import Path
 import lmdb
 import pytest
 
-from lmdbfs import store
+from lmdbfs.db import store
 from lmdbfs.errors import BadDatabase, IncompleteDatabase
-from lmdbfs.packer import PackOptions, pack
+from lmdbfs.pack.packer import PackOptions, pack
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ import pytest
 
 import lmdbfs
 from lmdbfs.errors import LayerConflict
-from lmdbfs.serve import served_layers
-from lmdbfs.union import Union
+from lmdbfs.fuse.serve import served_layers
+from lmdbfs.read.union import Union
 
 from .conftest import is_mounted, one_error_line, run_cli
 from .test_mount import _without_write_bits
@@ -263,8 +263,8 @@ def test_the_c_server_reads_every_declared_layer_field(parts: dict[str, Path], t
 def test_a_union_is_made_of_its_layers_archives(parts: dict[str, Path]) -> None:
     """Union is a Tree holding one Archive per layer, not an Archive: a file's reads and
     checks are its owning layer's, asked through the Archive's public calls."""
-    from lmdbfs.reader import Archive
-    from lmdbfs.tree import Tree
+    from lmdbfs.read.reader import Archive
+    from lmdbfs.read.tree import Tree
 
     with lmdbfs.open(f"x={parts['a']}", parts["b"]) as tree:
         assert isinstance(tree, Tree) and not isinstance(tree, Archive)

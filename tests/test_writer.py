@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 
 import lmdbfs
-from lmdbfs.format import INLINE_MAX, KEYS_MD5, KEYS_PATH, Meta, checksum, content_key
-from lmdbfs.sources import build_scan
-from lmdbfs.writer import Keys, Writer, _files_by_dir
+from lmdbfs.format.records import INLINE_MAX, KEYS_MD5, KEYS_PATH, Meta, checksum, content_key
+from lmdbfs.pack.sources import build_scan
+from lmdbfs.pack.writer import Keys, Writer, _files_by_dir
 
 SIZES = {"a/small.txt": 10, "a/big.bin": 3 * INLINE_MAX, "b/empty": 0, "b/c/tiny": 1, "top.bin": 70_000}
 

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import os
 
-from .. import btree
+from ..db import btree
 from ..errors import BadDatabase
-from ..format import INDEX_DB, META_DB, dir_head_len
+from ..format.records import INDEX_DB, META_DB, dir_head_len
 
 _HEAD_PROBE = 16  # a record's header: magic, entries, own-path length, blob length
 

@@ -20,8 +20,8 @@ import re
 import sys
 from collections.abc import Sequence
 
-from .errors import EXIT_MOUNT, LmdbfsError, MountError
-from .remote.url import is_url
+from ..errors import EXIT_MOUNT, LmdbfsError, MountError
+from ..remote.url import is_url
 
 log = logging.getLogger("lmdbfs")
 

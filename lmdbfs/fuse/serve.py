@@ -19,12 +19,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .errors import BadDatabase, MountError
-from .format import KEYS_PATH, encode_path
-from .remote.url import is_url, redact
+from ..errors import BadDatabase, MountError
+from ..format.records import KEYS_PATH, encode_path
+from ..remote.url import is_url, redact
 
 if TYPE_CHECKING:
-    from .tree import Tree
+    from ..read.tree import Tree
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def describe(dbs: list[str]) -> Served:
     is wrong in one typed line; then its environments are closed before C opens its own,
     because LMDB forbids one process to hold an environment open twice at once, and
     py-lmdb's handle cannot be passed to the C server's liblmdb."""
-    from .union import open_tree
+    from ..read.union import open_tree
 
     with open_tree(*dbs) as tree:
         warnings = [line for _kind, line in getattr(tree, "shard_problems", list)()]
@@ -134,7 +134,7 @@ def describe(dbs: list[str]) -> Served:
 
 def _fetcher(src):
     """The fetcher that fills the blocks C claims in a remote layer (started by `run`)."""
-    from .remote.fetcher import Fetcher
+    from ..remote.fetcher import Fetcher
 
     return Fetcher(src)
 
@@ -161,7 +161,7 @@ def run(
     With ``io_uring`` (and threads), requests come through FUSE over io_uring where the
     kernel offers it (Linux 6.14+ with the fuse module's enable_uring on), through
     /dev/fuse otherwise."""
-    from . import _serve
+    from .. import _serve
 
     # C reports INIT on a pipe of its own, not on the parent's ready pipe: "ready" may be
     # said only after the steps that need the mount to exist (its readahead, the set's

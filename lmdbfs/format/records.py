@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from .errors import BadDatabase, CorruptValue, FormatVersionError, IncompleteDatabase
+from ..errors import BadDatabase, CorruptValue, FormatVersionError, IncompleteDatabase
 from .jsoncheck import INT64_MAX, field_problem
 
 FORMAT_NAME = "lmdbfs"

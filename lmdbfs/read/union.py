@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import BadDatabase, LayerConflict
-from .format import (
+from ..errors import BadDatabase, LayerConflict
+from ..format.records import (
     KIND_DIR,
     KIND_NAMES,
     DirRecord,
@@ -36,10 +36,10 @@ from .format import (
     encode_path,
     new_rows,
 )
+from ..pack.shard import set_problems
+from ..remote.url import is_url
 from .handle import DirCache
 from .reader import DEFAULT_DIR_CACHE_BYTES, Archive
-from .remote.url import is_url
-from .shard import set_problems
 from .tree import Tree, normpath
 
 _SOURCES_MAX = 1 << 16  # remembered directory -> layers answers (~10 MB at most)

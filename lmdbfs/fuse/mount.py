@@ -24,8 +24,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from .errors import LmdbfsError, MountError
-from .remote.url import is_url, redact
+from ..errors import LmdbfsError, MountError
+from ..remote.url import is_url, redact
 
 log = logging.getLogger(__name__)
 
@@ -336,7 +336,7 @@ def serve(dbs: list[str], mnt: str, opts: MountOptions) -> None:
             ready_fd = None
 
     try:
-        from . import _serve  # noqa: F401 - loads libfuse3 and the other libraries now
+        from .. import _serve  # noqa: F401 - loads libfuse3 and the other libraries now
         from . import serve as server
     except ImportError as exc:  # the C server is missing, or a library it links
         error = MountError(
@@ -384,7 +384,7 @@ def serve(dbs: list[str], mnt: str, opts: MountOptions) -> None:
 def _configure_cache(opts: MountOptions) -> None:
     """Where a remote DB's block cache lives and how large it may grow, for this process."""
     if opts.cache_dir or opts.cache_size or opts.fetch_all:
-        from .remote.source import configure_text
+        from ..remote.source import configure_text
 
         configure_text(opts.cache_dir, opts.cache_size, opts.fetch_all)
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from .errors import BadDatabase
+from ..errors import BadDatabase
 
 _MAGIC = 0xBEEFC0DE
 _DATA_VERSION = 1

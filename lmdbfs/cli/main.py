@@ -12,22 +12,22 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
-from . import __version__
-from .errors import EXIT_CORRUPT, EXIT_FAILURE, EXIT_INTERRUPTED, CorruptValue, LmdbfsError, UsageError, exit_code_of
-from .remote.url import is_url, redact
+from .. import __version__
+from ..errors import EXIT_CORRUPT, EXIT_FAILURE, EXIT_INTERRUPTED, CorruptValue, LmdbfsError, UsageError, exit_code_of
+from ..remote.url import is_url, redact
 
 log = logging.getLogger("lmdbfs")
 
 
 def _archive(args: argparse.Namespace):
-    from .reader import Archive
+    from ..read.reader import Archive
 
     return Archive(args.db)
 
 
 def _tree(dbs: list[str]):
     """One DB, or several served as one tree (DB at the root, NAME=DB under a folder)."""
-    from .union import open_tree
+    from ..read.union import open_tree
 
     return open_tree(*dbs)
 
@@ -62,11 +62,11 @@ def _split_dbs(words: list[str]) -> tuple[list[str], list[str]]:
 
 
 def cmd_pack(args: argparse.Namespace) -> int:
-    from .packer import PackOptions, pack
+    from ..pack.packer import PackOptions, pack
 
     shard = None
     if args.shard:
-        from .shard import parse_shard
+        from ..pack.shard import parse_shard
 
         shard = (*parse_shard(args.shard), args.shard_depth)
     elif args.shard_depth is not None:
@@ -107,7 +107,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
 
 
 def cmd_adopt(args: argparse.Namespace) -> int:
-    from .adopt import SHOW, AdoptOptions, adopt
+    from ..adopt.adopt import SHOW, AdoptOptions, adopt
 
     opts = AdoptOptions(
         index=args.index,
@@ -138,7 +138,7 @@ def cmd_adopt(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .ops import info
+    from ..read.ops import info
 
     with _archive(args) as archive:
         data = info(archive)
@@ -203,8 +203,8 @@ def cmd_cat(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .union import shard_problems
-    from .verify import verify
+    from ..read.union import shard_problems
+    from ..read.verify import verify
 
     # `verify --against SRC DB...`: the DBs after the sources belong to the DB list.
     while args.against and _is_db_arg(args.against[-1]):
@@ -235,7 +235,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_unpack(args: argparse.Namespace) -> int:
-    from .ops import unpack
+    from ..read.ops import unpack
 
     with _tree(args.dbs) as archive:
         result = unpack(
@@ -248,7 +248,7 @@ def cmd_unpack(args: argparse.Namespace) -> int:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    from .mount import MountOptions, mount
+    from ..fuse.mount import MountOptions, mount
 
     opts = MountOptions(
         foreground=args.foreground,
@@ -267,7 +267,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
-    from .mount import umount
+    from ..fuse.mount import umount
 
     umount(args.mountpoint)
     return 0
@@ -485,7 +485,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
     if "-o" in words and not words[0].startswith("-") and words[0] not in _COMMANDS:
         # `lmdbfs SOURCE MOUNTPOINT -o OPTS`: how mount.fuse3 runs us for `mount -t fuse.lmdbfs`.
-        from .mounthelper import main as mount_helper
+        from ..fuse.mounthelper import main as mount_helper
 
         return mount_helper(words)
     args = parser.parse_args(words)
@@ -494,10 +494,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="lmdbfs: %(levelname)s: %(message)s",
     )
     if args.command != "mount" and not args.verbose:
-        logging.getLogger("lmdbfs.reader").setLevel(logging.ERROR)  # commands report damaged entries themselves
+        logging.getLogger("lmdbfs.read.reader").setLevel(logging.ERROR)  # commands report damaged entries themselves
     try:
         if getattr(args, "cache_dir", None) or getattr(args, "cache_size", None):
-            from .remote.source import configure_text
+            from ..remote.source import configure_text
 
             configure_text(args.cache_dir, args.cache_size)
         return args.func(args)

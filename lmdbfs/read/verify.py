@@ -18,9 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm import tqdm
 
-from .errors import BadDatabase, CorruptValue, LmdbfsError
-from .feed import PIECE_BYTES, Large, read_in_order
-from .format import (
+from ..errors import BadDatabase, CorruptValue, LmdbfsError
+from ..format.records import (
     KIND_DIR,
     KIND_FILE,
     KIND_NAMES,
@@ -32,9 +31,10 @@ from .format import (
     decode_path,
     output_files,
 )
+from ..pack.feed import PIECE_BYTES, Large, read_in_order
+from ..pack.scan import Scan, ScannedDir
+from ..pack.sources import build_scan
 from .reader import Archive
-from .scan import Scan, ScannedDir
-from .sources import build_scan
 from .tree import Tree
 
 READ_WORKERS = 8  # threads reading the sources, as `lmdbfs pack` does by default

@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 from typing import Any, Protocol
 
-from .format import Entry
+from ..format.records import Entry
 
 OPEN_WHOLE = 64 << 20  # Archive.open reads files up to this size whole, larger ones through ValueFile
 

@@ -13,10 +13,10 @@ from typing import Any
 
 import lmdb
 
-from . import foreign, store
-from .errors import BadDatabase
-from .format import DirRecord
-from .remote.url import is_url
+from ..db import foreign, store
+from ..errors import BadDatabase
+from ..format.records import DirRecord
+from ..remote.url import is_url
 
 UNMAP_EVERY = 64  # key lookups between handing mapped pages back (~50 MB mapped at most)
 BULK_UNMAP_EVERY = 1 << 16  # the same for `Lookups`: 27 s to verify 1.44M files, against 40 s at 1 << 14, 52 s at 4096
@@ -67,7 +67,7 @@ class Handle:
     def __init__(self, path: str) -> None:
         self.remote = None  # a remote DB: its byte source (lmdbfs.remote), under the layer
         if is_url(path):
-            from .remote.source import open_source
+            from ..remote.source import open_source
 
             self.remote = open_source(path)
             index_path = self.remote.data_path  # the cache's sparse copy, its index pinned

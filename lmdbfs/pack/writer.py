@@ -14,8 +14,9 @@ import lmdb
 import numpy as np
 import xxhash
 
-from .errors import SourceError
-from .format import (
+from ..db.store import MAX_DBS, map_base, map_offset, start_writeback, unmap_pages
+from ..errors import SourceError
+from ..format.records import (
     COMPACT_INLINE_MAX,
     INDEX_DB,
     INLINE_MAX,
@@ -33,7 +34,6 @@ from .format import (
     pack_inline,
 )
 from .scan import Scan, ScannedDir
-from .store import MAX_DBS, map_base, map_offset, start_writeback, unmap_pages
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ import posixpath
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from .errors import UsageError
-from .format import KIND_DIR, decode_path
+from ..errors import UsageError
+from ..format.records import KIND_DIR, decode_path
 
 
 def parse_shard(text: str) -> tuple[int, int]:

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import SourceError
-from .format import (
+from ..errors import SourceError
+from ..format.records import (
     DEPTH_MAX,
     ENTRY_DTYPE,
     KIND_DIR,

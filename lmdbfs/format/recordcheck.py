@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import CorruptValue
-from .format import (
+from ..errors import CorruptValue
+from .records import (
     DIR_HEADER,
     DIR_MAGIC,
     DIR_MAGIC_V3,

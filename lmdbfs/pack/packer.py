@@ -29,10 +29,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm import tqdm
 
-from . import __version__
-from .errors import DestinationExists, SourceError
-from .feed import Large, read_in_order
-from .format import (
+from .. import __version__
+from ..errors import DestinationExists, SourceError
+from ..format.records import (
     COMPACT_VERSION,
     FORMAT_VERSION,
     INDEX_DB,
@@ -48,6 +47,7 @@ from .format import (
     checksum,
     output_files,
 )
+from .feed import Large, read_in_order
 from .scan import Scan
 from .shard import ShardPlan, iter_scan_entries, plan
 from .sources import SourceSpec, build_scan

@@ -28,8 +28,8 @@ from collections.abc import Callable, Iterator
 from decimal import Decimal
 from typing import IO, Any
 
-from .errors import SourceError
-from .format import KIND_DIR, KIND_FILE, KIND_SYMLINK, encode_path
+from ..errors import SourceError
+from ..format.records import KIND_DIR, KIND_FILE, KIND_SYMLINK, encode_path
 from .sourcebase import Listing, Member, Nested, Reader, Source
 
 log = logging.getLogger(__name__)

@@ -23,16 +23,16 @@ from typing import IO, Any
 
 from tqdm import tqdm
 
+from ..errors import SourceError
+from ..format.records import KIND_DIR, KIND_FILE, KIND_SYMLINK, decode_path
 from .archives import ZipSource, open_archive
-from .errors import SourceError
-from .format import KIND_DIR, KIND_FILE, KIND_SYMLINK, decode_path
 from .scan import Excluder, Scan, TreeBuilder, limit_problem
 from .sourcebase import Listing, Member, Nested, Reader, Source
 
 log = logging.getLogger(__name__)
 
 try:
-    from ._readfiles import read_files
+    from .._readfiles import read_files
 except ImportError:  # installed without a C compiler: each file is read in Python instead
     read_files = None
 

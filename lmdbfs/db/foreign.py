@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import lmdb
 
-from .errors import BadDatabase
-from .format import NAME_MAX  # the one limit, also the packer's and the readers'
+from ..errors import BadDatabase
+from ..format.records import NAME_MAX  # the one limit, also the packer's and the readers'
 
 SIDECAR_SUFFIX = ".lmdbfs"  # DB -> DB.lmdbfs, the index `lmdbfs adopt` writes beside it
 CHECKSUM_NONE = "none"  # meta "checksum" of an adopted DB whose values were never hashed

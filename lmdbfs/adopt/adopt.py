@@ -31,9 +31,10 @@ import lmdb
 import numpy as np
 from tqdm import tqdm
 
-from . import __version__, btree, convert, foreign, store
-from .errors import BadDatabase, DestinationExists, LmdbfsError, SourceError
-from .format import (
+from .. import __version__
+from ..db import btree, foreign, store
+from ..errors import BadDatabase, DestinationExists, LmdbfsError, SourceError
+from ..format.records import (
     CHECKSUM_ALGO,
     INDEX_DB,
     KEYS_MD5,
@@ -49,6 +50,7 @@ from .format import (
     encode_dir,
     new_rows,
 )
+from . import convert
 
 log = logging.getLogger(__name__)
 

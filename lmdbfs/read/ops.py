@@ -15,11 +15,11 @@ from typing import Any
 
 from tqdm import tqdm
 
-from .errors import CorruptValue, DestinationExists, UnsafePath
-from .foreign import CHECKSUM_NONE, KIND_MD5, KIND_PATH
-from .format import LAYOUT_COMPACT, decode_path
+from ..db.foreign import CHECKSUM_NONE, KIND_MD5, KIND_PATH
+from ..errors import CorruptValue, DestinationExists, UnsafePath
+from ..format.recordcheck import BAD_NAME
+from ..format.records import LAYOUT_COMPACT, decode_path
 from .reader import Archive, Locations
-from .recordcheck import BAD_NAME
 from .tree import Tree
 
 log = logging.getLogger(__name__)

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import lmdb
 import numpy as np
 
+from ..errors import BadDatabase, IncompleteDatabase
+from ..format.records import INDEX_DB, META_DB, META_KEY, META_MAX_BYTES, PARTIAL_SUFFIX, Meta
 from . import foreign
-from .errors import BadDatabase, IncompleteDatabase
-from .format import INDEX_DB, META_DB, META_KEY, META_MAX_BYTES, PARTIAL_SUFFIX, Meta
 
 MAX_DBS = 4
 

@@ -19,11 +19,11 @@ from typing import Any
 
 import xxhash
 
-from . import foreign, store
-from .errors import CorruptValue
-from .format import KIND_DIR, DirRecord, Entry, Meta, checksum, content_key, decode_path, dir_key
+from ..db import foreign, store
+from ..errors import CorruptValue
+from ..format.recordcheck import decode_dir
+from ..format.records import KIND_DIR, DirRecord, Entry, Meta, checksum, content_key, decode_path, dir_key
 from .handle import DirCache, Handle
-from .recordcheck import decode_dir
 from .tree import MAX_DEPTH, PIECE, Tree, normpath
 
 __all__ = ["DEFAULT_DIR_CACHE_BYTES", "MAX_DEPTH", "Archive", "Locations", "normpath", "open"]

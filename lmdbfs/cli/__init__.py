@@ -1,0 +1,1 @@
+"""The `lmdbfs` command (main): arguments in, one line and an exit code out."""
