@@ -1,5 +1,6 @@
-"""lmdbfs/cli.py: argument parsing and the one-line error contract, run in-process on
-real small DBs (the end-to-end commands are in test_pack.py and test_mount.py)."""
+"""lmdbfs/cli/ (parser.py, main.py): argument parsing and the one-line error contract,
+run in-process on real small DBs (the end-to-end commands are in test_pack.py and
+test_mount.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from lmdbfs.cli.main import main as cli
+from lmdbfs.cli import main as cli
+from lmdbfs.cli.parser import build_parser
 from lmdbfs.errors import EXIT_NOT_FOUND, EXIT_OK, EXIT_USAGE
 from lmdbfs.pack.packer import PackOptions, pack
 
@@ -26,7 +28,7 @@ def db(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_every_command_of_the_parser_is_known_to_main() -> None:
     """main() sends `lmdbfs SOURCE MNT -o OPTS` (mount(8)'s form) to the mount helper
     unless the first word is a command; a command missing from that list would be sent."""
-    listed = re.findall(r"^    (\w+) ", cli.build_parser().format_help(), re.M)
+    listed = re.findall(r"^    (\w+) ", build_parser().format_help(), re.M)
     assert sorted(listed) == sorted(cli._COMMANDS)
 
 
@@ -37,13 +39,11 @@ def test_a_command_with_o_is_parsed_as_that_command(capsys: pytest.CaptureFixtur
 
 
 def test_options_parse_to_what_the_commands_use() -> None:
-    args = cli.build_parser().parse_args(
-        ["pack", "a", "b", "out.lmdb", "-j", "3", "--exclude", "*.bak", "--exclude", "x"]
-    )
+    args = build_parser().parse_args(["pack", "a", "b", "out.lmdb", "-j", "3", "--exclude", "*.bak", "--exclude", "x"])
     assert args.sources == ["a", "b"] and args.db == "out.lmdb" and args.workers == 3
     assert args.exclude == ["*.bak", "x"]
     with pytest.raises(SystemExit):
-        cli.build_parser().parse_args(["pack", "a", "out.lmdb", "-j", "0"])
+        build_parser().parse_args(["pack", "a", "out.lmdb", "-j", "0"])
 
 
 def test_db_words_are_told_from_paths_inside_the_tree(db: Path, tmp_path: Path) -> None:
