@@ -333,7 +333,7 @@ out:
 
 /* _parse_record(raw, own, data_size=0, offsets_ok=False) -> (rows, bad_names): the record
  * parser of a mount (record.c), reachable without one, so tests can hold it to the Python
- * reader's (lmdbfs/recordcheck.py) verdicts. Each good row, in order: (name, kind, flags,
+ * reader's (lmdbfs/format/recordcheck.py) verdicts. Each good row, in order: (name, kind, flags,
  * mode, size, mtime_ns, checksum, target, inline bytes or None, data_off); bad_names: the
  * names a lookup answers EIO for. A record refused whole raises ValueError(why). Like a
  * mount's fetch, it hands the parser a version-4 record's head and its total length. */

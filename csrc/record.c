@@ -17,7 +17,7 @@
 
 #define HEADER_SIZE 16
 #define ROW_SIZE 44
-/* The limits of lmdbfs/format.py, so both readers leave out the same rows
+/* The limits of lmdbfs/format/records.py, so both readers leave out the same rows
  * (tests/test_record_parsers.py holds them to that). */
 #define TARGET_MAX 4095           /* bytes in a symlink target */
 #define SUBDIRS_MAX (1ull << 32)  /* a directory's subdirectory count (its checksum field) */

@@ -17,6 +17,6 @@ void log_line(const char *level, const char *fmt, ...)
     va_start(ap, fmt);
     vsnprintf(msg, sizeof(msg), fmt, ap);
     va_end(ap);
-    fprintf(stderr, "%s,%03ld %s lmdbfs.serve: %s\n", when, ts.tv_nsec / 1000000, level, msg);
+    fprintf(stderr, "%s,%03ld %s lmdbfs.fuse.serve: %s\n", when, ts.tv_nsec / 1000000, level, msg);
     fflush(stderr);
 }

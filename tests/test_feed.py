@@ -1,4 +1,4 @@
-"""lmdbfs/feed.py: the files of a scan come back in the order asked for, from a folder
+"""lmdbfs/pack/feed.py: the files of a scan come back in the order asked for, from a folder
 (worker threads) and from a tar (one streaming pass), with failures handed on."""
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""lmdbfs/format.py: keys, rows, the record codec and the meta record, byte for byte."""
+"""lmdbfs/format/records.py: keys, rows, the record codec and the meta record, byte for
+byte."""
 
 from __future__ import annotations
 

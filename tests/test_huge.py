@@ -1,5 +1,5 @@
 """Files of any size LMDB holds pack, verify, unpack and serve in bounded memory: a sparse
-file of 4 GiB - 1 bytes (LMDB's largest value: format.VALUE_MAX) in a folder and a
+file of 4 GiB - 1 bytes (LMDB's largest value: records.VALUE_MAX) in a folder and a
 2.5 GiB member of a zip (deflated zeros: a few MB on disk) go through pack, verify,
 verify --against, unpack, cat and a FUSE mount byte-exact, while each process's
 anonymous memory (RssAnon, sampled from /proc) stays under 256 MB. The values are

@@ -1,5 +1,5 @@
-"""lmdbfs/reader.py: the Archive API on a small DB packed in-process — lookups, listings,
-links, reads and their typed errors, without FUSE."""
+"""lmdbfs/read/reader.py and tree.py: the Archive API on a small DB packed in-process —
+lookups, listings, links, reads and their typed errors, without FUSE."""
 
 from __future__ import annotations
 

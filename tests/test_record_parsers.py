@@ -1,6 +1,6 @@
 """The two readers of a directory record must agree: the C server's parser (csrc/record.c,
 reached through ``lmdbfs._serve._parse_record``) and the Python reader's
-(lmdbfs/recordcheck.py). Both refuse the same records whole, leave out the same rows
+(lmdbfs/format/recordcheck.py). Both refuse the same records whole, leave out the same rows
 (and answer EIO for the same names), and decode every row they keep to the same fields,
 over valid records, records with one field set to an edge value, flipped bytes and
 arbitrary rows. A check added to one parser alone makes these tests fail.

@@ -1,4 +1,4 @@
-"""lmdbfs/scan.py (and sources.build_scan): a real small tree becomes sorted directory
+"""lmdbfs/pack/scan.py (and sources.build_scan): a real small tree becomes sorted directory
 records and numbered files before a byte is read."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""lmdbfs/store.py: opening a DB safely — what is not a finished lmdbfs DB is refused
+"""lmdbfs/db/store.py: opening a DB safely — what is not a finished lmdbfs DB is refused
 with a typed error naming it, before a byte of it is served."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""lmdbfs/writer.py: keys, batched puts, offsets, resume and the final commit, driven
+"""lmdbfs/pack/writer.py: keys, batched puts, offsets, resume and the final commit, driven
 directly on a real small tree (what `pack` does, step by step)."""
 
 from __future__ import annotations

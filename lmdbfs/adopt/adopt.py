@@ -13,7 +13,7 @@ file keeps the size and last transaction id recorded in the index's meta ``data`
   ``.txt``/``.label``/``.ini`` values are converted back (convert.py) at adopt time and
   their bytes stored inline in the index; JPEGs are served as stored (re-encoded).
 
-Sizes and offsets come from the B-tree's leaf pages (btree.py): value pages are never
+Sizes and offsets come from the B-tree's leaf pages (lmdbfs/db/btree.py): value pages are never
 read unless ``--checksum`` asks for every value's xxh3.
 """
 

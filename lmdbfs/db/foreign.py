@@ -1,7 +1,7 @@
 """LMDBs built by other tools: recognising them, checking their keys, finding their index.
 
 Trackers already keep datasets in LMDBs of two kinds, and `lmdbfs adopt` serves both
-without copying their values (see adopt.py):
+without copying their values (see lmdbfs/adopt/adopt.py):
 
 * **path-keyed** (STARK's ``lmdb_utils``, copied into many tracker repos): an LMDB
   directory whose keys are plain relative paths (``b"train/list.txt"``) and whose

@@ -1,8 +1,8 @@
 """Opening LMDB environments safely: every DB a reader serves is opened here.
 
-The other calls of lmdb.open create files (writer.py: the partial DB of a pack;
-adopt.py: an index, written whole) or probe whether a path already holds an adopted
-index (adopt.py), and are not served from.
+The other calls of lmdb.open create files (pack/writer.py: the partial DB of a
+pack; adopt/adopt.py: an index, written whole) or probe whether a path already holds an
+adopted index (adopt/adopt.py), and are not served from.
 
 A damaged file must become a clear `BadDatabase`, never a crash: a truncated LMDB
 file would otherwise fault (SIGBUS) on the first read past its end.

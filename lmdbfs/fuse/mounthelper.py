@@ -3,7 +3,7 @@
 mount(8) runs ``/sbin/mount.fuse.lmdbfs SOURCE MOUNTPOINT [-sfnv] -o OPTIONS`` (installed
 by scripts/setup.sh as a link to the ``mount.lmdbfs`` command); without that link it
 runs mount.fuse3, which runs ``lmdbfs SOURCE MOUNTPOINT -o OPTIONS`` — `lmdbfs` hands
-that form here too. Both end in `lmdbfs.mount.mount`.
+that form here too. Both end in `lmdbfs.fuse.mount.mount`.
 
 SOURCE names one DB or several, separated by ':' — each ``DB`` (at the root) or
 ``NAME=DB`` (under folder NAME), and a DB may be a glob (``/data/got10k.*.lmdb``, its

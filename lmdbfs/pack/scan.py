@@ -1,6 +1,6 @@
 """The tree to pack, as compact directory records, known before any file is read.
 
-Sources (lmdbfs/sources.py: a folder, a zip or tar archive) report their entries in
+Sources (lmdbfs/pack/sources.py: a folder, a zip or tar archive) report their entries in
 their own order; a `TreeBuilder` places them in one tree (several sources merge, a
 path two sources both provide is an error) and numbers the files in that order, which
 is the order the packer reads and stores them. The result keeps ~60 bytes per file (a
@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 class ScannedDir:
     path: str  # archive-relative, '' for the root
     rows: np.ndarray  # ENTRY_DTYPE, sorted by name bytes
-    blob: bytes  # names and symlink targets, see format.pack_names
+    blob: bytes  # names and symlink targets, see records.pack_names
 
     def name_and_target(self, r: int) -> tuple[bytes, bytes]:
         row = self.rows[r]
@@ -198,7 +198,7 @@ def limit_problem(rel: str, kind: int, target: bytes = b"", size: int = 0) -> tu
     """Why the entry at tree path ``rel`` cannot be served, as (the path to leave out:
     the entry or the folder above it at fault, what is wrong), or None.
 
-    The readers refuse what breaks these limits (format.check_rows, reader.MAX_DEPTH, the
+    The readers refuse what breaks these limits (recordcheck.check_rows, tree.MAX_DEPTH, the
     C server), so the packer checks every entry against them before it stores a byte."""
     if kind == KIND_FILE and size > VALUE_MAX:
         return rel, f"{size} bytes, over the {VALUE_MAX} an LMDB value may hold"

@@ -372,7 +372,7 @@ class Writer:
 
     def _inline_tail(self, txn: lmdb.Transaction, d: ScannedDir, files: np.ndarray | None) -> bytes:
         """The bytes of the directory's small files, for its record's tail; sets
-        FLAG_INLINE and data_off on their rows (format.pack_inline). ``files``: each
+        FLAG_INLINE and data_off on their rows (records.pack_inline). ``files``: each
         row's file number, whose key `Keys` holds (None: keys are made from the paths)."""
         small = np.flatnonzero((d.rows["kind"] == KIND_FILE) & (d.rows["size"] <= self.inline_max))
         if not len(small):
