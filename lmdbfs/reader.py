@@ -33,6 +33,7 @@ from .format import (
     content_key,
     decode_path,
     dir_key,
+    piece_key,
 )
 from .handle import DirCache, Handle
 from .recordcheck import decode_dir
@@ -349,6 +350,11 @@ class Archive:
         """
         if entry.inline is not None:
             return memoryview(entry.inline)
+        if entry.pieces is not None:
+            raise LmdbfsError(
+                f"{rel}: {entry.size} bytes, stored in pieces (over one LMDB value)",
+                "read it with read_range, read_pieces or open",
+            )
         return self.keyed_value(rel, entry)
 
     def keyed_value(self, rel: str, entry: Entry) -> memoryview:
@@ -385,7 +391,7 @@ class Archive:
         (values in overflow pages, i.e. all but the smallest files, and every value of an
         adopted DB: no LMDB call at all), else from the map address of a key lookup; None
         if neither is known or the bytes are inline (then read through `value_view`)."""
-        if entry.inline is not None:
+        if entry.inline is not None or entry.pieces is not None:
             return None
         h = self._h()
         if h.offsets_ok and entry.data_off:
@@ -423,6 +429,10 @@ class Archive:
         """A remote DB's file failed its checksum: drop its cached blocks (True), so the
         next read fetches them again. False for a local DB or an inline file."""
         h = self._h()
+        if h.remote is not None and entry.pieces is not None:
+            for at, length in self._pieces_at(rel, entry):
+                h.remote.drop(at, length)
+            return True
         file_off = None if h.remote is None else self.value_offset(rel, entry)
         if file_off is None:
             return False
@@ -456,16 +466,60 @@ class Archive:
         size = min(size, entry.size - offset)
         if entry.inline is not None:
             return entry.inline[offset : offset + size]
+        if entry.pieces is not None:
+            return self._read_split(rel, entry, offset, size)
         file_off = self.value_offset(rel, entry)
         if file_off is None:
             return bytes(self.value_view(rel, entry)[offset : offset + size])
+        return self._pread(rel, file_off + offset, size)
+
+    def _pread(self, rel: str, file_off: int, size: int) -> bytes:
         h = self._h()
         if h.remote is not None:
-            return h.remote.read(file_off + offset, size)
-        data = os.pread(h.fd, size, file_off + offset)
+            return h.remote.read(file_off, size)
+        data = os.pread(h.fd, size, file_off)
         if len(data) != size:
             raise CorruptValue(f"{rel}: short read from the DB file", "the DB file is truncated; copy it again")
         return data
+
+    def _read_split(self, rel: str, entry: Entry, offset: int, size: int) -> bytes:
+        """A range of a split file (format.FLAG_SPLIT), piece by piece: a range may cross
+        from one piece into the next."""
+        piece, parts, end = entry.pieces[0], [], offset + size
+        while offset < end:
+            k, at = divmod(offset, piece)
+            n = min(end - offset, piece - at)
+            where = self._piece_at(rel, entry, k)
+            parts.append(
+                bytes(where[at : at + n]) if isinstance(where, memoryview) else self._pread(rel, where + at, n)
+            )
+            offset += n
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _piece_at(self, rel: str, entry: Entry, k: int) -> int | memoryview:
+        """Where piece k of a split file lies: its offset in the data file from the piece
+        table, else from a lookup of its key (or, without a map address, its bytes)."""
+        h = self._h()
+        if h.offsets_ok and entry.pieces[k + 1]:
+            return entry.pieces[k + 1]
+        piece = entry.pieces[0]
+        length = min(piece, entry.size - k * piece)
+        if h.remote is not None:
+            h.remote.fetch_all()  # key lookups touch main-database pages all over the file
+        view = h.vget(piece_key(self.key_of(rel), k), h.main_db)
+        if view is None or len(view) != length:
+            got = "missing" if view is None else f"{len(view)} bytes, not {length}"
+            raise CorruptValue(f"{rel}: piece {k} of its contents is {got}", "re-pack the DB")
+        h.touched()
+        return view if h.map_base is None else store.map_offset(view, h.map_base)
+
+    def _pieces_at(self, rel: str, entry: Entry) -> Iterator[tuple[int, int]]:
+        """(offset in the data file, length) of each piece of a split file with a known offset."""
+        piece = entry.pieces[0]
+        for k in range(len(entry.pieces) - 1):
+            where = self._piece_at(rel, entry, k)
+            if not isinstance(where, memoryview):
+                yield where, min(piece, entry.size - k * piece)
 
     def open(self, path: str) -> io.BytesIO | io.BufferedReader:
         """A file object over the bytes, for PIL.Image.open, pandas.read_csv and friends
@@ -498,6 +552,11 @@ class Archive:
             return checksum(b"")
         if entry.inline is not None:
             return checksum(entry.inline)
+        if entry.pieces is not None:
+            got = _hash_range(lambda at, n: self._read_split(rel, entry, at, n), 0, entry.size)
+            if got != entry.checksum and self.checksummed and self._drop_remote(rel, entry):
+                got = _hash_range(lambda at, n: self._read_split(rel, entry, at, n), 0, entry.size)
+            return got
         file_off = self.value_offset(rel, entry)
         if file_off is None:
             return checksum(self.value_view(rel, entry))

@@ -31,6 +31,9 @@ from .format import (
     dir_key,
     encode_dir,
     pack_inline,
+    piece_key,
+    split_pieces,
+    split_table,
 )
 from .scan import Scan, ScannedDir
 from .store import MAX_DBS, map_base, map_offset, start_writeback, unmap_pages
@@ -173,7 +176,42 @@ class Writer:
     def put_large(self, i: int, key: bytes, size: int, pieces: Iterator[bytes]) -> tuple[int, int]:
         """Store a value too large to hold in memory, in a transaction of its own; returns
         (bytes read, xxh3 of them). Raises SourceError when the pieces add up to other
-        than ``size`` bytes.
+        than ``size`` bytes."""
+        hasher = xxhash.xxh3_64()
+        done = self._put_mapped(key, size, _Cut(pieces), hasher, last=True)
+        if done != size:
+            return done, 0
+        self._record_offsets([(i, key)])
+        return done, hasher.intdigest()
+
+    def put_split(self, i: int, key: bytes, size: int, pieces: Iterator[bytes]) -> tuple[int, int]:
+        """`put_large` of a file over SPLIT_ABOVE bytes, in the pieces the scan's placeholder
+        table in its row gives (format.split_table): piece k under `piece_key` (key, k),
+        each in a transaction of its own; their offsets then fill the table."""
+        d = self.scan.dirs[int(self.scan.file_dir[i])]
+        row = d.rows[int(self.scan.file_row[i])]
+        at = int(row["name_off"]) + int(row["name_len"])
+        piece = split_pieces(d.blob[at : at + 8])[0]  # the scan's placeholder table says
+        hasher = xxhash.xxh3_64()
+        stream = _Cut(pieces)
+        offsets, done = [], 0
+        for k in range(-(-size // piece)):
+            want = min(piece, size - k * piece)
+            got = self._put_mapped(piece_key(key, k), want, stream, hasher, last=(k + 1) * piece >= size)
+            done += got
+            if got != want:
+                return done, 0
+            offsets.append(self._offset_of(piece_key(key, k)))
+        table = split_table(size, offsets, piece)
+        if len(table) != int(row["target_len"]):
+            raise SourceError(f"{self.scan.file_relpath(i)}: its piece table does not fit its row", "pack again")
+        d.blob = d.blob[:at] + table + d.blob[at + len(table) :]
+        return done, hasher.intdigest()
+
+    def _put_mapped(self, key: bytes, size: int, stream: _Cut, hasher: xxhash.xxh3_64, last: bool) -> int:
+        """Put the next ``size`` bytes of ``stream`` under ``key`` in a transaction of its
+        own; returns how many bytes it held (``last``: counting any past the end), and
+        commits only when that is ``size``.
 
         Without writemap LMDB copies a value into pages it mallocs until the commit, so a
         12 GB file would take 12 GB of memory. For this value alone the environment is
@@ -183,32 +221,29 @@ class Writer:
         """
         self.commit()
         self._reopen(writemap=True)
-        zero = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
+        zero = mmap.mmap(-1, max(size, 1), flags=mmap.MAP_PRIVATE)
         txn = None
         try:
             while True:
                 txn = self.env.begin(write=True, buffers=True, db=self.main)
                 try:
-                    txn.put(key, memoryview(zero))
+                    txn.put(key, memoryview(zero)[:size])
                     break
                 except lmdb.MapFullError:
                     txn.abort()
                     self.env.set_mapsize(int(self.env.info()["map_size"] * 1.5) + size)
             view = txn.get(key)
             at = np.frombuffer(view, np.uint8).ctypes.data
-            hasher, done = xxhash.xxh3_64(), 0
-            for piece in pieces:
-                if done + len(piece) > size:
-                    done += len(piece)
-                    break
+            done = 0
+            for piece in stream.take(size):
                 if piece.count(0) != len(piece):  # already zero: an untouched page stays clean
                     ctypes.memmove(at + done, piece, len(piece))
                 hasher.update(piece)
                 done += len(piece)
+            if last and done == size:
+                done += stream.rest()
             if done != size:
-                txn.abort()
-                txn = None
-                return done, 0
+                return done
             del view
             txn.commit()
             txn = None
@@ -217,8 +252,18 @@ class Writer:
                 txn.abort()
             zero.close()
             self._reopen(writemap=False)
-        self._record_offsets([(i, key)])
-        return done, hasher.intdigest()
+        return done
+
+    def _offset_of(self, key: bytes) -> int:
+        """Where the just-committed value of ``key`` lies in the data file (0: not known)."""
+        base = map_base(self.data_file)
+        with self.env.begin(buffers=True, db=self.main) as txn:
+            view = txn.get(key)
+            if view is None:
+                raise SourceError(f"{key!r}: value missing after commit", "pack again")
+            offset = self._offset(view, base)
+        self._unmap(base)
+        return offset
 
     def _reopen(self, writemap: bool) -> None:
         """The environment again, with or without writemap (no transaction is open).
@@ -268,6 +313,12 @@ class Writer:
         self._unmap(base)
 
     def _note_offset(self, row: np.void, view: memoryview, base: int | None) -> None:
+        offset = self._offset(view, base)
+        if offset:
+            row["data_off"] = offset
+
+    def _offset(self, view: memoryview, base: int | None) -> int:
+        """The value's offset in the data file, 0 when it may move or is not known."""
         if base is None:
             self.offsets_ok = False
         elif len(view):
@@ -276,7 +327,8 @@ class Writer:
             # header) stay put; small values live in leaf pages, which later commits
             # may copy elsewhere. Those are looked up by key (or carried inline).
             if offset % _PAGE == _PAGE_HEADER:
-                row["data_off"] = offset
+                return offset
+        return 0
 
     def _unmap(self, base: int | None) -> None:
         if base is not None:
@@ -413,6 +465,28 @@ class Writer:
         if self.wb_fd >= 0:
             os.close(self.wb_fd)
             self.wb_fd = -1
+
+
+class _Cut:
+    """Byte pieces taken a given number of bytes at a time (a split file's pieces)."""
+
+    def __init__(self, pieces: Iterator[bytes]) -> None:
+        self.it, self.carry = iter(pieces), b""
+
+    def take(self, n: int) -> Iterator[bytes]:
+        """The next ``n`` bytes in pieces (fewer at the end)."""
+        while n > 0:
+            piece, self.carry = self.carry or next(self.it, b""), b""
+            if not piece:
+                return
+            if len(piece) > n:  # at a piece's end only: the copies are rare
+                piece, self.carry = piece[:n], piece[n:]
+            n -= len(piece)
+            yield piece
+
+    def rest(self) -> int:
+        """How many bytes are left (at most one piece is read: more than listed is enough)."""
+        return len(self.carry or next(self.it, b""))
 
 
 def _relpath(d: ScannedDir, r: int) -> str:
