@@ -16,6 +16,7 @@ from typing import Any
 from tqdm import tqdm
 
 from .errors import CorruptValue, DestinationExists, UnsafePath
+from .feed import is_zeros
 from .foreign import CHECKSUM_NONE, KIND_MD5, KIND_PATH
 from .format import LAYOUT_COMPACT, decode_path
 from .reader import Archive, Locations
@@ -203,7 +204,7 @@ def _write_file(path: str, pieces: Iterator[bytes], mode: int, mtime_ns: int) ->
         try:
             for piece in pieces:
                 size += len(piece)
-                if len(piece) >= _HOLE_MIN and piece.count(0) == len(piece):
+                if len(piece) >= _HOLE_MIN and is_zeros(piece):
                     os.lseek(fd, len(piece), os.SEEK_CUR)
                     continue
                 view = memoryview(piece)

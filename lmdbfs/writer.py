@@ -14,7 +14,9 @@ import lmdb
 import numpy as np
 import xxhash
 
+from ._blocks import punch
 from .errors import SourceError
+from .feed import is_zeros
 from .format import (
     COMPACT_INLINE_MAX,
     INDEX_DB,
@@ -218,11 +220,13 @@ class Writer:
         opened with writemap (its pages are the file's, in the page cache), the value is
         put as ``size`` zero bytes from an untouched private mapping (the kernel's zero
         page: no memory), and the pieces are copied over it in the map as they are read.
+        Runs of zero pieces are punched out of the file again (`_Holes`): a sparse file
+        stays sparse in the DB, and its zeros are never written to the disk.
         """
         self.commit()
         self._reopen(writemap=True)
         zero = mmap.mmap(-1, max(size, 1), flags=mmap.MAP_PRIVATE)
-        txn = None
+        txn = holes = None
         try:
             while True:
                 txn = self.env.begin(write=True, buffers=True, db=self.main)
@@ -234,12 +238,18 @@ class Writer:
                     self.env.set_mapsize(int(self.env.info()["map_size"] * 1.5) + size)
             view = txn.get(key)
             at = np.frombuffer(view, np.uint8).ctypes.data
+            base = map_base(self.data_file)
+            holes = _Holes(self.data_file, None if base is None else at - base)
             done = 0
             for piece in stream.take(size):
-                if piece.count(0) != len(piece):  # already zero: an untouched page stays clean
+                if not is_zeros(piece):
                     ctypes.memmove(at + done, piece, len(piece))
+                    holes.data(done)
+                else:  # zeros are there already
+                    holes.zeros(done)
                 hasher.update(piece)
                 done += len(piece)
+            holes.data(done)
             if last and done == size:
                 done += stream.rest()
             if done != size:
@@ -250,6 +260,8 @@ class Writer:
         finally:
             if txn is not None:
                 txn.abort()
+            if holes is not None:
+                holes.close()
             zero.close()
             self._reopen(writemap=False)
         return done
@@ -465,6 +477,41 @@ class Writer:
         if self.wb_fd >= 0:
             os.close(self.wb_fd)
             self.wb_fd = -1
+
+
+class _Holes:
+    """Page-aligned runs of zeros in a value just put through writemap, punched out of the
+    data file (fallocate PUNCH_HOLE: they read as zeros, take no disk and are not
+    written back). Offsets are the value's own; ``at`` is where it starts in the file
+    (None: not known, nothing is punched)."""
+
+    def __init__(self, path: str, at: int | None) -> None:
+        self.path, self.at, self.since, self.fd = path, at, None, -1
+
+    def zeros(self, offset: int) -> None:
+        if self.since is None and self.at is not None:
+            self.since = offset
+
+    def data(self, offset: int) -> None:
+        """Zeros end at ``offset``: punch the whole pages between."""
+        if self.since is None:
+            return
+        lo = -(-(self.at + self.since) // _PAGE) * _PAGE
+        hi = (self.at + offset) // _PAGE * _PAGE
+        self.since = None
+        if hi - lo < _PAGE:
+            return
+        try:
+            if self.fd < 0:
+                self.fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)
+            punch(self.fd, lo, hi - lo)
+        except OSError:
+            pass  # a filesystem without holes keeps the zeros
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class _Cut:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -103,6 +105,8 @@ def test_split_files_read_back_through_every_reader(split_db, tmp_path: Path, mo
     with lmdbfs.open(str(db)) as fs:
         unpack(fs, str(out))
     assert (out / "big.bin").read_bytes() == DATA and (out / "z" / "member.bin").read_bytes() == MEMBER
+    cat = subprocess.run([sys.executable, "-m", "lmdbfs", "cat", str(db), "big.bin"], capture_output=True)
+    assert cat.returncode == 0 and cat.stdout == DATA
     mnt = mount_db(db)
     fd = os.open(mnt.mnt / "big.bin", os.O_RDONLY)
     try:  # the first reads cross pieces, before the page cache holds anything
