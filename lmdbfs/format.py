@@ -8,6 +8,7 @@ Layout of one LMDB environment (a single file by default):
 * main (unnamed) database: ``md5(key_prefix + relpath)`` -> the file's exact bytes.
   This is the key scheme of the original converter, so ``txn.get(md5(path))`` works
   (in the default keyed layout; the compact layout keeps small files in records only).
+  A file over one LMDB value is stored as pieces under `piece_key` (FLAG_SPLIT).
 * ``lmdbfs.index``: ``md5(dir relpath)`` -> one directory record (see `encode_dir`).
 * ``lmdbfs.meta``: ``b"meta"`` -> JSON (see `Meta`). Written in the final commit only:
   its presence, with ``complete: true``, is what makes a DB servable.
