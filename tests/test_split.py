@@ -28,6 +28,7 @@ from lmdbfs.packer import PackOptions, pack
 from lmdbfs.verify import verify
 
 from .conftest import one_error_line, run_cli
+from .servers import nginx
 
 PIECE = (1 << 20) + 12345
 DATA = np.random.default_rng(23).integers(0, 256, 5 * PIECE + 4567, dtype=np.uint8).tobytes()
@@ -164,3 +165,27 @@ def test_a_damaged_piece_is_never_served(split_db, mount_db) -> None:
     with pytest.raises(OSError) as err:
         (mnt.mnt / "big.bin").read_bytes()
     assert err.value.errno == errno.EIO
+
+
+def test_a_remote_db_serves_split_files(split_db, tmp_path: Path, mount_db) -> None:
+    """Over HTTP (nginx), through the block cache: the reader and the mount read the
+    pieces at the offsets of the piece table, across pieces too."""
+    db, _ = split_db
+    with nginx(tmp_path / "www") as web:
+        url = web.put(db, "sets/split.db")
+        cache = tmp_path / "cache"
+        cat = subprocess.run(
+            [sys.executable, "-m", "lmdbfs", "cat", url, "big.bin", "--cache-dir", str(cache)], capture_output=True
+        )
+        assert cat.returncode == 0 and cat.stdout == DATA, cat.stderr
+        assert web.bytes_sent() <= 1.2 * os.path.getsize(db)
+        web.reset()
+        mnt = mount_db(url, "--cache-dir", tmp_path / "cache2")
+        fd = os.open(mnt.mnt / "big.bin", os.O_RDONLY)
+        try:
+            assert os.pread(fd, 64 << 10, 3 * PIECE - 5000) == DATA[3 * PIECE - 5000 : 3 * PIECE - 5000 + (64 << 10)]
+        finally:
+            os.close(fd)
+        assert (mnt.mnt / "big.bin").read_bytes() == DATA
+        assert (mnt.mnt / "z" / "member.bin").read_bytes() == MEMBER
+        assert web.bytes_sent() <= 1.2 * os.path.getsize(db)
