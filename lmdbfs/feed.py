@@ -269,3 +269,25 @@ def _streamed(scan: Scan, source: Source, run: np.ndarray, process: Process) -> 
     finally:
         stop.set()
         thread.join()
+
+
+class Cut:
+    """Byte pieces taken a given number of bytes at a time (a split file's pieces)."""
+
+    def __init__(self, pieces: Iterator[bytes]) -> None:
+        self.it, self.carry = iter(pieces), b""
+
+    def take(self, n: int) -> Iterator[bytes]:
+        """The next ``n`` bytes in pieces (fewer at the end)."""
+        while n > 0:
+            piece, self.carry = self.carry or next(self.it, b""), b""
+            if not piece:
+                return
+            if len(piece) > n:  # at a piece's end only: the copies are rare
+                piece, self.carry = piece[:n], piece[n:]
+            n -= len(piece)
+            yield piece
+
+    def rest(self) -> int:
+        """How many bytes are left (at most one piece is read: more than listed is enough)."""
+        return len(self.carry or next(self.it, b""))

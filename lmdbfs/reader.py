@@ -16,6 +16,7 @@ import posixpath
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import xxhash
@@ -37,7 +38,7 @@ from .format import (
 )
 from .handle import DirCache, Handle
 from .recordcheck import decode_dir
-from .valuefile import OPEN_WHOLE, ValueFile
+from .valuefile import OPEN_WHOLE, ValueFile, piece_spans, split_range
 
 log = logging.getLogger(__name__)
 
@@ -430,7 +431,7 @@ class Archive:
         next read fetches them again. False for a local DB or an inline file."""
         h = self._h()
         if h.remote is not None and entry.pieces is not None:
-            for at, length in self._pieces_at(rel, entry):
+            for at, length in piece_spans(entry, lambda k: self._piece_at(rel, entry, k)):
                 h.remote.drop(at, length)
             return True
         file_off = None if h.remote is None else self.value_offset(rel, entry)
@@ -483,18 +484,7 @@ class Archive:
         return data
 
     def _read_split(self, rel: str, entry: Entry, offset: int, size: int) -> bytes:
-        """A range of a split file (format.FLAG_SPLIT), piece by piece: a range may cross
-        from one piece into the next."""
-        piece, parts, end = entry.pieces[0], [], offset + size
-        while offset < end:
-            k, at = divmod(offset, piece)
-            n = min(end - offset, piece - at)
-            where = self._piece_at(rel, entry, k)
-            parts.append(
-                bytes(where[at : at + n]) if isinstance(where, memoryview) else self._pread(rel, where + at, n)
-            )
-            offset += n
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        return split_range(entry, offset, size, lambda k: self._piece_at(rel, entry, k), partial(self._pread, rel))
 
     def _piece_at(self, rel: str, entry: Entry, k: int) -> int | memoryview:
         """Where piece k of a split file lies: its offset in the data file from the piece
@@ -512,14 +502,6 @@ class Archive:
             raise CorruptValue(f"{rel}: piece {k} of its contents is {got}", "re-pack the DB")
         h.touched()
         return view if h.map_base is None else store.map_offset(view, h.map_base)
-
-    def _pieces_at(self, rel: str, entry: Entry) -> Iterator[tuple[int, int]]:
-        """(offset in the data file, length) of each piece of a split file with a known offset."""
-        piece = entry.pieces[0]
-        for k in range(len(entry.pieces) - 1):
-            where = self._piece_at(rel, entry, k)
-            if not isinstance(where, memoryview):
-                yield where, min(piece, entry.size - k * piece)
 
     def open(self, path: str) -> io.BytesIO | io.BufferedReader:
         """A file object over the bytes, for PIL.Image.open, pandas.read_csv and friends

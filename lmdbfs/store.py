@@ -22,6 +22,7 @@ import lmdb
 import numpy as np
 
 from . import foreign
+from ._blocks import punch
 from .errors import BadDatabase, IncompleteDatabase
 from .format import INDEX_DB, META_DB, META_KEY, META_MAX_BYTES, PARTIAL_SUFFIX, Meta
 
@@ -337,3 +338,41 @@ def open_index(env: lmdb.Environment, shown: str):
         raise BadDatabase(f"{shown}: the path index is missing", "re-pack the DB") from None
     except lmdb.Error as exc:
         raise lmdb_error(exc, shown) from None
+
+
+PAGE_BYTES = 4096  # holes are punched in whole pages
+
+
+class ZeroHoles:
+    """Page-aligned runs of zeros in a value just put through writemap, punched out of the
+    data file (fallocate PUNCH_HOLE: they read as zeros, take no disk and are not
+    written back). Offsets are the value's own; ``at`` is where it starts in the file
+    (None: not known, nothing is punched)."""
+
+    def __init__(self, path: str, at: int | None) -> None:
+        self.path, self.at, self.since, self.fd = path, at, None, -1
+
+    def zeros(self, offset: int) -> None:
+        if self.since is None and self.at is not None:
+            self.since = offset
+
+    def data(self, offset: int) -> None:
+        """Zeros end at ``offset``: punch the whole pages between."""
+        if self.since is None:
+            return
+        lo = -(-(self.at + self.since) // PAGE_BYTES) * PAGE_BYTES
+        hi = (self.at + offset) // PAGE_BYTES * PAGE_BYTES
+        self.since = None
+        if hi - lo < PAGE_BYTES:
+            return
+        try:
+            if self.fd < 0:
+                self.fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)
+            punch(self.fd, lo, hi - lo)
+        except OSError:
+            pass  # a filesystem without holes keeps the zeros
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

@@ -14,9 +14,8 @@ import lmdb
 import numpy as np
 import xxhash
 
-from ._blocks import punch
 from .errors import SourceError
-from .feed import is_zeros
+from .feed import Cut, is_zeros
 from .format import (
     COMPACT_INLINE_MAX,
     INDEX_DB,
@@ -38,7 +37,7 @@ from .format import (
     split_table,
 )
 from .scan import Scan, ScannedDir
-from .store import MAX_DBS, map_base, map_offset, start_writeback, unmap_pages
+from .store import MAX_DBS, ZeroHoles, map_base, map_offset, start_writeback, unmap_pages
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +179,7 @@ class Writer:
         (bytes read, xxh3 of them). Raises SourceError when the pieces add up to other
         than ``size`` bytes."""
         hasher = xxhash.xxh3_64()
-        done = self._put_mapped(key, size, _Cut(pieces), hasher, last=True)
+        done = self._put_mapped(key, size, Cut(pieces), hasher, last=True)
         if done != size:
             return done, 0
         self._record_offsets([(i, key)])
@@ -195,7 +194,7 @@ class Writer:
         at = int(row["name_off"]) + int(row["name_len"])
         piece = split_pieces(d.blob[at : at + 8])[0]  # the scan's placeholder table says
         hasher = xxhash.xxh3_64()
-        stream = _Cut(pieces)
+        stream = Cut(pieces)
         offsets, done = [], 0
         for k in range(-(-size // piece)):
             want = min(piece, size - k * piece)
@@ -210,7 +209,7 @@ class Writer:
         d.blob = d.blob[:at] + table + d.blob[at + len(table) :]
         return done, hasher.intdigest()
 
-    def _put_mapped(self, key: bytes, size: int, stream: _Cut, hasher: xxhash.xxh3_64, last: bool) -> int:
+    def _put_mapped(self, key: bytes, size: int, stream: Cut, hasher: xxhash.xxh3_64, last: bool) -> int:
         """Put the next ``size`` bytes of ``stream`` under ``key`` in a transaction of its
         own; returns how many bytes it held (``last``: counting any past the end), and
         commits only when that is ``size``.
@@ -220,7 +219,7 @@ class Writer:
         opened with writemap (its pages are the file's, in the page cache), the value is
         put as ``size`` zero bytes from an untouched private mapping (the kernel's zero
         page: no memory), and the pieces are copied over it in the map as they are read.
-        Runs of zero pieces are punched out of the file again (`_Holes`): a sparse file
+        Runs of zero pieces are punched out of the file again (`store.ZeroHoles`): a sparse file
         stays sparse in the DB, and its zeros are never written to the disk.
         """
         self.commit()
@@ -239,7 +238,7 @@ class Writer:
             view = txn.get(key)
             at = np.frombuffer(view, np.uint8).ctypes.data
             base = map_base(self.data_file)
-            holes = _Holes(self.data_file, None if base is None else at - base)
+            holes = ZeroHoles(self.data_file, None if base is None else at - base)
             done = 0
             for piece in stream.take(size):
                 if not is_zeros(piece):
@@ -477,63 +476,6 @@ class Writer:
         if self.wb_fd >= 0:
             os.close(self.wb_fd)
             self.wb_fd = -1
-
-
-class _Holes:
-    """Page-aligned runs of zeros in a value just put through writemap, punched out of the
-    data file (fallocate PUNCH_HOLE: they read as zeros, take no disk and are not
-    written back). Offsets are the value's own; ``at`` is where it starts in the file
-    (None: not known, nothing is punched)."""
-
-    def __init__(self, path: str, at: int | None) -> None:
-        self.path, self.at, self.since, self.fd = path, at, None, -1
-
-    def zeros(self, offset: int) -> None:
-        if self.since is None and self.at is not None:
-            self.since = offset
-
-    def data(self, offset: int) -> None:
-        """Zeros end at ``offset``: punch the whole pages between."""
-        if self.since is None:
-            return
-        lo = -(-(self.at + self.since) // _PAGE) * _PAGE
-        hi = (self.at + offset) // _PAGE * _PAGE
-        self.since = None
-        if hi - lo < _PAGE:
-            return
-        try:
-            if self.fd < 0:
-                self.fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)
-            punch(self.fd, lo, hi - lo)
-        except OSError:
-            pass  # a filesystem without holes keeps the zeros
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-
-class _Cut:
-    """Byte pieces taken a given number of bytes at a time (a split file's pieces)."""
-
-    def __init__(self, pieces: Iterator[bytes]) -> None:
-        self.it, self.carry = iter(pieces), b""
-
-    def take(self, n: int) -> Iterator[bytes]:
-        """The next ``n`` bytes in pieces (fewer at the end)."""
-        while n > 0:
-            piece, self.carry = self.carry or next(self.it, b""), b""
-            if not piece:
-                return
-            if len(piece) > n:  # at a piece's end only: the copies are rare
-                piece, self.carry = piece[:n], piece[n:]
-            n -= len(piece)
-            yield piece
-
-    def rest(self) -> int:
-        """How many bytes are left (at most one piece is read: more than listed is enough)."""
-        return len(self.carry or next(self.it, b""))
 
 
 def _relpath(d: ScannedDir, r: int) -> str:
