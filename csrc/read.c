@@ -73,6 +73,11 @@ static int locate(struct node *n, int layer, struct record *rec, const struct ro
     }
     if (r->flags & FLAG_SPLIT) {
         uint64_t piece = row_piece_bytes(rec, r), first = piece < r->size ? piece : r->size;
+        if (r->size == 0) {  /* no pieces: its table holds the piece size only */
+            *src = &ly->data_src;
+            *pos = 0;
+            return 0;
+        }
         if (ly->offsets_ok && row_piece_off(rec, r, 0)) {
             *src = &ly->data_src;
             *pos = row_piece_off(rec, r, 0);

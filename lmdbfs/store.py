@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
 import struct
 import threading
@@ -22,7 +23,6 @@ import lmdb
 import numpy as np
 
 from . import foreign
-from ._blocks import punch
 from .errors import BadDatabase, IncompleteDatabase
 from .format import INDEX_DB, META_DB, META_KEY, META_MAX_BYTES, PARTIAL_SUFFIX, Meta
 
@@ -190,7 +190,7 @@ def map_offset(view: memoryview, base: int) -> int:
 _MADV_DONTNEED = 4
 # The process's own symbols include libc's; ctypes.util.find_library would run
 # `ldconfig -p` in a subprocess at import, in every command (the mount's daemon too).
-_LIBC = ctypes.CDLL(None)
+_LIBC = ctypes.CDLL(None, use_errno=True)
 
 
 _SYNC_FILE_RANGE_WRITE = 2
@@ -208,6 +208,22 @@ def start_writeback(fd: int) -> None:
         )
     except AttributeError:
         pass  # no sync_file_range here: the final fsync writes everything
+
+
+_FALLOC_PUNCH_HOLE = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
+
+
+def punch(fd: int, offset: int, length: int) -> None:
+    """Make [offset, offset + length) of the file a hole: it reads as zeros and takes no
+    disk (OSError where the filesystem cannot)."""
+    try:
+        fallocate = _LIBC.fallocate
+    except AttributeError:
+        raise OSError(errno.ENOSYS, "no fallocate here") from None
+    fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    if fallocate(fd, _FALLOC_PUNCH_HOLE, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 def unmap_pages(base: int, length: int) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -22,12 +23,13 @@ import pytest
 import lmdbfs
 from lmdbfs import feed, packer, scan
 from lmdbfs.errors import CorruptValue
-from lmdbfs.format import SPLIT_VERSION, piece_key
+from lmdbfs.format import FLAG_SPLIT, SPLIT_VERSION, checksum, piece_key, split_table
 from lmdbfs.ops import unpack
 from lmdbfs.packer import PackOptions, pack
 from lmdbfs.verify import verify
 
 from .conftest import one_error_line, run_cli
+from .hostile import edit_row
 from .servers import nginx
 
 PIECE = (1 << 20) + 12345
@@ -35,27 +37,38 @@ DATA = np.random.default_rng(23).integers(0, 256, 5 * PIECE + 4567, dtype=np.uin
 MEMBER = DATA[: 3 * PIECE - 5]
 
 
-@pytest.fixture
-def small_split(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(feed, "LARGE_BYTES", 1 << 20)
-    monkeypatch.setattr(scan, "SPLIT_ABOVE", 2 << 20)
-    monkeypatch.setattr(packer, "SPLIT_ABOVE", 2 << 20)
-    monkeypatch.setattr(scan, "SPLIT_PIECE", PIECE)
-
-
-@pytest.fixture
-def split_db(tmp_path: Path, small_split: None) -> tuple[Path, list[str]]:
-    tree = tmp_path / "tree"
+@pytest.fixture(scope="module")
+def packed_split(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """One DB of a folder and a zip, each with a file over the (lowered) split size,
+    packed once; each test gets a copy of it (`split_db`)."""
+    root = tmp_path_factory.mktemp("split")
+    tree = root / "tree"
     tree.mkdir()
     (tree / "big.bin").write_bytes(DATA)
     (tree / "small.txt").write_bytes(b"small\n")
-    zipped = tmp_path / "z.zip"
+    zipped = root / "z.zip"
     with zipfile.ZipFile(zipped, "w", zipfile.ZIP_DEFLATED) as zf:
         zf.writestr("member.bin", MEMBER)
-    db = tmp_path / "split.db"
+    db = root / "split.db"
     sources = [str(tree), f"z={zipped}"]
-    pack(sources, str(db), PackOptions(progress=False))
+    with pytest.MonkeyPatch.context() as patch:  # split files over 2 MiB, in pieces of PIECE bytes
+        patch.setattr(feed, "LARGE_BYTES", 1 << 20)
+        patch.setattr(scan, "SPLIT_ABOVE", 2 << 20)
+        patch.setattr(packer, "SPLIT_ABOVE", 2 << 20)
+        patch.setattr(scan, "SPLIT_PIECE", PIECE)
+        pack(sources, str(db), PackOptions(progress=False))
+        with lmdbfs.open(str(db)) as fs:  # verify --against scans the sources as packed
+            report = verify(fs, sources)
+    assert report.ok and report.checked == 3, report.problems
     return db, sources
+
+
+@pytest.fixture
+def split_db(packed_split: tuple[Path, list[str]], tmp_path: Path) -> tuple[Path, list[str]]:
+    db, sources = packed_split
+    copy = tmp_path / "split.db"
+    shutil.copyfile(db, copy)
+    return copy, sources
 
 
 def _edit(db: Path, change) -> None:
@@ -68,7 +81,7 @@ def _edit(db: Path, change) -> None:
 
 
 def test_split_files_read_back_through_every_reader(split_db, tmp_path: Path, mount_db) -> None:
-    db, sources = split_db
+    db, _ = split_db
     with lmdbfs.open(str(db)) as fs:
         assert fs.meta.format_version == SPLIT_VERSION
         entry = fs.stat("big.bin")
@@ -84,9 +97,6 @@ def test_split_files_read_back_through_every_reader(split_db, tmp_path: Path, mo
         with pytest.raises(lmdbfs.LmdbfsError, match="stored in pieces"):
             fs.value_view("big.bin", entry)
         key = fs.key_of("big.bin")
-    with lmdbfs.open(str(db)) as fs:
-        report = verify(fs, sources)
-    assert report.ok and report.checked == 3, report.problems
     # What a user's own LMDB code sees: nothing under the file's key; its pieces right
     # after it, in key order.
     env = lmdb.open(str(db), subdir=False, readonly=True, lock=False, max_dbs=4)
@@ -189,3 +199,15 @@ def test_a_remote_db_serves_split_files(split_db, tmp_path: Path, mount_db) -> N
         assert (mnt.mnt / "big.bin").read_bytes() == DATA
         assert (mnt.mnt / "z" / "member.bin").read_bytes() == MEMBER
         assert web.bytes_sent() <= 1.2 * os.path.getsize(db)
+
+
+def test_an_empty_split_file_reads_as_empty(split_db, mount_db) -> None:
+    """A crafted row: split, no pieces (its table holds the piece size only). Both readers
+    answer no bytes, and the server reads nothing past the table."""
+    db, _ = split_db
+    edit_row(db, "", b"big.bin", target=split_table(0, [], PIECE), size=0, checksum=checksum(b""), flags=FLAG_SPLIT)
+    with lmdbfs.open(str(db)) as fs:
+        assert fs.stat("big.bin").pieces == (PIECE,) and fs.read_bytes("big.bin") == b""
+    mnt = mount_db(db)
+    assert (mnt.mnt / "big.bin").read_bytes() == b""
+    assert (mnt.mnt / "small.txt").read_bytes() == b"small\n"
