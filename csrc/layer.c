@@ -22,6 +22,7 @@
 #include <unistd.h>
 
 #define UNMAP_EVERY 256  /* LMDB lookups between handing the mapped pages back */
+#define PIECE_SUFFIX 5   /* a split file's piece key: the file's key, NUL, u32 big-endian */
 
 static void md5_of(const void *p, size_t len, unsigned char out[16])
 {
@@ -395,11 +396,11 @@ int layer_fetch_record(struct layer *ly, const char *rel, size_t rel_len, size_t
     return 0;
 }
 
-int layer_value_pos(struct layer *ly, const char *rel, size_t rel_len, uint64_t size, uint64_t *pos)
+int layer_value_pos(struct layer *ly, const char *rel, size_t rel_len, long piece, uint64_t size, uint64_t *pos)
 {
     size_t klen = ly->key_prefix_len + rel_len * (ly->key_sep_len ? ly->key_sep_len : 1);
-    unsigned char digest[16];
-    char *buf = malloc(klen + 1), *p = buf;
+    unsigned char digest[16 + PIECE_SUFFIX];
+    char *buf = malloc(klen + 1 + PIECE_SUFFIX), *p = buf;
     if (!buf)
         return -ENOMEM;
     memcpy(p, ly->key_prefix, ly->key_prefix_len);
@@ -416,19 +417,29 @@ int layer_value_pos(struct layer *ly, const char *rel, size_t rel_len, uint64_t 
     if (ly->keys_path) {
         key.mv_data = buf;
         key.mv_size = (size_t)(p - buf);
-        if (key.mv_size == 0 || key.mv_size > (size_t)mdb_env_get_maxkeysize(ly->vals_env)) {
-            free(buf);
-            return -EIO;
-        }
     } else {
         md5_of(buf, (size_t)(p - buf), digest);
         key.mv_data = digest;
         key.mv_size = 16;
     }
+    if (piece >= 0) {  /* format.piece_key */
+        unsigned char *s = (unsigned char *)key.mv_data + key.mv_size;
+        s[0] = 0;
+        for (int i = 0; i < 4; i++)
+            s[1 + i] = (unsigned char)((unsigned long)piece >> (24 - 8 * i));
+        key.mv_size += PIECE_SUFFIX;
+    }
+    if (key.mv_size == 0 || key.mv_size > (size_t)mdb_env_get_maxkeysize(ly->vals_env)) {
+        free(buf);
+        return -EIO;
+    }
     int rc = lmdb_get(ly, 1, &key, &val, "a value");
     free(buf);
     if (rc == -ENOENT) {
-        log_line("ERROR", "EIO for %.*s: listed in the index but its contents are missing", (int)rel_len, rel);
+        if (piece >= 0)
+            log_line("ERROR", "EIO for %.*s: piece %ld of its contents is missing", (int)rel_len, rel, piece);
+        else
+            log_line("ERROR", "EIO for %.*s: listed in the index but its contents are missing", (int)rel_len, rel);
         return -EIO;
     }
     if (rc)

@@ -49,7 +49,9 @@ int layer_fetch_record(struct layer *ly, const char *rel, size_t rel_len, size_t
                        size_t *len, size_t *total, uint64_t *off);
 /* The record of the last fetch is parsed: a buffer kept only for a large one is freed. */
 void layer_record_done(void);
-/* Where a file's bytes live in vals_src: 0, or a negative errno (logged). */
-int layer_value_pos(struct layer *ly, const char *rel, size_t rel_len, uint64_t size, uint64_t *pos);
+/* Where a file's bytes live in vals_src: 0, or a negative errno (logged). piece >= 0:
+ * piece `piece` of a split file (its key, a NUL, the piece number as 4 big-endian bytes),
+ * of size bytes. */
+int layer_value_pos(struct layer *ly, const char *rel, size_t rel_len, long piece, uint64_t size, uint64_t *pos);
 
 #endif

@@ -37,22 +37,12 @@ static unsigned char *thread_buf(void)
     return p;
 }
 
-/* Where the file's bytes lie: (source, pos) in the index file (inline), a data file, or
- * at its key. */
-static int locate(struct node *n, int layer, struct record *rec, const struct row *r, const struct source **src,
-                  uint64_t *pos)
+/* Where the value at the file's key lies (piece >= 0: piece `piece` of a split file, of
+ * size bytes) in the layer's vals_src. */
+static int locate_key(struct node *n, int layer, struct record *rec, const struct row *r, long piece, uint64_t size,
+                      uint64_t *pos)
 {
     struct layer *ly = &srv.layers[layer];
-    if (r->flags & FLAG_INLINE) {  /* in the directory's record: data_off is in the index file */
-        *src = &ly->env_src;
-        *pos = r->data_off;
-        return 0;
-    }
-    if (ly->offsets_ok && r->data_off) {
-        *src = &ly->data_src;
-        *pos = r->data_off;
-        return 0;
-    }
     const char *dir;
     size_t dlen;
     layer_rel(n, layer, &dir, &dlen);
@@ -65,10 +55,85 @@ static int locate(struct node *n, int layer, struct record *rec, const struct ro
         rel[len++] = '/';
     memcpy(rel + len, row_name(rec, r), r->name_len);
     len += r->name_len;
-    *src = &ly->vals_src;
-    int rc = layer_value_pos(ly, rel, len, r->size, pos);
+    int rc = layer_value_pos(ly, rel, len, piece, size, pos);
     free(rel);
     return rc;
+}
+
+/* Where the file's bytes lie: (source, pos) in the index file (inline), a data file, or
+ * at its key. A split file's: where its first piece lies. */
+static int locate(struct node *n, int layer, struct record *rec, const struct row *r, const struct source **src,
+                  uint64_t *pos)
+{
+    struct layer *ly = &srv.layers[layer];
+    if (r->flags & FLAG_INLINE) {  /* in the directory's record: data_off is in the index file */
+        *src = &ly->env_src;
+        *pos = r->data_off;
+        return 0;
+    }
+    if (r->flags & FLAG_SPLIT) {
+        uint64_t piece = row_piece_bytes(rec, r), first = piece < r->size ? piece : r->size;
+        if (r->size == 0) {  /* no pieces: its table holds the piece size only */
+            *src = &ly->data_src;
+            *pos = 0;
+            return 0;
+        }
+        if (ly->offsets_ok && row_piece_off(rec, r, 0)) {
+            *src = &ly->data_src;
+            *pos = row_piece_off(rec, r, 0);
+            return 0;
+        }
+        *src = &ly->vals_src;
+        return locate_key(n, layer, rec, r, 0, first, pos);
+    }
+    if (ly->offsets_ok && r->data_off) {
+        *src = &ly->data_src;
+        *pos = r->data_off;
+        return 0;
+    }
+    *src = &ly->vals_src;
+    return locate_key(n, layer, rec, r, -1, r->size, pos);
+}
+
+/* A split file (FLAG_SPLIT): where piece k lies (its table's offset, else its key), and
+ * its length. */
+static int locate_piece(struct node *n, int layer, struct record *rec, const struct row *r, uint64_t k,
+                        const struct source **src, uint64_t *pos, uint64_t *len)
+{
+    struct layer *ly = &srv.layers[layer];
+    uint64_t piece = row_piece_bytes(rec, r);
+    *len = r->size - k * piece < piece ? r->size - k * piece : piece;
+    if (ly->offsets_ok && row_piece_off(rec, r, k)) {
+        *src = &ly->data_src;
+        *pos = row_piece_off(rec, r, k);
+        return 0;
+    }
+    *src = &ly->vals_src;
+    return locate_key(n, layer, rec, r, (long)k, *len, pos);
+}
+
+/* len bytes at off of a split file, piece by piece (a range may cross pieces). 0, or a
+ * negative errno; *bad_src: the source of a failed read (for its log line). */
+static int split_pread(struct node *n, int layer, struct record *rec, const struct row *r, unsigned char *buf,
+                       size_t len, uint64_t off, const struct source **bad_src)
+{
+    uint64_t piece = row_piece_bytes(rec, r);
+    while (len) {
+        const struct source *src;
+        uint64_t k = off / piece, at = off % piece, pos, plen;
+        int rc = locate_piece(n, layer, rec, r, k, &src, &pos, &plen);
+        if (rc)
+            return rc;
+        size_t want = plen - at < len ? (size_t)(plen - at) : len;
+        if ((rc = src_pread(src, buf, want, pos + at))) {
+            *bad_src = src;
+            return rc;
+        }
+        buf += want;
+        off += want;
+        len -= want;
+    }
+    return 0;
 }
 
 /* The directory's per-row state bits (enum row_state), allocated on first need. */
@@ -91,8 +156,9 @@ static uint8_t *row_bits(struct node *n, int layer, const struct record *rec)
 static pthread_mutex_t verify_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t verify_done = PTHREAD_COND_INITIALIZER;
 
-static int check(struct node *n, struct record *rec, uint32_t row_i, const struct row *r, const struct source *src,
-                 uint64_t pos, const unsigned char **whole, uint8_t *bits, unsigned char *into, int quiet);
+static int check(struct node *n, int layer, struct record *rec, uint32_t row_i, const struct row *r,
+                 const struct source *src, uint64_t pos, const unsigned char **whole, uint8_t *bits,
+                 unsigned char *into, int quiet);
 
 /* Check the stored bytes against the row's xxh3 once per file. Returns 0 or -errno; a
  * file of at most HASH_CHUNK bytes is left in *whole for the reply (read into `into`
@@ -121,14 +187,14 @@ static int verify(struct node *n, int layer, struct record *rec, uint32_t row_i,
             return 0;
         if (b & ROW_MISMATCH)
             return -EIO;
-        int err = check(n, rec, row_i, r, src, pos, whole, bits, into, quiet);
+        int err = check(n, layer, rec, row_i, r, src, pos, whole, bits, into, quiet);
         pthread_mutex_lock(&verify_lock);
         __atomic_fetch_and(&bits[row_i], (uint8_t)~ROW_CHECKING, __ATOMIC_ACQ_REL);
         pthread_cond_broadcast(&verify_done);
         pthread_mutex_unlock(&verify_lock);
         return err;
     }
-    return check(n, rec, row_i, r, src, pos, whole, bits, into, quiet);
+    return check(n, layer, rec, row_i, r, src, pos, whole, bits, into, quiet);
 }
 
 /* The file's xxh3 over its stored bytes, read HASH_CHUNK at a time into buf; a file of
@@ -161,18 +227,59 @@ static int hash_bytes(const struct source *src, uint64_t pos, uint64_t size, uns
     return 0;
 }
 
-static int check(struct node *n, struct record *rec, uint32_t row_i, const struct row *r, const struct source *src,
-                 uint64_t pos, const unsigned char **whole, uint8_t *bits, unsigned char *into, int quiet)
+/* hash_bytes of a split file, read piece by piece; *bad_src: the source of a failed read. */
+static int split_hash(struct node *n, int layer, struct record *rec, const struct row *r, unsigned char *buf,
+                      XXH64_hash_t *sum, const struct source **bad_src)
+{
+    XXH3_state_t *state = XXH3_createState();
+    if (!state)
+        return -ENOMEM;
+    XXH3_64bits_reset(state);
+    int rc = 0;
+    for (uint64_t done = 0; !rc && done < r->size;) {
+        size_t want = r->size - done > HASH_CHUNK ? HASH_CHUNK : (size_t)(r->size - done);
+        if (!(rc = split_pread(n, layer, rec, r, buf, want, done, bad_src)))
+            XXH3_64bits_update(state, buf, want);
+        done += want;
+    }
+    *sum = XXH3_64bits_digest(state);
+    XXH3_freeState(state);
+    return rc;
+}
+
+/* A remote layer's split file failed its checksum: its pieces' blocks are dropped, to be
+ * fetched again (1), or nothing is to be done (0). */
+static int split_refetch(struct node *n, int layer, struct record *rec, const struct row *r)
+{
+    uint64_t piece = row_piece_bytes(rec, r), count = r->size / piece + (r->size % piece != 0), pos, len;
+    const struct source *src;
+    int again = 0;
+    for (uint64_t k = 0; k < count; k++)
+        if (!locate_piece(n, layer, rec, r, k, &src, &pos, &len))
+            again |= src_refetch(src, pos, len);
+    return again;
+}
+
+static int check(struct node *n, int layer, struct record *rec, uint32_t row_i, const struct row *r,
+                 const struct source *src, uint64_t pos, const unsigned char **whole, uint8_t *bits,
+                 unsigned char *into, int quiet)
 {
     XXH64_hash_t sum = 0;
     unsigned char *buf = into && r->size <= HASH_CHUNK ? into : thread_buf();
     char why[300];
+    int rc;
     if (!buf)
         return -ENOMEM;
-    int rc = hash_bytes(src, pos, r->size, buf, &sum);
-    /* A remote layer's damaged cache block: the file's blocks are fetched again, once. */
-    if (!rc && sum != r->checksum && src_refetch(src, pos, r->size))
+    if (r->flags & FLAG_SPLIT) {
+        rc = split_hash(n, layer, rec, r, buf, &sum, &src);
+        if (!rc && sum != r->checksum && split_refetch(n, layer, rec, r))
+            rc = split_hash(n, layer, rec, r, buf, &sum, &src);
+    } else {
         rc = hash_bytes(src, pos, r->size, buf, &sum);
+        /* A remote layer's damaged cache block: the file's blocks are fetched again, once. */
+        if (!rc && sum != r->checksum && src_refetch(src, pos, r->size))
+            rc = hash_bytes(src, pos, r->size, buf, &sum);
+    }
     if (rc) {
         if (!quiet)
             log_line("ERROR", "EIO for %s%s%.*s: %s", n->path, n->path_len ? "/" : "", r->name_len,
@@ -242,7 +349,10 @@ void read_prefetch(struct node *n, int layer, struct record *rec, uint32_t row_i
             prefetch_refund();
         return;
     }
-    src_prefetch(src, pos, r->size < PREFETCH_MAX ? r->size : PREFETCH_MAX);
+    uint64_t len = r->size < PREFETCH_MAX ? r->size : PREFETCH_MAX;
+    if ((r->flags & FLAG_SPLIT) && row_piece_bytes(rec, r) < len)
+        len = row_piece_bytes(rec, r);  /* within the first piece */
+    src_prefetch(src, pos, len);
 }
 
 /* The first READ of a file gives a prefetch credit back. */
@@ -289,15 +399,27 @@ void read_reply(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off)
         fuse_reply_buf(req, NULL, 0);
     } else {
         size_t n_bytes = r.size - (uint64_t)off < size ? (size_t)(r.size - (uint64_t)off) : size;
-        if (whole) {
+        uint64_t at = pos + (uint64_t)off;
+        int gather = 0;  /* a split file's read that crosses from one piece into the next */
+        if ((r.flags & FLAG_SPLIT) && !whole) {
+            uint64_t piece = row_piece_bytes(rec, &r), plen;
+            err = locate_piece(n, layer, rec, &r, (uint64_t)off / piece, &src, &at, &plen);
+            at += (uint64_t)off % piece;
+            gather = (uint64_t)off % piece + n_bytes > plen;
+        }
+        if (err) {
+            fuse_reply_err(req, -err);
+        } else if (whole) {
             fuse_reply_buf(req, (const char *)whole + off, n_bytes);
-        } else if ((ring && n_bytes <= cap) || src_is_remote(src)) {
+        } else if ((ring && n_bytes <= cap) || src_is_remote(src) || gather) {
             /* a ring thread: the bytes go straight into the entry's reply buffer; a remote
              * layer: through a buffer of this thread's */
             unsigned char *buf = ring && n_bytes <= cap ? ring : n_bytes <= HASH_CHUNK ? thread_buf() : NULL;
             unsigned char *own = buf ? NULL : malloc(n_bytes);
             char why[300];
-            int rc = buf || own ? src_pread(src, buf ? buf : own, n_bytes, pos + (uint64_t)off) : -ENOMEM;
+            int rc = !buf && !own ? -ENOMEM
+                     : gather     ? split_pread(n, layer, rec, &r, buf ? buf : own, n_bytes, (uint64_t)off, &src)
+                                  : src_pread(src, buf ? buf : own, n_bytes, at);
             if (rc) {
                 log_line("ERROR", "EIO for %s%s%.*s: %s", n->path, n->path_len ? "/" : "", r.name_len,
                          row_name(rec, &r), src_why(src, rc, why, sizeof(why)));
@@ -310,7 +432,7 @@ void read_reply(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off)
             struct fuse_bufvec bv = FUSE_BUFVEC_INIT(n_bytes);
             bv.buf[0].flags = FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK | FUSE_BUF_FD_RETRY;
             bv.buf[0].fd = src->fd;
-            bv.buf[0].pos = (off_t)(pos + (uint64_t)off);
+            bv.buf[0].pos = (off_t)at;
             fuse_reply_data(req, &bv, FUSE_BUF_SPLICE_MOVE);
         }
     }
@@ -348,6 +470,7 @@ void read_push(fuse_ino_t ino)
     read_prefetch(n, layer, rec, row_i, &r, 1);
     uint8_t *bits = row_bits(n, layer, rec);
     if (!bits || r.kind != KIND_FILE || r.size == 0 || r.size > srv.push_max || r.size > HASH_CHUNK ||
+        (r.flags & FLAG_SPLIT) ||
         (__atomic_load_n(&bits[row_i], __ATOMIC_ACQUIRE) & ROW_PUSHED) || locate(n, layer, rec, &r, &src, &pos)) {
         record_put(rec);
         return;

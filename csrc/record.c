@@ -47,6 +47,36 @@ const char *row_name(const struct record *rec, const struct row *r)
     return (const char *)rec->blob + r->name_off;
 }
 
+uint64_t row_piece_bytes(const struct record *rec, const struct row *r)
+{
+    return get64(rec->blob + r->name_off + r->name_len);
+}
+
+uint64_t row_piece_off(const struct record *rec, const struct row *r, uint64_t k)
+{
+    return get64(rec->blob + r->name_off + r->name_len + 8 * (k + 1));
+}
+
+/* A split file's piece table (its row's "target"): a piece size of 1 to VALUE_MAX bytes,
+ * one offset per piece, and while the offsets are trusted each known piece inside the
+ * data file (as lmdbfs/recordcheck.py judges it). */
+static const char *pieces_problem(const struct record *rec, const struct row *r, const struct layer *ly)
+{
+    const unsigned char *t = rec->blob + r->name_off + r->name_len;
+    uint64_t piece = r->target_len >= 8 ? get64(t) : 0;
+    if (piece == 0 || piece > VALUE_MAX)
+        return "bad piece table";
+    uint64_t count = r->size / piece + (r->size % piece != 0);
+    if (count >= 0xFFFF / 8 || r->target_len != 8 * (count + 1))
+        return "bad piece table";
+    for (uint64_t k = 0; ly->offsets_ok && k < count; k++) {
+        uint64_t at = get64(t + 8 * (k + 1)), len = r->size - k * piece < piece ? r->size - k * piece : piece;
+        if (at && (at > ly->data_size || len > ly->data_size - at))
+            return "piece outside the data file";
+    }
+    return NULL;
+}
+
 static int name_cmp(const char *a, size_t alen, const char *b, size_t blen)
 {
     int c = memcmp(a, b, alen < blen ? alen : blen);
@@ -68,15 +98,17 @@ static const char *row_problem(const struct record *rec, const struct row *r, co
         return "name is '.' or '..'";
     if (r->kind < KIND_FILE || r->kind > KIND_SYMLINK)
         return "unknown kind";
-    if (r->flags & ~FLAG_INLINE)
+    if (r->flags & ~(FLAG_INLINE | FLAG_SPLIT))
         return "unknown flag bits";
+    if ((r->flags & FLAG_SPLIT) && (r->kind != KIND_FILE || (r->flags & FLAG_INLINE)))
+        return "pieces of a non-file or an inline file";
     if (end > rec->blob_len)
         return "link target outside the record";
     if (r->kind == KIND_SYMLINK) {
         if (r->target_len == 0 || r->target_len > TARGET_MAX || r->size != r->target_len ||
             memchr(name + r->name_len, 0, r->target_len))
             return "bad link target";
-    } else if (r->target_len) {
+    } else if (r->target_len && !(r->flags & FLAG_SPLIT)) {
         return "link target on a non-link";
     }
     if (r->mode > 07777 || (r->kind == KIND_DIR && r->checksum > SUBDIRS_MAX))
@@ -92,6 +124,8 @@ static const char *row_problem(const struct record *rec, const struct row *r, co
     } else if (r->kind == KIND_FILE) {
         if (r->size > ly->data_size || (ly->offsets_ok && r->data_off && r->data_off > ly->data_size - r->size))
             return "value outside the data file";
+        if (r->flags & FLAG_SPLIT)
+            return pieces_problem(rec, r, ly);
     }
     return NULL;
 }

@@ -14,6 +14,8 @@
 #define KIND_DIR 2
 #define KIND_SYMLINK 3
 #define FLAG_INLINE 1
+#define FLAG_SPLIT 2  /* stored as pieces; the row's "target" is its piece table (docs/format.md) */
+#define VALUE_MAX 0xFFFFFFFFull  /* bytes of one LMDB value: of one piece */
 
 struct layer;
 struct node;
@@ -48,6 +50,10 @@ struct record {
 
 void row_get(const struct record *rec, uint32_t i, struct row *out);
 const char *row_name(const struct record *rec, const struct row *r);
+/* A split file's piece size, and the data-file offset of piece k (0: look it up by key),
+ * from its checked piece table. */
+uint64_t row_piece_bytes(const struct record *rec, const struct row *r);
+uint64_t row_piece_off(const struct record *rec, const struct row *r, uint64_t k);
 /* A record's head length (header, path, rows, blob) as its 16-byte header gives it. */
 uint64_t record_head_len(const unsigned char *raw);
 /* Parse and check raw (the record as stored, at file_off in the index env's file: len

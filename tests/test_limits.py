@@ -191,9 +191,10 @@ def _tar_of_zeros(path: Path, name: str, size: int) -> Path:
 
 
 @pytest.mark.parametrize("kind", ["folder", "tar"])
-def test_files_over_lmdbs_value_limit(tmp_path: Path, kind: str) -> None:
-    """A value of LMDB holds at most 4 GiB - 1 bytes (sparse sources: no disk used)."""
-    size = format.VALUE_MAX + 1
+def test_files_over_the_largest_file(tmp_path: Path, kind: str) -> None:
+    """A file over FILE_MAX bytes (8,190 pieces of 1 GiB: a piece table's most) is refused
+    (sparse sources: no disk used; a file over one LMDB value is split, tests/test_huge.py)."""
+    size = format.FILE_MAX + 1
     if kind == "folder":
         src = tmp_path / "tree"
         (src / "keep").mkdir(parents=True)
@@ -201,7 +202,7 @@ def test_files_over_lmdbs_value_limit(tmp_path: Path, kind: str) -> None:
         with open(src / "huge.bin", "wb") as fh:
             fh.truncate(size)
         line = one_error_line(run_cli("pack", src, tmp_path / "out.db", check=False))
-        assert "huge.bin" in line and str(format.VALUE_MAX) in line, line
+        assert "huge.bin" in line and str(format.FILE_MAX) in line, line
         out = run_cli("pack", "--skip-errors", src, tmp_path / "out.db")
         assert "1 skipped" in out.stdout and "huge.bin" in out.stdout
         with lmdbfs.open(str(tmp_path / "out.db")) as fs:
@@ -209,4 +210,4 @@ def test_files_over_lmdbs_value_limit(tmp_path: Path, kind: str) -> None:
     else:
         src = _tar_of_zeros(tmp_path / "huge.tar", "huge.bin", size)
         line = one_error_line(run_cli("pack", src, tmp_path / "out.db", check=False))
-        assert "huge.bin" in line and str(format.VALUE_MAX) in line, line
+        assert "huge.bin" in line and str(format.FILE_MAX) in line, line

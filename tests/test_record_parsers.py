@@ -8,6 +8,8 @@ arbitrary rows. A check added to one parser alone makes these tests fail.
 
 from __future__ import annotations
 
+import struct
+
 import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
@@ -15,7 +17,20 @@ from hypothesis import strategies as st
 from lmdbfs import _serve
 from lmdbfs.errors import CorruptValue
 from lmdbfs.format.recordcheck import decode_dir
-from lmdbfs.format.records import ENTRY_DTYPE, FLAG_INLINE, INLINE_LIMIT, TARGET_MAX, encode_dir, encode_path, new_rows
+from lmdbfs.format.records import (
+    ENTRY_DTYPE,
+    FLAG_INLINE,
+    FLAG_SPLIT,
+    INLINE_LIMIT,
+    KIND_FILE,
+    SPLIT_TABLE_MAX,
+    TARGET_MAX,
+    VALUE_MAX,
+    encode_dir,
+    encode_path,
+    new_rows,
+    pack_names,
+)
 
 from .hostile import split_record
 from .records import FAST, entries, names, record_of, record_v3
@@ -33,6 +48,8 @@ def python_verdict(raw: bytes, own: str, data_size: int, offsets_ok: bool):
     rows = []
     for entry, flags in zip(rec.entries(), rec.rows["flags"].tolist()):
         target = encode_path(entry.target) if entry.target is not None else b""
+        if entry.pieces is not None:  # a split file's piece table, where a link's target sits
+            target = struct.pack(f"<{len(entry.pieces)}Q", *entry.pieces)
         fields = (entry.kind, flags, entry.mode, entry.size, entry.mtime_ns, entry.checksum)
         rows.append((encode_path(entry.name), *fields, target, entry.inline, entry.data_off))
     return rows, sorted(rec.bad)
@@ -86,7 +103,7 @@ EDGES = {
     "name_len": [0, 1, 2, 255, 256, 65535],
     "target_len": [0, 1, 4095, 4096, 65535],
     "kind": [0, 1, 2, 3, 4, 255],
-    "flags": [0, FLAG_INLINE, 2, 3, 255],
+    "flags": [0, FLAG_INLINE, FLAG_SPLIT, 3, 4, 255],
     "mode": [0, 0o7777, 0o10000, 65535],
     "size": [0, 1, 2, 4095, 4096, 5000, 2**24, 2**24 + 1, 10**6, 2**63, 2**64 - 1],
     "checksum": [0, 1, 2**32, 2**32 + 1, 2**64 - 1],
@@ -218,3 +235,62 @@ def test_truncated_and_misplaced_records_are_refused_by_both() -> None:
             assert_agree(raw[:cut])
         assert_agree(raw + b"more")  # after a v3 record's blob: refused; a v4 record's tail: longer
     assert c_verdict(encode_dir(OWN, new_rows(0), b""), "elsewhere", 0, False) is None
+
+
+def split_file_record(size: int, table: bytes, target_len: int | None = None, data_off: int = 0) -> bytes:
+    """A record of a stored file "a" and a split file "b" whose piece table is ``table``
+    (``target_len``: what its row says the table's length is)."""
+    rows = new_rows(2)
+    rows["kind"] = KIND_FILE
+    rows["size"] = [100, size]
+    rows["data_off"] = [4096 + 16, data_off]
+    rows["flags"][1] = FLAG_SPLIT
+    blob = pack_names(rows, [b"a", b"b"], [b"", table]) + bytes(16)  # room for a longer table
+    if target_len is not None:
+        rows["target_len"][1] = target_len
+    return encode_dir(OWN, rows, blob, b"")
+
+
+def table_of(piece: int, offsets: list[int]) -> bytes:
+    return struct.pack(f"<{1 + len(offsets)}Q", piece % 2**64, *(o % 2**64 for o in offsets))
+
+
+def test_a_good_piece_table_is_kept_by_both() -> None:
+    raw = split_file_record(5000, table_of(2048, [8192, 16384, 32768]))
+    rows, bad = python_verdict(raw, OWN, 10**6, True)
+    assert [r[0] for r in rows] == [b"a", b"b"] and not bad
+    assert rows[1][-3] == table_of(2048, [8192, 16384, 32768])
+    assert_agree(raw)
+
+
+def test_piece_tables_at_their_edges_are_judged_alike() -> None:
+    """Piece sizes, piece counts, table lengths and piece offsets on either side of each
+    check, with and without trusted offsets."""
+    checked = kept = 0
+    for data_size in (10**6, 2**40):
+        for size in (0, 1, 5000, 10**6, 10**6 + 1, 2**64 - 1):
+            for piece in (0, 1, 4096, 10**6, VALUE_MAX, VALUE_MAX + 1, 2**64 - 1):
+                count = -(-size // piece) if piece else 1
+                if count > SPLIT_TABLE_MAX // 8:
+                    count = 2  # a table that cannot be this file's
+                for delta in (-2, -1, 0, 1, 2):
+                    last = min(piece, size - (count - 1) * piece) if piece and count else 1
+                    offsets = [4096 * (k + 1) for k in range(count - 1)] + [data_size - last + delta]
+                    for tlen in (None, 8 * count, 8 * (count + 2)):
+                        raw = split_file_record(size, table_of(piece, offsets), tlen)
+                        for offsets_ok in (False, True):
+                            assert_agree(raw, OWN, data_size, offsets_ok)
+                            kept += len(python_verdict(raw, OWN, data_size, offsets_ok)[0]) - 1
+                            checked += 1
+    assert checked > 1000 and 100 < kept < checked - 100  # both verdicts, often
+
+
+@FAST
+@given(st.binary(max_size=120), st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1), data_sizes, st.booleans())
+def test_arbitrary_piece_tables_are_judged_alike(table, size, data_off, data_size, offsets_ok) -> None:
+    assert_agree(split_file_record(size, table, data_off=data_off), OWN, data_size, offsets_ok)
+    if len(table) >= 8:  # the same bytes as a table of the right length for its piece size
+        piece = struct.unpack_from("<Q", table)[0] or 1
+        count = min(-(-size // piece), 20)
+        whole = (table + bytes(8 * count))[: 8 * (count + 1)]
+        assert_agree(split_file_record(min(size, count * piece), whole), OWN, data_size, offsets_ok)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
 import struct
 import threading
@@ -189,7 +190,7 @@ def map_offset(view: memoryview, base: int) -> int:
 _MADV_DONTNEED = 4
 # The process's own symbols include libc's; ctypes.util.find_library would run
 # `ldconfig -p` in a subprocess at import, in every command (the mount's daemon too).
-_LIBC = ctypes.CDLL(None)
+_LIBC = ctypes.CDLL(None, use_errno=True)
 
 
 _SYNC_FILE_RANGE_WRITE = 2
@@ -207,6 +208,22 @@ def start_writeback(fd: int) -> None:
         )
     except AttributeError:
         pass  # no sync_file_range here: the final fsync writes everything
+
+
+_FALLOC_PUNCH_HOLE = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
+
+
+def punch(fd: int, offset: int, length: int) -> None:
+    """Make [offset, offset + length) of the file a hole: it reads as zeros and takes no
+    disk (OSError where the filesystem cannot)."""
+    try:
+        fallocate = _LIBC.fallocate
+    except AttributeError:
+        raise OSError(errno.ENOSYS, "no fallocate here") from None
+    fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    if fallocate(fd, _FALLOC_PUNCH_HOLE, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 def unmap_pages(base: int, length: int) -> None:
@@ -337,3 +354,41 @@ def open_index(env: lmdb.Environment, shown: str):
         raise BadDatabase(f"{shown}: the path index is missing", "re-pack the DB") from None
     except lmdb.Error as exc:
         raise lmdb_error(exc, shown) from None
+
+
+PAGE_BYTES = 4096  # holes are punched in whole pages
+
+
+class ZeroHoles:
+    """Page-aligned runs of zeros in a value just put through writemap, punched out of the
+    data file (fallocate PUNCH_HOLE: they read as zeros, take no disk and are not
+    written back). Offsets are the value's own; ``at`` is where it starts in the file
+    (None: not known, nothing is punched)."""
+
+    def __init__(self, path: str, at: int | None) -> None:
+        self.path, self.at, self.since, self.fd = path, at, None, -1
+
+    def zeros(self, offset: int) -> None:
+        if self.since is None and self.at is not None:
+            self.since = offset
+
+    def data(self, offset: int) -> None:
+        """Zeros end at ``offset``: punch the whole pages between."""
+        if self.since is None:
+            return
+        lo = -(-(self.at + self.since) // PAGE_BYTES) * PAGE_BYTES
+        hi = (self.at + offset) // PAGE_BYTES * PAGE_BYTES
+        self.since = None
+        if hi - lo < PAGE_BYTES:
+            return
+        try:
+            if self.fd < 0:
+                self.fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)
+            punch(self.fd, lo, hi - lo)
+        except OSError:
+            pass  # a filesystem without holes keeps the zeros
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

@@ -19,6 +19,7 @@ from .records import (
     DIR_MAGIC_V3,
     ENTRY_DTYPE,
     FLAG_INLINE,
+    FLAG_SPLIT,
     INLINE_LIMIT,
     KIND_DIR,
     KIND_FILE,
@@ -27,8 +28,11 @@ from .records import (
     NAME_MAX,
     SUBDIRS_MAX,
     TARGET_MAX,
+    VALUE_MAX,
     DirRecord,
     decode_path,
+    split_pieces,
+    split_table_len,
 )
 
 
@@ -77,8 +81,9 @@ ROW_PROBLEMS = (
     "attributes out of range",
     "contents outside the data file",
     "name out of order or listed twice",
+    "bad piece table",
 )
-_KIND, _FLAGS, _NAME_LEN, _BOUNDS, _NAME_CHARS, _TARGET, _ATTRS, _DATA, _ORDER = range(1, 10)
+_KIND, _FLAGS, _NAME_LEN, _BOUNDS, _NAME_CHARS, _TARGET, _ATTRS, _DATA, _ORDER, _PIECES = range(1, 11)
 BAD_NAME = ROW_PROBLEMS[_NAME_CHARS]
 _CHECK_CHUNK = 16384  # rows whose names are checked together (at most 4 MB of name bytes)
 
@@ -105,7 +110,7 @@ def check_rows(
     kind, flags, size = rows["kind"], rows["flags"], rows["size"]
     nlen, tlen = rows["name_len"], rows["target_len"]
     off = rows["name_off"].astype(np.int64)
-    is_link, inline = kind == KIND_SYMLINK, (flags & FLAG_INLINE) != 0
+    is_link, inline, split = kind == KIND_SYMLINK, (flags & FLAG_INLINE) != 0, (flags & FLAG_SPLIT) != 0
     stored = (kind == KIND_FILE) & ~inline
     limit = np.uint64(max(data_size or 0, 0))
     clipped = np.where(inline, np.minimum(size, INLINE_LIMIT + 1), 0).astype(np.int64)
@@ -116,11 +121,12 @@ def check_rows(
         end, outside_tail = off + nlen + tlen, inline & (at + clipped > tail_len)
     masks = [
         (_KIND, (kind - np.uint8(1)) > 2),
-        (_FLAGS, ((flags & np.uint8(~KNOWN_FLAGS & 0xFF)) != 0) | (inline & (kind != KIND_FILE))),
+        (_FLAGS, ((flags & np.uint8(~KNOWN_FLAGS & 0xFF)) != 0) | ((inline | split) & (kind != KIND_FILE))),
+        (_FLAGS, inline & split),
         (_NAME_LEN, (nlen - np.uint16(1)) >= NAME_MAX),
         (_BOUNDS, (end > len(blob)) | (inline & (size > INLINE_LIMIT)) | outside_tail),
         (_TARGET, is_link & ((tlen == 0) | (tlen > TARGET_MAX) | (size != tlen))),
-        (_ATTRS, ((tlen != 0) & ~is_link) | (rows["mode"] > 0o7777)),
+        (_ATTRS, ((tlen != 0) & ~is_link & ~split) | (rows["mode"] > 0o7777)),
         (_ATTRS, (kind == KIND_DIR) & (rows["checksum"] > SUBDIRS_MAX)),
     ]
     if data_size is not None:
@@ -133,8 +139,28 @@ def check_rows(
     if np.logical_or.reduce([mask for _code, mask in masks]).any():
         for code, mask in masks:
             reason[(reason == 0) & mask] = code
+    for i in np.flatnonzero(split & (reason == 0)).tolist():
+        table = blob[int(off[i] + nlen[i]) : int(off[i] + nlen[i] + tlen[i])]
+        if _pieces_problem(table, int(size[i]), data_size if check_offsets else None):
+            reason[i] = _DATA if _pieces_problem(table, int(size[i]), None) is None else _PIECES
     _check_names(blob, reason, off, nlen, is_link, tlen)
     return reason
+
+
+def _pieces_problem(table: bytes, size: int, data_size: int | None) -> str | None:
+    """What is wrong with a split file's piece table (as csrc/record.c judges it): a
+    piece size of 1 to VALUE_MAX bytes, one offset per piece, and with ``data_size``
+    (offsets trusted) each known piece inside the data file."""
+    piece = split_pieces(table[:8])[0] if len(table) >= 8 else 0
+    if not 1 <= piece <= VALUE_MAX or len(table) != split_table_len(size, piece):
+        return "bad piece table"
+    if data_size is not None:
+        offsets = split_pieces(table)[1:]
+        for k, at in enumerate(offsets):
+            length = min(piece, size - k * piece)
+            if at and (at > data_size or length > data_size - at):
+                return "piece outside the data file"
+    return None
 
 
 def _check_names(blob: bytes, reason: np.ndarray, off, nlen, is_link, tlen) -> None:

@@ -8,6 +8,7 @@ Layout of one LMDB environment (a single file by default):
 * main (unnamed) database: ``md5(key_prefix + relpath)`` -> the file's exact bytes.
   This is the key scheme of the original converter, so ``txn.get(md5(path))`` works
   (in the default keyed layout; the compact layout keeps small files in records only).
+  A file over one LMDB value is stored as pieces under `piece_key` (FLAG_SPLIT).
 * ``lmdbfs.index``: ``md5(dir relpath)`` -> one directory record (see `encode_dir`).
 * ``lmdbfs.meta``: ``b"meta"`` -> JSON (see `Meta`). Written in the final commit only:
   its presence, with ``complete: true``, is what makes a DB servable.
@@ -37,7 +38,8 @@ FORMAT_NAME = "lmdbfs"
 # 2: rows gained data_off; 1 had 36-byte rows
 FORMAT_VERSION = 4
 COMPACT_VERSION = 5  # what a compact-layout DB is written as: older readers refuse it
-READABLE_VERSIONS = (2, 3, 4, 5)  # a version-2 row is a version-3 row with no flags set
+SPLIT_VERSION = 6  # a DB holding a file split into pieces (FLAG_SPLIT rows), either layout
+READABLE_VERSIONS = (2, 3, 4, 5, 6)  # a version-2 row is a version-3 row with no flags set
 INDEX_DB = b"lmdbfs.index"
 META_DB = b"lmdbfs.meta"
 META_KEY = b"meta"
@@ -73,7 +75,13 @@ ENTRY_DTYPE = np.dtype(
 # already fetched. The value is also in the main database under its key, so key lookups
 # keep working.
 FLAG_INLINE = 1
-KNOWN_FLAGS = FLAG_INLINE
+# SPLIT (version 6): a file larger than one LMDB value may be (SPLIT_ABOVE) is stored as
+# pieces of ``piece`` bytes (the last one shorter), piece k under `piece_key`. Where a
+# symlink's row has its target, the row carries its piece table (`split_table`): u64
+# piece, then each piece's offset in the data file (0: look it up by key), little-endian.
+# The table is in the record's head, so a lookup brings it along; data_off is 0.
+FLAG_SPLIT = 2
+KNOWN_FLAGS = FLAG_INLINE | FLAG_SPLIT
 INLINE_MAX = 2048  # values this small live in LMDB leaf pages, where no offset is stable
 # The compact layout carries every file that would take one overflow page (a page less
 # its header) in its record instead: a 2.1 KB file would waste half a page there.
@@ -104,7 +112,11 @@ DEPTH_MAX = 1024  # directory levels below the root a walk descends
 ROWS_MAX = (1 << 24) - 1  # entries in one directory (serve.h ROW_MAX - 1: inode bits)
 RECORD_MAX = 256 << 20  # bytes of one directory record (serve.h RECORD_MAX)
 KEY_MAX = 511  # bytes of an LMDB key (plain path keys, --keys path)
-VALUE_MAX = (1 << 32) - 1  # bytes of an LMDB value (liblmdb's MAXDATASIZE): of one file
+VALUE_MAX = (1 << 32) - 1  # bytes of an LMDB value (liblmdb's MAXDATASIZE)
+SPLIT_ABOVE = VALUE_MAX  # larger files are stored as pieces (FLAG_SPLIT); others as one value
+SPLIT_PIECE = 1 << 30  # the bytes of each piece the packer writes (the last one shorter)
+SPLIT_TABLE_MAX = 0xFFFF // 8 * 8  # bytes of a piece table (it sits where a link's target does: u16 length)
+FILE_MAX = (SPLIT_TABLE_MAX // 8 - 1) * SPLIT_PIECE  # bytes of one file (8,190 pieces)
 SUBDIRS_MAX = 1 << 32  # a directory's subdirectory count (its st_nlink - 2)
 META_MAX_BYTES = 1 << 20
 META_MAX_DEPTH = 32  # nesting of the meta record's JSON
@@ -157,6 +169,32 @@ def dir_key(relpath: str) -> bytes:
     return hashlib.md5(encode_path(relpath)).digest()
 
 
+def piece_key(key: bytes, k: int) -> bytes:
+    """The main-database key of piece k of a split file whose key is ``key``: the key, a
+    NUL and k as 4 big-endian bytes, so a file's pieces sort together and in order."""
+    return key + b"\0" + k.to_bytes(4, "big")
+
+
+def split_table(size: int, offsets: list[int] | None = None, piece: int = SPLIT_PIECE) -> bytes:
+    """The piece table of a split file of ``size`` bytes: the piece size, then each
+    piece's offset in the data file (None: zeros, not known yet)."""
+    count = -(-size // piece)
+    offsets = offsets if offsets is not None else [0] * count
+    if len(offsets) != count:
+        raise ValueError(f"{count} pieces, {len(offsets)} offsets")
+    return struct.pack(f"<{count + 1}Q", piece, *offsets)
+
+
+def split_pieces(table: bytes) -> tuple[int, ...]:
+    """A piece table as (piece size, offset of piece 0, offset of piece 1, ...)."""
+    return struct.unpack(f"<{len(table) // 8}Q", table)
+
+
+def split_table_len(size: int, piece: int) -> int:
+    """The length a piece table of a ``size``-byte file in ``piece``-byte pieces has."""
+    return 8 * (1 + -(-size // piece)) if piece else 0
+
+
 def checksum(data: bytes | memoryview) -> int:
     return xxhash.xxh3_64_intdigest(data)
 
@@ -178,6 +216,8 @@ class Entry:
     target: str | None = None
     data_off: int = 0  # file offset of the value in the DB's data file (files only)
     inline: bytes | None = None  # the file's bytes, when the record carries them (FLAG_INLINE)
+    # A split file (FLAG_SPLIT): (piece size, offset of piece 0, ...) from its piece table
+    pieces: tuple[int, ...] | None = None
 
     @property
     def st_mode(self) -> int:
@@ -302,6 +342,7 @@ class DirRecord:
         for off, n, tlen, kind, flags, mode, size, mtime_ns, csum, data_off in zip(*cols):
             target = decode_path(blob[off + n : off + n + tlen]) if kind == KIND_SYMLINK else None
             inline = self._inline(off, n, tlen, kind, flags, size, data_off)
+            pieces = split_pieces(blob[off + n : off + n + tlen]) if flags & FLAG_SPLIT else None
             out.append(
                 Entry(
                     name=decode_path(blob[off : off + n]),
@@ -311,8 +352,9 @@ class DirRecord:
                     mtime_ns=mtime_ns,
                     checksum=csum,
                     target=target,
-                    data_off=0 if inline is not None else data_off,
+                    data_off=0 if inline is not None or pieces is not None else data_off,
                     inline=inline,
+                    pieces=pieces,
                 )
             )
         return out

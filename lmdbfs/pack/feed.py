@@ -6,6 +6,9 @@ or more is handed over unread, as a `Large` the consumer reads in pieces."""
 
 from __future__ import annotations
 
+import errno
+import io
+import os
 import queue
 import threading
 from collections import deque
@@ -43,9 +46,14 @@ class Large:
 
     def pieces(self) -> Iterator[bytes]:
         """The bytes in pieces of at most PIECE_BYTES; more or fewer than the listed
-        size are the caller's to notice (a file that changed, a damaged archive)."""
-        done = 0
+        size are the caller's to notice (a file that changed, a damaged archive). A
+        sparse file's holes are not read: they come as pieces of zeros."""
+        done, holes = 0, _Holes(self.fh)
         while True:
+            if done + PIECE_BYTES <= self.size and holes.hole_at(done, PIECE_BYTES):
+                done += PIECE_BYTES
+                yield _ZEROS
+                continue
             piece = self.fh.read(PIECE_BYTES if done < self.size else 1)
             if not piece:
                 return
@@ -59,6 +67,46 @@ class Large:
         if self._closer is not None:
             self._closer()
             self._closer = None
+
+
+_ZEROS = bytes(PIECE_BYTES)
+
+
+def is_zeros(piece: bytes) -> bool:
+    """Whether a piece holds only zero bytes (a memcmp for a whole PIECE_BYTES piece)."""
+    return piece == _ZEROS if len(piece) == PIECE_BYTES else piece.count(0) == len(piece)
+
+
+class _Holes:
+    """Where a regular file's holes are (lseek SEEK_DATA), so they need not be read;
+    nothing for other streams (an archive member)."""
+
+    def __init__(self, fh: IO[bytes]) -> None:
+        try:
+            self.fd = fh.fileno() if isinstance(fh, io.FileIO) else -1
+        except (OSError, ValueError):
+            self.fd = -1
+        self.start = self.end = 0  # the last hole found: [start, end)
+
+    def hole_at(self, offset: int, length: int) -> bool:
+        """Whether [offset, offset + length) is all hole; if so the file's position moves
+        past it (reads go on from there)."""
+        if self.fd < 0:
+            return False
+        if not self.start <= offset < self.end:
+            try:
+                data = os.lseek(self.fd, offset, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno != errno.ENXIO:  # ENXIO: no data after offset
+                    self.fd = -1
+                    return False
+                data = os.fstat(self.fd).st_size
+            self.start, self.end = offset, data
+        if offset + length > self.end:
+            os.lseek(self.fd, offset, os.SEEK_SET)
+            return False
+        os.lseek(self.fd, offset + length, os.SEEK_SET)
+        return True
 
 
 def read_in_order(scan: Scan, order: np.ndarray, workers: int, process: Process, on_error: OnError) -> Iterator[Batch]:
@@ -221,3 +269,25 @@ def _streamed(scan: Scan, source: Source, run: np.ndarray, process: Process) -> 
     finally:
         stop.set()
         thread.join()
+
+
+class Cut:
+    """Byte pieces taken a given number of bytes at a time (a split file's pieces)."""
+
+    def __init__(self, pieces: Iterator[bytes]) -> None:
+        self.it, self.carry = iter(pieces), b""
+
+    def take(self, n: int) -> Iterator[bytes]:
+        """The next ``n`` bytes in pieces (fewer at the end)."""
+        while n > 0:
+            piece, self.carry = self.carry or next(self.it, b""), b""
+            if not piece:
+                return
+            if len(piece) > n:  # at a piece's end only: the copies are rare
+                piece, self.carry = piece[:n], piece[n:]
+            n -= len(piece)
+            yield piece
+
+    def rest(self) -> int:
+        """How many bytes are left (at most one piece is read: more than listed is enough)."""
+        return len(self.carry or next(self.it, b""))

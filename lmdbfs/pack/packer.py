@@ -43,9 +43,12 @@ from ..format.records import (
     LAYOUT_KEYED,
     META_DB,
     PARTIAL_SUFFIX,
+    SPLIT_ABOVE,
+    SPLIT_VERSION,
     Meta,
     checksum,
     output_files,
+    piece_key,
 )
 from .feed import Large, read_in_order
 from .scan import Scan
@@ -196,6 +199,8 @@ def _check_path_keys(scan: Scan, keys: Keys) -> None:
     databases, which are keys of the main database too."""
     for i in range(scan.files):
         key = keys(i)
+        if int(scan.file_size[i]) > SPLIT_ABOVE:  # its pieces' keys are longer (format.piece_key)
+            key = piece_key(key, 0)
         if len(key) > KEY_MAX:
             raise SourceError(
                 f"{scan.file_relpath(i)}: its key is {len(key)} bytes, LMDB keys are at most {KEY_MAX}",
@@ -281,7 +286,8 @@ def _put_large(scan: Scan, writer: Writer, i: int, large: Large) -> None:
     """Store a file too large to read whole, piece by piece (writer.put_large)."""
     row = scan.row(i)
     try:
-        got, digest = writer.put_large(i, writer.keys(i), large.size, large.pieces())
+        put = writer.put_split if large.size > SPLIT_ABOVE else writer.put_large
+        got, digest = put(i, writer.keys(i), large.size, large.pieces())
     finally:
         large.close()
     if got != large.size:
@@ -299,7 +305,7 @@ def _meta_for(specs: list[str], scan: Scan, opts: PackOptions, extra: dict) -> M
         key_sep=opts.key_sep,
         keys=opts.keys,
         layout=opts.layout,
-        format_version=COMPACT_VERSION if opts.layout == LAYOUT_COMPACT else FORMAT_VERSION,
+        format_version=_version_for(scan, opts),
         key_scheme=_KEY_SCHEMES[opts.keys],
         files=scan.files,
         dirs=len(scan.dirs),
@@ -320,6 +326,14 @@ def _meta_for(specs: list[str], scan: Scan, opts: PackOptions, extra: dict) -> M
             **extra,
         },
     )
+
+
+def _version_for(scan: Scan, opts: PackOptions) -> int:
+    """The oldest format that holds the DB, so older readers read what they can: a split
+    file needs version 6 (older readers would call its row damaged), the compact layout 5."""
+    if len(scan.file_size) and int(scan.file_size.max()) > SPLIT_ABOVE:
+        return SPLIT_VERSION
+    return COMPACT_VERSION if opts.layout == LAYOUT_COMPACT else FORMAT_VERSION
 
 
 def _source_name(spec: str) -> str:

@@ -23,18 +23,22 @@ from ..errors import SourceError
 from ..format.records import (
     DEPTH_MAX,
     ENTRY_DTYPE,
+    FILE_MAX,
+    FLAG_SPLIT,
     KIND_DIR,
     KIND_FILE,
     KIND_SYMLINK,
     NAME_MAX,
     RECORD_MAX,
     ROWS_MAX,
+    SPLIT_ABOVE,
+    SPLIT_PIECE,
     TARGET_MAX,
-    VALUE_MAX,
     build_dir,
     decode_path,
     encode_path,
     new_rows,
+    split_table,
 )
 
 log = logging.getLogger(__name__)
@@ -200,8 +204,8 @@ def limit_problem(rel: str, kind: int, target: bytes = b"", size: int = 0) -> tu
 
     The readers refuse what breaks these limits (recordcheck.check_rows, tree.MAX_DEPTH, the
     C server), so the packer checks every entry against them before it stores a byte."""
-    if kind == KIND_FILE and size > VALUE_MAX:
-        return rel, f"{size} bytes, over the {VALUE_MAX} an LMDB value may hold"
+    if kind == KIND_FILE and size > FILE_MAX:
+        return rel, f"{size} bytes, over the {FILE_MAX} a file may have"
     if kind == KIND_SYMLINK and not 1 <= len(target) <= TARGET_MAX:
         return rel, f"a symlink target of {len(target)} bytes, not 1 to {TARGET_MAX}"
     if 4 * len(rel) <= NAME_MAX:  # every name fits, whatever its encoding: the usual case
@@ -369,6 +373,10 @@ class TreeBuilder:
             if rel:
                 subdirs[rel.rpartition("/")[0]] += 1
         for rel, acc in self.accs.items():
+            if acc.sizes and max(acc.sizes) > SPLIT_ABOVE:  # a file stored as pieces carries their table
+                for k, size in enumerate(acc.sizes):
+                    if size > SPLIT_ABOVE and acc.kinds[k] == KIND_FILE:
+                        acc.targets[k] = split_table(size, piece=SPLIT_PIECE)
             problem = record_problem(rel, len(acc.names), sum(map(len, acc.names)) + sum(map(len, acc.targets)))
             if problem:
                 raise SourceError(f"{rel or '/'}: {problem}", "split the folder into several, or --exclude some of it")
@@ -395,6 +403,7 @@ class TreeBuilder:
                 file_dir[nums[is_file]] = len(dirs)
                 file_row[nums[is_file]] = np.flatnonzero(is_file)
                 file_size[nums[is_file]] = rows["size"][is_file]
+                rows["flags"][is_file & (rows["size"] > SPLIT_ABOVE)] = FLAG_SPLIT
             dirs.append(ScannedDir(rel, rows, blob))
         self.accs.clear()
         return Scan(

@@ -14,7 +14,7 @@ import lmdb
 import numpy as np
 import xxhash
 
-from ..db.store import MAX_DBS, map_base, map_offset, start_writeback, unmap_pages
+from ..db.store import MAX_DBS, ZeroHoles, map_base, map_offset, start_writeback, unmap_pages
 from ..errors import SourceError
 from ..format.records import (
     COMPACT_INLINE_MAX,
@@ -32,7 +32,11 @@ from ..format.records import (
     dir_key,
     encode_dir,
     pack_inline,
+    piece_key,
+    split_pieces,
+    split_table,
 )
+from .feed import Cut, is_zeros
 from .scan import Scan, ScannedDir
 
 log = logging.getLogger(__name__)
@@ -173,52 +177,104 @@ class Writer:
     def put_large(self, i: int, key: bytes, size: int, pieces: Iterator[bytes]) -> tuple[int, int]:
         """Store a value too large to hold in memory, in a transaction of its own; returns
         (bytes read, xxh3 of them). Raises SourceError when the pieces add up to other
-        than ``size`` bytes.
+        than ``size`` bytes."""
+        hasher = xxhash.xxh3_64()
+        done = self._put_mapped(key, size, Cut(pieces), hasher, last=True)
+        if done != size:
+            return done, 0
+        self._record_offsets([(i, key)])
+        return done, hasher.intdigest()
+
+    def put_split(self, i: int, key: bytes, size: int, pieces: Iterator[bytes]) -> tuple[int, int]:
+        """`put_large` of a file over SPLIT_ABOVE bytes, in the pieces the scan's placeholder
+        table in its row gives (format.split_table): piece k under `piece_key` (key, k),
+        each in a transaction of its own; their offsets then fill the table."""
+        d = self.scan.dirs[int(self.scan.file_dir[i])]
+        row = d.rows[int(self.scan.file_row[i])]
+        at = int(row["name_off"]) + int(row["name_len"])
+        piece = split_pieces(d.blob[at : at + 8])[0]  # the scan's placeholder table says
+        hasher = xxhash.xxh3_64()
+        stream = Cut(pieces)
+        offsets, done = [], 0
+        for k in range(-(-size // piece)):
+            want = min(piece, size - k * piece)
+            got = self._put_mapped(piece_key(key, k), want, stream, hasher, last=(k + 1) * piece >= size)
+            done += got
+            if got != want:
+                return done, 0
+            offsets.append(self._offset_of(piece_key(key, k)))
+        table = split_table(size, offsets, piece)
+        if len(table) != int(row["target_len"]):
+            raise SourceError(f"{self.scan.file_relpath(i)}: its piece table does not fit its row", "pack again")
+        d.blob = d.blob[:at] + table + d.blob[at + len(table) :]
+        return done, hasher.intdigest()
+
+    def _put_mapped(self, key: bytes, size: int, stream: Cut, hasher: xxhash.xxh3_64, last: bool) -> int:
+        """Put the next ``size`` bytes of ``stream`` under ``key`` in a transaction of its
+        own; returns how many bytes it held (``last``: counting any past the end), and
+        commits only when that is ``size``.
 
         Without writemap LMDB copies a value into pages it mallocs until the commit, so a
         12 GB file would take 12 GB of memory. For this value alone the environment is
         opened with writemap (its pages are the file's, in the page cache), the value is
         put as ``size`` zero bytes from an untouched private mapping (the kernel's zero
         page: no memory), and the pieces are copied over it in the map as they are read.
+        Runs of zero pieces are punched out of the file again (`store.ZeroHoles`): a sparse file
+        stays sparse in the DB, and its zeros are never written to the disk.
         """
         self.commit()
         self._reopen(writemap=True)
-        zero = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
-        txn = None
+        zero = mmap.mmap(-1, max(size, 1), flags=mmap.MAP_PRIVATE)
+        txn = holes = None
         try:
             while True:
                 txn = self.env.begin(write=True, buffers=True, db=self.main)
                 try:
-                    txn.put(key, memoryview(zero))
+                    txn.put(key, memoryview(zero)[:size])
                     break
                 except lmdb.MapFullError:
                     txn.abort()
                     self.env.set_mapsize(int(self.env.info()["map_size"] * 1.5) + size)
             view = txn.get(key)
             at = np.frombuffer(view, np.uint8).ctypes.data
-            hasher, done = xxhash.xxh3_64(), 0
-            for piece in pieces:
-                if done + len(piece) > size:
-                    done += len(piece)
-                    break
-                if piece.count(0) != len(piece):  # already zero: an untouched page stays clean
+            base = map_base(self.data_file)
+            holes = ZeroHoles(self.data_file, None if base is None else at - base)
+            done = 0
+            for piece in stream.take(size):
+                if not is_zeros(piece):
                     ctypes.memmove(at + done, piece, len(piece))
+                    holes.data(done)
+                else:  # zeros are there already
+                    holes.zeros(done)
                 hasher.update(piece)
                 done += len(piece)
+            holes.data(done)
+            if last and done == size:
+                done += stream.rest()
             if done != size:
-                txn.abort()
-                txn = None
-                return done, 0
+                return done
             del view
             txn.commit()
             txn = None
         finally:
             if txn is not None:
                 txn.abort()
+            if holes is not None:
+                holes.close()
             zero.close()
             self._reopen(writemap=False)
-        self._record_offsets([(i, key)])
-        return done, hasher.intdigest()
+        return done
+
+    def _offset_of(self, key: bytes) -> int:
+        """Where the just-committed value of ``key`` lies in the data file (0: not known)."""
+        base = map_base(self.data_file)
+        with self.env.begin(buffers=True, db=self.main) as txn:
+            view = txn.get(key)
+            if view is None:
+                raise SourceError(f"{key!r}: value missing after commit", "pack again")
+            offset = self._offset(view, base)
+        self._unmap(base)
+        return offset
 
     def _reopen(self, writemap: bool) -> None:
         """The environment again, with or without writemap (no transaction is open).
@@ -268,6 +324,12 @@ class Writer:
         self._unmap(base)
 
     def _note_offset(self, row: np.void, view: memoryview, base: int | None) -> None:
+        offset = self._offset(view, base)
+        if offset:
+            row["data_off"] = offset
+
+    def _offset(self, view: memoryview, base: int | None) -> int:
+        """The value's offset in the data file, 0 when it may move or is not known."""
         if base is None:
             self.offsets_ok = False
         elif len(view):
@@ -276,7 +338,8 @@ class Writer:
             # header) stay put; small values live in leaf pages, which later commits
             # may copy elsewhere. Those are looked up by key (or carried inline).
             if offset % _PAGE == _PAGE_HEADER:
-                row["data_off"] = offset
+                return offset
+        return 0
 
     def _unmap(self, base: int | None) -> None:
         if base is not None:

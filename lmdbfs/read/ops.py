@@ -19,6 +19,7 @@ from ..db.foreign import CHECKSUM_NONE, KIND_MD5, KIND_PATH
 from ..errors import CorruptValue, DestinationExists, UnsafePath
 from ..format.recordcheck import BAD_NAME
 from ..format.records import LAYOUT_COMPACT, decode_path
+from ..pack.feed import is_zeros
 from .reader import Archive, Locations
 from .tree import Tree
 
@@ -204,7 +205,7 @@ def _write_file(path: str, pieces: Iterator[bytes], mode: int, mtime_ns: int) ->
         try:
             for piece in pieces:
                 size += len(piece)
-                if len(piece) >= _HOLE_MIN and piece.count(0) == len(piece):
+                if len(piece) >= _HOLE_MIN and is_zeros(piece):
                     os.lseek(fd, len(piece), os.SEEK_CUR)
                     continue
                 view = memoryview(piece)

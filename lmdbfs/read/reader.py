@@ -15,16 +15,18 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import xxhash
 
 from ..db import foreign, store
-from ..errors import CorruptValue
+from ..errors import CorruptValue, LmdbfsError
 from ..format.recordcheck import decode_dir
-from ..format.records import KIND_DIR, DirRecord, Entry, Meta, checksum, content_key, decode_path, dir_key
+from ..format.records import KIND_DIR, DirRecord, Entry, Meta, checksum, content_key, decode_path, dir_key, piece_key
 from .handle import DirCache, Handle
 from .tree import MAX_DEPTH, PIECE, Tree, normpath
+from .valuefile import piece_spans, split_range
 
 __all__ = ["DEFAULT_DIR_CACHE_BYTES", "MAX_DEPTH", "Archive", "Locations", "normpath", "open"]
 
@@ -182,6 +184,11 @@ class Archive(Tree):
         """
         if entry.inline is not None:
             return memoryview(entry.inline)
+        if entry.pieces is not None:
+            raise LmdbfsError(
+                f"{rel}: {entry.size} bytes, stored in pieces (over one LMDB value)",
+                "read it with read_range, read_pieces or open",
+            )
         return self.keyed_value(rel, entry)
 
     def keyed_value(self, rel: str, entry: Entry) -> memoryview:
@@ -218,7 +225,7 @@ class Archive(Tree):
         (values in overflow pages, i.e. all but the smallest files, and every value of an
         adopted DB: no LMDB call at all), else from the map address of a key lookup; None
         if neither is known or the bytes are inline (then read through `value_view`)."""
-        if entry.inline is not None:
+        if entry.inline is not None or entry.pieces is not None:
             return None
         h = self._h()
         if h.offsets_ok and entry.data_off:
@@ -241,6 +248,10 @@ class Archive(Tree):
         """A remote DB's file failed its checksum: drop its cached blocks (True), so the
         next read fetches them again. False for a local DB or an inline file."""
         h = self._h()
+        if h.remote is not None and entry.pieces is not None:
+            for at, length in piece_spans(entry, lambda k: self._piece_at(rel, entry, k)):
+                h.remote.drop(at, length)
+            return True
         file_off = None if h.remote is None else self.value_offset(rel, entry)
         if file_off is None:
             return False
@@ -254,16 +265,41 @@ class Archive(Tree):
         size = min(size, entry.size - offset)
         if entry.inline is not None:
             return entry.inline[offset : offset + size]
+        if entry.pieces is not None:
+            return self._read_split(rel, entry, offset, size)
         file_off = self.value_offset(rel, entry)
         if file_off is None:
             return bytes(self.value_view(rel, entry)[offset : offset + size])
+        return self._pread(rel, file_off + offset, size)
+
+    def _pread(self, rel: str, file_off: int, size: int) -> bytes:
         h = self._h()
         if h.remote is not None:
-            return h.remote.read(file_off + offset, size)
-        data = os.pread(h.fd, size, file_off + offset)
+            return h.remote.read(file_off, size)
+        data = os.pread(h.fd, size, file_off)
         if len(data) != size:
             raise CorruptValue(f"{rel}: short read from the DB file", "the DB file is truncated; copy it again")
         return data
+
+    def _read_split(self, rel: str, entry: Entry, offset: int, size: int) -> bytes:
+        return split_range(entry, offset, size, lambda k: self._piece_at(rel, entry, k), partial(self._pread, rel))
+
+    def _piece_at(self, rel: str, entry: Entry, k: int) -> int | memoryview:
+        """Where piece k of a split file lies: its offset in the data file from the piece
+        table, else from a lookup of its key (or, without a map address, its bytes)."""
+        h = self._h()
+        if h.offsets_ok and entry.pieces[k + 1]:
+            return entry.pieces[k + 1]
+        piece = entry.pieces[0]
+        length = min(piece, entry.size - k * piece)
+        if h.remote is not None:
+            h.remote.fetch_all()  # key lookups touch main-database pages all over the file
+        view = h.vget(piece_key(self.key_of(rel), k), h.main_db)
+        if view is None or len(view) != length:
+            got = "missing" if view is None else f"{len(view)} bytes, not {length}"
+            raise CorruptValue(f"{rel}: piece {k} of its contents is {got}", "re-pack the DB")
+        h.touched()
+        return view if h.map_base is None else store.map_offset(view, h.map_base)
 
     def check_entry(self, rel: str, entry: Entry, keyed: Callable[[str, Entry], memoryview] | None = None) -> bool:
         """True when the stored bytes of a file already looked up match the indexed
@@ -285,6 +321,11 @@ class Archive(Tree):
             return checksum(b"")
         if entry.inline is not None:
             return checksum(entry.inline)
+        if entry.pieces is not None:
+            got = _hash_range(lambda at, n: self._read_split(rel, entry, at, n), 0, entry.size)
+            if got != entry.checksum and self.checksummed and self._drop_remote(rel, entry):
+                got = _hash_range(lambda at, n: self._read_split(rel, entry, at, n), 0, entry.size)
+            return got
         file_off = self.value_offset(rel, entry)
         if file_off is None:
             return checksum(self.value_view(rel, entry))
