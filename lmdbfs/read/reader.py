@@ -323,7 +323,7 @@ class Archive(Tree):
             return checksum(entry.inline)
         if entry.pieces is not None:
             got = _hash_range(lambda at, n: self._read_split(rel, entry, at, n), 0, entry.size)
-            if got != entry.checksum and self.checksummed and self._drop_remote(rel, entry):
+            if got != entry.checksum and self.checksummed and self.refetch(rel, entry):
                 got = _hash_range(lambda at, n: self._read_split(rel, entry, at, n), 0, entry.size)
             return got
         file_off = self.value_offset(rel, entry)
