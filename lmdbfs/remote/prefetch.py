@@ -4,12 +4,17 @@ LMDB maps the cache's sparse copy, so every page a lookup touches must be presen
 before LMDB (in C or py-lmdb) opens it: the two meta pages, the main database's path
 to the named databases `lmdbfs.index` and `lmdbfs.meta`, every page of those, and the
 first page of each overflow value they hold. Then the directory records' heads (names
-and rows: all a lookup, a listing or a stat needs) — not their tails, which in a tree
-of tiny files are as large as the data.
+and rows: all a lookup, a listing or a stat needs) — not their tails (the inline files'
+bytes), which in a tree of tiny files are as large as the data; a tail shorter than
+`PIN_GAP` comes along, as a GET would bridge it anyway.
 
-The tree is walked level by level: each level's pages are fetched together, in a few
-coalesced ranged GETs in flight at once, so the time grows with the index's bytes and
-depth, not with the number of directories.
+All of it is fetched and pinned at the grain of a 4 KiB page (`RemoteSource.ensure_pinned`),
+not of a cache block: a head's block around it is not fetched. The tree is walked level
+by level: each level's pages are fetched together, in ranged GETs all in flight at once,
+so the time grows with the index's bytes and depth, not with the number of directories.
+
+The pinned pages a cache already holds are untrusted: each is parsed again at every
+open; when one fails its check, every pin is dropped and the index fetched afresh.
 """
 
 from __future__ import annotations
@@ -19,25 +24,40 @@ import os
 from .. import btree
 from ..errors import BadDatabase
 from ..format import INDEX_DB, META_DB, dir_head_len
+from .cache import PIN_GAP, PIN_PAGE
 
 _HEAD_PROBE = 16  # a record's header: magic, entries, own-path length, blob length
+_MAX_PSIZE = 65536
 
 
 def prefetch_index(src) -> int:
     """Fetch and pin the index of ``src`` (a `RemoteSource`); the bytes pinned."""
+    if src.cache.pinned_bytes():
+        try:
+            return _prefetch(src)
+        except BadDatabase:
+            src.cache.unpin_all()  # a damaged cache, or a damaged DB: the server decides
+    return _prefetch(src)
+
+
+def _prefetch(src) -> int:
     shown = src.url.shown
-    first = min(src.size, 2 * src.block_size)
-    src.ensure([(0, first)], pin=True)
-    meta = btree.newest_meta(os.pread(src.fd, first, 0), shown)
+    first = min(src.size, 2 * PIN_PAGE)
+    src.ensure_pinned([(0, first)])
+    try:
+        meta = btree.newest_meta(os.pread(src.fd, first, 0), shown)
+    except BadDatabase:  # pages larger than 4 KiB: their meta pages are farther apart
+        first = min(src.size, 2 * _MAX_PSIZE)
+        src.ensure_pinned([(0, first)])
+        meta = btree.newest_meta(os.pread(src.fd, first, 0), shown)
     psize, last = meta.psize, meta.last_pgno
     if (last + 1) * psize > src.size:
         raise BadDatabase(f"{shown}: truncated ({src.size} of {(last + 1) * psize} bytes)", "upload the DB again")
-    pinned = first
+    if psize > PIN_PAGE:
+        src.ensure_pinned([(0, 2 * psize)])
 
     def pages(pgnos: list[int]) -> dict[int, bytes]:
-        nonlocal pinned
-        src.ensure([(p * psize, (p + 1) * psize) for p in pgnos], pin=True)
-        pinned += len(pgnos) * psize
+        src.ensure_pinned([(p * psize, (p + 1) * psize) for p in pgnos])
         return {p: os.pread(src.fd, psize, p * psize) for p in pgnos}
 
     # The main database's path to the two named databases.
@@ -80,13 +100,18 @@ def prefetch_index(src) -> int:
             else:
                 level.extend(n.child for n in nodes)
 
-    # Overflow values: first the page with each one's header, then the heads.
-    starts = [(n.child * psize, n.child * psize + psize) for n in big]
-    src.ensure(starts, pin=True)
+    # Overflow values: first the page with each one's header, then the rest of the heads.
+    src.ensure_pinned([(n.child * psize, n.child * psize + psize) for n in big])
     heads = []
     for node in big:
-        at = node.child * psize + btree._PAGE_HEADER  # noqa: SLF001
-        probe = os.pread(src.fd, _HEAD_PROBE, at)
-        heads.append((at, at + dir_head_len(probe, node.size)))
-    src.ensure(heads, pin=True)
-    return pinned + sum(min(e - s, psize) for s, e in starts) + sum(e - s for s, e in heads)
+        at = node.child * psize
+        probe = os.pread(src.fd, btree._PAGE_HEADER + _HEAD_PROBE, at)  # noqa: SLF001
+        if int.from_bytes(probe[:8], "little") != node.child:  # a page that is not what LMDB wrote there
+            raise BadDatabase(f"{shown}: overflow page {node.child} is damaged", "upload the DB again")
+        at += btree._PAGE_HEADER  # noqa: SLF001
+        head = dir_head_len(probe[btree._PAGE_HEADER :], node.size)  # noqa: SLF001
+        # A tail shorter than the gap a GET bridges anyway comes along (a reader of the
+        # whole record, as `lmdbfs ls`, then needs no GET); a longer one stays out.
+        heads.append((at, at + (node.size if node.size - head <= PIN_GAP else head)))
+    src.ensure_pinned(heads)
+    return src.cache.pinned_bytes()
