@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 MAX_GET = 4 << 20  # adjacent claimed blocks become one ranged GET of at most this
 WAIT_MS = 1000
 INFLIGHT = 32  # ranged GETs in flight per process (the fetcher's and the readers' together)
-PIN_INFLIGHT = 64  # the pinned index's GETs in flight at once (small ones: many per RTT)
+PIN_INFLIGHT = 128  # the pinned index's GETs in flight at once (small ones: many per RTT)
 
 
 @dataclass
