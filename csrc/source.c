@@ -96,6 +96,8 @@ static uint64_t pinned_len(const struct remote *r, uint64_t off, uint64_t len)
         if (__atomic_load_n(&r->pins[p], __ATOMIC_ACQUIRE) != 1)
             break;
     uint64_t upto = p << PIN_SHIFT;
+    if (upto <= off)  /* off's own page is not pinned */
+        return 0;
     return (upto > end ? end : upto) - off;
 }
 

@@ -39,7 +39,7 @@ PIN_PAGE = 4096  # the pinned index's grain (csrc/source.c reads the same file)
 _PIN_HEADER = struct.Struct("<8sIIQQ")  # magic, version, page size, object size, pages
 _PIN_MAGIC = b"LMDBFSP1"
 PIN_HEADER = 4096  # one byte per page starts here: 1 = the page's bytes are in data, pinned
-PIN_GAP = 16 << 10  # pinned pieces closer than this share a GET (a round trip costs more)
+PIN_GAP = 16 << 10  # a record's inline tail this short is pinned with its head (`lmdbfs ls` reads records whole)
 _FILES = ("data", "state", "pins", "info.json")
 
 

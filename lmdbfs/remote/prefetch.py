@@ -6,10 +6,11 @@ to the named databases `lmdbfs.index` and `lmdbfs.meta`, every page of those, an
 first page of each overflow value they hold. Then the directory records' heads (names
 and rows: all a lookup, a listing or a stat needs) — not their tails (the inline files'
 bytes), which in a tree of tiny files are as large as the data; a tail shorter than
-`PIN_GAP` comes along, as a GET would bridge it anyway.
+`PIN_GAP` is pinned too (a reader of whole records, as `lmdbfs ls`, then needs no GET).
 
 All of it is fetched and pinned at the grain of a 4 KiB page (`RemoteSource.ensure_pinned`),
-not of a cache block: a head's block around it is not fetched. The tree is walked level
+not of a cache block: a head's block around it is not kept. Heads closer than
+`source.BRIDGE` share a GET, the tails between them dropped. The tree is walked level
 by level: each level's pages are fetched together, in ranged GETs all in flight at once,
 so the time grows with the index's bytes and depth, not with the number of directories.
 
