@@ -79,6 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--db", type=Path, help="an existing DB packed from --tree (instead of packing it)")
     ap.add_argument("--walk", action="store_true", help="add the mount + walk + random-reads case")
     ap.add_argument("--walk-only", action="store_true", help="only the mount + walk + random-reads case")
+    ap.add_argument("--cache-size", help="--cache-size of the remote mounts (e.g. 2G; default: unbounded)")
     ap.add_argument("--random-reads", type=int, default=100_000, help="files read after the walk (a seeded sample)")
     ap.add_argument(
         "--full-matrix",
@@ -215,7 +216,11 @@ def main(argv=None) -> int:
             "files (they are slow); their files/s compare, their totals do not."
         )
     remote_dir = work / "remote" / a.size
-    env = RemoteEnv(remote_dir, db, tar if want_tar else None, "", "s3" in a.systems, drop=not a.no_drop_caches)
+    env = RemoteEnv(
+        remote_dir, db, tar if want_tar else None, "", "s3" in a.systems, not a.no_drop_caches, a.cache_size
+    )
+    if a.cache_size:
+        res["notes"].append(f"Remote mounts ran with --cache-size {a.cache_size}.")
     try:
         if a.walk:
             res["random_reads"] = min(a.random_reads, len(files))
