@@ -197,7 +197,8 @@ def main(argv=None) -> int:
         "size": a.size,
         "started": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M"),
         "commit": _git_rev(),
-        "tree": {"files": len(files), "bytes": tree.nbytes},
+        "tree": {"files": len(files), "bytes": tree.nbytes, "dirs": tree.dirs},
+        "load": {"start": round(os.getloadavg()[0], 1)},
         "db_bytes": db.stat().st_size,
         "epoch_files": len(epoch_files),
         "sampled": len(epoch_files) < len(files),
@@ -210,7 +211,7 @@ def main(argv=None) -> int:
         "runs": [],
         "notes": [],
     }
-    if len(slow_files) < len(epoch_files):
+    if len(slow_files) < len(epoch_files) and not a.walk_only:
         res["notes"].append(
             f"httpdirfs and ratarmount read a seeded sample of {len(slow_files):,} of the epoch's "
             "files (they are slow); their files/s compare, their totals do not."
@@ -304,6 +305,7 @@ def main(argv=None) -> int:
             )
     finally:
         env.close()
+    res["load"]["end"] = round(os.getloadavg()[0], 1)
     json_path = work / f"results-remote-{a.size}.json"
     if a.add and json_path.exists():
         res = merged(json.loads(json_path.read_text()), res)
