@@ -44,8 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchkit.config import DEFAULT_WORKDIR, REPO, log  # noqa: E402 - after the path insert
 from benchkit.machine import _git_rev  # noqa: E402
 from benchkit.proc import run  # noqa: E402
-from benchkit.remote import REMOTE_SYSTEMS, RemoteEnv, nodes_run, one_run, walk_run  # noqa: E402
+from benchkit.remote import REMOTE_SYSTEMS, RemoteEnv, nodes_run, one_run  # noqa: E402
 from benchkit.remote_report import ratios, verdict, write_section  # noqa: E402
+from benchkit.remote_walk import walk_run  # noqa: E402
 from benchkit.trees import Tree, ensure_tree, walk_stat  # noqa: E402
 
 
