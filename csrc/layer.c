@@ -375,6 +375,8 @@ int layer_fetch_record(struct layer *ly, const char *rel, size_t rel_len, size_t
      * from an earlier fetch, or a guess that covers a directory of a few hundred entries. */
     size_t guess = hint >= 16 ? hint : RECORD_HEAD_GUESS;
     size_t want = val.mv_size < guess ? val.mv_size : guess, need = val.mv_size;
+    if (src_is_remote(&ly->env_src) && src_pinned(&ly->env_src, off, want) >= 16)
+        want = src_pinned(&ly->env_src, off, want);  /* a remote head: its pinned pages, not the tail */
     rc = src_pread(&ly->env_src, buf, want, off);
     if (!rc && want >= 16 && memcmp(buf, "LDR2", 4) == 0) {
         uint64_t head = record_head_len(buf);

@@ -313,7 +313,8 @@ static int check(struct node *n, int layer, struct record *rec, uint32_t row_i, 
  * at the IOCTL that Python's open() sends, a file not yet prefetched is, without credit.
  * On a remote layer prefetching claims the file's first blocks and sends them to the
  * fetcher without waiting; small and inline files too, since a fetch costs a round trip
- * to the server where a local read costs none. */
+ * to the server where a local read costs none. Only at open there: a LOOKUP alone (a
+ * walk, a stat) must fetch nothing. */
 #define PREFETCH_MAX (1u << 20)   /* the mount's readahead: what the first READ asks for */
 #define PREFETCH_CREDIT 128
 
@@ -334,7 +335,7 @@ void read_prefetch(struct node *n, int layer, struct record *rec, uint32_t row_i
     const struct layer *ly = &srv.layers[layer];
     /* small local files come with the IOCTL's push, inline ones with their record */
     if (r->kind != KIND_FILE || r->size == 0 ||
-        (ly->remote ? !(r->flags & FLAG_INLINE) && !r->data_off
+        (ly->remote ? !at_open || (!(r->flags & FLAG_INLINE) && !r->data_off)
                     : r->size <= srv.push_max || (r->flags & FLAG_INLINE) || !ly->offsets_ok || !r->data_off))
         return;
     uint8_t *bits = row_bits(n, layer, rec);

@@ -18,6 +18,11 @@
 #define WAIT_SLICE_MS 1000L   /* a futex wait never sleeps longer; then the clock is checked */
 #define CLAIM_BATCH 512       /* block numbers per pipe write: 4 KiB, one atomic write */
 #define BLOCK_SIZE_MAX (1ull << 30)
+/* The pinned index (lmdbfs/remote/cache.py): "pins" beside "state", a header then one
+ * byte per 4 KiB page, 1 when the page's bytes are in the data file for good. */
+#define PIN_MAGIC "LMDBFSP1"
+#define PIN_HEADER 4096u
+#define PIN_SHIFT 12
 
 struct remote {
     uint32_t *words;          /* the state file's words, mapped MAP_SHARED */
@@ -27,6 +32,10 @@ struct remote {
     int request_fd;
     long stuck_ms;
     char *url;
+    const uint8_t *pins;      /* the pins file's page bytes, mapped read-only; NULL: none */
+    void *pin_map;
+    size_t pin_map_len;
+    uint64_t pages;
 };
 
 static int64_t now_ms(void)
@@ -38,6 +47,59 @@ static int64_t now_ms(void)
 
 static uint32_t get32(const unsigned char *p) { uint32_t v; memcpy(&v, p, 4); return v; }
 static uint64_t get64(const unsigned char *p) { uint64_t v; memcpy(&v, p, 8); return v; }
+
+/* Map the pins file beside the state file when it describes this data file; anything
+ * else (missing, another size, a damaged header) leaves the layer without pins: every
+ * read then goes through the block states, slower but as exact. */
+static void pins_open(struct remote *r, const char *state_path)
+{
+    const char *slash = strrchr(state_path, '/');
+    size_t dir = slash ? (size_t)(slash - state_path + 1) : 0;
+    char *path = malloc(dir + 5);
+    if (!path)
+        return;
+    memcpy(path, state_path, dir);
+    memcpy(path + dir, "pins", 5);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    free(path);
+    struct stat st;
+    uint64_t pages = (r->size + (1u << PIN_SHIFT) - 1) >> PIN_SHIFT;
+    if (fd < 0)
+        return;
+    if (fstat(fd, &st) || (uint64_t)st.st_size != PIN_HEADER + pages) {
+        close(fd);
+        return;
+    }
+    void *map = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_SHARED, fd, 0);
+    close(fd);
+    if (map == MAP_FAILED)
+        return;
+    const unsigned char *h = map;
+    if (memcmp(h, PIN_MAGIC, 8) || get32(h + 8) != 1 || get32(h + 12) != (1u << PIN_SHIFT) ||
+        get64(h + 16) != r->size || get64(h + 24) != pages) {
+        munmap(map, (size_t)st.st_size);
+        return;
+    }
+    r->pin_map = map;
+    r->pin_map_len = (size_t)st.st_size;
+    r->pins = h + PIN_HEADER;
+    r->pages = pages;
+}
+
+/* How many bytes from off (at most len) lie on pinned pages, read without a claim. */
+static uint64_t pinned_len(const struct remote *r, uint64_t off, uint64_t len)
+{
+    if (!r->pins || off >= r->size)
+        return 0;
+    uint64_t end = len > r->size - off ? r->size : off + len, p = off >> PIN_SHIFT;
+    for (; (p << PIN_SHIFT) < end; p++)
+        if (__atomic_load_n(&r->pins[p], __ATOMIC_ACQUIRE) != 1)
+            break;
+    uint64_t upto = p << PIN_SHIFT;
+    if (upto <= off)  /* off's own page is not pinned */
+        return 0;
+    return (upto > end ? end : upto) - off;
+}
 
 int remote_open(struct remote **out, const struct remote_spec *spec, int data_fd, char *why, size_t why_len)
 {
@@ -105,6 +167,7 @@ int remote_open(struct remote **out, const struct remote_spec *spec, int data_fd
     r->request_fd = spec->request_fd;
     r->stuck_ms = spec->stuck_ms > 0 ? spec->stuck_ms : SOURCE_STUCK_MS;
     r->url = url;
+    pins_open(r, spec->state_path);
     /* A full pipe must not stall a FUSE thread: writes poll, with a deadline. */
     fcntl(r->request_fd, F_SETFL, fcntl(r->request_fd, F_GETFL) | O_NONBLOCK);
     *out = r;
@@ -116,6 +179,8 @@ void remote_close(struct remote *r)
     if (!r)
         return;
     munmap(r->map, r->map_len);
+    if (r->pin_map)
+        munmap(r->pin_map, r->pin_map_len);
     free(r->url);
     free(r);
 }
@@ -263,6 +328,8 @@ static int remote_pread(struct remote *r, int fd, char *buf, size_t len, uint64_
 {
     if (off > r->size || len > r->size - off)
         return -EIO;
+    if (pinned_len(r, off, len) == len)  /* the index: in the cache for good, no claim */
+        return read_full(fd, buf, len, off);
     uint64_t bs = r->block_size, end = off + len;
     uint8_t mine[CLAIM_BATCH];
     uint32_t seen[CLAIM_BATCH];
@@ -316,6 +383,11 @@ void src_prefetch(const struct source *s, uint64_t off, uint64_t len)
     for (uint64_t first = off / r->block_size, last = (end - 1) / r->block_size; first <= last; first += CLAIM_BATCH)
         if (claim(r, first, last - first + 1 > CLAIM_BATCH ? CLAIM_BATCH : (size_t)(last - first + 1), NULL))
             return;  /* the read that follows reports it */
+}
+
+size_t src_pinned(const struct source *s, uint64_t off, size_t len)
+{
+    return s->remote ? (size_t)pinned_len(s->remote, off, len) : len;
 }
 
 int src_refetch(const struct source *s, uint64_t off, uint64_t len)

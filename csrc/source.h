@@ -47,6 +47,9 @@ int src_pread(const struct source *s, void *buf, size_t len, uint64_t off);
 /* Start bringing [off, off + len) in without waiting: the page cache's readahead for a
  * local file, blocks claimed and sent to the fetcher for a remote one. */
 void src_prefetch(const struct source *s, uint64_t off, uint64_t len);
+/* How many of the len bytes at off can be read without fetching: all of them for a local
+ * file; for a remote one, those on the pinned pages of its index (records' heads). */
+size_t src_pinned(const struct source *s, uint64_t off, size_t len);
 /* The bytes at [off, off + len) failed their checksum: a remote source drops the blocks
  * there so they are fetched again and answers 1 (read once more); a local one answers 0. */
 int src_refetch(const struct source *s, uint64_t off, uint64_t len);

@@ -17,6 +17,14 @@ rest) and results-remote-<size>.json in the work dir.
     python scripts/bench_remote.py --size medium                   # the default matrix
     python scripts/bench_remote.py --size medium --rtt-ms 20 --readers 16 --systems local,http
     python scripts/bench_remote.py --quick                         # the smoke tree, seconds
+    python scripts/bench_remote.py --size full --walk-only --tree T --db T.lmdb --rtt-ms 20 \
+        --systems local,http                                       # issue 20's full-size case
+
+--walk (or --walk-only, without the epochs) adds issue 20's full-size case per system
+at the largest RTT: mount time and GETs on an empty cache, a cold walk + lstat of every
+entry (time, and the GETs it sent: none is the goal), then --random-reads files read
+in a seeded random order by the most readers. --tree and --db take an existing tree
+and its DB instead of generating and packing them.
 """
 
 from __future__ import annotations
@@ -38,7 +46,8 @@ from benchkit.machine import _git_rev  # noqa: E402
 from benchkit.proc import run  # noqa: E402
 from benchkit.remote import REMOTE_SYSTEMS, RemoteEnv, nodes_run, one_run  # noqa: E402
 from benchkit.remote_report import ratios, verdict, write_section  # noqa: E402
-from benchkit.trees import ensure_tree  # noqa: E402
+from benchkit.remote_walk import walk_run  # noqa: E402
+from benchkit.trees import Tree, ensure_tree, walk_stat  # noqa: E402
 
 
 def floats(text: str) -> list[float]:
@@ -67,6 +76,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="files per epoch for httpdirfs and ratarmount, which are slow (0: as --sample)",
     )
     ap.add_argument("--no-warm", action="store_true", help="skip the warm-cache epochs")
+    ap.add_argument("--tree", type=Path, help="an existing tree to read (instead of generating one)")
+    ap.add_argument("--db", type=Path, help="an existing DB packed from --tree (instead of packing it)")
+    ap.add_argument("--walk", action="store_true", help="add the mount + walk + random-reads case")
+    ap.add_argument("--walk-only", action="store_true", help="only the mount + walk + random-reads case")
+    ap.add_argument("--cache-size", help="--cache-size of the remote mounts (e.g. 2G; default: unbounded)")
+    ap.add_argument("--random-reads", type=int, default=100_000, help="files read after the walk (a seeded sample)")
     ap.add_argument(
         "--full-matrix",
         action="store_true",
@@ -105,18 +120,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.rtts, a.caps = floats(a.rtt_ms), floats(a.cap_mbit)
     a.patterns = [p for p in a.patterns.split(",") if p]
     a.cap_systems = [s for s in a.cap_systems.split(",") if s in a.systems]
+    if a.db and not a.tree:
+        ap.error("--db needs --tree (the files to read are listed from it)")
+    a.walk = a.walk or a.walk_only
     return a
 
 
-def artifacts(work: Path, tree_root: Path, size: str) -> tuple[Path, Path]:
+def artifacts(
+    work: Path, tree_root: Path, size: str, db: Path | None = None, tar_too: bool = True
+) -> tuple[Path, Path]:
     """The DB and the tar of the tree, made once per size and reused."""
     art = work / "artifacts" / size
     art.mkdir(parents=True, exist_ok=True)
-    db, tar = art / "tree.lmdb", art / "tree.tar"
+    tar = art / "tree.tar"
+    if db is not None:
+        db = db.resolve()
+    else:
+        db = art / "tree.lmdb"
     if not db.exists():
         log.info("packing %s", db)
         run([sys.executable, "-m", "lmdbfs", "pack", str(tree_root), str(db), "--no-progress"], timeout=7200)
-    if not tar.exists():
+    if tar_too and not tar.exists():
         log.info("writing %s", tar)
         part = tar.with_suffix(".tar.part")
         run(["tar", "cf", str(part), "-C", str(tree_root), "."], timeout=7200)
@@ -135,8 +159,9 @@ def merged(old: dict, new: dict) -> dict:
     out["runs"] = [r for r in old["runs"] if key(r) not in fresh] + new["runs"]
     for field in ("systems", "readers", "rtts", "caps", "patterns"):
         out[field] = sorted(set(old.get(field, [])) | set(new[field]))
-    if "nodes_run" not in new and "nodes_run" in old:
-        out["nodes_run"] = old["nodes_run"]
+    for field in ("nodes_run", "walk_runs", "random_reads"):
+        if field not in new and field in old:
+            out[field] = old[field]
     out["started"] = f"{old['started']} and {new['started']}" if old["started"] != new["started"] else new["started"]
     out["notes"] = list(dict.fromkeys(old.get("notes", []) + new["notes"]))
     return out
@@ -153,8 +178,14 @@ def main(argv=None) -> int:
     a.out = Path(a.out).resolve()  # before the chdir below: --out is relative to where it was given
     work.mkdir(parents=True, exist_ok=True)
     os.chdir(work)  # not the repo root: `python -m lmdbfs` must import the installed package
-    tree = ensure_tree(work, a.size, a.seed, os.cpu_count() or 1, False)
-    db, tar = artifacts(work, tree.root, a.size)
+    if a.tree:
+        log.info("listing %s", a.tree)
+        _t, sizes, ndirs = walk_stat(a.tree.resolve())
+        tree = Tree(root=a.tree.resolve(), sizes=sizes, dirs=ndirs)
+    else:
+        tree = ensure_tree(work, a.size, a.seed, os.cpu_count() or 1, False)
+    want_tar = "ratarmount" in a.systems and not a.walk_only
+    db, tar = artifacts(work, tree.root, a.size, a.db, want_tar)
     rng = random.Random(a.seed)
     files = tree.files
     epoch_files = sorted(rng.sample(files, a.sample)) if a.sample and a.sample < len(files) else files
@@ -167,7 +198,8 @@ def main(argv=None) -> int:
         "size": a.size,
         "started": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M"),
         "commit": _git_rev(),
-        "tree": {"files": len(files), "bytes": tree.nbytes},
+        "tree": {"files": len(files), "bytes": tree.nbytes, "dirs": tree.dirs},
+        "load": {"start": round(os.getloadavg()[0], 1)},
         "db_bytes": db.stat().st_size,
         "epoch_files": len(epoch_files),
         "sampled": len(epoch_files) < len(files),
@@ -180,19 +212,46 @@ def main(argv=None) -> int:
         "runs": [],
         "notes": [],
     }
-    if len(slow_files) < len(epoch_files):
+    if len(slow_files) < len(epoch_files) and not a.walk_only:
         res["notes"].append(
             f"httpdirfs and ratarmount read a seeded sample of {len(slow_files):,} of the epoch's "
             "files (they are slow); their files/s compare, their totals do not."
         )
     remote_dir = work / "remote" / a.size
     env = RemoteEnv(
-        remote_dir, db, tar if "ratarmount" in a.systems else None, "", "s3" in a.systems, drop=not a.no_drop_caches
+        remote_dir, db, tar if want_tar else None, "", "s3" in a.systems, not a.no_drop_caches, a.cache_size
     )
+    if a.cache_size:
+        res["notes"].append(f"Remote mounts ran with --cache-size {a.cache_size}.")
     try:
+        if a.walk:
+            res["random_reads"] = min(a.random_reads, len(files))
+            sample = rng.sample(files, res["random_reads"])
+            res["walk_runs"] = []
+            for system in [s for s in a.systems if s in ("local", "http", "s3")]:
+                log.info(
+                    "walk: %s, +%g ms, then %d random reads by %d readers",
+                    system,
+                    max(a.rtts),
+                    len(sample),
+                    max(a.readers),
+                )
+                r = walk_run(env, system, sample, max(a.readers), max(a.rtts), a.seed, a.timeout)
+                if "walk_s" in r:
+                    log.info(
+                        "    mount %.2f s (%s GETs), walk %.1f s (%s GETs), %.0f random reads/s",
+                        r["mount_s"],
+                        r.get("mount_gets", "-"),
+                        r["walk_s"],
+                        r.get("walk_gets", "-"),
+                        r["random"]["files_per_s"],
+                    )
+                res["walk_runs"].append(r)
         plan = []
+        if a.walk_only:
+            a.caps, a.nodes = [], 0
         top = (max(a.readers), max(a.rtts))
-        for rtt in a.rtts:
+        for rtt in [] if a.walk_only else a.rtts:
             for readers in a.readers:
                 for pattern in a.patterns:
                     for system in a.systems:
@@ -247,6 +306,7 @@ def main(argv=None) -> int:
             )
     finally:
         env.close()
+    res["load"]["end"] = round(os.getloadavg()[0], 1)
     json_path = work / f"results-remote-{a.size}.json"
     if a.add and json_path.exists():
         res = merged(json.loads(json_path.read_text()), res)

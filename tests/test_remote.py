@@ -309,3 +309,78 @@ def test_threads_reading_one_remote_db_at_once(remote_tree, tmp_path: Path, fres
         archive.close()
         assert wrong == [] and len(files) == 156
         assert web.bytes_sent() <= 1.2 * os.path.getsize(db)  # each block fetched about once
+
+
+def make_tiny_tree(root: Path, dirs: int = 60, files: int = 40, size: int = 1900) -> Path:
+    """Directories of tiny files, every one inline in its directory's record: records
+    lie closer than a cache block, their tails as large as the data."""
+    import random
+
+    rng = random.Random(5)
+    for d in range(dirs):
+        seq = root / f"seq{d:04d}"
+        seq.mkdir(parents=True)
+        for f in range(files):
+            (seq / f"{f:08d}.jpg").write_bytes(rng.randbytes(size))
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_tree(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    base = tmp_path_factory.mktemp("tiny")
+    tree = make_tiny_tree(base / "src")
+    db = base / "tiny.lmdb"
+    run_cli("pack", tree, db, "--no-progress")
+    return tree, db
+
+
+def tree_bytes(tree: Path) -> int:
+    return sum(p.stat().st_size for p in tree.rglob("*") if p.is_file())
+
+
+def test_a_tiny_file_trees_index_is_its_heads_not_its_tails(tiny_tree, tmp_path: Path, fresh_sources) -> None:
+    tree, db = tiny_tree
+    with nginx(tmp_path / "www") as web:
+        url = web.put(db, "tiny.lmdb")
+        cache = tmp_path / "cache"
+        source.configure(cache_dir=str(cache))
+        with lmdbfs.open(url) as archive:
+            src = archive.locations().remote
+            # The pages of the B-tree and of the records' heads, not the inline files after them.
+            assert src.index_bytes == src.cache.pinned_bytes() <= 0.2 * tree_bytes(tree)
+            assert os.stat(src.data_path).st_blocks * 512 <= 0.25 * tree_bytes(tree)  # the tails are not kept
+            assert src.cache.tally()[0] == 0  # no block was fetched whole
+            web.reset()
+            assert read_all(archive, tree) == 60 * 40
+            assert web.gets() > 0
+            folder = Path(src.cache.folder)
+        for s in source._SOURCES.values():  # noqa: SLF001
+            s.cache.close()
+        source._SOURCES.clear()  # noqa: SLF001
+        # A cache whose pins lie (every page "pinned" over a data file of holes, every
+        # block absent) is checked at open: the index is fetched again, the bytes are right.
+        pins = bytearray((folder / "pins").read_bytes())
+        pins[rcache.PIN_HEADER :] = b"\1" * (len(pins) - rcache.PIN_HEADER)
+        (folder / "pins").write_bytes(pins)
+        with open(folder / "data", "r+b") as f:
+            f.truncate(0)
+            f.truncate(os.path.getsize(db))
+        state = bytearray((folder / "state").read_bytes())
+        state[4096:] = bytes(len(state) - 4096)
+        (folder / "state").write_bytes(state)
+        web.reset()
+        with lmdbfs.open(url) as archive:
+            src = archive.locations().remote
+            assert web.gets() > 0 and src.cache.pinned_bytes() <= 0.2 * tree_bytes(tree)
+            assert read_all(archive, tree) == 60 * 40
+        for s in source._SOURCES.values():  # noqa: SLF001
+            s.cache.close()
+        source._SOURCES.clear()  # noqa: SLF001
+        # A pins file with a byte that is neither 0 nor 1: not believed, rebuilt empty.
+        with open(folder / "pins", "r+b") as f:
+            f.seek(rcache.PIN_HEADER + 3)
+            f.write(b"\2")
+        web.reset()
+        with lmdbfs.open(url) as archive:
+            assert archive.locations().remote.index_bytes <= 0.2 * tree_bytes(tree)
+            assert web.gets() > 0

@@ -219,3 +219,43 @@ def test_fetch_all_streams_the_whole_db_into_the_cache(tree_db, tmp_path: Path, 
         # The server now fails every request: every byte comes from the cache.
         proxy.add_rule(fault="status", status=503, fraction=1.0)
         assert differences(_without_write_bits(snapshot(tree)), snapshot(mnt)) == []
+
+
+def cache_used(cache: Path) -> int:
+    """Bytes the cache folder holds on disk, as --cache-size counts them."""
+    return sum(
+        p.stat().st_blocks * 512
+        for p in cache.rglob("*")
+        if p.is_file() and p.name in ("data", "state", "pins", "info.json")
+    )
+
+
+def test_a_tiny_file_tree_mounts_with_its_heads_and_a_cache_just_above_them(tmp_path: Path, mounts) -> None:
+    from tests.test_remote import make_tiny_tree, tree_bytes
+
+    tree = make_tiny_tree(tmp_path / "src")
+    db = tmp_path / "tiny.lmdb"
+    cli("pack", tree, db, "--no-progress")
+    with nginx(tmp_path / "www") as web:
+        url = web.put(db, "tiny.lmdb")
+        cache = tmp_path / "cache"
+        mnt = mounts(url, "--cache-dir", cache, tmp_path / "mnt")
+        index = cache_used(cache)
+        assert index <= 0.25 * tree_bytes(tree)  # heads only: the inline files' bytes are not kept
+        web.reset()
+        assert walk_stat(mnt) == 60 + 60 * 40  # the records' heads are enough: no request
+        assert web.gets() == 0, web.hits()
+        assert differences(_without_write_bits(snapshot(tree)), snapshot(mnt)) == []
+        cli("umount", mnt)
+        # A --cache-size just above the index (and one block) opens, walks without a
+        # request and reads every byte right, evicting as it goes.
+        small = tmp_path / "small"
+        limit = index + (1 << 20)
+        assert limit < 0.5 * tree_bytes(tree)
+        web.reset()
+        mnt = mounts(url, "--cache-dir", small, "--cache-size", str(limit), tmp_path / "mnt2")
+        at_mount = web.gets()
+        assert walk_stat(mnt) == 60 + 60 * 40
+        assert web.gets() == at_mount
+        assert differences(_without_write_bits(snapshot(tree)), snapshot(mnt)) == []
+        assert cache_used(small) <= limit

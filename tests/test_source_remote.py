@@ -147,18 +147,21 @@ def test_every_file_reads_byte_exact_through_claims_and_fills(tree: Path, db: Pa
     assert not m.log_lines("ERROR")
 
 
-def test_lookup_claims_a_files_first_blocks_without_reading(tree: Path, db: Path, setup) -> None:
+def test_open_claims_a_files_first_blocks_without_reading_and_a_stat_claims_none(tree: Path, db: Path, setup) -> None:
     s = setup()
     m = s.mount_it()
     rel = "seq2/009.bin"
     first = _blocks(_span(db, tree, rel))[1]  # [0] shares its block with LMDB pages: present
     assert first in s.absent and first not in s.fetcher.requested()
-    os.stat(m.mnt / rel)  # LOOKUP only
-    deadline = time.monotonic() + 30
-    while first not in s.fetcher.requested() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert first in s.fetcher.requested()
-    assert (m.mnt / rel).read_bytes() == (tree / rel).read_bytes()
+    os.stat(m.mnt / rel)  # LOOKUP only: a walk or a stat fetches nothing
+    time.sleep(0.5)
+    assert s.fetcher.requested() == []
+    with open(m.mnt / rel, "rb") as fh:  # the IOCTL of Python's open(): a promise to read
+        deadline = time.monotonic() + 30
+        while first not in s.fetcher.requested() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert first in s.fetcher.requested()
+        assert fh.read() == (tree / rel).read_bytes()
 
 
 def test_a_failed_fetch_is_eio_for_that_file_and_the_mount_keeps_serving(tree: Path, db: Path, setup) -> None:

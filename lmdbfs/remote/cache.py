@@ -2,8 +2,10 @@
 
 One folder per object version, ``<cache-dir>/<key>/`` with ``data`` (sparse, the
 object's size), ``state`` (header + one u32 word per block, mapped shared by every
-process that reads the object) and ``info.json``. The atomic steps on the words are
-those of csrc/blocks/blockstate.h, reached through `lmdbfs._blocks`.
+process that reads the object), ``pins`` (header + one byte per 4 KiB page: the
+index's pages, present and never punched, whatever their block's state) and
+``info.json``. The atomic steps on the words are those of csrc/blocks/blockstate.h,
+reached through `lmdbfs._blocks`.
 
 Every file here is untrusted: a state file or info.json that does not match what the
 server says is rebuilt (all blocks absent), never believed.
@@ -33,6 +35,12 @@ _HEADER = struct.Struct("<8sIIQQ")  # magic, version, block size, object size, b
 _MAGIC = b"LMDBFSB1"
 STUCK_SECONDS = 60.0  # a block FILLING this long lost its filler: CAS'd back to ABSENT
 _WORD_MASK = 0xFFFFFFFF
+PIN_PAGE = 4096  # the pinned index's grain (csrc/source.c reads the same file)
+_PIN_HEADER = struct.Struct("<8sIIQQ")  # magic, version, page size, object size, pages
+_PIN_MAGIC = b"LMDBFSP1"
+PIN_HEADER = 4096  # one byte per page starts here: 1 = the page's bytes are in data, pinned
+PIN_GAP = 16 << 10  # a record's inline tail this short is pinned with its head (`lmdbfs ls` reads records whole)
+_FILES = ("data", "state", "pins", "info.json")
 
 
 def default_dir() -> str:
@@ -80,7 +88,7 @@ class Budget:
             for entry in it:
                 if not entry.is_dir(follow_symlinks=False):
                     continue
-                for name in ("data", "state", "info.json"):
+                for name in _FILES:
                     with contextlib.suppress(OSError):
                         total += os.stat(os.path.join(entry.path, name)).st_blocks * 512
         return total
@@ -127,7 +135,7 @@ class Budget:
             except OSError:
                 os.close(fd)
                 continue  # in use
-            size = sum(_allocated(os.path.join(folder, n)) for n in ("data", "state", "info.json"))
+            size = sum(_allocated(os.path.join(folder, n)) for n in _FILES)
             shutil.rmtree(folder, ignore_errors=True)
             os.close(fd)
             freed += size
@@ -136,6 +144,22 @@ class Budget:
     def close(self) -> None:
         with contextlib.suppress(OSError):
             os.close(self._fd)
+
+
+def _file_starts(path: str, header: bytes, length: int) -> bool:
+    """``path`` is ``length`` bytes long, starts with ``header`` and holds only 0 and 1
+    bytes after its 4 KiB header (a pins file; anything else is not believed)."""
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size != length or f.read(len(header)) != header:
+                return False
+            f.seek(PIN_HEADER)
+            while chunk := f.read(1 << 20):
+                if chunk.translate(None, b"\0\1"):
+                    return False
+            return True
+    except OSError:
+        return False
 
 
 def _mtime(path: str) -> float:
@@ -192,6 +216,10 @@ class BlockCache:
     def state_path(self) -> str:
         return os.path.join(self.folder, "state")
 
+    @property
+    def pins_path(self) -> str:
+        return os.path.join(self.folder, "pins")
+
     def _info(self) -> dict:
         return {"url": self.url.shown, "etag": self.etag, "size": self.size, "block_size": self.block_size}
 
@@ -210,8 +238,11 @@ class BlockCache:
             good = good and os.stat(self.data_path).st_size == self.size
         except (OSError, ValueError):
             good = False
+        pages = (self.size + PIN_PAGE - 1) // PIN_PAGE
+        pin_header = _PIN_HEADER.pack(_PIN_MAGIC, 1, PIN_PAGE, self.size, pages)
+        pins_good = good and _file_starts(self.pins_path, pin_header, PIN_HEADER + pages)
         if not good:
-            for name in ("data", "state", "info.json"):
+            for name in _FILES:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(self.folder, name))
             with open(self.data_path, "wb") as f:
@@ -225,14 +256,24 @@ class BlockCache:
             with open(tmp, "w", encoding="utf-8") as f:
                 json.dump(self._info(), f)
             os.replace(tmp, info_path)
+        if not pins_good:  # the pins describe this data file or nothing: rebuilt empty
+            tmp = self.pins_path + ".tmp"
+            with open(tmp, "wb") as f:
+                f.write(pin_header)
+                f.truncate(PIN_HEADER + pages)
+            os.replace(tmp, self.pins_path)
         self.fd = os.open(self.data_path, os.O_RDWR | os.O_CLOEXEC)
         with open(self.state_path, "r+b") as f:
             self.map = mmap.mmap(f.fileno(), state_len)
+        with open(self.pins_path, "r+b") as f:
+            self.pins = mmap.mmap(f.fileno(), PIN_HEADER + pages)
+        self.pages = pages
         self._clock = 0  # where eviction looks next
 
     def close(self) -> None:
-        with contextlib.suppress(OSError, ValueError, BufferError):
-            self.map.close()
+        for m in (getattr(self, "map", None), getattr(self, "pins", None)):
+            with contextlib.suppress(OSError, ValueError, BufferError, AttributeError):
+                m.close()
         for fd in (getattr(self, "fd", -1), getattr(self, "_lock_fd", -1)):
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -291,12 +332,17 @@ class BlockCache:
             w = bs.load(self.map, i)
             if w & bs.STATE_MASK == bs.PRESENT and bs.cas(self.map, i, w, (w & ~bs.STATE_MASK) | bs.FILLING):
                 with contextlib.suppress(OSError):
-                    bs.punch(self.fd, *self._punch_span(i))
+                    self._punch(i)
                 bs.store(self.map, i, gen_bump(w))
 
-    def _punch_span(self, i: int) -> tuple[int, int]:
+    def _punch(self, i: int) -> int:
+        """Punch block i's bytes out of ``data``, but not its pinned pages: bytes freed."""
         start, end = self.span(i)
-        return start, end - start
+        freed = 0
+        for lo, hi in self.unpinned(start, end):
+            bs.punch(self.fd, lo, hi - lo)
+            freed += hi - lo
+        return freed
 
     def evict(self, need: int) -> int:
         """Free about ``need`` bytes of unpinned present blocks (clock order): bytes freed."""
@@ -311,9 +357,8 @@ class BlockCache:
                 continue
             if not bs.cas(self.map, i, w, (w & ~bs.STATE_MASK) | bs.FILLING):
                 continue
-            start, length = self._punch_span(i)
             try:
-                bs.punch(self.fd, start, length)
+                length = self._punch(i)
             except OSError:
                 bs.store(self.map, i, w)  # still present
                 continue
@@ -335,3 +380,46 @@ class BlockCache:
         if bs.cas(self.map, i, seen, seen & ~bs.STATE_MASK):
             bs.store(self.map, i, seen & ~bs.STATE_MASK)
         return True
+
+    # -- pinned pages (the index, at a page's grain) ----------------------------------
+    def pinned(self, start: int, end: int) -> bool:
+        """Every page of bytes [start, end) is pinned (its bytes are in ``data``)."""
+        if end <= start:
+            return True
+        lo, hi = PIN_HEADER + start // PIN_PAGE, PIN_HEADER + (min(end, self.size) - 1) // PIN_PAGE + 1
+        return self.pins.find(b"\0", lo, hi) < 0
+
+    def unpinned(self, start: int, end: int) -> list[tuple[int, int]]:
+        """The byte runs of [start, end) (page-aligned outward) whose pages are not pinned."""
+        runs: list[tuple[int, int]] = []
+        page, last = start // PIN_PAGE, (min(end, self.size) - 1) // PIN_PAGE
+        while page <= last:
+            zero = self.pins.find(b"\0", PIN_HEADER + page, PIN_HEADER + last + 1)
+            if zero < 0:
+                break
+            lo = zero - PIN_HEADER
+            one = self.pins.find(b"\1", zero, PIN_HEADER + last + 1)
+            hi = (one - PIN_HEADER) if one >= 0 else last + 1
+            runs.append((max(start, lo * PIN_PAGE), min(end, self.size, hi * PIN_PAGE)))
+            page = hi
+        return runs
+
+    def write_pinned(self, start: int, data: bytes | memoryview) -> None:
+        """Write the page-aligned bytes ``data`` at ``start`` and pin their pages. Under
+        the cache's size lock (eviction runs under it too, so a page is never punched
+        between its write and its pin)."""
+        view = memoryview(data)
+        with self.budget.room(len(view), self):
+            done = 0
+            while done < len(view):
+                done += os.pwrite(self.fd, view[done:], start + done)
+            first = start // PIN_PAGE
+            count = (len(view) + PIN_PAGE - 1) // PIN_PAGE
+            self.pins[PIN_HEADER + first : PIN_HEADER + first + count] = b"\1" * count
+
+    def unpin_all(self) -> None:
+        """Forget every pin (their pages failed a check: fetched again)."""
+        self.pins[PIN_HEADER : PIN_HEADER + self.pages] = bytes(self.pages)
+
+    def pinned_bytes(self) -> int:
+        return self.pins[PIN_HEADER : PIN_HEADER + self.pages].count(1) * PIN_PAGE

@@ -4,12 +4,18 @@ LMDB maps the cache's sparse copy, so every page a lookup touches must be presen
 before LMDB (in C or py-lmdb) opens it: the two meta pages, the main database's path
 to the named databases `lmdbfs.index` and `lmdbfs.meta`, every page of those, and the
 first page of each overflow value they hold. Then the directory records' heads (names
-and rows: all a lookup, a listing or a stat needs) — not their tails, which in a tree
-of tiny files are as large as the data.
+and rows: all a lookup, a listing or a stat needs) — not their tails (the inline files'
+bytes), which in a tree of tiny files are as large as the data; a tail shorter than
+`PIN_GAP` is pinned too (a reader of whole records, as `lmdbfs ls`, then needs no GET).
 
-The tree is walked level by level: each level's pages are fetched together, in a few
-coalesced ranged GETs in flight at once, so the time grows with the index's bytes and
-depth, not with the number of directories.
+All of it is fetched and pinned at the grain of a 4 KiB page (`RemoteSource.ensure_pinned`),
+not of a cache block: a head's block around it is not kept. Heads closer than
+`source.BRIDGE` share a GET, the tails between them dropped. The tree is walked level
+by level: each level's pages are fetched together, in ranged GETs all in flight at once,
+so the time grows with the index's bytes and depth, not with the number of directories.
+
+The pinned pages a cache already holds are untrusted: each is parsed again at every
+open; when one fails its check, every pin is dropped and the index fetched afresh.
 """
 
 from __future__ import annotations
@@ -19,25 +25,42 @@ import os
 from ..db import btree
 from ..errors import BadDatabase
 from ..format.records import INDEX_DB, META_DB, dir_head_len
+from .cache import PIN_GAP, PIN_PAGE
 
 _HEAD_PROBE = 16  # a record's header: magic, entries, own-path length, blob length
+_MAX_PSIZE = 65536
+_SAMPLE = 64  # records whose heads are measured before the others are fetched
+_GUESS_MAX = 256 << 10  # the most fetched of a record in its one GET before its head is known
 
 
 def prefetch_index(src) -> int:
     """Fetch and pin the index of ``src`` (a `RemoteSource`); the bytes pinned."""
+    if src.cache.pinned_bytes():
+        try:
+            return _prefetch(src)
+        except BadDatabase:
+            src.cache.unpin_all()  # a damaged cache, or a damaged DB: the server decides
+    return _prefetch(src)
+
+
+def _prefetch(src) -> int:
     shown = src.url.shown
-    first = min(src.size, 2 * src.block_size)
-    src.ensure([(0, first)], pin=True)
-    meta = btree.newest_meta(os.pread(src.fd, first, 0), shown)
+    first = min(src.size, 2 * PIN_PAGE)
+    src.ensure_pinned([(0, first)])
+    try:
+        meta = btree.newest_meta(os.pread(src.fd, first, 0), shown)
+    except BadDatabase:  # pages larger than 4 KiB: their meta pages are farther apart
+        first = min(src.size, 2 * _MAX_PSIZE)
+        src.ensure_pinned([(0, first)])
+        meta = btree.newest_meta(os.pread(src.fd, first, 0), shown)
     psize, last = meta.psize, meta.last_pgno
     if (last + 1) * psize > src.size:
         raise BadDatabase(f"{shown}: truncated ({src.size} of {(last + 1) * psize} bytes)", "upload the DB again")
-    pinned = first
+    if psize > PIN_PAGE:
+        src.ensure_pinned([(0, 2 * psize)])
 
     def pages(pgnos: list[int]) -> dict[int, bytes]:
-        nonlocal pinned
-        src.ensure([(p * psize, (p + 1) * psize) for p in pgnos], pin=True)
-        pinned += len(pgnos) * psize
+        src.ensure_pinned([(p * psize, (p + 1) * psize) for p in pgnos])
         return {p: os.pread(src.fd, psize, p * psize) for p in pgnos}
 
     # The main database's path to the two named databases.
@@ -80,13 +103,35 @@ def prefetch_index(src) -> int:
             else:
                 level.extend(n.child for n in nodes)
 
-    # Overflow values: first the page with each one's header, then the heads.
-    starts = [(n.child * psize, n.child * psize + psize) for n in big]
-    src.ensure(starts, pin=True)
-    heads = []
-    for node in big:
-        at = node.child * psize + btree._PAGE_HEADER  # noqa: SLF001
-        probe = os.pread(src.fd, _HEAD_PROBE, at)
-        heads.append((at, at + dir_head_len(probe, node.size)))
-    src.ensure(heads, pin=True)
-    return pinned + sum(min(e - s, psize) for s, e in starts) + sum(e - s for s, e in heads)
+    # Overflow values: each one's head, in one GET per record. A sample of them first
+    # (their first pages give their heads' lengths), then every other one with the
+    # sample's 90th-percentile head (and a quarter), then what is missing of longer heads.
+    big.sort(key=lambda n: n.child)
+    step = max(1, len(big) // _SAMPLE)
+    sample = big[::step]
+    src.ensure_pinned([_value_span(n, psize, psize) for n in sample])
+    seen = sorted(_head(src, n, psize, shown)[1] - n.child * psize for n in sample) or [psize]
+    guess = seen[(len(seen) - 1) * 9 // 10]  # an outlier (the root's record) must not set it
+    guess = min(-(-(guess * 5 // 4) // PIN_PAGE) * PIN_PAGE, _GUESS_MAX)  # a quarter more, in whole pages
+    src.ensure_pinned([_value_span(n, psize, guess) for n in big])
+    src.ensure_pinned([_head(src, n, psize, shown) for n in big])
+    return src.cache.pinned_bytes()
+
+
+def _value_span(node: btree.Node, psize: int, length: int) -> tuple[int, int]:
+    """The first ``length`` bytes of an overflow value's pages (at least its first page)."""
+    at = node.child * psize
+    return at, at + max(psize, min(length, btree._PAGE_HEADER + node.size))  # noqa: SLF001
+
+
+def _head(src, node: btree.Node, psize: int, shown: str) -> tuple[int, int]:
+    """The byte range of an overflow value's head, its first page being in the cache. A
+    tail shorter than the gap a GET bridges anyway comes along (a reader of the whole
+    record, as `lmdbfs ls`, then needs no GET); a longer one stays out."""
+    at = node.child * psize
+    probe = os.pread(src.fd, btree._PAGE_HEADER + _HEAD_PROBE, at)  # noqa: SLF001
+    if int.from_bytes(probe[:8], "little") != node.child:  # not the page LMDB wrote there
+        raise BadDatabase(f"{shown}: overflow page {node.child} is damaged", "upload the DB again")
+    at += btree._PAGE_HEADER  # noqa: SLF001
+    head = dir_head_len(probe[btree._PAGE_HEADER :], node.size)  # noqa: SLF001
+    return at, at + (node.size if node.size - head <= PIN_GAP else head)

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 
 from ..errors import CorruptValue, RemoteChanged, RemoteError
-from .cache import BlockCache, default_dir, parse_size
+from .cache import PIN_PAGE, BlockCache, default_dir, parse_size
 from .client import Client, ObjectInfo, loop, run
 from .url import RemoteURL, parse
 
@@ -26,6 +26,10 @@ log = logging.getLogger(__name__)
 MAX_GET = 4 << 20  # adjacent claimed blocks become one ranged GET of at most this
 WAIT_MS = 1000
 INFLIGHT = 32  # ranged GETs in flight per process (the fetcher's and the readers' together)
+PIN_INFLIGHT = 128  # the pinned index's GETs in flight at once (small ones: many per RTT)
+# Pieces of index closer than this share one GET, the bytes between them dropped: a GET
+# costs a round trip and 1-3 ms of client and server time, 128 KiB about as much to move.
+BRIDGE = 128 << 10
 
 
 @dataclass
@@ -143,15 +147,64 @@ class RemoteSource:
         if exc is not None:
             raise _as_error(exc)
 
+    # -- the pinned index ------------------------------------------------------------------
+    def ensure_pinned(self, ranges: list[tuple[int, int]]) -> int:
+        """Fetch the pages of byte ``ranges`` [start, end) not pinned yet and pin them
+        (docs/remote.md, "pinned pages"). Pieces closer than BRIDGE share a GET (a round
+        trip costs more than those bytes); the bytes between them are dropped, not kept:
+        only the pieces asked for are written and pinned. Every GET is in flight at once.
+        Blocks are not claimed: a block around a pinned page stays ABSENT until a read
+        needs the rest of it. The bytes fetched."""
+        runs: list[list] = []  # [start, end, [(piece start, piece end), ...]]
+        for start, end in sorted(ranges):
+            for lo, hi in self.cache.unpinned(start, min(end, self.size)) if end > start else ():
+                lo = lo // PIN_PAGE * PIN_PAGE
+                hi = min(self.size, -(-hi // PIN_PAGE) * PIN_PAGE)
+                if runs and lo - runs[-1][1] <= BRIDGE and hi - runs[-1][0] <= MAX_GET:
+                    last = runs[-1]
+                    if lo <= last[2][-1][1]:
+                        last[2][-1] = (last[2][-1][0], max(last[2][-1][1], hi))
+                    else:
+                        last[2].append((lo, hi))
+                    last[1] = max(last[1], hi)
+                else:
+                    runs.append([lo, hi, [(lo, hi)]])
+        if not runs:
+            return 0
+        exc = run(self._fetch_pinned(runs))
+        if exc is not None:
+            self.log_once(exc)
+            raise _as_error(exc)
+        return sum(r[1] - r[0] for r in runs)
+
+    async def _fetch_pinned(self, runs: list[list]) -> BaseException | None:
+        slots = asyncio.Semaphore(PIN_INFLIGHT)
+
+        async def one(lo: int, hi: int, pieces: list[tuple[int, int]]) -> None:
+            async with slots:
+                data = await self.client.get_async(lo, hi, self.info)
+            self.gets += 1
+            self.fetched += len(data)
+            for a, b in pieces:  # small writes: on the loop, no hand-off
+                self.cache.write_pinned(a, data[a - lo : b - lo])
+
+        results = await asyncio.gather(*(one(*r) for r in runs), return_exceptions=True)
+        return next((r for r in results if isinstance(r, BaseException)), None)
+
     # -- reading -------------------------------------------------------------------------
     def ensure(self, ranges: list[tuple[int, int]], pin: bool = False, ahead: int = 0) -> dict[int, int]:
         """Make every block of the byte ``ranges`` [start, end) present (fetching what
         this process claims, waiting for what others fill); their words. ``ahead``:
-        blocks to claim past each range's end too (readahead)."""
+        blocks to claim past each range's end too (readahead). A block whose part of a
+        range lies on pinned pages is not needed: those bytes are in the cache for good."""
         wanted: list[int] = []
+        bsz = self.block_size
         for start, end in ranges:
-            if end > start:
-                wanted.extend(range(start // self.block_size, (min(end, self.size) - 1) // self.block_size + 1))
+            end = min(end, self.size)
+            if end > start and not self.cache.pinned(start, end):
+                for i in range(start // bsz, (end - 1) // bsz + 1):
+                    if not self.cache.pinned(max(start, i * bsz), min(end, (i + 1) * bsz)):
+                        wanted.append(i)
         wanted = sorted(set(wanted))
         words: dict[int, int] = {}
         filling_since: dict[int, float] = {}

@@ -154,6 +154,8 @@ class RemoteSystem:
         self.mnt.mkdir(parents=True, exist_ok=True)
         fuse_unmount(self.mnt)
         cmd = [*LMDBFS, "mount", source, str(self.mnt)] + (["--cache-dir", str(self.cache)] if cache else [])
+        if cache and self.env.cache_size:
+            cmd += ["--cache-size", self.env.cache_size]
         run(cmd, timeout=3600, env={**os.environ, **(extra_env or {})}, cwd=self.env.work)
         wait_mounted(self.mnt)
         pid = find_daemon(self.mnt)
@@ -275,9 +277,19 @@ SYSTEMS = {cls.name: cls for cls in (Local, Http, S3, HttpDirFs, Ratarmount)}
 class RemoteEnv:
     """The run's servers and artifacts: the DB and tar published by nginx, the DB in S3."""
 
-    def __init__(self, work: Path, db: Path, tar: Path | None, tar_prefix: str, want_s3: bool, drop: bool = True):
+    def __init__(
+        self,
+        work: Path,
+        db: Path,
+        tar: Path | None,
+        tar_prefix: str,
+        want_s3: bool,
+        drop: bool = True,
+        cache_size: str | None = None,
+    ):
         from tests.servers import nginx, s3
 
+        self.cache_size = cache_size  # --cache-size of the lmdbfs mounts (None: unbounded)
         self.work, self.db, self.tar, self.tar_prefix, self.drop = work, db, tar, tar_prefix, drop
         www = work / "www"
         shutil.rmtree(www, ignore_errors=True)

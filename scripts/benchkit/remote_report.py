@@ -11,6 +11,8 @@ from typing import Any
 REMOTE_BEGIN = "<!-- remote:begin -->"
 REMOTE_END = "<!-- remote:end -->"
 REMOTE_DATA = "<!-- remote-results "
+WALK_BEGIN = "<!-- remote-walk:begin -->"
+WALK_END = "<!-- remote-walk:end -->"
 
 
 SERVERS = """\
@@ -60,8 +62,41 @@ def _div(a, b):
     return a / b if a is not None and b else None
 
 
+def walk_ratios(res: dict[str, Any]) -> list[tuple[str, float | None, str, float]]:
+    """Issue 20's full-size goals: mount time, walk time and GETs, random reads."""
+    runs = {r["system"]: r for r in res.get("walk_runs", []) if "walk_s" in r}
+    local = runs.get("local")
+    out = []
+    for proto in ("http", "s3"):
+        r = runs.get(proto)
+        if not r:
+            continue
+        rtt = r["rtt_ms"]
+        out.append((f"{proto}: mount ready, +{rtt:g} ms, empty cache (s)", r["mount_s"], "<=", 5.0))
+        out.append(
+            (
+                f"{proto}: cold walk + lstat of every entry / local disk",
+                _div(r["walk_s"], local and local["walk_s"]),
+                "<=",
+                1.5,
+            )
+        )
+        out.append((f"{proto}: GETs sent by the walk after mount", r.get("walk_gets"), "<=", 0.0))
+        out.append(
+            (
+                f"{proto}: {res.get('random_reads', 0):,} random reads after the walk / local disk",
+                _div(r["random"]["files_per_s"], local and local["random"]["files_per_s"]),
+                ">=",
+                0.5,
+            )
+        )
+    return out
+
+
 def ratios(res: dict[str, Any]) -> list[tuple[str, float | None, str, float]]:
     """(what, value, comparison, target) for issue 20's goals that this run measured."""
+    if not res["runs"] and not res.get("nodes_run"):
+        return walk_ratios(res)
     rd = max(res["readers"])
     rtt = max(res["rtts"])
     local = find(res, "local", rd, "uniform", 0.0) or find(res, "local", rd, "uniform", rtt)
@@ -118,7 +153,7 @@ def ratios(res: dict[str, Any]) -> list[tuple[str, float | None, str, float]]:
         out.append(
             (f"{n['nodes']} nodes: slowest node / one node alone", _div(slowest, n["alone"]["files_per_s"]), ">=", 0.8)
         )
-    return out
+    return out + walk_ratios(res)
 
 
 def verdict(value, cmp, target) -> str:
@@ -166,6 +201,7 @@ def render(res: dict[str, Any]) -> str:
                 f"{_f(w.get('gets'))} | {_f(r.get('rss_mb'), 0)} | {_f(r.get('cache_bytes', 0) / 1e6, 0)} |"
             )
         L.append("")
+    L.extend(_walk_table(res))
     n = res.get("nodes_run")
     if n:
         L.append(f"### {n['nodes']} nodes: {n['system']}, {_case(n)}, {n['readers_per_node']} readers per node")
@@ -201,6 +237,72 @@ def render(res: dict[str, Any]) -> str:
     return "\n".join(L)
 
 
+def _walk_table(res: dict[str, Any]) -> list[str]:
+    """The mount + walk + random-reads runs (issue 20's full-size case), as a table."""
+    walks = res.get("walk_runs")
+    if not walks:
+        return []
+    L: list[str] = []
+    local = next((r for r in walks if r["system"] == "local" and "walk_s" in r), None)
+    L.append(
+        f"### Mount, walk + lstat of every entry, then {res.get('random_reads', 0):,} random reads "
+        f"({walks[0]['readers']} readers)"
+    )
+    L.append("")
+    L.append(
+        "| system | RTT | mount s | mount GETs | mount MB | walk s | entries | walk GETs | × local walk | "
+        "random files/s | × local | GETs/file | daemon MB | cache MB |"
+    )
+    L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in walks:
+        if "error" in r:
+            L.append(f"| {r['system']} | +{r['rtt_ms']:g} ms | failed: {r['error'][:120]} |" + " |" * 11)
+            continue
+        rnd = r["random"]
+        L.append(
+            f"| {r['system']} | +{r['rtt_ms']:g} ms | {_f(r['mount_s'], 2)} | {_f(r.get('mount_gets'))} | "
+            f"{_f(r.get('mount_bytes', 0) / 1e6, 1)} | {_f(r['walk_s'], 1)} | {_f(r['walk_entries'])} | "
+            f"{_f(r.get('walk_gets'))} | {_f(_div(r['walk_s'], local and local['walk_s']), 2)} | "
+            f"{_f(rnd['files_per_s'], 0)} | {_f(_div(rnd['files_per_s'], local and local['random']['files_per_s']), 2)} | "
+            f"{_f(rnd.get('gets_per_file'), 3)} | {_f(r.get('rss_mb'), 0)} | {_f(r.get('cache_bytes', 0) / 1e6, 0)} |"
+        )
+    L.append("")
+    return L
+
+
+def render_walk(res: dict[str, Any]) -> str:
+    """A walk-only run as its own block inside the remote section (kept when the
+    epochs' runs rewrite the rest of the section, and the other way round)."""
+    load = res.get("load") or {}
+    L = [WALK_BEGIN, f"### Full-size metadata case: the {res['size']} tree", ""]
+    L.append(
+        f"Run {res['started']} UTC at commit {res.get('commit', '?')}: {res['tree']['files']:,} files "
+        f"({res['tree']['bytes'] / 1e9:.2f} GB) in {res['tree'].get('dirs', 0):,} directories, DB "
+        f"{res['db_bytes'] / 1e9:.2f} GB, served by nginx through scripts/faultproxy.py. Each system: mount on an "
+        "empty cache and a dropped page cache, a walk + `lstat` of every entry (one thread, `os.walk`), then "
+        "the random reads (a seeded sample, every file once, 16 processes). *local* is `lmdbfs mount` of the "
+        "same DB on local disk."
+        + (
+            f" Load average {load.get('start', '?')} at the start, {load.get('end', '?')} at the end (2 cores)."
+            if load
+            else ""
+        )
+    )
+    L.append("")
+    L.extend(_walk_table(res)[2:])
+    L.append("| target | value | goal | verdict |")
+    L.append("|---|---:|---:|---|")
+    for what, value, cmp, target in walk_ratios(res):
+        L.append(f"| {what} | {_f(value, 2)} | {cmp} {target:g} | {verdict(value, cmp, target)} |")
+    L.append("")
+    if res.get("notes"):
+        L.extend(res["notes"])
+        L.append("")
+    L.append(REMOTE_DATA + json.dumps(res, separators=(",", ":")).replace("--", "-\\u002d") + " -->")
+    L.append(WALK_END)
+    return "\n".join(L)
+
+
 def _groups(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     out: dict[str, list[dict[str, Any]]] = {}
     for r in runs:
@@ -209,18 +311,37 @@ def _groups(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
 
 
 def write_section(md_path: Path, res: dict[str, Any]) -> None:
-    """Put the section into benchmarks.md, replacing an earlier one, before 'How to reproduce'."""
+    """Put the section into benchmarks.md, replacing an earlier one, before 'How to
+    reproduce'. A walk-only run replaces only its own block inside the section."""
     text = md_path.read_text() if md_path.exists() else "# Benchmarks\n"
-    section = render(res)
+    old_body = None
     if REMOTE_BEGIN in text and REMOTE_END in text:
         head, rest = text.split(REMOTE_BEGIN, 1)
-        text = head + section + rest.split(REMOTE_END, 1)[1]
+        old_body, tail = rest.split(REMOTE_END, 1)
+    walk_only = not res["runs"] and not res.get("nodes_run")
+    if walk_only:
+        body = _without_walk(old_body) if old_body is not None else "\n## Remote DBs (scripts/bench_remote.py)\n"
+        section = REMOTE_BEGIN + body.rstrip("\n") + "\n\n" + render_walk(res) + "\n" + REMOTE_END
+    else:
+        section = render(res)
+        if old_body is not None and WALK_BEGIN in old_body and WALK_END in old_body:
+            kept = WALK_BEGIN + old_body.split(WALK_BEGIN, 1)[1].split(WALK_END, 1)[0] + WALK_END
+            section = section[: -len(REMOTE_END)] + "\n" + kept + "\n" + REMOTE_END
+    if old_body is not None:
+        text = head + section + tail
     elif "## How to reproduce" in text:
         head, tail = text.split("## How to reproduce", 1)
         text = head + section + "\n\n## How to reproduce" + tail
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     md_path.write_text(text)
+
+
+def _without_walk(body: str) -> str:
+    if WALK_BEGIN in body and WALK_END in body:
+        before, rest = body.split(WALK_BEGIN, 1)
+        return before.rstrip("\n") + "\n" + rest.split(WALK_END, 1)[1].lstrip("\n")
+    return body
 
 
 def kept_section(old: str) -> str | None:
