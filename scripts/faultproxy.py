@@ -19,7 +19,8 @@ prints one JSON line of ports; `GET /__faultproxy__/counters` on any listener
 returns the counters, `POST /__faultproxy__/reset` zeroes them, `POST
 /__faultproxy__/rules` (a JSON list of rules) replaces the rules.
 
-HTTP framing is h11's; this file only moves its events and bytes.
+HTTP framing is h11's; a response body of known length is relayed as it arrives, in
+reads of up to 1 MiB that h11 does not parse (the relay's cost is per byte).
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ from dataclasses import asdict, dataclass, field
 import h11
 
 CONTROL = "/__faultproxy__/"
-CHUNK = 64 * 1024
+CHUNK = 64 * 1024  # reads of requests and of framed (chunked) bodies
+BIG = 1 << 20  # reads of a body of known length: relayed as it comes, without h11
 FAULTS = ("status", "slowdown", "reset", "truncate", "stall")
 SLOWDOWN_XML = (
     b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
@@ -142,6 +144,41 @@ async def _next_event(conn: h11.Connection, reader: asyncio.StreamReader):
         return event
 
 
+async def _body(conn: h11.Connection, reader: asyncio.StreamReader, length: int | None):
+    """The response body in pieces. Of a known length: its bytes as they come, in large
+    reads that h11 never parses (the relay's cost per byte); else h11's Data events."""
+    if length is None:
+        while not isinstance(event := await _next_event(conn, reader), h11.EndOfMessage):
+            if not isinstance(event, h11.Data):
+                raise _Closed
+            yield bytes(event.data)
+        return
+    buffered, _closed = conn.trailing_data  # what h11 read past the head
+    left = length - min(len(buffered), length)
+    if buffered and length:
+        yield buffered[:length]
+    while left > 0:
+        data = await reader.read(min(BIG, left))
+        if not data:  # the server closed early: the client sees a short body
+            raise _Closed
+        left -= len(data)
+        yield data
+
+
+def _length(request: h11.Request, response: h11.Response) -> int | None:
+    """The response body's length when the head fixes it (None: chunked, or to the end)."""
+    if request.method == b"HEAD" or response.status_code in (204, 304):
+        return 0
+    if any(k == b"transfer-encoding" for k, _v in response.headers):
+        return None
+    return next((int(v) for k, v in response.headers if k == b"content-length"), None)
+
+
+def _keep_alive(response: h11.Response) -> bool:
+    close = any(k == b"connection" and b"close" in v.lower() for k, v in response.headers)
+    return response.http_version == b"1.1" and not close
+
+
 def _reset(writer: asyncio.StreamWriter) -> None:
     """Close with RST, not FIN: the peer sees 'connection reset'."""
     sock = writer.get_extra_info("socket")
@@ -159,6 +196,7 @@ class Handler:
 
     def __init__(self, proxy: FaultProxy, label: str, reader, writer):
         self.proxy, self.label, self.reader, self.writer = proxy, label, reader, writer
+        writer.transport.set_write_buffer_limits(high=2 * BIG)  # drain() waits less often
         self.client = h11.Connection(h11.SERVER)
         self.up: tuple[asyncio.StreamReader, asyncio.StreamWriter, h11.Connection] | None = None
 
@@ -227,7 +265,7 @@ class Handler:
         connection if a kept-alive one was closed by the server meanwhile."""
         for attempt in (0, 1):
             if self.up is None:
-                reader, writer = await asyncio.open_connection(*self.proxy.upstream)
+                reader, writer = await asyncio.open_connection(*self.proxy.upstream, limit=4 * BIG)
                 self.up = (reader, writer, h11.Connection(h11.CLIENT))
             reader, writer, conn = self.up
             try:
@@ -261,39 +299,38 @@ class Handler:
                 status_code=response.status_code, reason=response.reason, headers=list(response.headers.raw_items())
             )
         )
-        length = next((int(v) for k, v in response.headers if k == b"content-length"), None)
-        cut = None
-        if rule and rule.fault in ("reset", "truncate"):
-            cut = int((length or 0) * rule.after)
+        length = _length(request, response)
+        cut = int((length or 0) * rule.after) if rule and rule.fault in ("reset", "truncate") else None
         sent = 0
-        while True:
-            event = await _next_event(conn, reader)
-            if isinstance(event, h11.EndOfMessage):
-                break
-            if not isinstance(event, h11.Data):
-                raise _Closed
-            data = event.data
+        async for data in _body(conn, reader, length):
             if cut is not None and sent + len(data) >= cut:
-                data = data[: cut - sent]
-            for i in range(0, len(data), CHUNK):
-                piece = data[i : i + CHUNK]
-                if self.proxy.bucket:
-                    await self.proxy.bucket.take(len(piece))
-                self.proxy.state.count(self.label, path, bytes=len(piece))  # before the client can see it
-                self.writer.write(self.client.send(h11.Data(data=piece)))
-                await self.writer.drain()
-            sent += len(data)
-            if cut is not None and sent >= cut:
+                await self.relay(data[: cut - sent], path)
                 return await self.cut(rule)
+            await self.relay(data, path)
+            sent += len(data)
         if cut is not None:  # a body shorter than the cut: cut at its end
             return await self.cut(rule)
         self.send(h11.EndOfMessage())
         await self.writer.drain()
-        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+        if length is not None and _keep_alive(response):  # exactly the body was read: ready again
+            self.up = (reader, writer, h11.Connection(h11.CLIENT))
+        elif length is None and conn.our_state is h11.DONE and conn.their_state is h11.DONE:
             conn.start_next_cycle()
         else:
             writer.close()
             self.up = None
+
+    async def relay(self, data: bytes, path: str) -> None:
+        """Body bytes to the client, at most the bucket's burst at a time; counted first."""
+        step = int(self.proxy.bucket.burst) if self.proxy.bucket else len(data) or 1
+        for i in range(0, len(data), step):
+            piece = data[i : i + step] if step < len(data) else data
+            if self.proxy.bucket:
+                await self.proxy.bucket.take(len(piece))
+            self.proxy.state.count(self.label, path, bytes=len(piece))  # before the client sees it
+            for out in self.client.send_with_data_passthrough(h11.Data(data=piece)):
+                self.writer.write(out)
+            await self.writer.drain()
 
     async def cut(self, rule: Rule):
         await self.writer.drain()

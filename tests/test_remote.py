@@ -225,6 +225,31 @@ def test_bad_cache_files_are_rebuilt_and_damaged_blocks_refetched(remote_tree, t
         assert json.loads((folder / "info.json").read_text()) == info
 
 
+def test_a_fill_publishes_exactly_its_blocks_or_none(tmp_path: Path) -> None:
+    """_blocks.fill writes a GET's bytes and publishes its claimed words; bytes of another
+    length than the blocks, or blocks outside the state file, write and publish nothing."""
+    bs = rcache.BLOCK_SIZE
+    size = 3 * bs + 1000
+    cache = rcache.BlockCache(str(tmp_path / "c"), parse("http://127.0.0.1:9/x.lmdb"), '"e1"', size)
+    try:
+        claimed = cache.claim(1, 3)  # blocks 1, 2 and the short last one
+        assert [i for i, _w in claimed] == [1, 2, 3]
+        words = [w for _i, w in claimed]
+        data = os.urandom(2 * bs + 1000)
+        with pytest.raises(ValueError, match="not 3 blocks"):
+            cache.fill(1, words, data[:-1] + data[:bs])
+        with pytest.raises(IndexError):
+            rcache.bs.fill(cache.map, cache.fd, cache.blocks, bs, words, data, False)
+        assert all(cache.state(i) == rcache.bs.FILLING for i in (1, 2, 3))
+        assert os.pread(cache.fd, size, 0) == bytes(size)  # nothing written
+        cache.fill(1, words, memoryview(data), pin=True)
+        assert [cache.state(i) for i in range(4)] == [rcache.bs.ABSENT] + [rcache.bs.PRESENT] * 3
+        assert all(cache.word(i) & rcache.bs.PINNED for i in (1, 2, 3))
+        assert os.pread(cache.fd, size, 0) == bytes(bs) + data
+    finally:
+        cache.close()
+
+
 def test_cache_size_is_never_exceeded(remote_tree, tmp_path: Path, fresh_sources) -> None:
     tree, db = remote_tree
     limit = 3 << 20

@@ -12,6 +12,10 @@
  *                                the range CAS'd to FILLING by this caller
  *   tally(buf, count) -> (present, pinned, filling, failed)
  *   punch(fd, offset, length)       fallocate(PUNCH_HOLE | KEEP_SIZE)
+ *   fill(buf, fd, first, block_size, words, data, pin)
+ *                                pwrite data (a buffer: a fetched GET's bytes, not copied)
+ *                                at block first's offset with the GIL released, then
+ *                                publish each claimed word of words (| BS_PINNED if pin)
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -197,6 +201,76 @@ static PyObject *b_punch(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* pwrite all of data at offset at (the GIL released by the caller): 0 or an errno. */
+static int write_all(int fd, const char *data, size_t len, off_t at)
+{
+    for (size_t done = 0; done < len;) {
+        ssize_t k = pwrite(fd, data + done, len - done, at + (off_t)done);
+        if (k < 0 && errno == EINTR)
+            continue;
+        if (k <= 0)
+            return k < 0 ? errno : EIO;
+        done += (size_t)k;
+    }
+    return 0;
+}
+
+/* The claimed words of words (a sequence of n ints) in out, or -1 with an exception set. */
+static int words_of(PyObject *words, uint32_t *out, Py_ssize_t n)
+{
+    for (Py_ssize_t k = 0; k < n; k++) {
+        PyObject *item = PySequence_GetItem(words, k);
+        unsigned long w = item ? PyLong_AsUnsignedLong(item) : 0;
+        Py_XDECREF(item);
+        if (PyErr_Occurred())
+            return -1;
+        out[k] = (uint32_t)w;
+    }
+    return 0;
+}
+
+static PyObject *b_fill(PyObject *self, PyObject *args)
+{
+    (void)self;
+    Py_buffer view, data;
+    int fd, pin;
+    long long first;
+    unsigned int block_size;
+    PyObject *words;
+    if (!PyArg_ParseTuple(args, "w*iLIOy*p", &view, &fd, &first, &block_size, &words, &data, &pin))
+        return NULL;
+    uint32_t *claimed = NULL;
+    Py_ssize_t n = PySequence_Check(words) ? PySequence_Size(words) : -1;
+    int err = -1;
+    if (n <= 0 || block_size == 0) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "fill: no claimed words, or a block size of 0");
+    } else if (!word_at(&view, first) || !word_at(&view, first + n - 1)) {
+        /* IndexError set */
+    } else if (data.len > n * (Py_ssize_t)block_size || data.len <= (n - 1) * (Py_ssize_t)block_size) {
+        PyErr_Format(PyExc_ValueError, "fill: %zd bytes are not %zd blocks of %u", data.len, n, block_size);
+    } else if (!(claimed = PyMem_Malloc((size_t)n * sizeof(*claimed)))) {
+        PyErr_NoMemory();
+    } else if (!words_of(words, claimed, n)) {
+        uint32_t *base = (uint32_t *)((char *)view.buf + BS_HEADER) + first;
+        Py_BEGIN_ALLOW_THREADS
+        err = write_all(fd, data.buf, (size_t)data.len, (off_t)first * block_size);
+        for (Py_ssize_t k = 0; !err && k < n; k++)
+            bs_publish(base + k, claimed[k] | (pin ? BS_PINNED : 0));
+        Py_END_ALLOW_THREADS
+        if (err) {
+            errno = err;
+            PyErr_SetFromErrno(PyExc_OSError);
+        }
+    }
+    PyMem_Free(claimed);
+    PyBuffer_Release(&data);
+    PyBuffer_Release(&view);
+    if (err)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"load", b_load, METH_VARARGS, "load(buf, i) -> word"},
     {"cas", b_cas, METH_VARARGS, "cas(buf, i, expect, desired) -> bool"},
@@ -206,6 +280,7 @@ static PyMethodDef methods[] = {
     {"claim", b_claim, METH_VARARGS, "claim(buf, first, count) -> [(i, claimed word)]"},
     {"tally", b_tally, METH_VARARGS, "tally(buf, count) -> (present, pinned, filling, failed)"},
     {"punch", b_punch, METH_VARARGS, "punch(fd, offset, length): punch a hole, keep the size"},
+    {"fill", b_fill, METH_VARARGS, "fill(buf, fd, first, block_size, words, data, pin): pwrite the blocks, publish them"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -299,15 +299,18 @@ class BlockCache:
 
     def fill(self, first: int, claimed: list[int], data: bytes | memoryview, pin: bool = False) -> None:
         """Write consecutive claimed blocks starting at ``first`` (``data`` exactly their
-        bytes) and publish them."""
-        start = first * self.block_size
-        view = memoryview(data)
-        with self.budget.room(len(view), self):
-            done = 0
-            while done < len(view):
-                done += os.pwrite(self.fd, view[done:], start + done)
-        for k, word in enumerate(claimed):
-            bs.publish(self.map, first + k, word | (bs.PINNED if pin else 0))
+        bytes) and publish them: one call into C, which writes the GET's own buffer with
+        the GIL released. A bounded cache first makes room under its folder's lock."""
+        if self.budget.limit is None:
+            bs.fill(self.map, self.fd, first, self.block_size, claimed, data, pin)
+            return
+        with self.budget.room(len(data), self):
+            bs.fill(self.map, self.fd, first, self.block_size, claimed, data, pin)
+
+    @property
+    def bounded(self) -> bool:
+        """A --cache-size applies: a fill may first evict (not quick enough for the loop)."""
+        return self.budget.limit is not None
 
     def fail(self, claimed: list[tuple[int, int]]) -> None:
         for i, word in claimed:

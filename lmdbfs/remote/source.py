@@ -131,9 +131,11 @@ class RemoteSource:
                 data = await self.client.get_async(start, end, self.info)
             self.gets += 1
             self.fetched += len(data)
-            await asyncio.get_running_loop().run_in_executor(
-                None, self.cache.fill, first, [w for _i, w in run_], data, pin
-            )
+            words = [w for _i, w in run_]
+            if self.cache.bounded:  # making room may scan and punch the cache: off the loop
+                await asyncio.get_running_loop().run_in_executor(None, self.cache.fill, first, words, data, pin)
+            else:  # a pwrite into the page cache, the GIL released: no thread hop
+                self.cache.fill(first, words, data, pin)
         except BaseException as exc:  # noqa: BLE001 - every failure ends as FAILED blocks
             self.cache.fail(run_)
             self.log_once(exc)
