@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .docblocks import replace_block
+
 REMOTE_BEGIN = "<!-- remote:begin -->"
 REMOTE_END = "<!-- remote:end -->"
 REMOTE_DATA = "<!-- remote-results "
@@ -211,20 +213,4 @@ def _groups(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
 def write_section(md_path: Path, res: dict[str, Any]) -> None:
     """Put the section into benchmarks.md, replacing an earlier one, before 'How to reproduce'."""
     text = md_path.read_text() if md_path.exists() else "# Benchmarks\n"
-    section = render(res)
-    if REMOTE_BEGIN in text and REMOTE_END in text:
-        head, rest = text.split(REMOTE_BEGIN, 1)
-        text = head + section + rest.split(REMOTE_END, 1)[1]
-    elif "## How to reproduce" in text:
-        head, tail = text.split("## How to reproduce", 1)
-        text = head + section + "\n\n## How to reproduce" + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    md_path.write_text(text)
-
-
-def kept_section(old: str) -> str | None:
-    """The remote section of an existing benchmarks.md, for scripts/bench.py to keep."""
-    if REMOTE_BEGIN in old and REMOTE_END in old:
-        return REMOTE_BEGIN + old.split(REMOTE_BEGIN, 1)[1].split(REMOTE_END, 1)[0] + REMOTE_END
-    return None
+    md_path.write_text(replace_block(text, render(res), REMOTE_BEGIN, REMOTE_END))
