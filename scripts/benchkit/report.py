@@ -416,8 +416,10 @@ python scripts/bench.py --size medium --skip-pack --systems native,lmdbfs --read
 # remote DBs: local disk vs lmdbfs over HTTP and S3, httpdirfs + lmdbfs, ratarmount over HTTP
 python scripts/bench_remote.py --size medium   # its own section above, kept by bench.py
 python scripts/bench_remote.py --quick         # the smoke tree: checks the harness
-# a tree of ~2 KB files, both layouts beside tar and mksquashfs (the tiny-files section):
+# a tree of ~2 KB files, both layouts beside tar and mksquashfs, then a cold walk and random
+# reads on both mounts beside the tree (the tiny-files section); --tree for an existing tree:
 python scripts/bench_tiny.py /var/tmp/lmdbfs-tiny --seqs 1000 --frames 150 --doc docs/benchmarks.md
+python scripts/bench_tiny.py /var/tmp/lmdbfs-tiny-full --seqs 9335 --frames 150 --rounds 1 --read-rounds 2
 ```
 Run as root so caches can be dropped (otherwise 'cold' numbers are marked not cold). Results go to
 `docs/bench-<size>.png` and this file (raw numbers are embedded at its end) (`--out-dir` to write elsewhere);
