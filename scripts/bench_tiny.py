@@ -23,7 +23,7 @@ Without --tree a GOT-10k-shaped tree of ~2 KB frames is made in WORKDIR/tree wit
 `scripts/make_fake_got10k.py --thumbs` (one split: N sequences of F frames and five
 annotation files). The DBs stay in WORKDIR/out (tar and squashfs outputs are deleted as
 soon as their size is known); --skip-pack reads them again with the pack figures of the
-earlier run's WORKDIR/bench_tiny.json.
+earlier run's WORKDIR/bench_tiny.json; --render writes the tables of that file again.
 """
 
 from __future__ import annotations
@@ -238,10 +238,13 @@ def main() -> int:
     p.add_argument("--sample", type=int, default=100_000, help="files read after each walk")
     p.add_argument("--verify-sample", type=int, default=5_000, help="files compared byte for byte on each mount")
     p.add_argument("--skip-pack", action="store_true", help="read the DBs of an earlier run in WORKDIR/out")
+    p.add_argument("--render", action="store_true", help="only print (and --doc) the table of WORKDIR/bench_tiny.json")
     p.add_argument("--doc", type=Path, help="also write the table into this benchmarks.md (its tiny-files block)")
     p.add_argument("--note", default="", help="a line added under the table (the machine's state, say)")
     args = p.parse_args()
     args.workdir = args.workdir.resolve()
+    if args.render:
+        return _report(json.loads((args.workdir / "bench_tiny.json").read_text()), args)
     args.workdir.mkdir(parents=True, exist_ok=True)
     tree = (args.tree or args.workdir / "tree").resolve()
     if not tree.exists():
@@ -282,6 +285,10 @@ def main() -> int:
             fuse_io_uring=URING_PARAM.read_text().strip() if URING_PARAM.exists() else "absent",
         )
         json_path.write_text(json.dumps(res, indent=1))
+    return _report(res, args)
+
+
+def _report(res: dict[str, Any], args: argparse.Namespace) -> int:
     text = _table(res)
     if args.note:
         text += f"\n\n{args.note}"
