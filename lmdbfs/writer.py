@@ -92,8 +92,8 @@ class Writer:
         # Small files wait in a spool file (unlinked: written to the disk only if memory is
         # short) until the final commits; a row's data_off holds its offset there + 1.
         # Compact: they go into their records only. Keyed: into their records, and into
-        # the main database in key order, which fills its leaf pages (in source order,
-        # random md5 keys split pages half-empty: ~70 % full).
+        # the main database in key order behind fences (_put_spooled), which fills its
+        # leaf pages (in source order, random md5 keys split pages half-empty: ~70 % full).
         self.compact = compact
         self.inline_max = COMPACT_INLINE_MAX if compact else INLINE_MAX
         self.spool = tempfile.TemporaryFile(dir=os.path.dirname(os.path.abspath(self.data_file)))

@@ -158,7 +158,7 @@ def _pack_table(runs: dict[str, list[dict]], rounds: int) -> list[str]:
     tar = med[TAR]
     cold = all(r["cold"] for rs in runs.values() for r in rs)
     lines = [
-        f"Pack: median of {rounds} round{'s' if rounds > 1 else ''}, each packer from a "
+        f"Pack: {f'median of {rounds} rounds' if rounds > 1 else 'one round'}, each packer from a "
         f"{'cold' if cold else 'WARM (caches not dropped)'} cache, timed until its output is on disk.",
         "",
         "| packer | output | × tar's size | time (median) | × `tar cf`'s time | each round "

@@ -87,7 +87,7 @@ def test_a_union_of_both_layouts(edge_tree: Path, edge_db: Path, compact_db: Pat
 def test_sizes_against_a_tar_on_tiny_files(tmp_path: Path) -> None:
     """A GOT-10k-shaped tree of ~2 KB frames (make_fake_got10k --thumbs): the compact DB
     is at most 1.1x a tar of the tree; the keyed one, which holds most bytes twice, at
-    most 1.8x (1.64x on the 155k-file tree of docs/benchmarks.md)."""
+    most 1.8x (1.54x on the 1.45M-file tree of docs/benchmarks.md)."""
     tree = tmp_path / "tree"
     load_script("make_fake_got10k").make_tree(tree, seqs=8, frames=100, splits=("train",), thumbs=True)
     frames = [f.stat().st_size for f in tree.rglob("*.jpg")]
