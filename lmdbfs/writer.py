@@ -47,7 +47,7 @@ LARGE_BATCH_BYTES = 4 << 20
 DATA_FILE = "data.mdb"  # the data file of an LMDB directory
 _PAGE = 4096
 _PAGE_HEADER = 16  # LMDB's PAGEHDRSZ
-# _put_spooled's fences: one every 4 puts packed ~2 KB values 2.02 a leaf page (2.05 at
+# _put_spooled's fences: one every 4 puts packed ~2 KB values 2.00 a leaf page (2.05 at
 # best; 1.78 without fences, 1.03 with no other keys in the DB) on a GOT-10k-shaped tree
 FENCE_EVERY = 4
 
