@@ -34,6 +34,13 @@ def test_bench_smoke_runs_and_writes_table(tmp_path: Path) -> None:
     # Fail, never skip: scripts/setup.sh installs these, and CI has /dev/fuse.
     assert not _missing(), f"needs FUSE tools (run scripts/setup.sh): {_missing()}"
     out = tmp_path / "out"
+    out.mkdir()
+    # the sections bench_remote.py and bench_tiny.py wrote are kept as they are
+    kept = [
+        "<!-- remote:begin -->\n## Remote DBs (scripts/bench_remote.py)\n\nremote table\n<!-- remote:end -->",
+        "<!-- tiny-files:begin -->\n## Tiny files: both layouts\n\ntiny table\n<!-- tiny-files:end -->",
+    ]
+    (out / "benchmarks.md").write_text("# Benchmarks\n\n" + "\n\n".join(kept) + "\n")
     cmd = [
         sys.executable,
         str(BENCH),
@@ -54,6 +61,8 @@ def test_bench_smoke_runs_and_writes_table(tmp_path: Path) -> None:
 
     md = (out / "benchmarks.md").read_text()
     assert "## smoke" in md
+    for block in kept:
+        assert md.count(block) == 1 and md.index(block) < md.index("## How to reproduce"), block
     assert "| system |" in md
     for name in SYSTEMS:
         assert f"| {name} |" in md, f"{name} missing from the table"
@@ -129,15 +138,24 @@ def test_bench_remote_quick_runs_every_kind_of_case(tmp_path: Path) -> None:
 
 
 def test_bench_tiny_runs_and_writes_its_block(tmp_path: Path) -> None:
-    """scripts/bench_tiny.py on a few dozen ~2 KB frames: every packer runs, the table
-    lands in a benchmarks.md between its markers (no number is checked)."""
+    """scripts/bench_tiny.py on a few dozen ~2 KB frames: every packer runs, both DBs are
+    mounted, walked and read beside the tree, the bytes check passes, and the table lands
+    in a benchmarks.md between its markers, once, when run twice (no timing is checked)."""
     doc = tmp_path / "benchmarks.md"
     doc.write_text("# Benchmarks\n\n## How to reproduce\n\nsteps\n")
     cmd = [sys.executable, str(REPO / "scripts" / "bench_tiny.py"), str(tmp_path / "work")]
-    cmd += ["--seqs", "2", "--frames", "10", "--rounds", "1", "--doc", str(doc)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr
+    cmd += ["--seqs", "2", "--frames", "10", "--rounds", "1", "--read-rounds", "1", "--sample", "20", "--doc", str(doc)]
+    for again in ([], ["--skip-pack"]):
+        proc = subprocess.run(cmd + again, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr
     text = doc.read_text()
-    assert "<!-- tiny-files:begin -->" in text and "| lmdbfs pack --layout compact |" in text
+    assert text.count("<!-- tiny-files:begin -->") == 1 and text.count("## Tiny files") == 1
+    assert "| lmdbfs pack --layout compact |" in text and "| compact |" in text
     assert text.index("tiny-files:end") < text.index("## How to reproduce")
-    assert json.loads((tmp_path / "work" / "bench_tiny.json").read_text())["files"] == 2 * 10 + 2 * 5 + 1
+    res = json.loads((tmp_path / "work" / "bench_tiny.json").read_text())
+    assert res["files"] == 2 * 10 + 2 * 5 + 1
+    for layout in ("keyed", "compact"):
+        assert res["reads"][layout]["verify"]["ok"] and res["reads"][layout]["listing_ok"]
+        assert res["reads"][layout]["reads"]["files"] == 20
+    for line in open("/proc/self/mounts"):
+        assert str(tmp_path) not in line, f"left mounted: {line}"

@@ -87,7 +87,7 @@ def test_a_union_of_both_layouts(edge_tree: Path, edge_db: Path, compact_db: Pat
 def test_sizes_against_a_tar_on_tiny_files(tmp_path: Path) -> None:
     """A GOT-10k-shaped tree of ~2 KB frames (make_fake_got10k --thumbs): the compact DB
     is at most 1.1x a tar of the tree; the keyed one, which holds most bytes twice, at
-    most 1.8x (1.64x on the 155k-file tree of docs/benchmarks.md)."""
+    most 1.8x (1.54x on the 1.45M-file tree of docs/benchmarks.md)."""
     tree = tmp_path / "tree"
     load_script("make_fake_got10k").make_tree(tree, seqs=8, frames=100, splits=("train",), thumbs=True)
     frames = [f.stat().st_size for f in tree.rglob("*.jpg")]
@@ -102,3 +102,32 @@ def test_sizes_against_a_tar_on_tiny_files(tmp_path: Path) -> None:
         run_cli("verify", db, "--against", tree)
         sizes[layout] = db.stat().st_size / tar_bytes
     assert sizes["compact"] <= 1.1 and sizes["keyed"] <= 1.8, sizes
+
+
+def test_keyed_small_values_fill_their_leaf_pages(tmp_path: Path) -> None:
+    """The keyed layout's ~2 KB values, put in key order, sit two to a 4 KiB leaf page
+    (LMDB alone would split each full page so that one value a page remains); the main
+    database holds exactly the files' keys, and `txn.get(md5(path))` returns each file."""
+    import random
+
+    rng = random.Random(7)
+    files = {}
+    for seq in range(6):
+        for n in range(150):
+            rel = f"seq{seq:02d}/{n:08d}.jpg"
+            files[rel] = rng.randbytes(rng.randint(1600, 2000))
+    for rel, data in files.items():
+        (tmp_path / "src" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "src" / rel).write_bytes(data)
+    db = tmp_path / "k.lmdb"
+    run_cli("pack", tmp_path / "src", db, "--no-progress")
+    env = lmdb.open(str(db), subdir=False, readonly=True, lock=False, max_dbs=4)
+    with env.begin() as txn:
+        stat = txn.stat(env.open_db(None, txn=txn))
+        keys = [k for k in txn.cursor().iternext(values=False)]
+        for rel, data in files.items():
+            assert txn.get(hashlib.md5(rel.encode()).digest()) == data, rel
+    env.close()
+    assert sorted(k for k in keys if len(k) == 16) == sorted(hashlib.md5(r.encode()).digest() for r in files)
+    assert len(keys) == len(files) + 2, "the file keys and the two named databases, nothing else"
+    assert stat["leaf_pages"] <= len(files) / 1.9, stat  # without the fences: ~1 a page

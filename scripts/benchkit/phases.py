@@ -225,8 +225,9 @@ def cold_epoch(ctx: Ctx, s: System, readers: int, phase: str, seed: int) -> tupl
     """The epochs of one round on a fresh mount, the epoch's files in random order: caches
     dropped first (cold, walk-read), or the backing file read into the page cache (first,
     then steady: the third epoch on the same mount, the second untimed). walk-read (the
-    issue's full-size measure) first walks and stats the whole mount. Returns the epochs
-    by phase, and whether the caches were dropped."""
+    issue's full-size measure) first walks and stats the whole mount, the walk's time and
+    file count kept in the epoch (``walk_s``, ``walk_files``). Returns the epochs by phase,
+    and whether the caches were dropped."""
     mode = "seed" if s.name == "seed" else "fs"
     if phase == "first":
         warm_files(s.backing())
@@ -235,9 +236,10 @@ def cold_epoch(ctx: Ctx, s: System, readers: int, phase: str, seed: int) -> tupl
         cold = drop_caches(ctx.cold_ok)
     s.mount()
     try:
-        if phase == "walk-read":
-            walk_stat(s.read_root())
+        walk = walk_stat(s.read_root()) if phase == "walk-read" else None
         out = {phase: read_epoch(mode, s.read_root(), ctx.epoch_files, readers, seed, ctx.args.timeout)}
+        if walk:
+            out[phase].update(walk_s=walk[0], walk_files=len(walk[1]))
         if phase == "first" and "steady" in ctx.args.phases:
             # The epoch after a first one touches every page a second time, which moves it
             # to the kernel's active list (native's first epoch already did, after the

@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .docblocks import kept_block, replace_block
+
 REMOTE_BEGIN = "<!-- remote:begin -->"
 REMOTE_END = "<!-- remote:end -->"
 REMOTE_DATA = "<!-- remote-results "
@@ -314,38 +316,13 @@ def write_section(md_path: Path, res: dict[str, Any]) -> None:
     """Put the section into benchmarks.md, replacing an earlier one, before 'How to
     reproduce'. A walk-only run replaces only its own block inside the section."""
     text = md_path.read_text() if md_path.exists() else "# Benchmarks\n"
-    old_body = None
-    if REMOTE_BEGIN in text and REMOTE_END in text:
-        head, rest = text.split(REMOTE_BEGIN, 1)
-        old_body, tail = rest.split(REMOTE_END, 1)
-    walk_only = not res["runs"] and not res.get("nodes_run")
-    if walk_only:
-        body = _without_walk(old_body) if old_body is not None else "\n## Remote DBs (scripts/bench_remote.py)\n"
-        section = REMOTE_BEGIN + body.rstrip("\n") + "\n\n" + render_walk(res) + "\n" + REMOTE_END
+    section = kept_block(text, REMOTE_BEGIN, REMOTE_END)
+    if not res["runs"] and not res.get("nodes_run"):  # a walk-only run: its own block alone
+        section = section or f"{REMOTE_BEGIN}\n## Remote DBs (scripts/bench_remote.py)\n{REMOTE_END}"
+        section = replace_block(section, render_walk(res), WALK_BEGIN, WALK_END, before=REMOTE_END)
     else:
+        walk = kept_block(section or "", WALK_BEGIN, WALK_END)
         section = render(res)
-        if old_body is not None and WALK_BEGIN in old_body and WALK_END in old_body:
-            kept = WALK_BEGIN + old_body.split(WALK_BEGIN, 1)[1].split(WALK_END, 1)[0] + WALK_END
-            section = section[: -len(REMOTE_END)] + "\n" + kept + "\n" + REMOTE_END
-    if old_body is not None:
-        text = head + section + tail
-    elif "## How to reproduce" in text:
-        head, tail = text.split("## How to reproduce", 1)
-        text = head + section + "\n\n## How to reproduce" + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    md_path.write_text(text)
-
-
-def _without_walk(body: str) -> str:
-    if WALK_BEGIN in body and WALK_END in body:
-        before, rest = body.split(WALK_BEGIN, 1)
-        return before.rstrip("\n") + "\n" + rest.split(WALK_END, 1)[1].lstrip("\n")
-    return body
-
-
-def kept_section(old: str) -> str | None:
-    """The remote section of an existing benchmarks.md, for scripts/bench.py to keep."""
-    if REMOTE_BEGIN in old and REMOTE_END in old:
-        return REMOTE_BEGIN + old.split(REMOTE_BEGIN, 1)[1].split(REMOTE_END, 1)[0] + REMOTE_END
-    return None
+        if walk is not None:
+            section = replace_block(section, walk, WALK_BEGIN, WALK_END, before=REMOTE_END)
+    md_path.write_text(replace_block(text, section, REMOTE_BEGIN, REMOTE_END))

@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from .config import ALL_SYSTEMS, PHASES, ROUND_PHASES, SIZE_ORDER, SIZES, TARGETS, log
-from .remote_report import kept_section
+from .docblocks import kept_block
+from .remote_report import REMOTE_BEGIN, REMOTE_END
 
 # --------------------------------------------------------------------------- ratios
 
@@ -262,13 +263,8 @@ PROFILE_PLACEHOLDER = (
 # Written by scripts/bench_tiny.py (a tree of tiny files, both layouts); kept as it is.
 TINY_BEGIN = "<!-- tiny-files:begin -->"
 TINY_END = "<!-- tiny-files:end -->"
-
-
-def kept_block(old: str, begin: str, end: str) -> str | None:
-    """The text between two markers of the old benchmarks.md, or None."""
-    if begin in old and end in old:
-        return old.split(begin, 1)[1].split(end, 1)[0].strip() or None
-    return None
+# the sections other scripts write, in the order they stand before "How to reproduce"
+KEPT_BLOCKS = ((REMOTE_BEGIN, REMOTE_END), (TINY_BEGIN, TINY_END))
 
 
 DATA_BEGIN = "<!-- bench-results "
@@ -336,13 +332,10 @@ def render_doc(out_dir: Path, new: dict[str, Any]) -> str:
     for res in results:
         chart = f"bench-{res['size']}.png" if (out_dir / f"bench-{res['size']}.png").exists() else None
         L.append(render_size(res, chart))
-    remote = kept_section(old)  # scripts/bench_remote.py's section: kept as it is
-    if remote:
-        L.append(remote)
-        L.append("")
-    tiny = kept_block(old, TINY_BEGIN, TINY_END)
-    if tiny:
-        L.extend(["## Tiny files: both layouts", "", TINY_BEGIN, tiny, TINY_END, ""])
+    for begin, end in KEPT_BLOCKS:  # scripts/bench_remote.py's and bench_tiny.py's: kept as they are
+        block = kept_block(old, begin, end)
+        if block:
+            L.extend([block, ""])
     L.append("## How to reproduce")
     L.append("")
     L.append(REPRODUCE)
@@ -423,8 +416,10 @@ python scripts/bench.py --size medium --skip-pack --systems native,lmdbfs --read
 # remote DBs: local disk vs lmdbfs over HTTP and S3, httpdirfs + lmdbfs, ratarmount over HTTP
 python scripts/bench_remote.py --size medium   # its own section above, kept by bench.py
 python scripts/bench_remote.py --quick         # the smoke tree: checks the harness
-# a tree of ~2 KB files, both layouts beside tar and mksquashfs (the tiny-files section):
+# a tree of ~2 KB files, both layouts beside tar and mksquashfs, then a cold walk and random
+# reads on both mounts beside the tree (the tiny-files section); --tree for an existing tree:
 python scripts/bench_tiny.py /var/tmp/lmdbfs-tiny --seqs 1000 --frames 150 --doc docs/benchmarks.md
+python scripts/bench_tiny.py /var/tmp/lmdbfs-tiny-full --seqs 9335 --frames 150 --rounds 1 --read-rounds 2
 ```
 Run as root so caches can be dropped (otherwise 'cold' numbers are marked not cold). Results go to
 `docs/bench-<size>.png` and this file (raw numbers are embedded at its end) (`--out-dir` to write elsewhere);
