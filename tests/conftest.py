@@ -9,19 +9,27 @@ Markers (pyproject.toml): a test that mounts is marked ``mount`` (module-wide wi
 is the quick loop. A test
 that mounts without the marker fails, so the selection stays honest.
 
-Where the kernel has FUSE over io_uring, the session turns it on (root), so every
+Where the kernel has FUSE over io_uring, the run turns it on (root), so every
 real-mount test runs on the rings, the daemon's default transport there; the tests
 that matter for both transports also run with --no-io-uring.
+
+The README's test command runs the suite in several processes (pytest-xdist,
+``--dist loadfile``: a file's tests run in one process, in order, so a module's
+fixtures are built once). What is the machine's, not a test's, is set up once by the
+controlling process (enable_uring) or changed under a lock the processes take in turn
+(``machine_lock``: /dev/fuse's mode, users added and removed).
 """
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,7 +46,17 @@ TRANSPORTS = {"io_uring": (), "dev_fuse": ("--no-io-uring",)}
 FIXED_MTIME_NS = 1_600_000_000_123_456_789
 
 
+# The longest files, started first: pytest -n hands each file to one process, so a
+# long file begun last would hold up the end of the run.
+LONGEST_FIRST = ("test_huge.py", "test_install.py", "test_bench_smoke.py", "test_hostile_cli.py")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the order within a file stays
     for item in items:
         if "mount_db" in getattr(item, "fixturenames", ()) and item.get_closest_marker("mount") is None:
             item.add_marker(pytest.mark.mount)
@@ -171,23 +189,58 @@ def got10k_db(got10k_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     return db
 
 
-@pytest.fixture(scope="session", autouse=True)
-def fuse_io_uring() -> Iterator[bool]:
-    """Turn the fuse module's enable_uring on for the session where the kernel has it
-    (it is off by default, and only root may turn it on); put it back afterwards."""
+_URING = pytest.StashKey[tuple[bool, "str | None"]]()  # (on for the run, the value to put back)
+
+
+def _uring_on() -> tuple[bool, str | None]:
+    """Turn the fuse module's enable_uring on where the kernel has it (it is off by
+    default, and only root may turn it on): (on now, the value to put back)."""
     if not URING_PARAM.exists():
-        yield False
-        return
+        return False, None
     before = URING_PARAM.read_text().strip()
     try:
         URING_PARAM.write_text("Y")
     except OSError:
-        yield before == "Y"
+        return before == "Y", None
+    return True, before
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if hasattr(config, "workerinput"):  # a worker of pytest -n: the controller has set it
         return
-    try:
-        yield True
-    finally:
-        URING_PARAM.write_text(before)
+    config.stash[_URING] = _uring_on()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node) -> None:  # pytest-xdist's hook: tell each worker the state
+    node.workerinput["lmdbfs_uring"] = node.config.stash[_URING][0]
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    on_before = config.stash.get(_URING, None)
+    if on_before is not None and on_before[1] is not None:
+        URING_PARAM.write_text(on_before[1])
+
+
+@pytest.fixture(scope="session")
+def fuse_io_uring(pytestconfig: pytest.Config) -> bool:
+    """Whether the run turned FUSE over io_uring on (pytest_configure, above)."""
+    workerinput = getattr(pytestconfig, "workerinput", None)
+    if workerinput is not None:
+        return workerinput["lmdbfs_uring"]
+    return pytestconfig.stash[_URING][0]
+
+
+@pytest.fixture
+def machine_lock() -> Iterator[None]:
+    """Held by a test that changes what every process of the run shares (/dev/fuse's
+    mode, /etc/passwd): tests running in parallel take turns."""
+    with open(Path(tempfile.gettempdir()) / "lmdbfs-tests-machine.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def ring_completions(pid: int) -> int | None:

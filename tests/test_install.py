@@ -119,8 +119,9 @@ def shared(
 
 
 @pytest.fixture
-def user(shared: Path) -> Iterator[tuple[str, Path]]:
-    """A user with no privileges and a work directory of their own."""
+def user(shared: Path, machine_lock: None) -> Iterator[tuple[str, Path]]:
+    """A user with no privileges and a work directory of their own (added and removed
+    under the machine lock, as parallel tests edit /etc/passwd and /dev/fuse too)."""
     name = f"lmdbfsi{os.getpid() % 100000}"
     subprocess.run(["userdel", "-f", name], capture_output=True)  # left over by a killed run
     _run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", name])
@@ -137,7 +138,7 @@ def user(shared: Path) -> Iterator[tuple[str, Path]]:
 
 
 @pytest.fixture
-def open_dev_fuse() -> Iterator[None]:
+def open_dev_fuse(machine_lock: None) -> Iterator[None]:
     """/dev/fuse opened to every user (on these machines it is 0600), restored afterwards."""
     original = stat.S_IMODE(os.stat("/dev/fuse").st_mode)
     os.chmod("/dev/fuse", 0o666)

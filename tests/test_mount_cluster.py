@@ -135,7 +135,8 @@ def test_a_failing_mount_leaves_the_directory_unmounted_and_empty(
 
 # -- a user who is not root ------------------------------------------------------------------
 @pytest.fixture
-def user() -> Iterator[str]:
+def user(machine_lock: None) -> Iterator[str]:
+    """A user with no privileges, under the machine lock (see tests/conftest.py)."""
     name = f"lmdbfs{os.getpid() % 100000}"
     subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", name], check=True)
     try:
