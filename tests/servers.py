@@ -37,9 +37,20 @@ STOP_GRACE = 5.0
 
 def free_port() -> int:
     """A port free on 127.0.0.1 now (the kernel's choice)."""
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` different ports free on 127.0.0.1 now: all held at once while chosen
+    (one at a time, the kernel may hand out the same port twice)."""
+    socks = [socket.socket() for _ in range(count)]
+    try:
+        for sock in socks:
+            sock.bind((HOST, 0))
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 def find_program(name: str) -> str:
@@ -314,63 +325,73 @@ def s3(
             )
         )
         (tmp / "data").mkdir()
-        ports = {
-            name: free_port()
-            for name in (
-                "master.port",
-                "master.port.grpc",
-                "volume.port",
-                "volume.port.grpc",
-                "filer.port",
-                "filer.port.grpc",
-                "s3.port",
-                "s3.port.grpc",
-                "s3.port.iceberg",
-                "s3.port.lance",
-            )
-        }
-        cmd = [
-            program,
-            "server",
-            f"-dir={tmp / 'data'}",
-            f"-ip={HOST}",
-            f"-ip.bind={HOST}",
-            "-filer",
-            "-s3",
-            f"-s3.config={config}",
-            "-master.volumeSizeLimitMB=64",
-            "-volume.max=0",
-            "-metricsPort=0",
-            "-volume.preStopSeconds=0",
-            f"-filer.localSocket={tmp / 'filer.sock'}",
-            f"-s3.localSocket={tmp / 's3.sock'}",
-            *(f"-{name}={port}" for name, port in ports.items()),
-        ]
+        names = (
+            "master.port",
+            "master.port.grpc",
+            "volume.port",
+            "volume.port.grpc",
+            "filer.port",
+            "filer.port.grpc",
+            "s3.port",
+            "s3.port.grpc",
+            "s3.port.iceberg",
+            "s3.port.lance",
+        )
         log = tmp / "weed.log"
-        env = {**os.environ, "TMPDIR": str(tmp)}  # its other unix sockets go there too
-        with open(log, "ab") as out:
-            proc = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                env=env,
-                cwd=tmp,
-            )
+        for attempt in range(3):  # a port taken by another process between choice and bind: again
+            ports = dict(zip(names, free_ports(len(names)), strict=True))
+            cmd = [
+                program,
+                "server",
+                f"-dir={tmp / 'data'}",
+                f"-ip={HOST}",
+                f"-ip.bind={HOST}",
+                "-filer",
+                "-s3",
+                f"-s3.config={config}",
+                "-master.volumeSizeLimitMB=64",
+                "-volume.max=0",
+                "-metricsPort=0",
+                "-volume.preStopSeconds=0",
+                f"-filer.localSocket={tmp / 'filer.sock'}",
+                f"-s3.localSocket={tmp / 's3.sock'}",
+                *(f"-{name}={port}" for name, port in ports.items()),
+            ]
+            env = {**os.environ, "TMPDIR": str(tmp)}  # its other unix sockets go there too
+            with open(log, "wb") as out:  # this attempt's log alone
+                proc = subprocess.Popen(
+                    cmd,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    env=env,
+                    cwd=tmp,
+                )
+            try:
+                _wait_ready(proc, log, lambda p=ports["s3.port"]: _port_open(p), "SeaweedFS")
+                break
+            except RuntimeError:
+                stop_group(proc, grace=0.5)
+                _remove_grpc_sockets(ports)
+                if attempt == 2 or "address already in use" not in _tail(log):
+                    raise
         try:
             server = S3Server(f"http://{HOST}:{ports['s3.port']}", bucket, access_key, secret_key, pid=proc.pid)
-            _wait_ready(proc, log, lambda: _port_open(ports["s3.port"]), "SeaweedFS")
             _create_bucket(server, proc, log)
             yield server
         finally:
             # Its graceful stop takes ~15 s (it drains and deregisters); the data is a
             # throwaway temp dir, so a short grace then SIGKILL.
             stop_group(proc, grace=2.0)
-            # It puts its gRPC sockets in /tmp whatever TMPDIR says: remove ours.
-            for name, port in ports.items():
-                kind = name.split(".")[0]
-                Path(f"/tmp/seaweedfs-{kind}-grpc-{port}.sock").unlink(missing_ok=True)
+            _remove_grpc_sockets(ports)
+
+
+def _remove_grpc_sockets(ports: dict[str, int]) -> None:
+    """SeaweedFS puts its gRPC sockets in /tmp whatever TMPDIR says: remove ours."""
+    for name, port in ports.items():
+        kind = name.split(".")[0]
+        Path(f"/tmp/seaweedfs-{kind}-grpc-{port}.sock").unlink(missing_ok=True)
 
 
 def _create_bucket(server: S3Server, proc: subprocess.Popen, log: Path) -> None:
