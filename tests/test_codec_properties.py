@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lmdbfs.errors import BadDatabase, CorruptValue
+from lmdbfs.format.meta import Meta
 from lmdbfs.format.recordcheck import decode_dir
 from lmdbfs.format.records import (
     INLINE_MAX,
@@ -18,7 +19,6 @@ from lmdbfs.format.records import (
     KIND_SYMLINK,
     NAME_MAX,
     DirRecord,
-    Meta,
     encode_dir,
     new_rows,
 )

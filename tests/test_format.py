@@ -10,6 +10,7 @@ import stat
 import pytest
 
 from lmdbfs.errors import BadDatabase, FormatVersionError, IncompleteDatabase
+from lmdbfs.format.meta import Meta
 from lmdbfs.format.recordcheck import decode_dir
 from lmdbfs.format.records import (
     DIR_HEADER,
@@ -22,7 +23,6 @@ from lmdbfs.format.records import (
     KIND_FILE,
     KIND_SYMLINK,
     Entry,
-    Meta,
     build_dir,
     content_key,
     decode_path,

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 
 import lmdbfs
-from lmdbfs.format.records import INLINE_MAX, KEYS_MD5, KEYS_PATH, Meta, checksum, content_key
+from lmdbfs.format.meta import Meta
+from lmdbfs.format.records import INLINE_MAX, KEYS_MD5, KEYS_PATH, checksum, content_key
 from lmdbfs.pack.sources import build_scan
 from lmdbfs.pack.writer import Keys, Writer, _files_by_dir
 

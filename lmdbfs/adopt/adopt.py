@@ -34,6 +34,7 @@ from tqdm import tqdm
 from .. import __version__
 from ..db import btree, foreign, store
 from ..errors import BadDatabase, DestinationExists, LmdbfsError, SourceError
+from ..format.meta import Meta
 from ..format.records import (
     CHECKSUM_ALGO,
     INDEX_DB,
@@ -43,7 +44,6 @@ from ..format.records import (
     KIND_FILE,
     META_DB,
     META_KEY,
-    Meta,
     build_dir,
     checksum,
     dir_key,

@@ -23,7 +23,8 @@ import lmdb
 import numpy as np
 
 from ..errors import BadDatabase, IncompleteDatabase
-from ..format.records import INDEX_DB, META_DB, META_KEY, META_MAX_BYTES, PARTIAL_SUFFIX, Meta
+from ..format.meta import Meta
+from ..format.records import INDEX_DB, META_DB, META_KEY, META_MAX_BYTES, PARTIAL_SUFFIX
 from . import foreign
 
 MAX_DBS = 4

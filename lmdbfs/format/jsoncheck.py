@@ -1,6 +1,6 @@
 """Checking parsed JSON from an untrusted file against the fields a record expects.
 
-Generic on purpose (it knows nothing of lmdbfs records): `records.Meta.decode` gives it
+Generic on purpose (it knows nothing of lmdbfs records): `meta.Meta.decode` gives it
 each field's type and range. Nothing here recurses, so any nesting is safe to check.
 """
 

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from .. import __version__
 from ..errors import DestinationExists, SourceError
+from ..format.meta import Meta
 from ..format.records import (
     COMPACT_VERSION,
     FORMAT_VERSION,
@@ -45,7 +46,6 @@ from ..format.records import (
     PARTIAL_SUFFIX,
     SPLIT_ABOVE,
     SPLIT_VERSION,
-    Meta,
     checksum,
     output_files,
     piece_key,

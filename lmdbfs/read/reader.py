@@ -22,8 +22,9 @@ import xxhash
 
 from ..db import foreign, store
 from ..errors import CorruptValue, LmdbfsError
+from ..format.meta import Meta
 from ..format.recordcheck import decode_dir
-from ..format.records import KIND_DIR, DirRecord, Entry, Meta, checksum, content_key, decode_path, dir_key, piece_key
+from ..format.records import KIND_DIR, DirRecord, Entry, checksum, content_key, decode_path, dir_key, piece_key
 from .handle import DirCache, Handle
 from .tree import MAX_DEPTH, PIECE, Tree, normpath
 from .valuefile import piece_spans, split_range

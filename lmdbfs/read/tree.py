@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING
 import xxhash
 
 from ..errors import CorruptValue, IsADirectory, LmdbfsError, NotADirectory, NotASymlink, PathNotFound
-from ..format.records import DEPTH_MAX, KIND_DIR, KIND_FILE, DirRecord, Entry, Meta, checksum
+from ..format.meta import Meta
+from ..format.records import DEPTH_MAX, KIND_DIR, KIND_FILE, DirRecord, Entry, checksum
 from .valuefile import OPEN_WHOLE, ValueFile
 
 if TYPE_CHECKING:

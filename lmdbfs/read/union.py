@@ -25,12 +25,12 @@ from typing import Any
 import numpy as np
 
 from ..errors import BadDatabase, LayerConflict
+from ..format.meta import Meta
 from ..format.records import (
     KIND_DIR,
     KIND_NAMES,
     DirRecord,
     Entry,
-    Meta,
     build_dir,
     decode_path,
     encode_path,
