@@ -23,7 +23,6 @@ import io
 import os
 import posixpath
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
 
 import xxhash
 
@@ -31,9 +30,6 @@ from ..errors import CorruptValue, IsADirectory, LmdbfsError, NotADirectory, Not
 from ..format.meta import Meta
 from ..format.records import DEPTH_MAX, KIND_DIR, KIND_FILE, DirRecord, Entry, checksum
 from .valuefile import OPEN_WHOLE, ValueFile
-
-if TYPE_CHECKING:
-    from .reader import Archive
 
 _MAX_SYMLINK_HOPS = 40
 MAX_DEPTH = DEPTH_MAX  # directory levels a walk descends (pack refuses deeper trees)
@@ -77,8 +73,9 @@ class Tree:
     def checksummed(self) -> bool:
         raise NotImplementedError
 
-    def layers(self) -> list[tuple[str, Archive]]:
-        """Each DB of the tree with the folder it appears under ('' = the root)."""
+    def layers(self) -> list[tuple[str, Tree]]:
+        """Each DB of the tree (a `reader.Archive`) with the folder it appears under ('' =
+        the root)."""
         raise NotImplementedError
 
     def close(self) -> None:
