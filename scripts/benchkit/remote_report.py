@@ -226,17 +226,7 @@ def render(res: dict[str, Any]) -> str:
         L.append("")
     L.append("### Against issue 20's targets")
     L.append("")
-    L.append("| target | value | goal | verdict |")
-    L.append("|---|---:|---:|---|")
-    for what, value, cmp, target in ratios(res):
-        L.append(f"| {what} | {_f(value, 2)} | {cmp} {target:g} | {verdict(value, cmp, target)} |")
-    L.append("")
-    if res.get("notes"):
-        L.extend(res["notes"])
-        L.append("")
-    L.append(REMOTE_DATA + json.dumps(res, separators=(",", ":")).replace("--", "-\\u002d") + " -->")
-    L.append(REMOTE_END)
-    return "\n".join(L)
+    return _targets_and_data(L, ratios(res), res, REMOTE_END)
 
 
 def _walk_table(res: dict[str, Any]) -> list[str]:
@@ -292,16 +282,22 @@ def render_walk(res: dict[str, Any]) -> str:
     )
     L.append("")
     L.extend(_walk_table(res)[2:])
+    return _targets_and_data(L, walk_ratios(res), res, WALK_END)
+
+
+def _targets_and_data(L: list[str], targets: list, res: dict[str, Any], end: str) -> str:
+    """The block's end: the targets' table, the run's notes, its data (for re-rendering)
+    and the end marker."""
     L.append("| target | value | goal | verdict |")
     L.append("|---|---:|---:|---|")
-    for what, value, cmp, target in walk_ratios(res):
+    for what, value, cmp, target in targets:
         L.append(f"| {what} | {_f(value, 2)} | {cmp} {target:g} | {verdict(value, cmp, target)} |")
     L.append("")
     if res.get("notes"):
         L.extend(res["notes"])
         L.append("")
     L.append(REMOTE_DATA + json.dumps(res, separators=(",", ":")).replace("--", "-\\u002d") + " -->")
-    L.append(WALK_END)
+    L.append(end)
     return "\n".join(L)
 
 

@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from .config import log
-from .proc import drop_caches, now
+from .proc import now
 from .readers import read_epoch
-from .remote import SYSTEMS, Proxy, RemoteEnv
+from .remote import SYSTEMS, Proxy, RemoteEnv, cold_mount
 from .trees import fuse_unmount, is_mounted
 
 
@@ -36,16 +36,8 @@ def walk_run(
     out: dict[str, Any] = {"system": system, "readers": readers, "rtt_ms": rtt_ms}
     proxy = Proxy(env.upstream_port(system), [sysobj.label], rtt_ms, None) if sysobj.remote else None
     try:
-        sysobj.fresh_cache()
-        out["cold_ok"] = drop_caches(env.drop)
-        t0 = now()
-        sysobj.mount(proxy)
-        out["mount_s"] = now() - t0
+        cold_mount(sysobj, env, proxy, out)
         try:
-            if proxy:
-                counts = proxy.totals(sysobj.label)
-                out["mount_gets"], out["mount_bytes"] = counts["gets"], counts["bytes_fetched"]
-                proxy.reset()
             t0 = now()
             out["walk_entries"] = walk_entries(sysobj.root())
             out["walk_s"] = now() - t0
