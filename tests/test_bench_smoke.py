@@ -133,6 +133,10 @@ def test_bench_remote_quick_runs_every_kind_of_case(tmp_path: Path) -> None:
     text = doc.read_text()
     assert "## Remote DBs" in text and text.index("## Remote DBs") < text.index("## How to reproduce")
     assert "| http | 2 | uniform |" in text and "### 2 nodes" in text
+    # The run says the load it ran at: numbers compare only with others taken at a like load.
+    start = text.index("## Remote DBs")
+    section = text[start : text.index("### ", start)]
+    assert f"Load average {res['load']['start']} at the start, {res['load']['end']} at the end" in section
     for line in open("/proc/self/mounts"):
         assert str(tmp_path) not in line, f"left mounted: {line}"
 

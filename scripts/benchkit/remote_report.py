@@ -164,6 +164,15 @@ def verdict(value, cmp, target) -> str:
     return "met" if (value >= target if cmp == ">=" else value <= target) else "missed"
 
 
+def _load_sentence(res: dict[str, Any]) -> str:
+    """The machine's load average at the run's start and end, as the run recorded it
+    (a figure is only comparable with others taken at a like load)."""
+    load = res.get("load") or {}
+    if not load:
+        return ""
+    return f" Load average {load.get('start', '?')} at the start, {load.get('end', '?')} at the end (2 cores)."
+
+
 def render(res: dict[str, Any]) -> str:
     L = [REMOTE_BEGIN, "## Remote DBs (scripts/bench_remote.py)", ""]
     L.append(
@@ -175,6 +184,7 @@ def render(res: dict[str, Any]) -> str:
         "bandwidth cap, and counts GETs and bytes. *cold*: empty cache dir, dropped page cache, fresh mount; "
         "*warm*: the same cache dir remounted after dropping the page cache. *local* is `lmdbfs mount` of "
         "the DB on local disk, cold. GETs and bytes are the epoch's (the mount's own are in *mount GETs*)."
+        + _load_sentence(res)
     )
     L.append("")
     L.append(SERVERS)
@@ -265,7 +275,6 @@ def _walk_table(res: dict[str, Any]) -> list[str]:
 def render_walk(res: dict[str, Any]) -> str:
     """A walk-only run as its own block inside the remote section (kept when the
     epochs' runs rewrite the rest of the section, and the other way round)."""
-    load = res.get("load") or {}
     L = [WALK_BEGIN, f"### Full-size metadata case: the {res['size']} tree", ""]
     L.append(
         f"Run {res['started']} UTC at commit {res.get('commit', '?')}: {res['tree']['files']:,} files "
@@ -273,12 +282,7 @@ def render_walk(res: dict[str, Any]) -> str:
         f"{res['db_bytes'] / 1e9:.2f} GB, served by nginx through scripts/faultproxy.py. Each system: mount on an "
         "empty cache and a dropped page cache, a walk + `lstat` of every entry (one thread, `os.walk`), then "
         "the random reads (a seeded sample, every file once, 16 processes). *local* is `lmdbfs mount` of the "
-        "same DB on local disk."
-        + (
-            f" Load average {load.get('start', '?')} at the start, {load.get('end', '?')} at the end (2 cores)."
-            if load
-            else ""
-        )
+        "same DB on local disk." + _load_sentence(res)
     )
     L.append("")
     L.extend(_walk_table(res)[2:])
