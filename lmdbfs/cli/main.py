@@ -289,6 +289,16 @@ _COMMANDS = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    code = _main(argv)
+    if argv is None and "lmdbfs.remote.client" in sys.modules:
+        from ..remote import client
+
+        if client.used():  # the process ends here, past obstore's runtime (client.exit_process)
+            client.exit_process(code)
+    return code
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     words = list(sys.argv[1:] if argv is None else argv)
     if "-o" in words and not words[0].startswith("-") and words[0] not in _COMMANDS:
