@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_DIR_CACHE_BYTES = 32 << 20  # decoded records weigh what they do on disk
 _REPORTED_MAX = 1000  # directories whose damaged rows were logged
-_HASH_CHUNK = PIECE
 _THREAD = threading.local()
 
 
@@ -338,11 +337,11 @@ class Archive(Tree):
             return got
         buf = getattr(_THREAD, "buf", None)
         if buf is None:  # one per thread, whatever the number of archives open
-            buf = _THREAD.buf = memoryview(bytearray(_HASH_CHUNK))
-        hasher = None if entry.size <= _HASH_CHUNK else xxhash.xxh3_64()
+            buf = _THREAD.buf = memoryview(bytearray(PIECE))
+        hasher = None if entry.size <= PIECE else xxhash.xxh3_64()
         done = 0
         while done < entry.size:
-            want = min(_HASH_CHUNK, entry.size - done)
+            want = min(PIECE, entry.size - done)
             got = os.preadv(h.fd, [buf[:want]], file_off + done)
             if got != want:
                 raise CorruptValue(f"{rel}: short read from the DB file", "the DB file is truncated; copy it again")
@@ -355,11 +354,11 @@ class Archive(Tree):
 
 def _hash_range(read: Callable[[int, int], bytes], offset: int, size: int) -> int:
     """xxh3 of ``size`` bytes from ``offset``, read with ``read(offset, size)`` 1 MiB at a time."""
-    if size <= _HASH_CHUNK:
+    if size <= PIECE:
         return checksum(read(offset, size))
     hasher = xxhash.xxh3_64()
-    for done in range(0, size, _HASH_CHUNK):
-        hasher.update(read(offset + done, min(_HASH_CHUNK, size - done)))
+    for done in range(0, size, PIECE):
+        hasher.update(read(offset + done, min(PIECE, size - done)))
     return hasher.intdigest()
 
 
