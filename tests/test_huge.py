@@ -1,5 +1,5 @@
-"""Files of any size pack, verify, unpack and serve in bounded memory: a sparse file just
-over 4 GiB (over LMDB's largest value, format.VALUE_MAX: stored as pieces of 1 GiB) in a
+"""Files of any size pack, verify, unpack and serve in bounded memory: a sparse file of
+8 GiB and a bit (twice LMDB's largest value, format.VALUE_MAX: stored as pieces of 1 GiB) in a
 folder and a 2 GiB member of a zip (deflated zeros: a few MB on disk) are packed into one
 DB, then go through verify, unpack and a FUSE mount byte-exact, while each
 process's anonymous memory (RssAnon, sampled from /proc) stays under 256 MB.
@@ -34,14 +34,16 @@ from lmdbfs.pack.feed import LARGE_BYTES
 ANON_BOUND = 256 << 20
 GiB = 1 << 30
 READ = 4 << 20  # the size of each read of a packed file's bytes
-# Just over LMDB's largest value: four pieces of 1 GiB and a short fifth. Bytes written
+# The issue's 8 GiB and a bit: eight pieces of 1 GiB and a short ninth. Bytes written
 # into the sparse file (some across the pieces' edges), so exactness is tested off the zeros.
-SPLIT_SIZE = VALUE_MAX + 1 + (5 << 20) + 123
+SPLIT_SIZE = 2 * (VALUE_MAX + 1) + (5 << 20) + 123
+SPLIT_PIECES = 9
 SPLIT_MARKS = {
     0: b"head",
     GiB - 3: b"across one",
     3 * GiB + 12345: b"middle",
     4 * GiB - 5: b"across four",
+    8 * GiB - 5: b"across eight",
     SPLIT_SIZE - 4: b"tail",
 }
 MEMBER_SIZE = 2 * GiB + 3
@@ -180,11 +182,11 @@ def test_a_file_over_one_value_is_stored_as_pieces_and_its_zeros_as_holes(packed
         assert fs.meta.format_version == SPLIT_VERSION
         entry = fs.stat("huge.bin")
         assert entry.size == SPLIT_SIZE and entry.pieces is not None
-        assert entry.pieces[0] == SPLIT_PIECE and len(entry.pieces) == 1 + 5 and all(entry.pieces[1:])
+        assert entry.pieces[0] == SPLIT_PIECE and len(entry.pieces) == 1 + SPLIT_PIECES and all(entry.pieces[1:])
         assert fs.stat("z/data/zero.bin").pieces is None  # under 4 GiB: one value
         for at in SPLIT_MARKS:
             assert fs.read("huge.bin", 64, at - 20) == _slice(SPLIT_MARKS, at - 20, 64, SPLIT_SIZE)
-    # 6 GB of zeros, a few MB on the disk: they were never written there.
+    # 10 GB of zeros, a few MB on the disk: they were never written there.
     assert os.stat(packed.db).st_blocks * 512 < 64 << 20 < os.path.getsize(packed.db)
 
 
@@ -231,7 +233,7 @@ def test_a_mount_serves_them_in_bounded_memory(packed: Packed, mount_db) -> None
     peak = _Peak(mnt.daemon_pid())
     fd = os.open(mnt.mnt / "huge.bin", os.O_RDONLY)
     try:  # first, reads across the pieces' edges, before the page cache holds them
-        for at in (GiB - 3, 4 * GiB - 5):
+        for at in (GiB - 3, 4 * GiB - 5, 8 * GiB - 5):
             assert os.pread(fd, 1 << 20, at - 4000) == _slice(SPLIT_MARKS, at - 4000, 1 << 20)
     finally:
         os.close(fd)
