@@ -17,6 +17,7 @@ import random
 import re
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -60,7 +61,7 @@ class Client:
         from obstore import exceptions as ox
 
         async def head() -> Any:  # obstore's coroutines need the loop running when made
-            return await obstore.head_async(self._store, self._path)
+            return await _rust(obstore.head_async, self._store, self._path)
 
         try:
             meta = run(head())
@@ -110,10 +111,10 @@ class Client:
                 cap = min(_BACKOFF[1], _BACKOFF[0] * 2**attempt)
                 await asyncio.sleep(random.uniform(cap / 2, cap))
             try:
-                result = await obstore.get_async(self._store, self._path, options=options)
+                result = await _rust(obstore.get_async, self._store, self._path, options=options)
                 if info.if_match is None and result.meta.get("size") not in (None, info.size):
                     raise RemoteChanged(f"{self.url}: the object changed since it was opened", "mount it again")
-                data = memoryview(await result.bytes_async())  # obstore's buffer, not copied
+                data = memoryview(await _rust(result.bytes_async))  # obstore's buffer, not copied
             except ox.PreconditionError:
                 raise RemoteChanged(f"{self.url}: the object changed since it was opened", "mount it again") from None
             except (ox.NotFoundError, ox.PermissionDeniedError, ox.UnauthenticatedError) as exc:
@@ -194,6 +195,64 @@ def _s3_store(url: RemoteURL, client: dict, retry: dict, S3Store: Any) -> Any:  
 
 
 # -- one event loop per process, in a daemon thread ---------------------------------------
+# obstore runs each call on its Rust runtime's threads, which hand the result to the loop
+# with call_soon_threadsafe; that call lets go of the GIL to wake the loop and takes it
+# back after. A Rust thread that wants the GIL once the interpreter is finalizing is made
+# to exit, which aborts the process (SIGABRT after a program's last line: one exit in
+# five of a short script on a busy machine). So every obstore call under way and every
+# thread inside call_soon_threadsafe is counted, and the interpreter's exit waits
+# (_quiesce, an atexit handler) until none is left. The count is over-cautious, never
+# short: a call is counted from before it starts to after its result was taken.
+_BUSY_LOCK = threading.Lock()
+_BUSY = [0]
+QUIESCE_S = 5.0  # at most this long, then the exit goes on as before
+
+
+def _busy(step: int) -> None:
+    with _BUSY_LOCK:
+        _BUSY[0] += step
+
+
+async def _rust(call: Any, *args: Any, **kwargs: Any) -> Any:
+    """Await one obstore call, counted while it is under way."""
+    _busy(1)
+    try:
+        return await call(*args, **kwargs)
+    finally:
+        _busy(-1)
+
+
+class _Loop(asyncio.SelectorEventLoop):
+    def call_soon_threadsafe(self, callback: Any, *args: Any, context: Any = None) -> Any:
+        _busy(1)
+        try:
+            return super().call_soon_threadsafe(callback, *args, context=context)
+        finally:
+            _busy(-1)
+
+
+def _wait_idle(deadline: float) -> None:
+    while _BUSY[0] > 0 and time.monotonic() < deadline:
+        time.sleep(0.002)  # the GIL is free meanwhile: a Rust thread waiting for it finishes
+
+
+def _quiesce() -> None:
+    """At exit: let obstore's calls finish, stop the loop, and wait until no Rust thread
+    is inside Python any more (bounded by QUIESCE_S)."""
+    if not used():
+        return
+    deadline = time.monotonic() + QUIESCE_S
+    _wait_idle(deadline)
+    _stop_loop()
+    _wait_idle(deadline)
+
+
+def _stop_loop() -> None:
+    if _LOOP is not None and _LOOP_THREAD[0] is not None and _LOOP_THREAD[0].is_alive():
+        _LOOP.call_soon_threadsafe(_LOOP.stop)
+        _LOOP_THREAD[0].join(timeout=5)
+
+
 _LOOP: asyncio.AbstractEventLoop | None = None
 _LOOP_PID = -1
 _LOOP_LOCK = threading.Lock()
@@ -207,7 +266,10 @@ def loop() -> asyncio.AbstractEventLoop:
     with _LOOP_LOCK:
         if _LOOP is None or _LOOP_PID != os.getpid():
             _reuse_large_buffers()
-            new = asyncio.new_event_loop()
+            if _LOOP is None:
+                atexit.register(_quiesce)
+            _BUSY[0] = 0  # after a fork: the parent's calls are not this process's
+            new = _Loop()
             thread = threading.Thread(target=new.run_forever, name="lmdbfs-remote-io", daemon=True)
             thread.start()
             _LOOP_THREAD[0] = thread
@@ -226,9 +288,8 @@ def exit_process(code: int) -> None:
     C library's exit handlers do not wait for; a normal exit then sometimes tore the
     process down under them (SIGABRT or SIGBUS after the command had printed its last
     line, about one exit in ten on a loaded machine)."""
-    if _LOOP is not None and _LOOP_THREAD[0] is not None and _LOOP_THREAD[0].is_alive():
-        _LOOP.call_soon_threadsafe(_LOOP.stop)
-        _LOOP_THREAD[0].join(timeout=5)
+    atexit.unregister(_quiesce)  # os._exit below: no interpreter exit to wait for
+    _stop_loop()
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:
