@@ -239,6 +239,16 @@ def main(argv=None) -> int:
     )
     if a.cache_size:
         res["notes"].append(f"Remote mounts ran with --cache-size {a.cache_size}.")
+    if heads is not None:
+        res["notes"].append(
+            f"*http-heads* is *http* with the DB's heads sidecar (`lmdbfs heads`, {heads.stat().st_size / 1e6:.0f} MB) "
+            "published beside it as DB.heads; *http* has none."
+        )
+    if a.walk:
+        res["notes"].append(
+            "The remote walks read the index pages their mount has just written to the cache (still in the page "
+            "cache); the local walk reads them from the DB after the page cache was dropped."
+        )
     try:
         if a.walk:
             res["random_reads"] = min(a.random_reads, len(files))

@@ -284,7 +284,8 @@ async def _load(src, found: Found) -> None:
     if isinstance(head, int):
         got += bytes(await side.get_async(len(got), head, info))
         head = parse_head(got, info.size, src.size)
-    assert isinstance(head, Head)
+    if not isinstance(head, Head):
+        raise Refused("its head section is longer than its header says")
     verdict: asyncio.Future = asyncio.get_running_loop().create_future()
     tasks = [asyncio.ensure_future(_identity(src, head, verdict))]
     slots = asyncio.Semaphore(INFLIGHT)
