@@ -99,6 +99,15 @@ def test_http_mount_fetches_the_sidecar_not_the_heads(dbs, tmp_path: Path, mount
         assert web.gets("without/tiny.lmdb.heads") == 0 and len(web.hits("without/tiny.lmdb.heads")) == 1  # a HEAD
         assert web.gets("without/tiny.lmdb") > len(db_gets)
         assert walk_stat(mnt2) == DIRS + DIRS * FILES
+        # A stale sidecar (the same tree packed again): one line in the daemon's log, the
+        # index fetched from the DB, every byte right.
+        stale = web.put(dbs["again"], "stale/tiny.lmdb")
+        web.put(heads_of(db), "stale/tiny.lmdb.heads")
+        log3 = tmp_path / "stale.log"
+        mnt3 = mounts(stale, "--cache-dir", tmp_path / "c3", "--log-file", log3, tmp_path / "m3")
+        lines = [line for line in log3.read_text().splitlines() if "heads" in line]
+        assert len(lines) == 1 and f"{stale}.heads" in lines[0] and "rerun `lmdbfs heads`" in lines[0], lines
+        assert differences(_without_write_bits(snapshot(tree)), snapshot(mnt3)) == []
 
 
 @pytest.mark.mount
@@ -187,3 +196,31 @@ def test_python_listing_of_a_remote_tiny_file_tree_fetches_no_tails(dbs, tmp_pat
             assert web.gets() == 0
             # The inline files read where they lie in the tails: exact bytes.
             assert read_all(archive, tree) == DIRS * FILES
+
+
+def test_a_damaged_head_section_is_refused_never_a_crash(dbs) -> None:
+    """Bytes changed anywhere in the head section (header, tables, digests, identity
+    copies), or cut short: `parse_head` answers a checked Head or Refused, nothing else."""
+    import random
+
+    from lmdbfs.remote.heads import Head, Refused, parse_head
+
+    good = heads_of(dbs["db"]).read_bytes()
+    size = os.path.getsize(dbs["db"])
+    head = parse_head(good, len(good), size)
+    assert isinstance(head, Head) and head.size == size
+    rng = random.Random(7)
+    refused = 0
+    for _ in range(400):
+        bad = bytearray(good[: head.head_len])
+        for _ in range(rng.choice((1, 2, 8))):
+            bad[rng.randrange(len(bad))] = rng.randrange(256)
+        if rng.random() < 0.2:
+            bad = bad[: rng.randrange(len(bad))]
+        try:
+            got = parse_head(bytes(bad), len(good), size)
+        except Refused:
+            refused += 1
+            continue
+        assert isinstance(got, int) or bytes(bad) == good[: len(bad)]  # more bytes asked for, or unchanged
+    assert refused > 300

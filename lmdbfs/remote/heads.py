@@ -53,6 +53,7 @@ CHUNK = 8 << 20  # the payload's GETs: 8 MiB each, INFLIGHT at once
 INFLIGHT = 8
 _FIRST = 1 << 20  # the first GET asks this much: the head section, mostly whole
 _HEAD_MAX = 256 << 20
+_CHUNK_MAX = 64 << 20  # a larger chunk in a header is refused: each one is held whole while checked
 _IDENTITY_MAX = 4096
 
 
@@ -226,10 +227,12 @@ def parse_head(first: bytes, side_size: int, db_size: int) -> Head | int:
         raise Refused(f"version {version}, page size {page}: not one this lmdbfs reads")
     if size != db_size:
         raise Refused(f"written for a DB of {size} bytes, this one has {db_size}")
-    if not (0 < n_ident <= _IDENTITY_MAX and n_runs <= db_size // PIN_PAGE and 0 < chunk <= 1 << 30):
+    if not (0 < n_ident <= _IDENTITY_MAX and n_runs <= db_size // PIN_PAGE and 0 < chunk <= _CHUNK_MAX):
         raise Refused("its header is damaged")
     if head_len % PIN_PAGE or not HEADER.size <= head_len <= min(side_size, _HEAD_MAX):
         raise Refused("its header is damaged, or it is truncated")
+    if HEADER.size + (n_ident + n_runs) * _RUN.size > head_len:
+        raise Refused("its table runs past its head section")
     if len(first) < head_len:
         return head_len
     head = bytearray(first[:head_len])
@@ -245,6 +248,8 @@ def parse_head(first: bytes, side_size: int, db_size: int) -> Head | int:
     if head_len + payload != side_size:
         raise Refused(f"{side_size} bytes where its table says {head_len + payload}: truncated or damaged")
     chunks = -(-payload // chunk)
+    if at + chunks * _DIGEST > head_len:
+        raise Refused("its digests run past its head section")
     digests = [bytes(first[at + i * _DIGEST : at + (i + 1) * _DIGEST]) for i in range(chunks)]
     at += chunks * _DIGEST
     ident_len = sum(n for _a, n in ident)
