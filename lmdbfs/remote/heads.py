@@ -178,6 +178,10 @@ class Found:
     def shown(self) -> str:
         return self.client.url.shown
 
+    def load(self, src) -> bool:
+        """`load` this sidecar into ``src``'s cache (False: not believed, one line said why)."""
+        return load(src, self)
+
     def refuse(self, why: str) -> None:
         """One line: the sidecar is not used, why, and the fix."""
         self.refused.append(why)

@@ -36,7 +36,8 @@ _GUESS_MAX = 256 << 10  # the most fetched of a record in its one GET before its
 def prefetch_index(src, sidecar=None) -> int:
     """Fetch and pin the index of ``src`` (a `RemoteSource`); the bytes pinned.
     ``sidecar`` (a `heads.Found`, or None): the DB's heads sidecar, loaded first when
-    the cache does not hold the whole index yet (lmdbfs/remote/heads.py)."""
+    the cache does not hold the whole index yet (lmdbfs/remote/heads.py, which builds
+    on this module: it is not imported here)."""
     if src.cache.pinned_bytes():
         try:
             with src.offline():  # every page already pinned: no GET, only the checks
@@ -47,9 +48,7 @@ def prefetch_index(src, sidecar=None) -> int:
         except BadDatabase:
             src.cache.unpin_all()  # a damaged cache, or a damaged DB: the server decides
     if sidecar is not None:
-        from .heads import load
-
-        if load(src, sidecar):
+        if sidecar.load(src):
             try:
                 walk(src)  # its pages parsed like any pinned page; what it lacked is fetched
                 return src.cache.pinned_bytes()
