@@ -32,7 +32,7 @@ import asyncio
 import logging
 import os
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import xxhash
 
@@ -55,6 +55,7 @@ _FIRST = 1 << 20  # the first GET asks this much: the head section, mostly whole
 _HEAD_MAX = 256 << 20
 _CHUNK_MAX = 64 << 20  # a larger chunk in a header is refused: each one is held whole while checked
 _IDENTITY_MAX = 4096
+_BRIDGE = 128 << 10  # identity runs closer than this share a GET (source.BRIDGE's reasoning)
 
 
 class Refused(Exception):
@@ -171,8 +172,6 @@ class Found:
 
     client: Client
     info: ObjectInfo
-    db_shown: str = ""
-    refused: list[str] = field(default_factory=list)
 
     @property
     def shown(self) -> str:
@@ -184,7 +183,6 @@ class Found:
 
     def refuse(self, why: str) -> None:
         """One line: the sidecar is not used, why, and the fix."""
-        self.refused.append(why)
         log.warning(
             "%s: heads sidecar not used (%s); the index is fetched without it — "
             "rerun `lmdbfs heads` on this DB and upload the new %s beside it",
@@ -194,18 +192,27 @@ class Found:
         )
 
 
-async def find(db: Client) -> Found | None:
+async def find(db: Client) -> Found | RemoteError | None:
     """HEAD of the DB's sidecar (run beside the DB's own HEAD). None when the server has
-    none (404 or 403: one debug line) or cannot say (one warning line)."""
+    none (404 or 403: one debug line); its error, not raised, when it could not say:
+    `chosen` logs it once the DB's own HEAD has succeeded (a server that cannot be
+    reached is one line, the DB's)."""
     side = db.sibling(SUFFIX)
     try:
-        return Found(side, await side.head_async(), db.url.shown)
+        return Found(side, await side.head_async())
     except RemoteError as exc:
         if getattr(exc, "status", None) in (403, 404):
             log.debug("%s: no heads sidecar", side.url.shown)
-        else:
-            log.warning("%s: heads sidecar not used (%s)", side.url.shown, exc.message)
+            return None
+        return exc
+
+
+def chosen(found: Found | RemoteError | None) -> Found | None:
+    """What `find` gave, once the DB is open: its failure logged (one line)."""
+    if isinstance(found, RemoteError):
+        log.warning("heads sidecar not used (%s)", found.message)
         return None
+    return found
 
 
 @dataclass
@@ -360,7 +367,7 @@ def _bridged(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """Runs closer than a GET's worth of bytes, fetched as one."""
     out: list[list[int]] = []
     for a, n in runs:
-        if out and a - (out[-1][0] + out[-1][1]) <= 128 << 10:
+        if out and a - (out[-1][0] + out[-1][1]) <= _BRIDGE:
             out[-1][1] = a + n - out[-1][0]
         else:
             out.append([a, n])
@@ -402,8 +409,4 @@ async def _chunk(src, found, head: Head, k: int, lo: int, hi: int, starts, slots
         i += 1
 
 
-def sidecar_bytes(found: Found | None) -> int:
-    return found.info.size if found is not None else 0
-
-
-__all__ = ["SUFFIX", "Found", "Refused", "find", "load", "write", "parse_head"]
+__all__ = ["SUFFIX", "Found", "Refused", "chosen", "find", "load", "write", "parse_head"]

@@ -79,7 +79,7 @@ def open_source(text: str) -> RemoteSource:
 
 class RemoteSource:
     def __init__(self, url: RemoteURL) -> None:
-        from .heads import find
+        from .heads import chosen, find
         from .prefetch import prefetch_index
 
         self.url = url
@@ -88,10 +88,11 @@ class RemoteSource:
         async def heads() -> tuple[ObjectInfo, Found | None]:  # the DB's HEAD and its sidecar's, together
             side = asyncio.ensure_future(find(self.client))
             try:
-                return await self.client.head_async(), await side
+                info = await self.client.head_async()
             except BaseException:
                 side.cancel()
                 raise
+            return info, chosen(await side)
 
         self.info, self.sidecar = run(heads())
         self.cache = BlockCache(
