@@ -37,6 +37,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -167,6 +168,20 @@ def merged(old: dict, new: dict) -> dict:
     return out
 
 
+def write_heads(db: Path, work: Path) -> Path:
+    """The DB's heads sidecar for the http-heads system: DB.heads beside it when there is
+    one, else written (`lmdbfs heads`) into the work folder."""
+    beside = db.with_name(db.name + ".heads")
+    if beside.exists() and beside.stat().st_mtime >= db.stat().st_mtime:
+        return beside
+    out = work / (db.name + ".heads")
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    subprocess.run([sys.executable, "-m", "lmdbfs", "heads", str(db), "--out", str(out)], check=True)
+    log.info("wrote %s in %.1f s", out.name, time.monotonic() - t0)
+    return out
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
     logging.basicConfig(
@@ -218,17 +233,28 @@ def main(argv=None) -> int:
             "files (they are slow); their files/s compare, their totals do not."
         )
     remote_dir = work / "remote" / a.size
+    heads = write_heads(db, remote_dir) if "http-heads" in a.systems else None
     env = RemoteEnv(
-        remote_dir, db, tar if want_tar else None, "", "s3" in a.systems, not a.no_drop_caches, a.cache_size
+        remote_dir, db, tar if want_tar else None, "", "s3" in a.systems, not a.no_drop_caches, a.cache_size, heads
     )
     if a.cache_size:
         res["notes"].append(f"Remote mounts ran with --cache-size {a.cache_size}.")
+    if heads is not None:
+        res["notes"].append(
+            f"*http-heads* is *http* with the DB's heads sidecar (`lmdbfs heads`, {heads.stat().st_size / 1e6:.0f} MB) "
+            "published beside it as DB.heads; *http* has none."
+        )
+    if a.walk:
+        res["notes"].append(
+            "The remote walks read the index pages their mount has just written to the cache (still in the page "
+            "cache); the local walk reads them from the DB after the page cache was dropped."
+        )
     try:
         if a.walk:
             res["random_reads"] = min(a.random_reads, len(files))
             sample = rng.sample(files, res["random_reads"])
             res["walk_runs"] = []
-            for system in [s for s in a.systems if s in ("local", "http", "s3")]:
+            for system in [s for s in a.systems if s in ("local", "http", "http-heads", "s3")]:
                 log.info(
                     "walk: %s, +%g ms, then %d random reads by %d readers",
                     system,

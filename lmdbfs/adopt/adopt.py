@@ -23,6 +23,7 @@ import datetime as _dt
 import hashlib
 import logging
 import os
+import secrets
 import time
 from array import array
 from dataclasses import dataclass, field
@@ -208,6 +209,7 @@ def adopt(db: str, opts: AdoptOptions | None = None) -> AdoptResult:
             bytes=result.bytes,
             tool_version=__version__,
             created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+            pack_id=secrets.token_hex(16),
             source=os.path.basename(os.path.abspath(db)),
             root_mode=0o755,
             root_mtime_ns=data.st_mtime_ns,

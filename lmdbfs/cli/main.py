@@ -98,6 +98,8 @@ def cmd_pack(args: argparse.Namespace) -> int:
         + (f"; {result.resumed_files} files kept from the interrupted run" if result.resumed_files else "")
         + (f"; shard {share.index}/{share.count}: {share.units_text()}" if share else "")
     )
+    if args.heads:
+        _write_heads(result.db)
     for what, items in (
         ("skipped (special files, or past a limit)", result.skipped),
         ("unreadable, left out", result.errors),
@@ -105,6 +107,34 @@ def cmd_pack(args: argparse.Namespace) -> int:
         if items:
             print(f"{len(items)} {what}: " + ", ".join(items[:5]) + (" …" if len(items) > 5 else ""))
     return 0
+
+
+def cmd_heads(args: argparse.Namespace) -> int:
+    _write_heads(args.db, args.out)
+    return 0
+
+
+def _write_heads(db: str, out: str | None = None) -> None:
+    """`lmdbfs heads`: the DB's heads sidecar, for a DB a remote mount can serve."""
+    from ..read.reader import Archive
+    from ..remote.heads import write
+
+    if is_url(db):
+        raise UsageError(f"{redact(db)}: heads are written from the DB on local disk", "run it where the DB was packed")
+    with Archive(db) as archive:
+        where = archive.locations()
+        if where.adopted or not where.offsets_ok:
+            raise UsageError(
+                f"{db}: a remote mount serves only a DB as packed (its value offsets hold), not this one",
+                "pack the tree with `lmdbfs pack`",
+            )
+        data_file = where.index.data_file
+    start = time.monotonic()
+    w = write(data_file, out)
+    print(
+        f"wrote {w.path}: {w.pages} index pages in {w.runs} runs, {w.size / 1e6:.1f} MB in "
+        f"{time.monotonic() - start:.1f} s; upload it beside the DB, as its URL + .heads"
+    )
 
 
 def cmd_adopt(args: argparse.Namespace) -> int:
@@ -278,6 +308,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
 _COMMANDS = {
     "pack": cmd_pack,
     "adopt": cmd_adopt,
+    "heads": cmd_heads,
     "info": cmd_info,
     "ls": cmd_ls,
     "cat": cmd_cat,

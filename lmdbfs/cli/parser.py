@@ -90,8 +90,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="D",
         help="split SRC at depth D (default: the first level with more than N entries)",
     )
+    p.add_argument(
+        "--heads",
+        action="store_true",
+        help="also write DB.heads, the index pages a remote mount fetches (upload it beside the DB)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--progress", action="store_true", help="progress bar even when stderr is not a terminal")
+
+    p = add(
+        "heads",
+        "write DB.heads: the index pages a mount of the DB from a URL fetches, in one object to upload beside it",
+    )
+    p.add_argument("db", metavar="DB", help="a DB on local disk, as it is (or will be) uploaded")
+    p.add_argument("--out", metavar="FILE", help="where to write it (default: the DB file's path + .heads)")
 
     p = add(
         "adopt",

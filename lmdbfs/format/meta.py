@@ -42,6 +42,9 @@ class Meta:
     bytes: int = 0
     tool_version: str = ""
     created: str = ""
+    # Random at each pack: tells two packs of one tree apart (a remote DB's heads sidecar
+    # is checked against it). Older DBs have none ("").
+    pack_id: str = ""
     source: str = ""
     root_mode: int = 0o755
     root_mtime_ns: int = 0

@@ -37,12 +37,21 @@ from .records import (
 
 
 def decode_dir(
-    raw: bytes | memoryview, expect_path: str, data_size: int | None = None, check_offsets: bool = False
+    raw: bytes | memoryview,
+    expect_path: str,
+    data_size: int | None = None,
+    check_offsets: bool = False,
+    tail_at: int | None = None,
+    tail_len: int = 0,
 ) -> DirRecord:
     """Parse a directory record, refusing one that is truncated or not the one asked for.
 
     Rows that fail `check_rows` are left out (and listed in ``DirRecord.bad``): one
-    damaged entry must not take its whole directory down."""
+    damaged entry must not take its whole directory down.
+
+    ``tail_at``: ``raw`` is the record's head only, its ``tail_len``-byte tail lying at
+    that offset of the DB file (a remote DB: the tail is not fetched to list or stat).
+    The inline rows then become plain files whose bytes lie at ``tail_at + data_off``."""
     raw = bytes(raw)
     if len(raw) < DIR_HEADER.size:
         raise CorruptValue(f"directory record of {expect_path or '/'!r} is truncated", "re-pack the DB")
@@ -52,13 +61,16 @@ def decode_dir(
     head = blob_at + blob_len
     if not (magic == DIR_MAGIC and head <= len(raw) or magic == DIR_MAGIC_V3 and head == len(raw)):
         raise CorruptValue(f"directory record of {expect_path or '/'!r} is damaged", "re-pack the DB")
+    if tail_at is not None and (magic != DIR_MAGIC or head != len(raw)):
+        raise CorruptValue(f"directory record of {expect_path or '/'!r} is damaged", "re-pack the DB")
     own = decode_path(raw[DIR_HEADER.size : rows_at])
     if own != expect_path:
         raise CorruptValue(f"index record for {expect_path or '/'!r} belongs to {own!r}", "re-pack the DB")
     rows = np.frombuffer(raw, dtype=ENTRY_DTYPE, count=count, offset=rows_at)
     blob = raw[blob_at:head]
     tail = raw[head:] if magic == DIR_MAGIC else None
-    reasons = check_rows(rows, blob, data_size, check_offsets, None if tail is None else len(tail))
+    tail_size = None if tail is None else tail_len if tail_at is not None else len(tail)
+    reasons = check_rows(rows, blob, data_size, check_offsets, tail_size)
     bad: dict[bytes, str] = {}
     if reasons.any():
         for i in np.flatnonzero(reasons).tolist():
@@ -66,6 +78,12 @@ def decode_dir(
             if 0 < n <= NAME_MAX and off + n <= len(blob):  # a name a lookup can ask for (as csrc/record.c)
                 bad.setdefault(blob[off : off + n], ROW_PROBLEMS[int(reasons[i])])
         rows = rows[reasons == 0]
+    if tail_at is not None:
+        inline = (rows["kind"] == KIND_FILE) & (rows["flags"] & FLAG_INLINE != 0)
+        if inline.any():
+            rows = rows.copy()
+            rows["data_off"][inline] += tail_at
+            rows["flags"][inline] &= np.uint8(0xFF ^ FLAG_INLINE)
     return DirRecord(own, rows, blob, len(raw), bad, tail)
 
 

@@ -22,6 +22,7 @@ import datetime as _dt
 import hashlib
 import logging
 import os
+import secrets
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -313,6 +314,7 @@ def _meta_for(specs: list[str], scan: Scan, opts: PackOptions, extra: dict) -> M
         bytes=int(sum(int(d.rows["size"][d.rows["kind"] == KIND_FILE].sum()) for d in scan.dirs)),
         tool_version=__version__,
         created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        pack_id=secrets.token_hex(16),
         source=", ".join(_source_name(spec) for spec in specs),
         root_mode=scan.root_mode,
         root_mtime_ns=scan.root_mtime_ns,

@@ -24,7 +24,18 @@ from ..db import foreign, store
 from ..errors import CorruptValue, LmdbfsError
 from ..format.meta import Meta
 from ..format.recordcheck import decode_dir
-from ..format.records import KIND_DIR, DirRecord, Entry, checksum, content_key, decode_path, dir_key, piece_key
+from ..format.records import (
+    DIR_HEADER,
+    KIND_DIR,
+    DirRecord,
+    Entry,
+    checksum,
+    content_key,
+    decode_path,
+    dir_head_len,
+    dir_key,
+    piece_key,
+)
 from .handle import DirCache, Handle
 from .tree import MAX_DEPTH, PIECE, Tree, normpath
 from .valuefile import piece_spans, split_range
@@ -130,11 +141,27 @@ class Archive(Tree):
             view = h.get(dir_key(rel), h.index_db)
             if view is None:
                 return None
-            rec = decode_dir(self._copy_out(h, view), rel, h.data_size, h.offsets_ok)
+            rec = self._remote_head(h, view, rel) if h.remote is not None else None
+            if rec is None:
+                rec = decode_dir(self._copy_out(h, view), rel, h.data_size, h.offsets_ok)
             if rec.bad:
                 self._report_bad(rec)
             self._dirs.put(rec)
         return rec
+
+    @staticmethod
+    def _remote_head(h: Handle, view: memoryview, rel: str) -> DirRecord | None:
+        """A remote DB's record from its head only (its pinned pages: no GET), its inline
+        files read where they lie in the tail, as the C server does; None when the record
+        is read whole (an older record layout, no tail, or every block already in the
+        cache, as `verify` fetches it)."""
+        if h.index_base is None or h.remote.fetched_all:
+            return None
+        at = store.map_offset(view, h.index_base)
+        head = dir_head_len(h.remote.read(at, min(len(view), DIR_HEADER.size)), len(view))
+        if head >= len(view):
+            return None
+        return decode_dir(h.remote.read(at, head), rel, h.data_size, h.offsets_ok, at + head, len(view) - head)
 
     def _report_bad(self, rec: DirRecord) -> None:
         """Log a record's damaged rows once per process (records can be decoded again)."""

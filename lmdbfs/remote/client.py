@@ -18,7 +18,7 @@ import re
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
 
@@ -57,24 +57,36 @@ class Client:
     # -- open ---------------------------------------------------------------------------
     def head(self) -> ObjectInfo:
         """Size and version of the object, or one line naming the URL and the fix."""
+        return run(self.head_async())
+
+    async def head_async(self) -> ObjectInfo:
+        """`head` on the running loop (several objects' HEADs in flight together). The
+        RemoteError's ``status`` is the server's 404 or 403 when it answered one."""
         import obstore
         from obstore import exceptions as ox
 
-        async def head() -> Any:  # obstore's coroutines need the loop running when made
-            return await _rust(obstore.head_async, self._store, self._path)
-
         try:
-            meta = run(head())
+            meta = await _rust(obstore.head_async, self._store, self._path)
         except ox.NotFoundError:
-            raise RemoteError(f"{self.url}: no such object (404)", "check the bucket, key or path") from None
+            raise _with_status(
+                RemoteError(f"{self.url}: no such object (404)", "check the bucket, key or path"), 404
+            ) from None
         except (ox.PermissionDeniedError, ox.UnauthenticatedError):
-            raise RemoteError(f"{self.url}: access denied (403)", self._denied_hint()) from None
+            raise _with_status(RemoteError(f"{self.url}: access denied (403)", self._denied_hint()), 403) from None
         except Exception as exc:  # noqa: BLE001 - obstore's own types: classified below
             raise self._open_error(exc) from None
         etag = meta.get("e_tag")
         if etag:
             return ObjectInfo(int(meta["size"]), etag, etag)
         return ObjectInfo(int(meta["size"]), f"mtime:{meta.get('last_modified')}", None)
+
+    def sibling(self, suffix: str) -> Client:
+        """The object named as this one plus ``suffix`` (a sidecar beside it), on the
+        same store: the same credentials and connections, no second set-up."""
+        other = object.__new__(Client)
+        other.url = replace(self.url, path=self.url.path + suffix, full=self.url.full + suffix)
+        other._store, other._path = self._store, self._path + suffix
+        return other
 
     def _denied_hint(self) -> str:
         if self.url.scheme == "s3":
@@ -84,9 +96,9 @@ class Client:
     def _open_error(self, exc: BaseException) -> RemoteError:
         code = _status(exc)
         if code in (401, 403):
-            return RemoteError(f"{self.url}: access denied ({code})", self._denied_hint())
+            return _with_status(RemoteError(f"{self.url}: access denied ({code})", self._denied_hint()), 403)
         if code == 404:
-            return RemoteError(f"{self.url}: no such object (404)", "check the bucket, key or path")
+            return _with_status(RemoteError(f"{self.url}: no such object (404)", "check the bucket, key or path"), 404)
         if code is not None:
             return RemoteError(f"{self.url}: the server answered {code}", "retry later, or check the server")
         fix = "check the host, the port and the network"
@@ -139,6 +151,11 @@ class Client:
 
     def get(self, start: int, end: int, info: ObjectInfo) -> bytes:
         return bytes(run(self.get_async(start, end, info)))
+
+
+def _with_status(err: RemoteError, status: int) -> RemoteError:
+    err.status = status  # type: ignore[attr-defined]
+    return err
 
 
 def _make_store(url: RemoteURL) -> tuple[Any, str]:

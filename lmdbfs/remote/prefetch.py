@@ -33,18 +33,57 @@ _SAMPLE = 64  # records whose heads are measured before the others are fetched
 _GUESS_MAX = 256 << 10  # the most fetched of a record in its one GET before its head is known
 
 
-def prefetch_index(src) -> int:
-    """Fetch and pin the index of ``src`` (a `RemoteSource`); the bytes pinned."""
+def prefetch_index(src, sidecar=None) -> int:
+    """Fetch and pin the index of ``src`` (a `RemoteSource`); the bytes pinned.
+    ``sidecar`` (a `heads.Found`, or None): the DB's heads sidecar, loaded first when
+    the cache does not hold the whole index yet (lmdbfs/remote/heads.py, which builds
+    on this module: it is not imported here)."""
     if src.cache.pinned_bytes():
         try:
-            return _prefetch(src)
+            with src.offline():  # every page already pinned: no GET, only the checks
+                walk(src)
+            return src.cache.pinned_bytes()
+        except Missing:
+            pass
         except BadDatabase:
             src.cache.unpin_all()  # a damaged cache, or a damaged DB: the server decides
-    return _prefetch(src)
+    if sidecar is not None:
+        if sidecar.load(src):
+            try:
+                walk(src)  # its pages parsed like any pinned page; what it lacked is fetched
+                return src.cache.pinned_bytes()
+            except BadDatabase as exc:
+                src.cache.unpin_all()
+                sidecar.refuse(f"its pages fail the index's checks ({exc.message})")
+    walk(src)
+    return src.cache.pinned_bytes()
 
 
-def _prefetch(src) -> int:
-    shown = src.url.shown
+class Missing(Exception):
+    """A page the walk needs is not pinned, and the source may not fetch it."""
+
+
+class LocalIndex:
+    """A local DB file seen by the walk as a source whose every page is at hand: what
+    the walk would pin is recorded, not fetched (what `lmdbfs heads` writes)."""
+
+    def __init__(self, fd: int, size: int, shown: str) -> None:
+        self.fd, self.size, self.shown = fd, size, shown
+        self.ranges: list[tuple[int, int]] = []
+
+    def ensure_pinned(self, ranges: list[tuple[int, int]]) -> int:
+        self.ranges.extend((a, min(b, self.size)) for a, b in ranges if min(b, self.size) > a)
+        return 0
+
+    def is_pinned(self, start: int, end: int) -> bool:
+        return True
+
+
+def walk(src) -> None:
+    """The one walk over "which pages are the index": pins them on a `RemoteSource`,
+    records them on a `LocalIndex`. ``src`` gives ``shown``, ``size``, ``fd``,
+    ``ensure_pinned(ranges)`` and ``is_pinned(start, end)``."""
+    shown = src.shown
     first = min(src.size, 2 * PIN_PAGE)
     src.ensure_pinned([(0, first)])
     try:
@@ -103,19 +142,70 @@ def _prefetch(src) -> int:
             else:
                 level.extend(n.child for n in nodes)
 
-    # Overflow values: each one's head, in one GET per record. A sample of them first
+    # Overflow values: each one's head, in one GET per record. Those whose first page is
+    # at hand (a sidecar's, a local file's) need no guess. Of the others a sample first
     # (their first pages give their heads' lengths), then every other one with the
     # sample's 90th-percentile head (and a quarter), then what is missing of longer heads.
     big.sort(key=lambda n: n.child)
-    step = max(1, len(big) // _SAMPLE)
-    sample = big[::step]
-    src.ensure_pinned([_value_span(n, psize, psize) for n in sample])
-    seen = sorted(_head(src, n, psize, shown)[1] - n.child * psize for n in sample) or [psize]
-    guess = seen[(len(seen) - 1) * 9 // 10]  # an outlier (the root's record) must not set it
-    guess = min(-(-(guess * 5 // 4) // PIN_PAGE) * PIN_PAGE, _GUESS_MAX)  # a quarter more, in whole pages
-    src.ensure_pinned([_value_span(n, psize, guess) for n in big])
+    unknown = [n for n in big if not src.is_pinned(n.child * psize, (n.child + 1) * psize)]
+    if unknown:
+        step = max(1, len(unknown) // _SAMPLE)
+        sample = unknown[::step]
+        src.ensure_pinned([_value_span(n, psize, psize) for n in sample])
+        seen = sorted(_head(src, n, psize, shown)[1] - n.child * psize for n in sample) or [psize]
+        guess = seen[(len(seen) - 1) * 9 // 10]  # an outlier (the root's record) must not set it
+        guess = min(-(-(guess * 5 // 4) // PIN_PAGE) * PIN_PAGE, _GUESS_MAX)  # a quarter more, in whole pages
+        src.ensure_pinned([_value_span(n, psize, guess) for n in unknown])
     src.ensure_pinned([_head(src, n, psize, shown) for n in big])
-    return src.cache.pinned_bytes()
+
+
+def identity_ranges(read, shown: str) -> list[tuple[int, int]]:
+    """The byte ranges that say which DB (and which pack of it) a sidecar belongs to: the
+    two meta pages, the main database's pages on the path to `lmdbfs.meta`, and every
+    page of that database with its values' overflow pages (the meta record: counts,
+    the creation time, a pack id). ``read(start, end)`` gives bytes; `BadDatabase`
+    when the pages do not hold such a path."""
+    first = 2 * PIN_PAGE
+    try:
+        meta = btree.newest_meta(read(0, first), shown)
+    except BadDatabase:  # pages larger than 4 KiB: their meta pages are farther apart
+        first = 2 * _MAX_PSIZE
+        meta = btree.newest_meta(read(0, first), shown)
+    psize, last = meta.psize, meta.last_pgno
+    out = [(0, max(first, 2 * psize))]
+
+    def page(pgno: int) -> bytes:
+        out.append((pgno * psize, (pgno + 1) * psize))
+        return read(pgno * psize, (pgno + 1) * psize)
+
+    tree = None
+    pgno = meta.main.root
+    for _level in range(min(meta.main.depth, btree._MAX_DEPTH)):  # noqa: SLF001
+        if pgno == btree._P_INVALID:  # noqa: SLF001
+            break
+        leaf, nodes = btree.page_nodes(page(pgno), pgno, psize, last, shown)
+        if leaf:
+            tree = next((btree.sub_tree(n, shown) for n in nodes if n.key == META_DB), None)
+            break
+        pgno = btree.child_for(nodes, META_DB) if nodes else btree._P_INVALID  # noqa: SLF001
+    if tree is None:
+        raise BadDatabase(f"{shown}: no lmdbfs.meta database", "pack it with `lmdbfs pack`")
+    level = [tree.root] if tree.root != btree._P_INVALID else []  # noqa: SLF001
+    for _level in range(min(tree.depth, btree._MAX_DEPTH)):  # noqa: SLF001
+        nxt = []
+        for pgno in level:
+            leaf, nodes = btree.page_nodes(page(pgno), pgno, psize, last, shown)
+            if not leaf:
+                nxt.extend(n.child for n in nodes)
+                continue
+            for n in nodes:
+                if n.flags & btree._F_BIGDATA:  # noqa: SLF001
+                    at = n.child * psize
+                    out.append((at, -(-(at + btree._PAGE_HEADER + n.size) // psize) * psize))  # noqa: SLF001
+        level = nxt
+        if len(out) > 4096:
+            raise BadDatabase(f"{shown}: its lmdbfs.meta database is too large", "pack it with `lmdbfs pack`")
+    return out
 
 
 def _value_span(node: btree.Node, psize: int, length: int) -> tuple[int, int]:

@@ -10,16 +10,22 @@ DB itself, and every other byte is read with `RemoteSource.read`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..errors import CorruptValue, RemoteChanged, RemoteError
 from .cache import PIN_PAGE, BlockCache, default_dir, parse_size
 from .client import Client, ObjectInfo, loop, run
 from .url import RemoteURL, parse
+
+if TYPE_CHECKING:
+    from .heads import Found
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +79,22 @@ def open_source(text: str) -> RemoteSource:
 
 class RemoteSource:
     def __init__(self, url: RemoteURL) -> None:
+        from .heads import chosen, find
         from .prefetch import prefetch_index
 
         self.url = url
         self.client = Client(url)
-        self.info: ObjectInfo = self.client.head()
+
+        async def heads() -> tuple[ObjectInfo, Found | None]:  # the DB's HEAD and its sidecar's, together
+            side = asyncio.ensure_future(find(self.client))
+            try:
+                info = await self.client.head_async()
+            except BaseException:
+                side.cancel()
+                raise
+            return info, chosen(await side)
+
+        self.info, self.sidecar = run(heads())
         self.cache = BlockCache(
             SETTINGS.cache_dir or default_dir(), url, self.info.etag, self.info.size, SETTINGS.cache_size
         )
@@ -93,8 +110,10 @@ class RemoteSource:
         self._next = -1  # block after the last sequential python read
         self._window = 0
         self._slots: asyncio.Semaphore | None = None  # made on the loop, at first use
+        self._offline = False
+        self.fetched_all = False  # every block is in the cache (`fetch_all`): records are read whole
         try:
-            self.index_bytes = prefetch_index(self)
+            self.index_bytes = prefetch_index(self, self.sidecar)
         except BaseException:
             self.cache.close()
             raise
@@ -102,6 +121,23 @@ class RemoteSource:
     @property
     def data_path(self) -> str:
         return self.cache.data_path
+
+    @property
+    def shown(self) -> str:
+        return self.url.shown
+
+    def is_pinned(self, start: int, end: int) -> bool:
+        return self.cache.pinned(start, end)
+
+    @contextlib.contextmanager
+    def offline(self) -> Iterator[None]:
+        """`ensure_pinned` raises `prefetch.Missing` instead of fetching, meanwhile."""
+        self._offline = True
+        try:
+            yield
+        finally:
+            self._offline = False
+        self.fetched_all = False  # every block is in the cache (`fetch_all`): records are read whole
 
     def log_once(self, exc: BaseException) -> None:
         """One log line per kind of failure (a replaced object: one line naming it)."""
@@ -173,6 +209,10 @@ class RemoteSource:
                     runs.append([lo, hi, [(lo, hi)]])
         if not runs:
             return 0
+        if self._offline:
+            from .prefetch import Missing
+
+            raise Missing
         exc = run(self._fetch_pinned(runs))
         if exc is not None:
             self.log_once(exc)
@@ -279,6 +319,7 @@ class RemoteSource:
         for first in range(0, self.cache.blocks, step):
             self.fetch_sync(self.cache.claim(first, step))
         self.ensure([(0, self.size)])
+        self.fetched_all = True
 
 
 def coalesce(claimed: list[tuple[int, int]], per: int) -> list[list[tuple[int, int]]]:

@@ -28,7 +28,7 @@ from .trees import find_daemon, fuse_unmount, is_mounted, wait_mounted
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # tests/servers.py: the same servers the tests start
 
-REMOTE_SYSTEMS = ("local", "http", "s3", "httpdirfs", "ratarmount")
+REMOTE_SYSTEMS = ("local", "http", "http-heads", "s3", "httpdirfs", "ratarmount")
 LMDBFS = [sys.executable, "-m", "lmdbfs"]
 
 
@@ -193,6 +193,15 @@ class Http(RemoteSystem):
         self._mount_lmdbfs(f"{proxy.url(self.label)}/{self.env.db.name}")
 
 
+class HttpHeads(RemoteSystem):
+    """lmdbfs over HTTP with the DB's heads sidecar (`lmdbfs heads`) published beside it."""
+
+    name = "http-heads"
+
+    def mount(self, proxy):
+        self._mount_lmdbfs(f"{proxy.url(self.label)}/heads/{self.env.db.name}")
+
+
 class S3(RemoteSystem):
     name = "s3"
 
@@ -271,7 +280,7 @@ class Ratarmount(RemoteSystem):
         return self.mnt / self.env.tar_prefix if self.env.tar_prefix else self.mnt
 
 
-SYSTEMS = {cls.name: cls for cls in (Local, Http, S3, HttpDirFs, Ratarmount)}
+SYSTEMS = {cls.name: cls for cls in (Local, Http, HttpHeads, S3, HttpDirFs, Ratarmount)}
 
 
 class RemoteEnv:
@@ -286,6 +295,7 @@ class RemoteEnv:
         want_s3: bool,
         drop: bool = True,
         cache_size: str | None = None,
+        heads: Path | None = None,
     ):
         from tests.servers import nginx, s3
 
@@ -297,6 +307,10 @@ class RemoteEnv:
         for art in (db, tar):
             if art is not None:
                 os.link(art, www / art.name)  # a hard link: no copy of gigabytes
+        if heads is not None:  # http-heads: the DB and its sidecar in a folder of their own
+            (www / "heads").mkdir()
+            os.link(db, www / "heads" / db.name)
+            shutil.copyfile(heads, www / "heads" / (db.name + ".heads"))
         self._nginx_cm = nginx(www)
         self.nginx = self._nginx_cm.__enter__()
         self._s3_cm = self.s3 = None

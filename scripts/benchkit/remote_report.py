@@ -69,7 +69,7 @@ def walk_ratios(res: dict[str, Any]) -> list[tuple[str, float | None, str, float
     runs = {r["system"]: r for r in res.get("walk_runs", []) if "walk_s" in r}
     local = runs.get("local")
     out = []
-    for proto in ("http", "s3"):
+    for proto in ("http", "http-heads", "s3"):
         r = runs.get(proto)
         if not r:
             continue
