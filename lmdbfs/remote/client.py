@@ -219,7 +219,7 @@ def _s3_store(url: RemoteURL, client: dict, retry: dict, S3Store: Any) -> Any:  
 # five of a short script on a busy machine). So every obstore call under way and every
 # thread inside call_soon_threadsafe is counted, and the interpreter's exit waits
 # (_quiesce, an atexit handler) until none is left. The count is over-cautious, never
-# short: a call is counted from before it starts to after its result was taken.
+# short: a call is counted from before it starts until its result reached the loop.
 _BUSY_LOCK = threading.Lock()
 _BUSY = [0]
 QUIESCE_S = 5.0  # at most this long, then the exit goes on as before
@@ -231,12 +231,23 @@ def _busy(step: int) -> None:
 
 
 async def _rust(call: Any, *args: Any, **kwargs: Any) -> Any:
-    """Await one obstore call, counted while it is under way."""
+    """Await one obstore call, counted until its result reached the loop. A caller that
+    is cancelled stops waiting, but the call goes on on the Rust side (and will hand its
+    result to the loop), so it stays counted until then."""
     _busy(1)
     try:
-        return await call(*args, **kwargs)
-    finally:
+        fut = asyncio.ensure_future(call(*args, **kwargs))
+    except BaseException:
         _busy(-1)
+        raise
+    fut.add_done_callback(_rust_done)
+    return await asyncio.shield(fut)
+
+
+def _rust_done(fut: asyncio.Future) -> None:
+    _busy(-1)
+    if not fut.cancelled():
+        fut.exception()  # taken, so a result nobody waits for any more is not reported
 
 
 class _Loop(asyncio.SelectorEventLoop):
