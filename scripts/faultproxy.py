@@ -19,15 +19,20 @@ prints one JSON line of ports; `GET /__faultproxy__/counters` on any listener
 returns the counters, `POST /__faultproxy__/reset` zeroes them, `POST
 /__faultproxy__/rules` (a JSON list of rules) replaces the rules.
 
-HTTP framing is h11's; a response body of known length is relayed as it arrives, in
-reads of up to 1 MiB that h11 does not parse (the relay's cost is per byte).
+HTTP framing is h11's; a response body of known length never passes through it: without
+a bandwidth cap or a cut to make, the kernel moves it from the server's socket to the
+client's (splice(2) through a pipe, no copy in this process); else it is relayed as it
+arrives, in reads of up to 1 MiB. Bytes are counted as they are handed to the client.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
+import fcntl
 import json
+import os
 import random
 import signal
 import socket
@@ -43,6 +48,7 @@ import h11
 CONTROL = "/__faultproxy__/"
 CHUNK = 64 * 1024  # reads of requests and of framed (chunked) bodies
 BIG = 1 << 20  # reads of a body of known length: relayed as it comes, without h11
+PIPE = 1 << 20  # the splice pipe's size (F_SETPIPE_SZ), at most what the system allows
 FAULTS = ("status", "slowdown", "reset", "truncate", "stall")
 SLOWDOWN_XML = (
     b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
@@ -135,34 +141,109 @@ class TokenBucket:
             await asyncio.sleep((n - self.tokens) / self.rate)
 
 
-async def _next_event(conn: h11.Connection, reader: asyncio.StreamReader):
+async def _next_event(conn: h11.Connection, recv):
+    """h11's next event, feeding it ``await recv(CHUNK)`` as it needs."""
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
-            conn.receive_data(await reader.read(CHUNK))
+            conn.receive_data(await recv(CHUNK))
             continue
         return event
 
 
-async def _body(conn: h11.Connection, reader: asyncio.StreamReader, length: int | None):
-    """The response body in pieces. Of a known length: its bytes as they come, in large
-    reads that h11 never parses (the relay's cost per byte); else h11's Data events."""
+class Upstream:
+    """One connection to the server: a plain non-blocking socket of this proxy's own
+    (no stream buffer holds body bytes apart from h11's, so the rest can be spliced)."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock, self.conn = sock, h11.Connection(h11.CLIENT)
+        self.loop = asyncio.get_running_loop()
+
+    @classmethod
+    async def connect(cls, addr: tuple[str, int]) -> Upstream:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await asyncio.get_running_loop().sock_connect(sock, addr)
+        except BaseException:
+            sock.close()
+            raise
+        return cls(sock)
+
+    async def recv(self, n: int) -> bytes:
+        return await self.loop.sock_recv(self.sock, n)
+
+    async def send(self, data: bytes) -> None:
+        await self.loop.sock_sendall(self.sock, data)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+async def _body(up: Upstream, length: int | None, left: int):
+    """The response body in pieces: h11's Data events when its length is unknown, else
+    the ``left`` bytes still on the socket as they come, in reads h11 never parses."""
     if length is None:
-        while not isinstance(event := await _next_event(conn, reader), h11.EndOfMessage):
+        while not isinstance(event := await _next_event(up.conn, up.recv), h11.EndOfMessage):
             if not isinstance(event, h11.Data):
                 raise _Closed
             yield bytes(event.data)
         return
-    buffered, _closed = conn.trailing_data  # what h11 read past the head
-    left = length - min(len(buffered), length)
-    if buffered and length:
-        yield buffered[:length]
     while left > 0:
-        data = await reader.read(min(BIG, left))
+        data = await up.recv(min(BIG, left))
         if not data:  # the server closed early: the client sees a short body
             raise _Closed
         left -= len(data)
         yield data
+
+
+async def _pieces(up: Upstream, length: int | None, buffered: bytes, left: int):
+    """The whole body in pieces: what h11 read past the head, then the socket's."""
+    if buffered:
+        yield buffered
+    async for data in _body(up, length, left):
+        yield data
+
+
+class _Spliced:
+    """What h11 is told was sent when the kernel moved the bytes (h11's sendfile idiom)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+
+async def _ready(loop: asyncio.AbstractEventLoop, readable: int | None, writable: int | None) -> None:
+    """Wait until ``readable`` can be read or ``writable`` written (either; None: not watched)."""
+    fut = loop.create_future()
+
+    def wake() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    if readable is not None:
+        loop.add_reader(readable, wake)
+    if writable is not None:
+        loop.add_writer(writable, wake)
+    try:
+        await fut
+    finally:
+        if readable is not None:
+            loop.remove_reader(readable)
+        if writable is not None:
+            loop.remove_writer(writable)
+
+
+def _pipe() -> tuple[int, int, int]:
+    """A non-blocking pipe: read end, write end, its size."""
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE)
+    except OSError:
+        pass  # the default size (64 KiB) works, in more steps
+    return r, w, fcntl.fcntl(w, fcntl.F_GETPIPE_SZ)
 
 
 def _length(request: h11.Request, response: h11.Response) -> int | None:
@@ -198,7 +279,8 @@ class Handler:
         self.proxy, self.label, self.reader, self.writer = proxy, label, reader, writer
         writer.transport.set_write_buffer_limits(high=2 * BIG)  # drain() waits less often
         self.client = h11.Connection(h11.SERVER)
-        self.up: tuple[asyncio.StreamReader, asyncio.StreamWriter, h11.Connection] | None = None
+        self.up: Upstream | None = None
+        self._pipe: tuple[int, int, int] | None = None  # made at the first spliced body
 
     async def run(self) -> None:
         try:
@@ -214,19 +296,24 @@ class Handler:
         finally:
             self.writer.close()
             if self.up:
-                self.up[1].close()
+                self.up.close()
+            for fd in (self._pipe or ())[:2]:
+                os.close(fd)
 
     def send(self, event) -> None:
         self.writer.write(self.client.send(event))
 
+    async def recv(self, n: int) -> bytes:
+        return await self.reader.read(n)
+
     async def one_request(self) -> None:
-        request = await _next_event(self.client, self.reader)
+        request = await _next_event(self.client, self.recv)
         if not isinstance(request, h11.Request):
             raise _Closed
         body = bytearray()
         if self.client.they_are_waiting_for_100_continue:
             self.send(h11.InformationalResponse(status_code=100, headers=[]))
-        while not isinstance(event := await _next_event(self.client, self.reader), h11.EndOfMessage):
+        while not isinstance(event := await _next_event(self.client, self.recv), h11.EndOfMessage):
             if isinstance(event, h11.ConnectionClosed):
                 raise _Closed
             body += event.data
@@ -265,35 +352,28 @@ class Handler:
         connection if a kept-alive one was closed by the server meanwhile."""
         for attempt in (0, 1):
             if self.up is None:
-                reader, writer = await asyncio.open_connection(*self.proxy.upstream, limit=4 * BIG)
-                self.up = (reader, writer, h11.Connection(h11.CLIENT))
-            reader, writer, conn = self.up
+                self.up = await Upstream.connect(self.proxy.upstream)
+            up = self.up
             try:
-                writer.write(
-                    conn.send(
-                        h11.Request(
-                            method=request.method, target=request.target, headers=list(request.headers.raw_items())
-                        )
-                    )
+                head = h11.Request(
+                    method=request.method, target=request.target, headers=list(request.headers.raw_items())
                 )
-                if body:
-                    writer.write(conn.send(h11.Data(data=body)))
-                writer.write(conn.send(h11.EndOfMessage()))
-                await writer.drain()
-                response = await _next_event(conn, reader)
+                out = up.conn.send(head) + (up.conn.send(h11.Data(data=body)) if body else b"")
+                await up.send(out + up.conn.send(h11.EndOfMessage()))
+                response = await _next_event(up.conn, up.recv)
                 while isinstance(response, h11.InformationalResponse):
-                    response = await _next_event(conn, reader)
+                    response = await _next_event(up.conn, up.recv)
                 if isinstance(response, h11.Response):
-                    return reader, writer, conn, response
+                    return up, response
             except (ConnectionError, h11.ProtocolError):
                 if attempt:
                     raise
-            writer.close()
+            up.close()
             self.up = None
         raise _Closed
 
     async def forward(self, request: h11.Request, body: bytes, path: str, rule: Rule | None) -> None:
-        reader, writer, conn, response = await self.exchange(request, body)
+        up, response = await self.exchange(request, body)
         self.send(
             h11.Response(
                 status_code=response.status_code, reason=response.reason, headers=list(response.headers.raw_items())
@@ -301,24 +381,82 @@ class Handler:
         )
         length = _length(request, response)
         cut = int((length or 0) * rule.after) if rule and rule.fault in ("reset", "truncate") else None
-        sent = 0
-        async for data in _body(conn, reader, length):
-            if cut is not None and sent + len(data) >= cut:
-                await self.relay(data[: cut - sent], path)
+        buffered, left = b"", 0
+        if length is not None:  # the body's first bytes, read by h11 past the head
+            buffered = bytes(up.conn.trailing_data[0][:length])
+            left = length - len(buffered)
+        if cut is None and self.proxy.bucket is None and length:
+            if buffered:
+                await self.relay(buffered, path)
+            await self.splice(up, left, path)
+        else:
+            sent = 0
+            async for data in _pieces(up, length, buffered, left):
+                if cut is not None and sent + len(data) >= cut:
+                    await self.relay(data[: cut - sent], path)
+                    return await self.cut(rule)
+                await self.relay(data, path)
+                sent += len(data)
+            if cut is not None:  # a body shorter than the cut: cut at its end
                 return await self.cut(rule)
-            await self.relay(data, path)
-            sent += len(data)
-        if cut is not None:  # a body shorter than the cut: cut at its end
-            return await self.cut(rule)
         self.send(h11.EndOfMessage())
         await self.writer.drain()
         if length is not None and _keep_alive(response):  # exactly the body was read: ready again
-            self.up = (reader, writer, h11.Connection(h11.CLIENT))
-        elif length is None and conn.our_state is h11.DONE and conn.their_state is h11.DONE:
-            conn.start_next_cycle()
+            up.conn = h11.Connection(h11.CLIENT)
+        elif length is None and up.conn.our_state is h11.DONE and up.conn.their_state is h11.DONE:
+            up.conn.start_next_cycle()
         else:
-            writer.close()
+            up.close()
             self.up = None
+
+    async def splice(self, up: Upstream, left: int, path: str) -> None:
+        """``left`` body bytes from the server's socket to the client's, moved by the
+        kernel through a pipe (no copy here); counted as they enter the pipe."""
+        transport = self.writer.transport
+        transport.set_write_buffer_limits(high=0)  # the head and earlier bytes out first
+        await self.writer.drain()
+        transport.set_write_buffer_limits(high=2 * BIG)
+        if self._pipe is None:
+            self._pipe = _pipe()
+        pr, pw, cap = self._pipe
+        src = up.sock.fileno()
+        dst = os.dup(transport.get_extra_info("socket").fileno())  # the loop watches it for us
+        loop = asyncio.get_running_loop()
+        flags = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+        total, inpipe = left, 0
+        try:
+            while left > 0 or inpipe:
+                moved = False
+                if left > 0 and inpipe < cap:
+                    try:
+                        n = os.splice(src, pw, min(left, cap - inpipe), flags=flags)
+                    except BlockingIOError:
+                        n = -1
+                    if n == 0:  # the server closed early: the client sees a short body
+                        raise _Closed
+                    if n > 0:
+                        left, inpipe, moved = left - n, inpipe + n, True
+                        self.proxy.state.count(self.label, path, bytes=n)  # before the client sees it
+                if inpipe:
+                    try:
+                        m = os.splice(pr, dst, inpipe, flags=flags)
+                    except BlockingIOError:
+                        m = 0
+                    except OSError as exc:
+                        if exc.errno in (errno.EPIPE, errno.ECONNRESET):
+                            raise _Closed from None
+                        raise
+                    if m:
+                        inpipe, moved = inpipe - m, True
+                if not moved:  # neither side can go on: wait for the one(s) that can unblock
+                    await _ready(loop, src if left > 0 and inpipe < cap else None, dst if inpipe else None)
+        finally:
+            os.close(dst)
+            if inpipe:  # the client went away mid-body: the pipe's bytes are dropped with it
+                for fd in self._pipe[:2]:
+                    os.close(fd)
+                self._pipe = None
+        self.client.send_with_data_passthrough(h11.Data(data=_Spliced(total)))
 
     async def relay(self, data: bytes, path: str) -> None:
         """Body bytes to the client, at most the bucket's burst at a time; counted first."""

@@ -191,7 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
             "--cache-size", metavar="SIZE", help="remote DBs: bound of the cache on disk, e.g. 20G"
         )
     sub.choices["mount"].add_argument(
-        "--fetch-all", action="store_true", help="stream the whole remote DB into the cache after mount"
+        "--fetch-all",
+        nargs="?",
+        const="on",
+        default="auto",
+        choices=("auto", "on", "off"),
+        help="remote DBs: stream the whole DB into the cache: at mount (on, the flag alone), never (off), or "
+        "once the reads show an epoch under way and the cache can hold it (auto, the default)",
     )
 
     p = add("umount", "unmount (also cleans up after a daemon that died)")

@@ -38,7 +38,10 @@ class Settings:
 
     cache_dir: str | None = None
     cache_size: int | None = None
-    fetch_all: bool = False  # the mount's fetcher streams the whole object into the cache
+    # Whether the mount's fetcher streams the whole object into the cache: "on" at mount,
+    # "off" never, "auto" once the readers' requests show an epoch under way and the
+    # cache can hold the object (lmdbfs/remote/fetcher.py, docs/remote.md).
+    fetch_all: str = "auto"
 
 
 SETTINGS = Settings()
@@ -46,8 +49,15 @@ _SOURCES: dict[tuple[int, str], RemoteSource] = {}
 _LOCK = threading.Lock()
 
 
-def configure(cache_dir: str | None = None, cache_size: int | None = None, fetch_all: bool | None = None) -> None:
+FETCH_ALL = ("auto", "on", "off")
+
+
+def configure(cache_dir: str | None = None, cache_size: int | None = None, fetch_all: str | bool | None = None) -> None:
     if fetch_all is not None:
+        if isinstance(fetch_all, bool):
+            fetch_all = "on" if fetch_all else "off"
+        if fetch_all not in FETCH_ALL:
+            raise ValueError(f"fetch_all must be one of {', '.join(FETCH_ALL)}, not {fetch_all!r}")
         SETTINGS.fetch_all = fetch_all
     if cache_dir is not None:
         SETTINGS.cache_dir = os.path.abspath(cache_dir)
@@ -55,7 +65,7 @@ def configure(cache_dir: str | None = None, cache_size: int | None = None, fetch
         SETTINGS.cache_size = cache_size
 
 
-def configure_text(cache_dir: str | None, cache_size: str | None, fetch_all: bool | None = None) -> None:
+def configure_text(cache_dir: str | None, cache_size: str | None, fetch_all: str | bool | None = None) -> None:
     """`configure` from the command line's words (``--cache-size 20G``)."""
     configure(cache_dir, parse_size(cache_size) if cache_size else None, fetch_all)
 
