@@ -137,6 +137,16 @@ class RemoteSource:
         if self._slots is None:
             self._slots = asyncio.Semaphore(INFLIGHT)
         try:
+            if not self.cache.bounded and not pin:
+                try:
+                    async with self._slots:
+                        await self._get_published(run_, start, end)
+                except BaseException as exc:  # noqa: BLE001 - its blocks are FAILED already
+                    self.log_once(exc)
+                    return exc
+                self.gets += 1
+                self.fetched += end - start
+                return None
             async with self._slots:
                 data = await self.client.get_async(start, end, self.info)
             self.gets += 1
@@ -151,6 +161,28 @@ class RemoteSource:
             self.log_once(exc)
             return exc
         return None
+
+    async def _get_published(self, run_: list[tuple[int, int]], start: int, end: int) -> None:
+        """An unbounded cache's GET: each piece written as it arrives (still in the
+        processor's cache: no whole-GET buffer gathered by the client and read again
+        by the write), each block published as soon as its bytes are all written (a
+        reader waiting on a GET's first block need not wait for its last)."""
+        cache, bsize = self.cache, self.block_size
+        published = 0  # blocks of the run published so far
+
+        def sink(pos: int, piece: memoryview) -> None:
+            nonlocal published
+            cache.write_at(pos, piece)
+            done = len(run_) if pos + len(piece) >= end else (pos + len(piece) - start) // bsize
+            while published < done:  # a run's blocks are consecutive (coalesce)
+                cache.publish(*run_[published])
+                published += 1
+
+        try:
+            await self.client.get_into(start, end, self.info, sink, bsize)
+        except BaseException:
+            cache.fail(run_[published:])  # what was published stays: its bytes are whole
+            raise
 
     def fetch_sync(self, claimed: list[tuple[int, int]], pin: bool = False) -> None:
         if not claimed:

@@ -1,0 +1,145 @@
+"""The whole-DB stream of a remote mount (`--fetch-all=auto`, the default; `on`; `off`):
+when it starts, that it fills the cache byte-exact, that it stays off for a few reads and
+for a cache too small, and that faults during it cost no byte and no daemon. Real nginx,
+the project's fault proxy, real mounts."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import random
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import load_script
+from tests.servers import nginx
+from tests.test_mount import _without_write_bits
+from tests.test_remote import cli
+from tests.test_remote_mount import mounts  # noqa: F401 - the fixture
+from tests.treecmp import differences, snapshot
+
+pytestmark = pytest.mark.mount
+
+FILES = 160  # of 250 KB: a 40 MB DB, 150-odd blocks of 256 KiB
+
+
+@pytest.fixture(scope="module")
+def big_db(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[str]]:
+    base = tmp_path_factory.mktemp("stream")
+    tree = base / "src"
+    rng = random.Random(5)
+    names = []
+    for i in range(FILES):
+        seq = tree / f"seq{i // 20:02d}"
+        seq.mkdir(parents=True, exist_ok=True)
+        (seq / f"{i:05d}.jpg").write_bytes(rng.randbytes(250_000))
+        names.append(f"seq{i // 20:02d}/{i:05d}.jpg")
+    db = base / "tree.lmdb"
+    cli("pack", tree, db, "--no-progress")
+    return tree, db, names
+
+
+def present(cache: Path) -> tuple[int, int]:
+    """(present blocks, all blocks) of the one object in ``cache``."""
+    from lmdbfs import _blocks
+
+    (state,) = cache.glob("*/state")
+    with open(state, "r+b") as f, mmap.mmap(f.fileno(), 0) as words:
+        blocks = (len(words) - 4096) // 4
+        return _blocks.tally(words, blocks)[0], blocks
+
+
+def wait_all_present(cache: Path) -> None:
+    deadline = time.monotonic() + 120
+    while True:
+        have, blocks = present(cache)
+        if have == blocks:
+            return
+        assert time.monotonic() < deadline, f"the stream stopped at {have} of {blocks} blocks"
+        time.sleep(0.1)
+
+
+def read(mnt: Path, tree: Path, names: list[str]) -> None:
+    for name in names:
+        assert (mnt / name).read_bytes() == (tree / name).read_bytes(), name
+
+
+def test_auto_streams_once_the_reads_show_an_epoch(big_db, tmp_path: Path, mounts) -> None:  # noqa: F811
+    tree, db, names = big_db
+    with nginx(tmp_path / "www") as web:
+        url = web.put(db, "tree.lmdb")
+        cache, log = tmp_path / "cache", tmp_path / "daemon.log"
+        mnt = mounts(url, "--cache-dir", cache, "--log-file", log, tmp_path / "mnt")
+        # An epoch in random order: its first files, spread over the DB, start the stream.
+        sample = random.Random(1).sample(names, FILES // 3)
+        read(mnt, tree, sample)
+        wait_all_present(cache)  # the blocks of files never read came too
+        assert "streaming the whole DB into the cache (an epoch)" in log.read_text()
+        assert web.bytes_sent() <= 1.1 * os.path.getsize(db)  # no block twice
+        web.reset()
+        assert differences(_without_write_bits(snapshot(tree)), snapshot(mnt)) == []
+        assert web.gets() == 0  # the rest of the epoch: all from the cache
+
+
+def test_auto_does_not_stream_for_a_few_files_or_one_sequence(big_db, tmp_path: Path, mounts) -> None:  # noqa: F811
+    tree, db, names = big_db
+    with nginx(tmp_path / "www") as web:
+        url = web.put(db, "tree.lmdb")
+        cache, log = tmp_path / "cache", tmp_path / "daemon.log"
+        mnt = mounts(url, "--cache-dir", cache, "--log-file", log, tmp_path / "mnt")
+        at_mount = web.bytes_sent()
+        os.listdir(mnt / "seq03")
+        read(mnt, tree, names[::40])  # a cat of a few files, spread over the DB
+        read(mnt, tree, [n for n in names if n.startswith("seq05/")])  # one whole sequence
+        assert "streaming the whole DB" not in log.read_text()
+        # what was read (6 MB) and its sequence's readahead, not the DB (40 MB)
+        assert web.bytes_sent() - at_mount < 0.5 * os.path.getsize(db)
+        have, blocks = present(cache)
+        assert have < blocks // 2
+
+
+def test_auto_does_not_stream_into_a_cache_too_small(big_db, tmp_path: Path, mounts) -> None:  # noqa: F811
+    tree, db, names = big_db
+    with nginx(tmp_path / "www") as web:
+        url = web.put(db, "tree.lmdb")
+        cache, log = tmp_path / "cache", tmp_path / "daemon.log"
+        limit = os.path.getsize(db) * 3 // 2  # holds the DB, not twice it
+        mnt = mounts(url, "--cache-dir", cache, "--cache-size", str(limit), "--log-file", log, tmp_path / "mnt")
+        read(mnt, tree, random.Random(2).sample(names, FILES // 3))
+        text = log.read_text()
+        assert "not streaming the whole DB: --cache-size is below twice the DB" in text
+        assert "streaming the whole DB into" not in text
+
+
+def test_off_never_streams(big_db, tmp_path: Path, mounts) -> None:  # noqa: F811
+    tree, db, names = big_db
+    with nginx(tmp_path / "www") as web:
+        url = web.put(db, "tree.lmdb")
+        cache, log = tmp_path / "cache", tmp_path / "daemon.log"
+        mnt = mounts(url, "--cache-dir", cache, "--fetch-all=off", "--log-file", log, tmp_path / "mnt")
+        read(mnt, tree, random.Random(3).sample(names, FILES // 2))
+        assert "streaming the whole DB" not in log.read_text()
+        have, blocks = present(cache)
+        assert have < blocks
+
+
+def test_faults_during_the_stream_cost_no_byte_and_no_daemon(big_db, tmp_path: Path, mounts) -> None:  # noqa: F811
+    tree, db, names = big_db
+    faultproxy = load_script("faultproxy")
+    with nginx(tmp_path / "www") as web, faultproxy.FaultProxy(("127.0.0.1", web.port)) as proxy:
+        web.put(db, "tree.lmdb")
+        proxy.add_rule(fault="status", status=503, fraction=0.2, path="/tree.lmdb")
+        proxy.add_rule(fault="reset", fraction=0.1, path="/tree.lmdb", after=0.4)
+        proxy.add_rule(fault="truncate", fraction=0.1, path="/tree.lmdb", after=0.7)
+        cache, log = tmp_path / "cache", tmp_path / "daemon.log"
+        mnt = mounts(
+            proxy.url() + "/tree.lmdb", "--cache-dir", cache, "--fetch-all", "--log-file", log, tmp_path / "mnt"
+        )
+        # Readers beside the faulty stream: every byte right (a read may retry a failed block).
+        assert differences(_without_write_bits(snapshot(tree)), snapshot(mnt)) == []
+        assert proxy.totals().faults > 0
+        proxy.set_rules([])
+        read(mnt, tree, names)  # the daemon still serves, every byte
+        assert "Traceback" not in log.read_text()
