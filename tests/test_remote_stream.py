@@ -118,7 +118,7 @@ def test_off_never_streams(big_db, tmp_path: Path, mounts) -> None:  # noqa: F81
     with nginx(tmp_path / "www") as web:
         url = web.put(db, "tree.lmdb")
         cache, log = tmp_path / "cache", tmp_path / "daemon.log"
-        mnt = mounts(url, "--cache-dir", cache, "--fetch-all=off", "--log-file", log, tmp_path / "mnt")
+        mnt = mounts(url, "--cache-dir", cache, "--no-fetch-all", "--log-file", log, tmp_path / "mnt")
         read(mnt, tree, random.Random(3).sample(names, FILES // 2))
         assert "streaming the whole DB" not in log.read_text()
         have, blocks = present(cache)

@@ -192,12 +192,19 @@ def build_parser() -> argparse.ArgumentParser:
         )
     sub.choices["mount"].add_argument(
         "--fetch-all",
-        nargs="?",
+        dest="fetch_all",
+        action="store_const",
         const="on",
         default="auto",
-        choices=("auto", "on", "off"),
-        help="remote DBs: stream the whole DB into the cache: at mount (on, the flag alone), never (off), or "
-        "once the reads show an epoch under way and the cache can hold it (auto, the default)",
+        help="remote DBs: stream the whole DB into the cache at mount (default: once the reads show an "
+        "epoch under way and the cache can hold it)",
+    )
+    sub.choices["mount"].add_argument(
+        "--no-fetch-all",
+        dest="fetch_all",
+        action="store_const",
+        const="off",
+        help="remote DBs: never stream the whole DB, fetch only what is read",
     )
 
     p = add("umount", "unmount (also cleans up after a daemon that died)")

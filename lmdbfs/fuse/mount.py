@@ -230,7 +230,7 @@ def _spawn_daemon(dbs: list[str], mnt: str, opts: MountOptions) -> None:
     if opts.cache_size:
         cmd += ["--cache-size", opts.cache_size]
     if opts.fetch_all != "auto":
-        cmd.append(f"--fetch-all={opts.fetch_all}")
+        cmd.append("--fetch-all" if opts.fetch_all == "on" else "--no-fetch-all")
     cmd += [*map(_absolute, dbs), os.path.abspath(mnt)]
     with tempfile.TemporaryFile() as errors:
         proc = subprocess.Popen(
