@@ -20,6 +20,9 @@ rest) and results-remote-<size>.json in the work dir.
     python scripts/bench_remote.py --size full --walk-only --tree T --db T.lmdb --rtt-ms 20 \
         --systems local,http                                       # issue 20's full-size case
 
+"http" is the default mount (the whole-DB stream starts on its own once an epoch is
+under way, docs/remote.md); "http-demand" mounts with --no-fetch-all (only what is read).
+
 --walk (or --walk-only, without the epochs) adds issue 20's full-size case per system
 at the largest RTT: mount time and GETs on an empty cache, a cold walk + lstat of every
 entry (time, and the GETs it sent: none is the goal), then --random-reads files read

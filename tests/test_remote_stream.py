@@ -25,13 +25,11 @@ pytestmark = pytest.mark.mount
 FILES = 160  # of 250 KB: a 40 MB DB, 150-odd blocks of 256 KiB
 
 
-@pytest.fixture(scope="module")
-def big_db(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[str]]:
-    base = tmp_path_factory.mktemp("stream")
+def make_db(base: Path, files: int) -> tuple[Path, Path, list[str]]:
     tree = base / "src"
     rng = random.Random(5)
     names = []
-    for i in range(FILES):
+    for i in range(files):
         seq = tree / f"seq{i // 20:02d}"
         seq.mkdir(parents=True, exist_ok=True)
         (seq / f"{i:05d}.jpg").write_bytes(rng.randbytes(250_000))
@@ -39,6 +37,11 @@ def big_db(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[s
     db = base / "tree.lmdb"
     cli("pack", tree, db, "--no-progress")
     return tree, db, names
+
+
+@pytest.fixture(scope="module")
+def big_db(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[str]]:
+    return make_db(tmp_path_factory.mktemp("stream"), FILES)
 
 
 def present(cache: Path) -> tuple[int, int]:
@@ -143,3 +146,28 @@ def test_faults_during_the_stream_cost_no_byte_and_no_daemon(big_db, tmp_path: P
         proxy.set_rules([])
         read(mnt, tree, names)  # the daemon still serves, every byte
         assert "Traceback" not in log.read_text()
+
+
+def test_a_read_goes_before_the_stream_and_no_block_comes_twice(tmp_path: Path, mounts) -> None:  # noqa: F811
+    # 120 MB: the stream's first GETs in flight (12 of 4 MiB) do not reach its end
+    tree, db, names = make_db(tmp_path / "db", 3 * FILES)
+    faultproxy = load_script("faultproxy")
+    last = names[-1]
+    content = (tree / last).read_bytes()
+    # A byte in the middle of the file (its first page is pinned at mount, with the index)
+    at = db.read_bytes().find(content[:4096]) + 150_000
+    assert at > os.path.getsize(db) // 2
+    # 200 Mbit/s: the stream needs 4 s or more to reach the end of the DB.
+    with nginx(tmp_path / "www") as web, faultproxy.FaultProxy(("127.0.0.1", web.port), mbit=200) as proxy:
+        web.put(db, "tree.lmdb")
+        cache = tmp_path / "cache"
+        mnt = mounts(proxy.url() + "/tree.lmdb", "--cache-dir", cache, "--fetch-all", tmp_path / "mnt")
+        assert (mnt / last).read_bytes() == content
+        wait_all_present(cache)
+        hits = [h for h in web.hits("tree.lmdb") if h.method == "GET" and h.range]
+        spans = [tuple(int(x) for x in h.range.removeprefix("bytes=").split("-")) for h in hits]
+        # The read's own GET (at most the 1 MiB an open claims), not one of the stream's
+        # 4 MiB GETs, brought the file's bytes: the stream skipped them.
+        first = [(lo, hi) for lo, hi in spans if lo <= at <= hi]
+        assert len(first) == 1 and first[0][1] - first[0][0] < 1 << 20, first
+        assert web.bytes_sent() <= 1.05 * os.path.getsize(db)  # no block fetched twice
