@@ -161,7 +161,10 @@ def test_a_read_goes_before_the_stream_and_no_block_comes_twice(tmp_path: Path, 
     with nginx(tmp_path / "www") as web, faultproxy.FaultProxy(("127.0.0.1", web.port), mbit=200) as proxy:
         web.put(db, "tree.lmdb")
         cache = tmp_path / "cache"
-        mnt = mounts(proxy.url() + "/tree.lmdb", "--cache-dir", cache, "--fetch-all", tmp_path / "mnt")
+        size = str(3 * os.path.getsize(db))  # a bounded cache: the stream's GETs of 4 MiB
+        mnt = mounts(
+            proxy.url() + "/tree.lmdb", "--cache-dir", cache, "--cache-size", size, "--fetch-all", tmp_path / "mnt"
+        )
         assert (mnt / last).read_bytes() == content
         wait_all_present(cache)
         hits = [h for h in web.hits("tree.lmdb") if h.method == "GET" and h.range]

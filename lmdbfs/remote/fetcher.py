@@ -36,6 +36,10 @@ _STREAMS = 256  # readers followed for readahead (next expected block -> window)
 _WINDOW_FIRST = 2  # blocks claimed ahead on a reader's second sequential request
 _READ = 8 * 4096  # bytes of block numbers read from the pipe at once
 STREAM_INFLIGHT = 12  # the stream's GETs in flight (the readers' own go beside them)
+# The stream's GET into an unbounded cache (written piece by piece: no buffer of it is
+# held). Side by side on the medium tree, 12 in flight at +20 ms: 16 MiB 1,488-1,751
+# files/s, 4 MiB 1,353-1,404 (42 % fewer GETs); a bounded cache keeps its smaller GETs.
+STREAM_GET = 16 << 20
 AUTO_SHARE = 256  # auto: an epoch is under way once C asked for 1/256 of the blocks ...
 AUTO_REGIONS = 64  # ... spread over half of 64 equal slices of the object
 RESERVE = 1 << 30  # without --cache-size: free disk kept beside a streamed object (and 5 %)
@@ -131,13 +135,15 @@ class Fetcher:
         (a cold epoch in random order then reads at the link's speed, not at one round
         trip per file). Blocks present or claimed by a reader are skipped."""
         src, cache = self.src, self.src.cache
+        per = src.max_blocks if cache.bounded else STREAM_GET // src.block_size
         gate = asyncio.Semaphore(STREAM_INFLIGHT)
-        for first in range(0, cache.blocks, src.max_blocks):
-            claimed = cache.claim(first, src.max_blocks)
+        for first in range(0, cache.blocks, per):
+            await gate.acquire()  # claimed only when its GET can go out: a reader meanwhile claims its own
+            claimed = cache.claim(first, per)
             if not claimed:
+                gate.release()
                 continue
-            await gate.acquire()
-            task = asyncio.ensure_future(src.fetch_claimed(claimed))
+            task = asyncio.ensure_future(src.fetch_claimed(claimed, per=per))
             task.add_done_callback(lambda _t: gate.release())
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)

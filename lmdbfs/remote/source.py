@@ -122,11 +122,13 @@ class RemoteSource:
             log.error("%s", getattr(exc, "one_line", lambda: text)())
 
     # -- fetching claimed blocks ---------------------------------------------------------
-    async def fetch_claimed(self, claimed: list[tuple[int, int]], pin: bool = False) -> BaseException | None:
-        """Fetch and publish claimed blocks (coalesced into ranged GETs of at most
-        MAX_GET, all in flight at once); a run that fails is marked FAILED. Returns the
-        first failure (already logged once), None when all were filled."""
-        runs = coalesce(claimed, self.max_blocks)
+    async def fetch_claimed(
+        self, claimed: list[tuple[int, int]], pin: bool = False, per: int = 0
+    ) -> BaseException | None:
+        """Fetch and publish claimed blocks (coalesced into ranged GETs of at most ``per``
+        blocks, default MAX_GET's, all in flight at once); a run that fails is marked
+        FAILED. Returns the first failure (already logged once), None when all were filled."""
+        runs = coalesce(claimed, per or self.max_blocks)
         results = await asyncio.gather(*(self._fetch_run(run_, pin) for run_ in runs))
         return next((r for r in results if r is not None), None)
 
