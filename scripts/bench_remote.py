@@ -231,7 +231,7 @@ def main(argv=None) -> int:
             res["random_reads"] = min(a.random_reads, len(files))
             sample = rng.sample(files, res["random_reads"])
             res["walk_runs"] = []
-            for system in [s for s in a.systems if s in ("local", "http", "s3")]:
+            for system in [s for s in a.systems if s in ("local", "http", "http-demand", "s3")]:
                 log.info(
                     "walk: %s, +%g ms, then %d random reads by %d readers",
                     system,

@@ -44,6 +44,12 @@ def big_db(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[s
     return make_db(tmp_path_factory.mktemp("stream"), FILES)
 
 
+@pytest.fixture(scope="module")
+def bigger_db(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[str]]:
+    """120 MB: the stream's first GETs in flight (12 of 4 MiB in a bounded cache) do not reach its end."""
+    return make_db(tmp_path_factory.mktemp("stream3"), 3 * FILES)
+
+
 def present(cache: Path) -> tuple[int, int]:
     """(present blocks, all blocks) of the one object in ``cache``."""
     from lmdbfs import _blocks
@@ -148,9 +154,8 @@ def test_faults_during_the_stream_cost_no_byte_and_no_daemon(big_db, tmp_path: P
         assert "Traceback" not in log.read_text()
 
 
-def test_a_read_goes_before_the_stream_and_no_block_comes_twice(tmp_path: Path, mounts) -> None:  # noqa: F811
-    # 120 MB: the stream's first GETs in flight (12 of 4 MiB) do not reach its end
-    tree, db, names = make_db(tmp_path / "db", 3 * FILES)
+def test_a_read_goes_before_the_stream_and_no_block_comes_twice(bigger_db, tmp_path: Path, mounts) -> None:  # noqa: F811
+    tree, db, names = bigger_db
     faultproxy = load_script("faultproxy")
     last = names[-1]
     content = (tree / last).read_bytes()
@@ -174,3 +179,39 @@ def test_a_read_goes_before_the_stream_and_no_block_comes_twice(tmp_path: Path, 
         first = [(lo, hi) for lo, hi in spans if lo <= at <= hi]
         assert len(first) == 1 and first[0][1] - first[0][0] < 1 << 20, first
         assert web.bytes_sent() <= 1.05 * os.path.getsize(db)  # no block fetched twice
+
+
+def test_the_object_replaced_during_the_stream_answers_eio_with_one_line(
+    bigger_db,
+    tmp_path: Path,
+    mounts,  # noqa: F811
+) -> None:
+    import errno
+
+    tree, db, names = bigger_db
+    faultproxy = load_script("faultproxy")
+    # 80 Mbit/s: the stream's first 48 MB take 5 s or more; the object is replaced long
+    # before its later GETs go out (those in flight still get the old bytes, rightly).
+    with nginx(tmp_path / "www") as web, faultproxy.FaultProxy(("127.0.0.1", web.port), mbit=80) as proxy:
+        web.put(db, "tree.lmdb")
+        url = proxy.url() + "/tree.lmdb"
+        cache, log = tmp_path / "cache", tmp_path / "daemon.log"
+        size = str(3 * os.path.getsize(db))  # a bounded cache: the stream's GETs of 4 MiB
+        mnt = mounts(
+            url, "--cache-dir", cache, "--cache-size", size, "--fetch-all", "--log-file", log, tmp_path / "mnt"
+        )
+        web.replace_damaged(db, "tree.lmdb", b"\x5a" * 65536)
+        eio = 0
+        for name in names:
+            try:
+                assert (mnt / name).read_bytes() == (tree / name).read_bytes(), name
+            except OSError as exc:
+                assert exc.errno == errno.EIO
+                eio += 1
+        assert eio > 0
+        assert sorted(os.listdir(mnt)) == sorted(os.listdir(tree))  # alive
+        have, blocks = present(cache)
+        assert have < blocks  # the stream stopped at the change, nothing of the new object taken
+        time.sleep(0.2)
+        changed = [line for line in log.read_text().splitlines() if "changed since it was opened" in line]
+        assert len(changed) == 1 and url in changed[0], changed
