@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import errno
-import fcntl
 import json
 import os
 import random
@@ -45,10 +43,22 @@ from dataclasses import asdict, dataclass, field
 
 import h11
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # its sibling, faultrelay.py
+from faultrelay import (  # noqa: E402
+    BIG,
+    CHUNK,
+    Closed,
+    Spliced,
+    Upstream,
+    make_pipe,
+    next_event,
+    pieces,
+    splice,
+)
+
+_Closed = Closed
+
 CONTROL = "/__faultproxy__/"
-CHUNK = 64 * 1024  # reads of requests and of framed (chunked) bodies
-BIG = 1 << 20  # reads of a body of known length: relayed as it comes, without h11
-PIPE = 1 << 20  # the splice pipe's size (F_SETPIPE_SZ), at most what the system allows
 FAULTS = ("status", "slowdown", "reset", "truncate", "stall")
 SLOWDOWN_XML = (
     b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
@@ -141,111 +151,6 @@ class TokenBucket:
             await asyncio.sleep((n - self.tokens) / self.rate)
 
 
-async def _next_event(conn: h11.Connection, recv):
-    """h11's next event, feeding it ``await recv(CHUNK)`` as it needs."""
-    while True:
-        event = conn.next_event()
-        if event is h11.NEED_DATA:
-            conn.receive_data(await recv(CHUNK))
-            continue
-        return event
-
-
-class Upstream:
-    """One connection to the server: a plain non-blocking socket of this proxy's own
-    (no stream buffer holds body bytes apart from h11's, so the rest can be spliced)."""
-
-    def __init__(self, sock: socket.socket):
-        self.sock, self.conn = sock, h11.Connection(h11.CLIENT)
-        self.loop = asyncio.get_running_loop()
-
-    @classmethod
-    async def connect(cls, addr: tuple[str, int]) -> Upstream:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        try:
-            await asyncio.get_running_loop().sock_connect(sock, addr)
-        except BaseException:
-            sock.close()
-            raise
-        return cls(sock)
-
-    async def recv(self, n: int) -> bytes:
-        return await self.loop.sock_recv(self.sock, n)
-
-    async def send(self, data: bytes) -> None:
-        await self.loop.sock_sendall(self.sock, data)
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-async def _body(up: Upstream, length: int | None, left: int):
-    """The response body in pieces: h11's Data events when its length is unknown, else
-    the ``left`` bytes still on the socket as they come, in reads h11 never parses."""
-    if length is None:
-        while not isinstance(event := await _next_event(up.conn, up.recv), h11.EndOfMessage):
-            if not isinstance(event, h11.Data):
-                raise _Closed
-            yield bytes(event.data)
-        return
-    while left > 0:
-        data = await up.recv(min(BIG, left))
-        if not data:  # the server closed early: the client sees a short body
-            raise _Closed
-        left -= len(data)
-        yield data
-
-
-async def _pieces(up: Upstream, length: int | None, buffered: bytes, left: int):
-    """The whole body in pieces: what h11 read past the head, then the socket's."""
-    if buffered:
-        yield buffered
-    async for data in _body(up, length, left):
-        yield data
-
-
-class _Spliced:
-    """What h11 is told was sent when the kernel moved the bytes (h11's sendfile idiom)."""
-
-    def __init__(self, n: int):
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-
-async def _ready(loop: asyncio.AbstractEventLoop, readable: int | None, writable: int | None) -> None:
-    """Wait until ``readable`` can be read or ``writable`` written (either; None: not watched)."""
-    fut = loop.create_future()
-
-    def wake() -> None:
-        if not fut.done():
-            fut.set_result(None)
-
-    if readable is not None:
-        loop.add_reader(readable, wake)
-    if writable is not None:
-        loop.add_writer(writable, wake)
-    try:
-        await fut
-    finally:
-        if readable is not None:
-            loop.remove_reader(readable)
-        if writable is not None:
-            loop.remove_writer(writable)
-
-
-def _pipe() -> tuple[int, int, int]:
-    """A non-blocking pipe: read end, write end, its size."""
-    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE)
-    except OSError:
-        pass  # the default size (64 KiB) works, in more steps
-    return r, w, fcntl.fcntl(w, fcntl.F_GETPIPE_SZ)
-
-
 def _length(request: h11.Request, response: h11.Response) -> int | None:
     """The response body's length when the head fixes it (None: chunked, or to the end)."""
     if request.method == b"HEAD" or response.status_code in (204, 304):
@@ -266,10 +171,6 @@ def _reset(writer: asyncio.StreamWriter) -> None:
     if sock is not None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     writer.transport.abort()
-
-
-class _Closed(Exception):
-    """The client connection is done (closed, faulted, or not reusable)."""
 
 
 class Handler:
@@ -307,13 +208,13 @@ class Handler:
         return await self.reader.read(n)
 
     async def one_request(self) -> None:
-        request = await _next_event(self.client, self.recv)
+        request = await next_event(self.client, self.recv)
         if not isinstance(request, h11.Request):
             raise _Closed
         body = bytearray()
         if self.client.they_are_waiting_for_100_continue:
             self.send(h11.InformationalResponse(status_code=100, headers=[]))
-        while not isinstance(event := await _next_event(self.client, self.recv), h11.EndOfMessage):
+        while not isinstance(event := await next_event(self.client, self.recv), h11.EndOfMessage):
             if isinstance(event, h11.ConnectionClosed):
                 raise _Closed
             body += event.data
@@ -360,9 +261,9 @@ class Handler:
                 )
                 out = up.conn.send(head) + (up.conn.send(h11.Data(data=body)) if body else b"")
                 await up.send(out + up.conn.send(h11.EndOfMessage()))
-                response = await _next_event(up.conn, up.recv)
+                response = await next_event(up.conn, up.recv)
                 while isinstance(response, h11.InformationalResponse):
-                    response = await _next_event(up.conn, up.recv)
+                    response = await next_event(up.conn, up.recv)
                 if isinstance(response, h11.Response):
                     return up, response
             except (ConnectionError, h11.ProtocolError):
@@ -391,7 +292,7 @@ class Handler:
             await self.splice(up, left, path)
         else:
             sent = 0
-            async for data in _pieces(up, length, buffered, left):
+            async for data in pieces(up, length, buffered, left):
                 if cut is not None and sent + len(data) >= cut:
                     await self.relay(data[: cut - sent], path)
                     return await self.cut(rule)
@@ -417,46 +318,21 @@ class Handler:
         await self.writer.drain()
         transport.set_write_buffer_limits(high=2 * BIG)
         if self._pipe is None:
-            self._pipe = _pipe()
-        pr, pw, cap = self._pipe
-        src = up.sock.fileno()
+            self._pipe = make_pipe()
         dst = os.dup(transport.get_extra_info("socket").fileno())  # the loop watches it for us
-        loop = asyncio.get_running_loop()
-        flags = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
-        total, inpipe = left, 0
+        clean = False
         try:
-            while left > 0 or inpipe:
-                moved = False
-                if left > 0 and inpipe < cap:
-                    try:
-                        n = os.splice(src, pw, min(left, cap - inpipe), flags=flags)
-                    except BlockingIOError:
-                        n = -1
-                    if n == 0:  # the server closed early: the client sees a short body
-                        raise _Closed
-                    if n > 0:
-                        left, inpipe, moved = left - n, inpipe + n, True
-                        self.proxy.state.count(self.label, path, bytes=n)  # before the client sees it
-                if inpipe:
-                    try:
-                        m = os.splice(pr, dst, inpipe, flags=flags)
-                    except BlockingIOError:
-                        m = 0
-                    except OSError as exc:
-                        if exc.errno in (errno.EPIPE, errno.ECONNRESET):
-                            raise _Closed from None
-                        raise
-                    if m:
-                        inpipe, moved = inpipe - m, True
-                if not moved:  # neither side can go on: wait for the one(s) that can unblock
-                    await _ready(loop, src if left > 0 and inpipe < cap else None, dst if inpipe else None)
+            await splice(
+                up.sock.fileno(), dst, left, self._pipe, lambda n: self.proxy.state.count(self.label, path, bytes=n)
+            )
+            clean = True
         finally:
             os.close(dst)
-            if inpipe:  # the client went away mid-body: the pipe's bytes are dropped with it
+            if not clean:  # the client went away mid-body: the pipe's bytes are dropped with it
                 for fd in self._pipe[:2]:
                     os.close(fd)
                 self._pipe = None
-        self.client.send_with_data_passthrough(h11.Data(data=_Spliced(total)))
+        self.client.send_with_data_passthrough(h11.Data(data=Spliced(left)))
 
     async def relay(self, data: bytes, path: str) -> None:
         """Body bytes to the client, at most the bucket's burst at a time; counted first."""
