@@ -130,33 +130,32 @@ async def splice(src: int, dst: int, left: int, pipe: tuple[int, int, int], coun
     """Move ``left`` bytes from socket ``src`` to socket ``dst`` through ``pipe`` (read
     end, write end, size), each step's bytes handed to ``count(n)`` as they enter the
     pipe (before the client can see them). Closed when either side goes away (the pipe
-    may then hold bytes: close it, do not reuse it)."""
+    may then hold bytes: close it, do not reuse it).
+
+    Fill, then drain, one pipeful at a time: a pipe into which a socket spliced may be
+    full (of slots) long before its size in bytes, so only an empty pipe is filled, and
+    a step waits on the one side that blocks it (no spinning on the other). Each pipeful
+    yields to the loop, so one long body does not hold up every other connection."""
     pr, pw, cap = pipe
     loop = asyncio.get_running_loop()
     flags = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
-    inpipe = 0
-    while left > 0 or inpipe:
-        moved = False
-        if left > 0 and inpipe < cap:
+    while left > 0:
+        try:
+            n = os.splice(src, pw, min(left, cap), flags=flags)
+        except BlockingIOError:
+            await ready(loop, src, None)
+            continue
+        if n == 0:  # the server closed early: the client sees a short body
+            raise Closed
+        left -= n
+        count(n)
+        while n:
             try:
-                n = os.splice(src, pw, min(left, cap - inpipe), flags=flags)
+                n -= os.splice(pr, dst, n, flags=flags)
             except BlockingIOError:
-                n = -1
-            if n == 0:  # the server closed early: the client sees a short body
-                raise Closed
-            if n > 0:
-                left, inpipe, moved = left - n, inpipe + n, True
-                count(n)
-        if inpipe:
-            try:
-                m = os.splice(pr, dst, inpipe, flags=flags)
-            except BlockingIOError:
-                m = 0
+                await ready(loop, None, dst)
             except OSError as exc:
                 if exc.errno in (errno.EPIPE, errno.ECONNRESET):
                     raise Closed from None
                 raise
-            if m:
-                inpipe, moved = inpipe - m, True
-        if not moved:  # neither side can go on: wait for the one(s) that can unblock
-            await ready(loop, src if left > 0 and inpipe < cap else None, dst if inpipe else None)
+        await asyncio.sleep(0)
