@@ -20,6 +20,9 @@ rest) and results-remote-<size>.json in the work dir.
     python scripts/bench_remote.py --size full --walk-only --tree T --db T.lmdb --rtt-ms 20 \
         --systems local,http                                       # issue 20's full-size case
 
+"http" is the default mount (the whole-DB stream starts on its own once an epoch is
+under way, docs/remote.md); "http-demand" mounts with --no-fetch-all (only what is read).
+
 --walk (or --walk-only, without the epochs) adds issue 20's full-size case per system
 at the largest RTT: mount time and GETs on an empty cache, a cold walk + lstat of every
 entry (time, and the GETs it sent: none is the goal), then --random-reads files read
@@ -254,7 +257,7 @@ def main(argv=None) -> int:
             res["random_reads"] = min(a.random_reads, len(files))
             sample = rng.sample(files, res["random_reads"])
             res["walk_runs"] = []
-            for system in [s for s in a.systems if s in ("local", "http", "http-heads", "s3")]:
+            for system in [s for s in a.systems if s in ("local", "http", "http-heads", "http-demand", "s3")]:
                 log.info(
                     "walk: %s, +%g ms, then %d random reads by %d readers",
                     system,

@@ -19,8 +19,10 @@ prints one JSON line of ports; `GET /__faultproxy__/counters` on any listener
 returns the counters, `POST /__faultproxy__/reset` zeroes them, `POST
 /__faultproxy__/rules` (a JSON list of rules) replaces the rules.
 
-HTTP framing is h11's; a response body of known length is relayed as it arrives, in
-reads of up to 1 MiB that h11 does not parse (the relay's cost is per byte).
+HTTP framing is h11's; a response body of known length never passes through it: without
+a bandwidth cap or a cut to make, the kernel moves it from the server's socket to the
+client's (splice(2) through a pipe, no copy in this process); else it is relayed as it
+arrives, in reads of up to 1 MiB. Bytes are counted as they are handed to the client.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import signal
 import socket
@@ -40,9 +43,22 @@ from dataclasses import asdict, dataclass, field
 
 import h11
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # its sibling, faultrelay.py
+from faultrelay import (  # noqa: E402
+    BIG,
+    CHUNK,
+    Closed,
+    Spliced,
+    Upstream,
+    make_pipe,
+    next_event,
+    pieces,
+    splice,
+)
+
+_Closed = Closed
+
 CONTROL = "/__faultproxy__/"
-CHUNK = 64 * 1024  # reads of requests and of framed (chunked) bodies
-BIG = 1 << 20  # reads of a body of known length: relayed as it comes, without h11
 FAULTS = ("status", "slowdown", "reset", "truncate", "stall")
 SLOWDOWN_XML = (
     b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
@@ -135,36 +151,6 @@ class TokenBucket:
             await asyncio.sleep((n - self.tokens) / self.rate)
 
 
-async def _next_event(conn: h11.Connection, reader: asyncio.StreamReader):
-    while True:
-        event = conn.next_event()
-        if event is h11.NEED_DATA:
-            conn.receive_data(await reader.read(CHUNK))
-            continue
-        return event
-
-
-async def _body(conn: h11.Connection, reader: asyncio.StreamReader, length: int | None):
-    """The response body in pieces. Of a known length: its bytes as they come, in large
-    reads that h11 never parses (the relay's cost per byte); else h11's Data events."""
-    if length is None:
-        while not isinstance(event := await _next_event(conn, reader), h11.EndOfMessage):
-            if not isinstance(event, h11.Data):
-                raise _Closed
-            yield bytes(event.data)
-        return
-    buffered, _closed = conn.trailing_data  # what h11 read past the head
-    left = length - min(len(buffered), length)
-    if buffered and length:
-        yield buffered[:length]
-    while left > 0:
-        data = await reader.read(min(BIG, left))
-        if not data:  # the server closed early: the client sees a short body
-            raise _Closed
-        left -= len(data)
-        yield data
-
-
 def _length(request: h11.Request, response: h11.Response) -> int | None:
     """The response body's length when the head fixes it (None: chunked, or to the end)."""
     if request.method == b"HEAD" or response.status_code in (204, 304):
@@ -187,10 +173,6 @@ def _reset(writer: asyncio.StreamWriter) -> None:
     writer.transport.abort()
 
 
-class _Closed(Exception):
-    """The client connection is done (closed, faulted, or not reusable)."""
-
-
 class Handler:
     """One client connection: requests in, upstream responses (or faults) out."""
 
@@ -198,7 +180,8 @@ class Handler:
         self.proxy, self.label, self.reader, self.writer = proxy, label, reader, writer
         writer.transport.set_write_buffer_limits(high=2 * BIG)  # drain() waits less often
         self.client = h11.Connection(h11.SERVER)
-        self.up: tuple[asyncio.StreamReader, asyncio.StreamWriter, h11.Connection] | None = None
+        self.up: Upstream | None = None
+        self._pipe: tuple[int, int, int] | None = None  # made at the first spliced body
 
     async def run(self) -> None:
         try:
@@ -214,19 +197,24 @@ class Handler:
         finally:
             self.writer.close()
             if self.up:
-                self.up[1].close()
+                self.up.close()
+            for fd in (self._pipe or ())[:2]:
+                os.close(fd)
 
     def send(self, event) -> None:
         self.writer.write(self.client.send(event))
 
+    async def recv(self, n: int) -> bytes:
+        return await self.reader.read(n)
+
     async def one_request(self) -> None:
-        request = await _next_event(self.client, self.reader)
+        request = await next_event(self.client, self.recv)
         if not isinstance(request, h11.Request):
             raise _Closed
         body = bytearray()
         if self.client.they_are_waiting_for_100_continue:
             self.send(h11.InformationalResponse(status_code=100, headers=[]))
-        while not isinstance(event := await _next_event(self.client, self.reader), h11.EndOfMessage):
+        while not isinstance(event := await next_event(self.client, self.recv), h11.EndOfMessage):
             if isinstance(event, h11.ConnectionClosed):
                 raise _Closed
             body += event.data
@@ -265,35 +253,28 @@ class Handler:
         connection if a kept-alive one was closed by the server meanwhile."""
         for attempt in (0, 1):
             if self.up is None:
-                reader, writer = await asyncio.open_connection(*self.proxy.upstream, limit=4 * BIG)
-                self.up = (reader, writer, h11.Connection(h11.CLIENT))
-            reader, writer, conn = self.up
+                self.up = await Upstream.connect(self.proxy.upstream)
+            up = self.up
             try:
-                writer.write(
-                    conn.send(
-                        h11.Request(
-                            method=request.method, target=request.target, headers=list(request.headers.raw_items())
-                        )
-                    )
+                head = h11.Request(
+                    method=request.method, target=request.target, headers=list(request.headers.raw_items())
                 )
-                if body:
-                    writer.write(conn.send(h11.Data(data=body)))
-                writer.write(conn.send(h11.EndOfMessage()))
-                await writer.drain()
-                response = await _next_event(conn, reader)
+                out = up.conn.send(head) + (up.conn.send(h11.Data(data=body)) if body else b"")
+                await up.send(out + up.conn.send(h11.EndOfMessage()))
+                response = await next_event(up.conn, up.recv)
                 while isinstance(response, h11.InformationalResponse):
-                    response = await _next_event(conn, reader)
+                    response = await next_event(up.conn, up.recv)
                 if isinstance(response, h11.Response):
-                    return reader, writer, conn, response
+                    return up, response
             except (ConnectionError, h11.ProtocolError):
                 if attempt:
                     raise
-            writer.close()
+            up.close()
             self.up = None
         raise _Closed
 
     async def forward(self, request: h11.Request, body: bytes, path: str, rule: Rule | None) -> None:
-        reader, writer, conn, response = await self.exchange(request, body)
+        up, response = await self.exchange(request, body)
         self.send(
             h11.Response(
                 status_code=response.status_code, reason=response.reason, headers=list(response.headers.raw_items())
@@ -301,24 +282,57 @@ class Handler:
         )
         length = _length(request, response)
         cut = int((length or 0) * rule.after) if rule and rule.fault in ("reset", "truncate") else None
-        sent = 0
-        async for data in _body(conn, reader, length):
-            if cut is not None and sent + len(data) >= cut:
-                await self.relay(data[: cut - sent], path)
+        buffered, left = b"", 0
+        if length is not None:  # the body's first bytes, read by h11 past the head
+            buffered = bytes(up.conn.trailing_data[0][:length])
+            left = length - len(buffered)
+        if cut is None and self.proxy.bucket is None and length:
+            if buffered:
+                await self.relay(buffered, path)
+            await self.splice(up, left, path)
+        else:
+            sent = 0
+            async for data in pieces(up, length, buffered, left):
+                if cut is not None and sent + len(data) >= cut:
+                    await self.relay(data[: cut - sent], path)
+                    return await self.cut(rule)
+                await self.relay(data, path)
+                sent += len(data)
+            if cut is not None:  # a body shorter than the cut: cut at its end
                 return await self.cut(rule)
-            await self.relay(data, path)
-            sent += len(data)
-        if cut is not None:  # a body shorter than the cut: cut at its end
-            return await self.cut(rule)
         self.send(h11.EndOfMessage())
         await self.writer.drain()
         if length is not None and _keep_alive(response):  # exactly the body was read: ready again
-            self.up = (reader, writer, h11.Connection(h11.CLIENT))
-        elif length is None and conn.our_state is h11.DONE and conn.their_state is h11.DONE:
-            conn.start_next_cycle()
+            up.conn = h11.Connection(h11.CLIENT)
+        elif length is None and up.conn.our_state is h11.DONE and up.conn.their_state is h11.DONE:
+            up.conn.start_next_cycle()
         else:
-            writer.close()
+            up.close()
             self.up = None
+
+    async def splice(self, up: Upstream, left: int, path: str) -> None:
+        """``left`` body bytes from the server's socket to the client's, moved by the
+        kernel through a pipe (no copy here); counted as they enter the pipe."""
+        transport = self.writer.transport
+        transport.set_write_buffer_limits(high=0)  # the head and earlier bytes out first
+        await self.writer.drain()
+        transport.set_write_buffer_limits(high=2 * BIG)
+        if self._pipe is None:
+            self._pipe = make_pipe()
+        dst = os.dup(transport.get_extra_info("socket").fileno())  # the loop watches it for us
+        clean = False
+        try:
+            await splice(
+                up.sock.fileno(), dst, left, self._pipe, lambda n: self.proxy.state.count(self.label, path, bytes=n)
+            )
+            clean = True
+        finally:
+            os.close(dst)
+            if not clean:  # the client went away mid-body: the pipe's bytes are dropped with it
+                for fd in self._pipe[:2]:
+                    os.close(fd)
+                self._pipe = None
+        self.client.send_with_data_passthrough(h11.Data(data=Spliced(left)))
 
     async def relay(self, data: bytes, path: str) -> None:
         """Body bytes to the client, at most the bucket's burst at a time; counted first."""

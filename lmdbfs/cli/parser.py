@@ -203,7 +203,20 @@ def build_parser() -> argparse.ArgumentParser:
             "--cache-size", metavar="SIZE", help="remote DBs: bound of the cache on disk, e.g. 20G"
         )
     sub.choices["mount"].add_argument(
-        "--fetch-all", action="store_true", help="stream the whole remote DB into the cache after mount"
+        "--fetch-all",
+        dest="fetch_all",
+        action="store_const",
+        const="on",
+        default="auto",
+        help="remote DBs: stream the whole DB into the cache at mount (default: once the reads show an "
+        "epoch under way and the cache can hold it)",
+    )
+    sub.choices["mount"].add_argument(
+        "--no-fetch-all",
+        dest="fetch_all",
+        action="store_const",
+        const="off",
+        help="remote DBs: never stream the whole DB, fetch only what is read",
     )
 
     p = add("umount", "unmount (also cleans up after a daemon that died)")

@@ -54,7 +54,7 @@ class MountOptions:
     ready_fd: int | None = None
     cache_dir: str | None = None  # remote DBs: the block cache's folder (default under XDG_CACHE_HOME)
     cache_size: str | None = None  # remote DBs: its bound on disk, as given (20G, 500M)
-    fetch_all: bool = False  # remote DBs: stream the whole object into the cache after mount
+    fetch_all: str = "auto"  # remote DBs: stream the whole object into the cache (auto, on, off)
 
 
 def _option_names(options: list[str]) -> set[str]:
@@ -229,8 +229,8 @@ def _spawn_daemon(dbs: list[str], mnt: str, opts: MountOptions) -> None:
         cmd += ["--cache-dir", os.path.abspath(opts.cache_dir)]
     if opts.cache_size:
         cmd += ["--cache-size", opts.cache_size]
-    if opts.fetch_all:
-        cmd.append("--fetch-all")
+    if opts.fetch_all != "auto":
+        cmd.append("--fetch-all" if opts.fetch_all == "on" else "--no-fetch-all")
     cmd += [*map(_absolute, dbs), os.path.abspath(mnt)]
     with tempfile.TemporaryFile() as errors:
         proc = subprocess.Popen(
@@ -383,7 +383,7 @@ def serve(dbs: list[str], mnt: str, opts: MountOptions) -> None:
 
 def _configure_cache(opts: MountOptions) -> None:
     """Where a remote DB's block cache lives and how large it may grow, for this process."""
-    if opts.cache_dir or opts.cache_size or opts.fetch_all:
+    if opts.cache_dir or opts.cache_size or opts.fetch_all != "auto":
         from ..remote.source import configure_text
 
         configure_text(opts.cache_dir, opts.cache_size, opts.fetch_all)

@@ -100,6 +100,15 @@ def split_options(groups: Sequence[str]) -> tuple[list[str], dict[str, str | boo
     return fuse, own
 
 
+def _fetch_all(value: str | bool) -> str:
+    """fstab's `fetch_all` (= on) or `fetch_all=auto|on|off`."""
+    if value is True:
+        return "on"
+    if value not in ("auto", "on", "off"):
+        raise MountError(f"fetch_all={value}: not auto, on or off", "write fetch_all, fetch_all=auto or fetch_all=off")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """mount(8)'s calling convention: SOURCE MOUNTPOINT [-s] [-f] [-n] [-v] [-o OPTS] [-t TYPE]."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -140,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             io_uring=not own.get("no_io_uring"),
             cache_dir=str(own["cache_dir"]) if "cache_dir" in own else None,
             cache_size=str(own["cache_size"]) if "cache_size" in own else None,
-            fetch_all=bool(own.get("fetch_all")),
+            fetch_all=_fetch_all(own.get("fetch_all", "auto")),
         )
         if fake:
             return 0

@@ -307,6 +307,17 @@ class BlockCache:
         with self.budget.room(len(data), self):
             bs.fill(self.map, self.fd, first, self.block_size, claimed, data, pin)
 
+    def write_at(self, offset: int, data: memoryview) -> None:
+        """pwrite ``data`` into the data file at ``offset`` (the GIL released); its
+        blocks stay FILLING until `publish`."""
+        while data:
+            n = os.pwrite(self.fd, data, offset)
+            data, offset = data[n:], offset + n
+
+    def publish(self, block: int, claimed: int) -> None:
+        """A claimed block's bytes are all written: FILLING -> PRESENT, waiters woken."""
+        bs.publish(self.map, block, claimed)
+
     @property
     def bounded(self) -> bool:
         """A --cache-size applies: a fill may first evict (not quick enough for the loop)."""

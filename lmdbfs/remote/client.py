@@ -42,6 +42,10 @@ class ObjectInfo:
     if_match: str | None  # what GETs send as If-Match (None: the server gave no ETag)
 
 
+class _SinkFailed(Exception):
+    """get_into's sink raised (args[0]): not the network's failure, so not retried."""
+
+
 def _status(exc: BaseException) -> int | None:
     m = re.search(r"status(?: code)?:? (\d{3})", str(exc))
     return int(m.group(1)) if m else None
@@ -111,6 +115,17 @@ class Client:
         """Bytes [start, end) of the object version ``info``, exactly; retried with
         backoff and jitter, bounded. RemoteChanged when the object was replaced,
         RemoteError when it still fails."""
+        return await self._get(start, end, info, None, 0)
+
+    async def get_into(self, start: int, end: int, info: ObjectInfo, sink: Any, chunk: int) -> None:
+        """Bytes [start, end) as `get_async`, handed to ``sink(position, piece)`` as they
+        arrive in pieces of at least ``chunk`` bytes, in order, each piece still in the
+        processor's cache (no buffer of the whole GET gathered and read again). An
+        attempt that fails midway starts over at ``start``: the sink may see a position
+        twice, and only a call that returns had all of [start, end)."""
+        await self._get(start, end, info, sink, chunk)
+
+    async def _get(self, start: int, end: int, info: ObjectInfo, sink: Any, chunk: int) -> memoryview | None:
         import obstore
         from obstore import exceptions as ox
 
@@ -122,11 +137,27 @@ class Client:
             if attempt:
                 cap = min(_BACKOFF[1], _BACKOFF[0] * 2**attempt)
                 await asyncio.sleep(random.uniform(cap / 2, cap))
+            got = 0
             try:
                 result = await _rust(obstore.get_async, self._store, self._path, options=options)
                 if info.if_match is None and result.meta.get("size") not in (None, info.size):
                     raise RemoteChanged(f"{self.url}: the object changed since it was opened", "mount it again")
-                data = memoryview(await _rust(result.bytes_async))  # obstore's buffer, not copied
+                if sink is None:
+                    data = memoryview(await _rust(result.bytes_async))  # obstore's buffer, not copied
+                    got = len(data)
+                else:
+                    async for piece in _pieces(result.stream(min_chunk_size=chunk)):
+                        view = memoryview(piece)
+                        if got + len(view) > end - start:
+                            got += len(view)
+                            break
+                        try:
+                            sink(start + got, view)
+                        except BaseException as exc:
+                            raise _SinkFailed(exc) from None
+                        got += len(view)
+            except _SinkFailed as exc:  # the cache's failure (a full disk): no retry
+                raise exc.args[0] from None
             except ox.PreconditionError:
                 raise RemoteChanged(f"{self.url}: the object changed since it was opened", "mount it again") from None
             except (ox.NotFoundError, ox.PermissionDeniedError, ox.UnauthenticatedError) as exc:
@@ -144,9 +175,9 @@ class Client:
                         f"{self.url}: the object changed since it was opened", "mount it again"
                     ) from None
                 continue
-            if len(data) == end - start:
-                return data
-            why = f"{len(data)} bytes where {end - start} were asked"
+            if got == end - start:
+                return data if sink is None else None
+            why = f"{got} bytes where {end - start} were asked"
         raise RemoteError(f"{self.url}: bytes {start}-{end - 1} failed after retries ({why})", "check the server")
 
     def get(self, start: int, end: int, info: ObjectInfo) -> bytes:
@@ -242,6 +273,17 @@ async def _rust(call: Any, *args: Any, **kwargs: Any) -> Any:
         raise
     fut.add_done_callback(_rust_done)
     return await asyncio.shield(fut)
+
+
+async def _pieces(stream: Any) -> Any:
+    """obstore's body stream, each step counted as one call (_rust)."""
+    it = stream.__aiter__()
+    while True:
+        try:
+            piece = await _rust(it.__anext__)
+        except StopAsyncIteration:
+            return
+        yield piece
 
 
 def _rust_done(fut: asyncio.Future) -> None:

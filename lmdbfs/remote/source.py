@@ -44,7 +44,10 @@ class Settings:
 
     cache_dir: str | None = None
     cache_size: int | None = None
-    fetch_all: bool = False  # the mount's fetcher streams the whole object into the cache
+    # Whether the mount's fetcher streams the whole object into the cache: "on" at mount,
+    # "off" never, "auto" once the readers' requests show an epoch under way and the
+    # cache can hold the object (lmdbfs/remote/fetcher.py, docs/remote.md).
+    fetch_all: str = "auto"
 
 
 SETTINGS = Settings()
@@ -52,8 +55,15 @@ _SOURCES: dict[tuple[int, str], RemoteSource] = {}
 _LOCK = threading.Lock()
 
 
-def configure(cache_dir: str | None = None, cache_size: int | None = None, fetch_all: bool | None = None) -> None:
+FETCH_ALL = ("auto", "on", "off")
+
+
+def configure(cache_dir: str | None = None, cache_size: int | None = None, fetch_all: str | bool | None = None) -> None:
     if fetch_all is not None:
+        if isinstance(fetch_all, bool):
+            fetch_all = "on" if fetch_all else "off"
+        if fetch_all not in FETCH_ALL:
+            raise ValueError(f"fetch_all must be one of {', '.join(FETCH_ALL)}, not {fetch_all!r}")
         SETTINGS.fetch_all = fetch_all
     if cache_dir is not None:
         SETTINGS.cache_dir = os.path.abspath(cache_dir)
@@ -61,7 +71,7 @@ def configure(cache_dir: str | None = None, cache_size: int | None = None, fetch
         SETTINGS.cache_size = cache_size
 
 
-def configure_text(cache_dir: str | None, cache_size: str | None, fetch_all: bool | None = None) -> None:
+def configure_text(cache_dir: str | None, cache_size: str | None, fetch_all: str | bool | None = None) -> None:
     """`configure` from the command line's words (``--cache-size 20G``)."""
     configure(cache_dir, parse_size(cache_size) if cache_size else None, fetch_all)
 
@@ -148,11 +158,13 @@ class RemoteSource:
             log.error("%s", getattr(exc, "one_line", lambda: text)())
 
     # -- fetching claimed blocks ---------------------------------------------------------
-    async def fetch_claimed(self, claimed: list[tuple[int, int]], pin: bool = False) -> BaseException | None:
-        """Fetch and publish claimed blocks (coalesced into ranged GETs of at most
-        MAX_GET, all in flight at once); a run that fails is marked FAILED. Returns the
-        first failure (already logged once), None when all were filled."""
-        runs = coalesce(claimed, self.max_blocks)
+    async def fetch_claimed(
+        self, claimed: list[tuple[int, int]], pin: bool = False, per: int = 0
+    ) -> BaseException | None:
+        """Fetch and publish claimed blocks (coalesced into ranged GETs of at most ``per``
+        blocks, default MAX_GET's, all in flight at once); a run that fails is marked
+        FAILED. Returns the first failure (already logged once), None when all were filled."""
+        runs = coalesce(claimed, per or self.max_blocks)
         results = await asyncio.gather(*(self._fetch_run(run_, pin) for run_ in runs))
         return next((r for r in results if r is not None), None)
 
@@ -163,6 +175,16 @@ class RemoteSource:
         if self._slots is None:
             self._slots = asyncio.Semaphore(INFLIGHT)
         try:
+            if not self.cache.bounded and not pin:
+                try:
+                    async with self._slots:
+                        await self._get_published(run_, start, end)
+                except BaseException as exc:  # noqa: BLE001 - its blocks are FAILED already
+                    self.log_once(exc)
+                    return exc
+                self.gets += 1
+                self.fetched += end - start
+                return None
             async with self._slots:
                 data = await self.client.get_async(start, end, self.info)
             self.gets += 1
@@ -177,6 +199,28 @@ class RemoteSource:
             self.log_once(exc)
             return exc
         return None
+
+    async def _get_published(self, run_: list[tuple[int, int]], start: int, end: int) -> None:
+        """An unbounded cache's GET: each piece written as it arrives (still in the
+        processor's cache: no whole-GET buffer gathered by the client and read again
+        by the write), each block published as soon as its bytes are all written (a
+        reader waiting on a GET's first block need not wait for its last)."""
+        cache, bsize = self.cache, self.block_size
+        published = 0  # blocks of the run published so far
+
+        def sink(pos: int, piece: memoryview) -> None:
+            nonlocal published
+            cache.write_at(pos, piece)
+            done = len(run_) if pos + len(piece) >= end else (pos + len(piece) - start) // bsize
+            while published < done:  # a run's blocks are consecutive (coalesce)
+                cache.publish(*run_[published])
+                published += 1
+
+        try:
+            await self.client.get_into(start, end, self.info, sink, bsize)
+        except BaseException:
+            cache.fail(run_[published:])  # what was published stays: its bytes are whole
+            raise
 
     def fetch_sync(self, claimed: list[tuple[int, int]], pin: bool = False) -> None:
         if not claimed:

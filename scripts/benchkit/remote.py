@@ -28,7 +28,7 @@ from .trees import find_daemon, fuse_unmount, is_mounted, wait_mounted
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # tests/servers.py: the same servers the tests start
 
-REMOTE_SYSTEMS = ("local", "http", "http-heads", "s3", "httpdirfs", "ratarmount")
+REMOTE_SYSTEMS = ("local", "http", "http-heads", "http-demand", "s3", "httpdirfs", "ratarmount")
 LMDBFS = [sys.executable, "-m", "lmdbfs"]
 
 
@@ -150,10 +150,13 @@ class RemoteSystem:
     def mount(self, proxy: Proxy | None) -> None:
         raise NotImplementedError
 
+    options: tuple[str, ...] = ()  # of `lmdbfs mount`
+
     def _mount_lmdbfs(self, source: str, extra_env: dict[str, str] | None = None, cache: bool = True) -> None:
         self.mnt.mkdir(parents=True, exist_ok=True)
         fuse_unmount(self.mnt)
-        cmd = [*LMDBFS, "mount", source, str(self.mnt)] + (["--cache-dir", str(self.cache)] if cache else [])
+        cmd = [*LMDBFS, "mount", *self.options, source, str(self.mnt)]
+        cmd += ["--cache-dir", str(self.cache)] if cache else []
         if cache and self.env.cache_size:
             cmd += ["--cache-size", self.env.cache_size]
         run(cmd, timeout=3600, env={**os.environ, **(extra_env or {})}, cwd=self.env.work)
@@ -200,6 +203,14 @@ class HttpHeads(RemoteSystem):
 
     def mount(self, proxy):
         self._mount_lmdbfs(f"{proxy.url(self.label)}/heads/{self.env.db.name}")
+
+
+class HttpDemand(Http):
+    """lmdbfs over HTTP fetching only what is read (`--no-fetch-all`): the epoch bound by
+    round trips that the whole-DB stream (the default, in "http") avoids."""
+
+    name = "http-demand"
+    options = ("--no-fetch-all",)
 
 
 class S3(RemoteSystem):
@@ -280,7 +291,7 @@ class Ratarmount(RemoteSystem):
         return self.mnt / self.env.tar_prefix if self.env.tar_prefix else self.mnt
 
 
-SYSTEMS = {cls.name: cls for cls in (Local, Http, HttpHeads, S3, HttpDirFs, Ratarmount)}
+SYSTEMS = {cls.name: cls for cls in (Local, Http, HttpHeads, HttpDemand, S3, HttpDirFs, Ratarmount)}
 
 
 class RemoteEnv:
@@ -373,7 +384,7 @@ def one_run(
             out["cache_bytes"] = sysobj.cache_bytes()
         finally:
             sysobj.umount()
-        if warm and system in ("http", "s3", "httpdirfs"):
+        if warm and system in ("http", "http-demand", "s3", "httpdirfs"):
             if proxy:
                 proxy.reset()
             drop_caches(env.drop)
