@@ -28,6 +28,7 @@ import struct
 import threading
 from collections import OrderedDict
 
+from .client import release_free_memory
 from .source import SETTINGS, RemoteSource, loop
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,11 @@ STREAM_GET = 16 << 20
 AUTO_SHARE = 256  # auto: an epoch is under way once C asked for 1/256 of the blocks ...
 AUTO_REGIONS = 64  # ... spread over half of 64 equal slices of the object
 RESERVE = 1 << 30  # without --cache-size: free disk kept beside a streamed object (and 5 %)
+# Every TRIM_S seconds, once TRIM_BYTES more were fetched, the heap's free pages go back to
+# the system: a full-size random-read epoch with the stream left the daemon at 215 MB
+# anonymous, 162 MB after one trim (the GETs' freed buffers, which glibc keeps).
+TRIM_S = 5.0
+TRIM_BYTES = 256 << 20
 
 
 class Fetcher:
@@ -85,6 +91,7 @@ class Fetcher:
 
         loop().call_soon_threadsafe(watch)
         started.wait(10)  # the pipe is watched before the first request can arrive
+        loop().call_soon_threadsafe(self._trim, 0)
         if SETTINGS.fetch_all == "on":
             loop().call_soon_threadsafe(self._begin, True)
 
@@ -163,6 +170,16 @@ class Fetcher:
             done.wait(5)
         with contextlib.suppress(OSError):
             os.close(self.read_fd)
+
+    def _trim(self, trimmed_at: int) -> None:
+        """On the loop, every TRIM_S while the pipe is watched (see TRIM_BYTES)."""
+        if not self._reading:
+            return
+        fetched = self.src.fetched
+        if fetched - trimmed_at >= TRIM_BYTES:
+            release_free_memory()
+            trimmed_at = fetched
+        loop().call_later(TRIM_S, self._trim, trimmed_at)
 
     def _unwatch(self) -> None:
         if self._reading:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import CorruptValue, RemoteChanged, RemoteError
 from .cache import PIN_PAGE, BlockCache, default_dir, parse_size
-from .client import Client, ObjectInfo, loop, run
+from .client import Client, ObjectInfo, loop, release_free_memory, run
 from .url import RemoteURL, parse
 
 if TYPE_CHECKING:
@@ -127,6 +127,7 @@ class RemoteSource:
         except BaseException:
             self.cache.close()
             raise
+        release_free_memory()  # the index's GETs and parsing are over: their buffers go back
 
     @property
     def data_path(self) -> str:
