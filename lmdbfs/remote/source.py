@@ -148,7 +148,6 @@ class RemoteSource:
             yield
         finally:
             self._offline = False
-        self.fetched_all = False  # every block is in the cache (`fetch_all`): records are read whole
 
     def log_once(self, exc: BaseException) -> None:
         """One log line per kind of failure (a replaced object: one line naming it)."""
