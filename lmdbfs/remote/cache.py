@@ -40,6 +40,10 @@ _PIN_HEADER = struct.Struct("<8sIIQQ")  # magic, version, page size, object size
 _PIN_MAGIC = b"LMDBFSP1"
 PIN_HEADER = 4096  # one byte per page starts here: 1 = the page's bytes are in data, pinned
 PIN_GAP = 16 << 10  # a record's inline tail this short is pinned with its head (`lmdbfs ls` reads records whole)
+# Pieces of index closer than this share one GET, the bytes between them dropped: a GET
+# costs a round trip and 1-3 ms of client and server time, 128 KiB about as much to move.
+# (The index prefetch's GETs, source.ensure_pinned, and the heads sidecar's identity check.)
+BRIDGE = 128 << 10
 _FILES = ("data", "state", "pins", "info.json")
 
 

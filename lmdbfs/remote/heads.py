@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import xxhash
 
 from ..errors import BadDatabase, LmdbfsError, RemoteError
-from .cache import PIN_PAGE
+from .cache import BRIDGE, PIN_PAGE
 from .client import Client, ObjectInfo, run
 from .prefetch import LocalIndex, identity_ranges, walk
 
@@ -55,7 +55,6 @@ _FIRST = 1 << 20  # the first GET asks this much: the head section, mostly whole
 _HEAD_MAX = 256 << 20
 _CHUNK_MAX = 64 << 20  # a larger chunk in a header is refused: each one is held whole while checked
 _IDENTITY_MAX = 4096
-_BRIDGE = 128 << 10  # identity runs closer than this share a GET (source.BRIDGE's reasoning)
 
 
 class Refused(Exception):
@@ -367,7 +366,7 @@ def _bridged(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """Runs closer than a GET's worth of bytes, fetched as one."""
     out: list[list[int]] = []
     for a, n in runs:
-        if out and a - (out[-1][0] + out[-1][1]) <= _BRIDGE:
+        if out and a - (out[-1][0] + out[-1][1]) <= BRIDGE:
             out[-1][1] = a + n - out[-1][0]
         else:
             out.append([a, n])

@@ -10,7 +10,7 @@ bytes), which in a tree of tiny files are as large as the data; a tail shorter t
 
 All of it is fetched and pinned at the grain of a 4 KiB page (`RemoteSource.ensure_pinned`),
 not of a cache block: a head's block around it is not kept. Heads closer than
-`source.BRIDGE` share a GET, the tails between them dropped. The tree is walked level
+`cache.BRIDGE` share a GET, the tails between them dropped. The tree is walked level
 by level: each level's pages are fetched together, in ranged GETs all in flight at once,
 so the time grows with the index's bytes and depth, not with the number of directories.
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..errors import CorruptValue, RemoteChanged, RemoteError
-from .cache import PIN_PAGE, BlockCache, default_dir, parse_size
+from .cache import BRIDGE, PIN_PAGE, BlockCache, default_dir, parse_size
 from .client import Client, ObjectInfo, loop, release_free_memory, run
 from .url import RemoteURL, parse
 
@@ -33,9 +33,6 @@ MAX_GET = 4 << 20  # adjacent claimed blocks become one ranged GET of at most th
 WAIT_MS = 1000
 INFLIGHT = 32  # ranged GETs in flight per process (the fetcher's and the readers' together)
 PIN_INFLIGHT = 128  # the pinned index's GETs in flight at once (small ones: many per RTT)
-# Pieces of index closer than this share one GET, the bytes between them dropped: a GET
-# costs a round trip and 1-3 ms of client and server time, 128 KiB about as much to move.
-BRIDGE = 128 << 10
 
 
 @dataclass
