@@ -409,3 +409,37 @@ def test_a_tiny_file_trees_index_is_its_heads_not_its_tails(tiny_tree, tmp_path:
         with lmdbfs.open(url) as archive:
             assert archive.locations().remote.index_bytes <= 0.2 * tree_bytes(tree)
             assert web.gets() > 0
+
+
+def test_a_finished_body_stream_is_freed_at_once(remote_tree, tmp_path: Path) -> None:
+    """Each GET written piece by piece ends its body stream with StopAsyncIteration; the
+    stream (and its connection's buffers, ~200 KB each) must go when the GET is done, not
+    at the next full garbage collection, which a mount daemon may not run for minutes."""
+    import gc
+
+    from lmdbfs.remote.client import Client, run
+
+    _tree, db = remote_tree
+    with nginx(tmp_path / "www") as server:
+        client = Client(parse(server.put(db, "tree.lmdb")))
+        info = client.head()
+        got = bytearray(info.size)
+
+        def sink(pos: int, piece: memoryview) -> None:
+            got[pos : pos + len(piece)] = piece
+
+        def streams_alive() -> int:
+            return sum(type(o).__name__ == "BytesStream" for o in gc.get_objects())
+
+        gc.collect()
+        gc.disable()
+        try:
+            before = streams_alive()
+            for start in range(0, info.size, 64 << 10):
+                run(client.get_into(start, min(info.size, start + (64 << 10)), info, sink, 16 << 10))
+            left = streams_alive() - before
+        finally:
+            gc.enable()
+    assert bytes(got) == db.read_bytes()
+    assert info.size > 4 * (64 << 10)
+    assert left == 0, f"{left} finished body streams still held"

@@ -272,7 +272,14 @@ async def _rust(call: Any, *args: Any, **kwargs: Any) -> Any:
         _busy(-1)
         raise
     fut.add_done_callback(_rust_done)
-    return await asyncio.shield(fut)
+    try:
+        return await asyncio.shield(fut)
+    finally:
+        # A call that raised (every body stream ends with StopAsyncIteration) leaves
+        # fut -> exception -> traceback -> this frame -> fut: a cycle only a full
+        # collection frees, holding the stream and its connection's buffers meanwhile
+        # (full-size tree: 230 ended streams, 52 MB of the daemon's 121 MB anonymous).
+        del fut
 
 
 async def _pieces(stream: Any) -> Any:
