@@ -213,6 +213,27 @@ static int session_run(struct fuse_session *se, int threads, int clone_fd)
     return rc;
 }
 
+/* The daemon's malloc policy. Records come and go from the cache on every worker thread:
+ * one malloc arena, and anything over 64 KiB mapped on its own, so freed memory goes back
+ * to the system instead of fragmenting per-thread heaps (the daemon's RSS stays near the
+ * cache size). The arena limit binds only threads that have not allocated yet: a remote
+ * DB's client threads start while the DBs are opened, before serve(), so the daemon sets
+ * this first of all (fuse/serve.py); serve() sets it again for other callers. */
+static void set_malloc_policy(void)
+{
+    mallopt(M_ARENA_MAX, 1);
+    mallopt(M_MMAP_THRESHOLD, 64 << 10);
+    mallopt(M_TRIM_THRESHOLD, 1 << 20);
+}
+
+static PyObject *malloc_policy(PyObject *self, PyObject *noargs)
+{
+    (void)self;
+    (void)noargs;
+    set_malloc_policy();
+    Py_RETURN_NONE;
+}
+
 static PyObject *serve(PyObject *self, PyObject *args, PyObject *kw)
 {
     (void)self;
@@ -238,12 +259,7 @@ static PyObject *serve(PyObject *self, PyObject *args, PyObject *kw)
     }
     if (!PyUnicode_FSConverter(mnt_obj, &mnt_bytes))
         return NULL;
-    /* Records come and go from the cache on every worker thread: one malloc arena, and
-     * anything over 64 KiB mapped on its own, so freed memory goes back to the system
-     * instead of fragmenting per-thread heaps (the daemon's RSS stays near the cache size). */
-    mallopt(M_ARENA_MAX, 1);
-    mallopt(M_MMAP_THRESHOLD, 64 << 10);
-    mallopt(M_TRIM_THRESHOLD, 1 << 20);
+    set_malloc_policy();
     memset(&srv, 0, sizeof(srv));
     srv.layers = calloc((size_t)nl, sizeof(struct layer));
     srv.verify = verify;
@@ -395,6 +411,8 @@ static PyMethodDef methods[] = {
     {"serve", (PyCFunction)(void (*)(void))serve, METH_VARARGS | METH_KEYWORDS,
      "serve(mountpoint, layers, fuse_args, notify_fd=-1, verify=True, threads=16, clone_fd=False, "
      "max_background=0, cache_bytes=32 MiB, statfs_blocks=0, statfs_files=0, uring=True, push_bytes=64 KiB) -> libfuse status"},
+    {"malloc_policy", malloc_policy, METH_NOARGS,
+     "malloc_policy(): the daemon's malloc settings (one arena, 64 KiB mmap threshold); call it before any thread starts"},
     {"_parse_record", (PyCFunction)(void (*)(void))parse_record, METH_VARARGS | METH_KEYWORDS,
      "_parse_record(raw, own, data_size=0, offsets_ok=False) -> (rows, bad_names); for tests"},
     {NULL, NULL, 0, NULL},

@@ -220,6 +220,9 @@ def serve_dbs(
     """The daemon's way in, in one place: open and check the DBs (`describe`), mount them
     at ``mnt`` and serve until unmounted; ``on_ready(warnings)`` runs once the kernel has
     the mount (its readahead raised). Returns libfuse's status (see `run`)."""
+    from .. import _serve
+
+    _serve.malloc_policy()  # before a remote DB's client starts its threads (module.c)
     served = describe(dbs)
 
     def ready() -> None:

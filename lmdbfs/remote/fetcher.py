@@ -44,12 +44,10 @@ STREAM_GET = 16 << 20
 AUTO_SHARE = 256  # auto: an epoch is under way once C asked for 1/256 of the blocks ...
 AUTO_REGIONS = 64  # ... spread over half of 64 equal slices of the object
 RESERVE = 1 << 30  # without --cache-size: free disk kept beside a streamed object (and 5 %)
-# Every TRIM_S seconds the heap's free pages go back to the system (release_free_memory).
-# The process keeps up to 64 MB free at the heap's top (client.py's malloc settings),
-# and the C threads' freed read buffers stayed with it: full-size tree, 15,000 random
-# reads after a listing, the daemon went 78 -> 117 MB anonymous, 82 MB after a trim
-# (a local DB's daemon, where glibc trims on its own: 68 -> 74 MB). A trim walks the
-# heap's free chunks: a few ms at most, every few seconds.
+# Every TRIM_S seconds the heap's free pages go back to the system (release_free_memory):
+# glibc gives back only the top of its heap by itself, and a GET's freed buffers lie in
+# the middle of it as often as not. A trim walks the heap's free chunks: a few ms at
+# most, every few seconds.
 TRIM_S = 5.0
 
 
