@@ -217,8 +217,9 @@ static int session_run(struct fuse_session *se, int threads, int clone_fd)
  * one malloc arena, and anything over 64 KiB mapped on its own, so freed memory goes back
  * to the system instead of fragmenting per-thread heaps (the daemon's RSS stays near the
  * cache size). The arena limit binds only threads that have not allocated yet: a remote
- * DB's client threads start while the DBs are opened, before serve(), so the daemon sets
- * this first of all (fuse/serve.py); serve() sets it again for other callers. */
+ * DB's client threads start while the DBs are opened, so the daemon sets this first of
+ * all (fuse/serve.py), and a remote DB's client then raises the thresholds for its GETs'
+ * buffers (lmdbfs/remote/client.py), which serve() leaves as they are. */
 static void set_malloc_policy(void)
 {
     mallopt(M_ARENA_MAX, 1);
@@ -259,7 +260,6 @@ static PyObject *serve(PyObject *self, PyObject *args, PyObject *kw)
     }
     if (!PyUnicode_FSConverter(mnt_obj, &mnt_bytes))
         return NULL;
-    set_malloc_policy();
     memset(&srv, 0, sizeof(srv));
     srv.layers = calloc((size_t)nl, sizeof(struct layer));
     srv.verify = verify;
