@@ -16,7 +16,7 @@ import pytest
 from tests.conftest import load_script
 from tests.servers import nginx
 from tests.test_mount import _without_write_bits
-from tests.test_remote import cli
+from tests.test_remote import cli, fresh_sources, tiny_tree  # noqa: F401 - fixtures
 from tests.test_remote_mount import mounts  # noqa: F401 - the fixture
 from tests.treecmp import differences, snapshot
 
@@ -215,3 +215,50 @@ def test_the_object_replaced_during_the_stream_answers_eio_with_one_line(
         time.sleep(0.2)
         changed = [line for line in log.read_text().splitlines() if "changed since it was opened" in line]
         assert len(changed) == 1 and url in changed[0], changed
+
+
+def test_the_stream_brings_the_records_first(tiny_tree, tmp_path: Path, fresh_sources) -> None:  # noqa: F811
+    """A tiny-file tree holds each file twice: inline in its directory's record, which
+    the mount reads, and under its md5(path) key, which only other LMDB code reads. The
+    stream's first GETs are the records' blocks: every file's inline copy lies in them,
+    its md5 copy in a block that comes later."""
+    from lmdbfs.remote import source
+    from lmdbfs.remote.fetcher import Fetcher
+
+    tree, db = tiny_tree
+    data = db.read_bytes()
+    with nginx(tmp_path / "www") as web:
+        url = web.put(db, "tiny.lmdb")
+        source.configure(cache_dir=str(tmp_path / "cache"))
+        src = source.open_source(url)
+        fetcher = Fetcher(src)
+        try:
+            order = [first for first, _end in fetcher.order(1)]
+            bsize, blocks = src.block_size, src.cache.blocks
+        finally:
+            fetcher.stop()
+    first = {b for lo, hi in src.record_runs for b in range(lo, hi)}
+    assert order[: len(first)] == sorted(first)
+    assert sorted(order) == sorted([*first, *range(blocks)])  # then every block, in order
+    assert len(first) < 0.6 * blocks
+    files = sorted(p for p in tree.rglob("*.jpg"))
+    assert len(files) == 60 * 40
+    both = 0
+    for path in files[::7]:
+        body = path.read_bytes()
+        at = _find_all(data, body)
+        assert len(at) >= 2, (path, at)  # the record's copy and the md5 copy (and free pages' stale ones)
+        early = [a // bsize in first and (a + len(body) - 1) // bsize in first for a in at]
+        assert any(early), path  # its record's copy comes with the first GETs
+        both += all(early)
+    # The md5 copies come after, but for those sharing a block with a record written
+    # among them (the root's, lmdbfs.meta's: one block in this DB of 38)
+    assert both <= 0.1 * len(files[::7]), both
+
+
+def _find_all(data: bytes, needle: bytes) -> list[int]:
+    out, i = [], data.find(needle)
+    while i >= 0:
+        out.append(i)
+        i = data.find(needle, i + 1)
+    return out

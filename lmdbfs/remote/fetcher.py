@@ -5,17 +5,19 @@ to FILLING into a pipe and futex-waits on the block's word. The process's event 
 reads those numbers as they come (the pipe is one of its file descriptors: no thread
 stands between C and the GETs), claims the blocks after them that a reader moving
 forward will want next (readahead along the file order: a sequence's frames lie
-together), and starts their ranged GETs, many in flight at once without a thread each. Every block it took is published, or marked FAILED after the client's
-bounded retries (C's waiters then answer EIO; the failure is logged once).
+together), and starts their ranged GETs, many in flight at once without a thread each.
+Every block it took is published, or marked FAILED after the client's bounded retries
+(C's waiters then answer EIO; the failure is logged once).
 
-The stream (`--fetch-all`): the whole object in order, a few large GETs beside the
-readers' own, skipping blocks present or in flight. "on" starts it at mount; "auto"
-(the default) once the readers' requests show an epoch under way: at least
-`blocks / AUTO_SHARE` distinct blocks asked for by C (and AUTO_REGIONS / 2 at least),
-spread over half of the AUTO_REGIONS equal slices of the object — a random-order
-epoch gets there within its first few hundred files, while `ls`, a `cat` of a few
-files or the frames of one sequence (contiguous) never do — and only when the cache
-can hold the whole object (docs/remote.md, "When the whole DB is streamed").
+The stream (`--fetch-all`): the whole object, its directory records first, then the rest
+in order, a few large GETs beside the readers' own, skipping blocks present or in
+flight. "on" starts it at mount; "auto" (the default) once the readers' requests show an
+epoch under way: at least `blocks / AUTO_SHARE` distinct blocks asked for by C (and
+AUTO_REGIONS / 2 at least), spread over half of the AUTO_REGIONS equal slices of the
+object — a random-order epoch gets there within its first few hundred files, while
+`ls`, a `cat` of a few files or the frames of one sequence (contiguous) never do — and
+only when the cache can hold the whole object (docs/remote.md, "When the whole DB is
+streamed").
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import os
 import struct
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 
 from .client import release_free_memory
 from .source import SETTINGS, RemoteSource, loop
@@ -138,15 +141,17 @@ class Fetcher:
             self._begin(False)
 
     async def _stream(self) -> None:
-        """The whole object, in order, a few large GETs at a time beside the readers'
-        (a cold epoch in random order then reads at the link's speed, not at one round
-        trip per file). Blocks present or claimed by a reader are skipped."""
+        """The whole object, a few large GETs at a time beside the readers' (a cold
+        epoch in random order then reads at the link's speed, not at one round trip per
+        file): the directory records' blocks first, where a tiny-file tree's bytes lie
+        (the `md5(path)` copies of those files, which the mount never reads, come last),
+        then the rest in order. Blocks present or claimed by a reader are skipped."""
         src, cache = self.src, self.src.cache
         per = src.max_blocks if cache.bounded else STREAM_GET // src.block_size
         gate = asyncio.Semaphore(STREAM_INFLIGHT)
-        for first in range(0, cache.blocks, per):
+        for first, end in self.order(per):
             await gate.acquire()  # claimed only when its GET can go out: a reader meanwhile claims its own
-            claimed = cache.claim(first, per)
+            claimed = cache.claim(first, end - first)
             if not claimed:
                 gate.release()
                 continue
@@ -154,6 +159,14 @@ class Fetcher:
             task.add_done_callback(lambda _t: gate.release())
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    def order(self, per: int) -> Iterator[tuple[int, int]]:
+        """The stream's GETs, as block ranges [first, end) of at most ``per``: the
+        records' runs, then every block in order (what the first pass took is present
+        or in flight by then, and skipped)."""
+        for lo, hi in [*self.src.record_runs, (0, self.src.cache.blocks)]:
+            for first in range(lo, hi, per):
+                yield first, min(hi, first + per)
 
     def stop(self) -> None:
         """Close the write end (C has stopped) and stop watching the read end."""

@@ -33,16 +33,17 @@ _SAMPLE = 64  # records whose heads are measured before the others are fetched
 _GUESS_MAX = 256 << 10  # the most fetched of a record in its one GET before its head is known
 
 
-def prefetch_index(src, sidecar=None) -> int:
-    """Fetch and pin the index of ``src`` (a `RemoteSource`); the bytes pinned.
+def prefetch_index(src, sidecar=None) -> tuple[int, list[tuple[int, int]]]:
+    """Fetch and pin the index of ``src`` (a `RemoteSource`); the bytes pinned and the
+    records' spans (`walk`).
     ``sidecar`` (a `heads.Found`, or None): the DB's heads sidecar, loaded first when
     the cache does not hold the whole index yet (lmdbfs/remote/heads.py, which builds
     on this module: it is not imported here)."""
     if src.cache.pinned_bytes():
         try:
             with src.offline():  # every page already pinned: no GET, only the checks
-                walk(src)
-            return src.cache.pinned_bytes()
+                spans = walk(src)
+            return src.cache.pinned_bytes(), spans
         except Missing:
             pass
         except BadDatabase:
@@ -50,13 +51,13 @@ def prefetch_index(src, sidecar=None) -> int:
     if sidecar is not None:
         if sidecar.load(src):
             try:
-                walk(src)  # its pages parsed like any pinned page; what it lacked is fetched
-                return src.cache.pinned_bytes()
+                spans = walk(src)  # its pages parsed like any pinned page; what it lacked is fetched
+                return src.cache.pinned_bytes(), spans
             except BadDatabase as exc:
                 src.cache.unpin_all()
                 sidecar.refuse(f"its pages fail the index's checks ({exc.message})")
-    walk(src)
-    return src.cache.pinned_bytes()
+    spans = walk(src)
+    return src.cache.pinned_bytes(), spans
 
 
 class Missing(Exception):
@@ -79,10 +80,12 @@ class LocalIndex:
         return True
 
 
-def walk(src) -> None:
+def walk(src) -> list[tuple[int, int]]:
     """The one walk over "which pages are the index": pins them on a `RemoteSource`,
     records them on a `LocalIndex`. ``src`` gives ``shown``, ``size``, ``fd``,
-    ``ensure_pinned(ranges)`` and ``is_pinned(start, end)``."""
+    ``ensure_pinned(ranges)`` and ``is_pinned(start, end)``. Returns the byte spans
+    [start, end) of the values on overflow pages of the named databases, heads and
+    tails, in file order: the directory records, where a tiny-file tree's bytes lie."""
     shown = src.shown
     first = min(src.size, 2 * PIN_PAGE)
     src.ensure_pinned([(0, first)])
@@ -157,6 +160,8 @@ def walk(src) -> None:
         guess = min(-(-(guess * 5 // 4) // PIN_PAGE) * PIN_PAGE, _GUESS_MAX)  # a quarter more, in whole pages
         src.ensure_pinned([_value_span(n, psize, guess) for n in unknown])
     src.ensure_pinned([_head(src, n, psize, shown) for n in big])
+    ends = (n.child * psize + btree._PAGE_HEADER + n.size for n in big)  # noqa: SLF001
+    return [(n.child * psize, min(src.size, end)) for n, end in zip(big, ends, strict=True)]
 
 
 def identity_ranges(read, shown: str) -> list[tuple[int, int]]:

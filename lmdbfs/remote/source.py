@@ -48,6 +48,7 @@ class Settings:
 
 
 SETTINGS = Settings()
+RUN_GAP = 4  # blocks between two records' blocks that `block_runs` takes in to join their runs
 _SOURCES: dict[tuple[int, str], RemoteSource] = {}
 _LOCK = threading.Lock()
 
@@ -82,6 +83,22 @@ def open_source(text: str) -> RemoteSource:
         if src is None:
             src = _SOURCES[key] = RemoteSource(url)
         return src
+
+
+def block_runs(spans: list[tuple[int, int]], block_size: int) -> list[tuple[int, int]]:
+    """The cache blocks [first, end) that hold byte ``spans`` (in file order), as few
+    runs: two runs closer than RUN_GAP blocks are one (the directory records of a DB lie
+    together, index pages between them), so the list stays short whatever the tree."""
+    runs: list[tuple[int, int]] = []
+    for start, end in spans:
+        if end <= start:
+            continue
+        lo, hi = start // block_size, (end - 1) // block_size + 1
+        if runs and lo <= runs[-1][1] + RUN_GAP:
+            runs[-1] = (runs[-1][0], max(runs[-1][1], hi))
+        else:
+            runs.append((lo, hi))
+    return runs
 
 
 class RemoteSource:
@@ -120,10 +137,11 @@ class RemoteSource:
         self._offline = False
         self.fetched_all = False  # every block is in the cache (`fetch_all`): records are read whole
         try:
-            self.index_bytes = prefetch_index(self, self.sidecar)
+            self.index_bytes, spans = prefetch_index(self, self.sidecar)
         except BaseException:
             self.cache.close()
             raise
+        self.record_runs = block_runs(spans, self.block_size)
         release_free_memory()  # the index's GETs and parsing are over: their buffers go back
 
     @property
