@@ -184,12 +184,14 @@ class Fetcher:
         with contextlib.suppress(OSError):
             os.close(self.read_fd)
 
-    def _trim(self) -> None:
-        """On the loop, every TRIM_S while the pipe is watched."""
+    def _trim(self, seen: int = -1) -> None:
+        """On the loop, every TRIM_S while the pipe is watched; the heap is trimmed only
+        when GETs went out since the last time (an idle mount's heap has not changed)."""
         if not self._reading:
             return
-        release_free_memory()
-        loop().call_later(TRIM_S, self._trim)
+        if self.src.gets != seen:
+            release_free_memory()
+        loop().call_later(TRIM_S, self._trim, self.src.gets)
 
     def _unwatch(self) -> None:
         if self._reading:
