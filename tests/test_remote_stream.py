@@ -122,13 +122,23 @@ def test_auto_does_not_stream_into_a_cache_too_small(big_db, tmp_path: Path, mou
         assert "streaming the whole DB into" not in text
 
 
-def test_off_never_streams(big_db, tmp_path: Path, mounts) -> None:  # noqa: F811
+@pytest.mark.parametrize("form", ["--no-fetch-all", "fstab fetch_all=off"])
+def test_off_never_streams(big_db, tmp_path: Path, mounts, form: str) -> None:  # noqa: F811
     tree, db, names = big_db
     with nginx(tmp_path / "www") as web:
         url = web.put(db, "tree.lmdb")
-        cache, log = tmp_path / "cache", tmp_path / "daemon.log"
-        mnt = mounts(url, "--cache-dir", cache, "--no-fetch-all", "--log-file", log, tmp_path / "mnt")
-        read(mnt, tree, random.Random(3).sample(names, FILES // 2))
+        cache, log, mnt = tmp_path / "cache", tmp_path / "daemon.log", tmp_path / "mnt"
+        if form == "--no-fetch-all":
+            mounts(url, "--cache-dir", cache, "--no-fetch-all", "--log-file", log, mnt)
+        else:  # mount(8)'s form, as an fstab line gives it
+            mnt.mkdir()
+            proc = cli(url, mnt, "-o", f"ro,cache_dir={cache},fetch_all=off,log_file={log}", check=False)
+            assert proc.returncode == 0, proc.stderr
+        try:
+            read(mnt, tree, random.Random(3).sample(names, FILES // 2))
+        finally:
+            if form != "--no-fetch-all":
+                cli("umount", mnt)
         assert "streaming the whole DB" not in log.read_text()
         have, blocks = present(cache)
         assert have < blocks
