@@ -87,14 +87,13 @@ def walk(src) -> list[tuple[int, int]]:
     [start, end) of the values on overflow pages of the named databases, heads and
     tails, in file order: the directory records, where a tiny-file tree's bytes lie."""
     shown = src.shown
-    first = min(src.size, 2 * PIN_PAGE)
-    src.ensure_pinned([(0, first)])
-    try:
-        meta = btree.newest_meta(os.pread(src.fd, first, 0), shown)
-    except BadDatabase:  # pages larger than 4 KiB: their meta pages are farther apart
-        first = min(src.size, 2 * _MAX_PSIZE)
-        src.ensure_pinned([(0, first)])
-        meta = btree.newest_meta(os.pread(src.fd, first, 0), shown)
+
+    def pinned(start: int, end: int) -> bytes:
+        end = min(src.size, end)
+        src.ensure_pinned([(start, end)])
+        return os.pread(src.fd, end - start, start)
+
+    meta, _first = _newest_meta(pinned, shown)
     psize, last = meta.psize, meta.last_pgno
     if (last + 1) * psize > src.size:
         raise BadDatabase(f"{shown}: truncated ({src.size} of {(last + 1) * psize} bytes)", "upload the DB again")
@@ -160,8 +159,7 @@ def walk(src) -> list[tuple[int, int]]:
         guess = min(-(-(guess * 5 // 4) // PIN_PAGE) * PIN_PAGE, _GUESS_MAX)  # a quarter more, in whole pages
         src.ensure_pinned([_value_span(n, psize, guess) for n in unknown])
     src.ensure_pinned([_head(src, n, psize, shown) for n in big])
-    ends = (n.child * psize + btree._PAGE_HEADER + n.size for n in big)  # noqa: SLF001
-    return [(n.child * psize, min(src.size, end)) for n, end in zip(big, ends, strict=True)]
+    return [(n.child * psize, min(src.size, n.child * psize + btree._PAGE_HEADER + n.size)) for n in big]  # noqa: SLF001
 
 
 def identity_ranges(read, shown: str) -> list[tuple[int, int]]:
@@ -170,12 +168,7 @@ def identity_ranges(read, shown: str) -> list[tuple[int, int]]:
     page of that database with its values' overflow pages (the meta record: counts,
     the creation time, a pack id). ``read(start, end)`` gives bytes; `BadDatabase`
     when the pages do not hold such a path."""
-    first = 2 * PIN_PAGE
-    try:
-        meta = btree.newest_meta(read(0, first), shown)
-    except BadDatabase:  # pages larger than 4 KiB: their meta pages are farther apart
-        first = 2 * _MAX_PSIZE
-        meta = btree.newest_meta(read(0, first), shown)
+    meta, first = _newest_meta(read, shown)
     psize, last = meta.psize, meta.last_pgno
     out = [(0, max(first, 2 * psize))]
 
@@ -211,6 +204,16 @@ def identity_ranges(read, shown: str) -> list[tuple[int, int]]:
         if len(out) > 4096:
             raise BadDatabase(f"{shown}: its lmdbfs.meta database is too large", "pack it with `lmdbfs pack`")
     return out
+
+
+def _newest_meta(read, shown: str) -> tuple[btree.MetaPage, int]:
+    """The DB's newest meta page, from the first bytes of the file (``read(start, end)``),
+    and how many it took: two 4 KiB pages, or two of the largest page size when LMDB's
+    pages are larger (their meta pages lie farther apart)."""
+    try:
+        return btree.newest_meta(read(0, 2 * PIN_PAGE), shown), 2 * PIN_PAGE
+    except BadDatabase:
+        return btree.newest_meta(read(0, 2 * _MAX_PSIZE), shown), 2 * _MAX_PSIZE
 
 
 def _value_span(node: btree.Node, psize: int, length: int) -> tuple[int, int]:
