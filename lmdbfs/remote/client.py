@@ -72,11 +72,9 @@ class Client:
         try:
             meta = await _rust(obstore.head_async, self._store, self._path)
         except ox.NotFoundError:
-            raise _with_status(
-                RemoteError(f"{self.url}: no such object (404)", "check the bucket, key or path"), 404
-            ) from None
+            raise self._missing() from None
         except (ox.PermissionDeniedError, ox.UnauthenticatedError):
-            raise _with_status(RemoteError(f"{self.url}: access denied (403)", self._denied_hint()), 403) from None
+            raise self._denied(403) from None
         except Exception as exc:  # noqa: BLE001 - obstore's own types: classified below
             raise self._open_error(exc) from None
         etag = meta.get("e_tag")
@@ -92,6 +90,12 @@ class Client:
         other._store, other._path = self._store, self._path + suffix
         return other
 
+    def _missing(self) -> RemoteError:
+        return _with_status(RemoteError(f"{self.url}: no such object (404)", "check the bucket, key or path"), 404)
+
+    def _denied(self, code: int) -> RemoteError:
+        return _with_status(RemoteError(f"{self.url}: access denied ({code})", self._denied_hint()), 403)
+
     def _denied_hint(self) -> str:
         if self.url.scheme == "s3":
             return "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE to credentials that may read it"
@@ -100,9 +104,9 @@ class Client:
     def _open_error(self, exc: BaseException) -> RemoteError:
         code = _status(exc)
         if code in (401, 403):
-            return _with_status(RemoteError(f"{self.url}: access denied ({code})", self._denied_hint()), 403)
+            return self._denied(code)
         if code == 404:
-            return _with_status(RemoteError(f"{self.url}: no such object (404)", "check the bucket, key or path"), 404)
+            return self._missing()
         if code is not None:
             return RemoteError(f"{self.url}: the server answered {code}", "retry later, or check the server")
         fix = "check the host, the port and the network"
