@@ -330,12 +330,11 @@ async def _identity(src, head: Head, verdict: asyncio.Future) -> None:
         for a, n in head.ident:
             copies[a] = head.ident_bytes[at : at + n]
             at += n
-        got = await asyncio.gather(*(src.client.get_async(a, a + n, src.info) for a, n in _bridged(head.ident)))
+        spans = _bridged(head.ident)
+        got = await asyncio.gather(*(src.client.get_async(a, a + n, src.info) for a, n in spans))
         src.gets += len(got)
         src.fetched += sum(len(g) for g in got)
-        db = {}
-        for (a, _n), data in zip(_bridged(head.ident), got, strict=True):
-            db[a] = bytes(data)
+        db = {a: bytes(data) for (a, _n), data in zip(spans, got, strict=True)}
         for a, n in head.ident:
             base = max(b for b in db if b <= a)
             if db[base][a - base : a - base + n] != copies[a]:
