@@ -70,6 +70,17 @@ def wait_all_present(cache: Path) -> None:
         time.sleep(0.1)
 
 
+STREAMING = ": streaming "  # the daemon's line when its stream starts
+
+
+def wait_streamed(log: Path) -> None:
+    """Until the daemon logs that its stream is over."""
+    deadline = time.monotonic() + 120
+    while "the stream is over" not in log.read_text():
+        assert time.monotonic() < deadline, "the stream never ended"
+        time.sleep(0.1)
+
+
 def read(mnt: Path, tree: Path, names: list[str]) -> None:
     for name in names:
         assert (mnt / name).read_bytes() == (tree / name).read_bytes(), name
@@ -84,8 +95,8 @@ def test_auto_streams_once_the_reads_show_an_epoch(big_db, tmp_path: Path, mount
         # An epoch in random order: its first files, spread over the DB, start the stream.
         sample = random.Random(1).sample(names, FILES // 3)
         read(mnt, tree, sample)
-        wait_all_present(cache)  # the blocks of files never read came too
-        assert "streaming the whole DB into the cache (an epoch)" in log.read_text()
+        wait_streamed(log)  # the blocks of files never read came too
+        assert "streaming what the mount reads of the DB" in log.read_text()
         assert web.bytes_sent() <= 1.1 * os.path.getsize(db)  # no block twice
         web.reset()
         assert differences(_without_write_bits(snapshot(tree)), snapshot(mnt)) == []
@@ -102,7 +113,7 @@ def test_auto_does_not_stream_for_a_few_files_or_one_sequence(big_db, tmp_path: 
         os.listdir(mnt / "seq03")
         read(mnt, tree, names[::40])  # a cat of a few files, spread over the DB
         read(mnt, tree, [n for n in names if n.startswith("seq05/")])  # one whole sequence
-        assert "streaming the whole DB" not in log.read_text()
+        assert STREAMING not in log.read_text()
         # what was read (6 MB) and its sequence's readahead, not the DB (40 MB)
         assert web.bytes_sent() - at_mount < 0.5 * os.path.getsize(db)
         have, blocks = present(cache)
@@ -118,8 +129,8 @@ def test_auto_does_not_stream_into_a_cache_too_small(big_db, tmp_path: Path, mou
         mnt = mounts(url, "--cache-dir", cache, "--cache-size", str(limit), "--log-file", log, tmp_path / "mnt")
         read(mnt, tree, random.Random(2).sample(names, FILES // 3))
         text = log.read_text()
-        assert "not streaming the whole DB: --cache-size is below twice the DB" in text
-        assert "streaming the whole DB into" not in text
+        assert "not streaming the DB into the cache: --cache-size is below twice the DB" in text
+        assert STREAMING not in text
 
 
 @pytest.mark.parametrize("form", ["--no-fetch-all", "fstab fetch_all=off"])
@@ -139,7 +150,7 @@ def test_off_never_streams(big_db, tmp_path: Path, mounts, form: str) -> None:  
         finally:
             if form != "--no-fetch-all":
                 cli("umount", mnt)
-        assert "streaming the whole DB" not in log.read_text()
+        assert STREAMING not in log.read_text()
         have, blocks = present(cache)
         assert have < blocks
 
@@ -167,7 +178,7 @@ def test_faults_during_the_stream_cost_no_byte_and_no_daemon(big_db, tmp_path: P
 def test_a_read_goes_before_the_stream_and_no_block_comes_twice(bigger_db, tmp_path: Path, mounts) -> None:  # noqa: F811
     tree, db, names = bigger_db
     faultproxy = load_script("faultproxy")
-    last = names[-1]
+    last = names[len(names) * 3 // 5]  # past the middle, well before the records at the end, which the stream brings first
     content = (tree / last).read_bytes()
     # A byte in the middle of the file (its first page is pinned at mount, with the index)
     at = db.read_bytes().find(content[:4096]) + 150_000
@@ -225,6 +236,27 @@ def test_the_object_replaced_during_the_stream_answers_eio_with_one_line(
         time.sleep(0.2)
         changed = [line for line in log.read_text().splitlines() if "changed since it was opened" in line]
         assert len(changed) == 1 and url in changed[0], changed
+
+
+def test_an_epoch_of_tiny_files_streams_the_records_not_the_md5_copies(tiny_tree, tmp_path: Path, mounts) -> None:  # noqa: F811
+    """auto on a tree of tiny files: the reads lie in the records alone (under half of
+    the DB), yet they start the stream, and it brings what the mount reads (the records,
+    where every file is inline), not the md5(path) copies beside them: after it, the
+    whole tree reads with no GET."""
+    tree, db = tiny_tree
+    names = sorted(str(p.relative_to(tree)) for p in tree.rglob("*.jpg"))
+    with nginx(tmp_path / "www") as web:
+        url = web.put(db, "tiny.lmdb")
+        cache, log = tmp_path / "cache", tmp_path / "daemon.log"
+        mnt = mounts(url, "--cache-dir", cache, "--log-file", log, tmp_path / "mnt")
+        at_mount = web.bytes_sent()  # the records' heads (their tails crossed the wire, not kept)
+        read(mnt, tree, random.Random(4).sample(names, len(names) // 4))
+        wait_streamed(log)
+        assert "streaming what the mount reads of the DB" in log.read_text()
+        assert web.bytes_sent() - at_mount < 0.7 * os.path.getsize(db)  # the whole DB: about 1.0
+        web.reset()
+        assert differences(_without_write_bits(snapshot(tree)), snapshot(mnt)) == []
+        assert web.gets() == 0
 
 
 def test_the_stream_brings_the_records_first(tiny_tree, tmp_path: Path, fresh_sources) -> None:  # noqa: F811

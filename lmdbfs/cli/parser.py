@@ -208,8 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_const",
         const="on",
         default="auto",
-        help="remote DBs: stream the whole DB into the cache at mount (default: once the reads show an "
-        "epoch under way and the cache can hold it)",
+        help="remote DBs: stream the whole DB into the cache at mount (default: what the mount reads of it, "
+        "once the reads show an epoch under way and the cache can hold it)",
     )
     sub.choices["mount"].add_argument(
         "--no-fetch-all",

@@ -252,6 +252,7 @@ class Node:
     size: int  # the value's size (a branch node: 0)
     child: int  # a branch node's child page, a big value's first overflow page, else 0
     value: bytes  # the value itself when it lies in the leaf page
+    at: int = 0  # where that value lies in its page
 
 
 def newest_meta(head: bytes, shown: str) -> MetaPage:
@@ -309,7 +310,7 @@ def page_nodes(page: bytes, pgno: int, psize: int, last_pgno: int, shown: str) -
         else:
             if at + size > psize:
                 raise _bad(shown, f"page {pgno} has a node running past its end")
-            nodes.append(Node(key, nflags, size, 0, page[at : at + size]))
+            nodes.append(Node(key, nflags, size, 0, page[at : at + size], at))
     return leaf, nodes
 
 

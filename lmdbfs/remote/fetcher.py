@@ -9,15 +9,18 @@ together), and starts their ranged GETs, many in flight at once without a thread
 Every block it took is published, or marked FAILED after the client's bounded retries
 (C's waiters then answer EIO; the failure is logged once).
 
-The stream (`--fetch-all`): the whole object, its directory records first, then the rest
-in order, a few large GETs beside the readers' own, skipping blocks present or in
-flight. "on" starts it at mount; "auto" (the default) once the readers' requests show an
-epoch under way: at least `blocks / AUTO_SHARE` distinct blocks asked for by C (and
-AUTO_REGIONS / 2 at least), spread over half of the AUTO_REGIONS equal slices of the
-object — a random-order epoch gets there within its first few hundred files, while
-`ls`, a `cat` of a few files or the frames of one sequence (contiguous) never do — and
-only when the cache can hold the whole object (docs/remote.md, "When the whole DB is
-streamed").
+The stream: its directory records first, a few large GETs beside the readers' own,
+skipping blocks present or in flight. "on" (`--fetch-all`) starts it at mount and brings
+the whole object, the rest in order after the records. "auto" (the default) starts it
+once the readers' requests show an epoch under way — at least `blocks / AUTO_SHARE`
+distinct blocks asked for by C (and AUTO_REGIONS / 2 at least), spread over half of the
+AUTO_REGIONS equal slices of what the mount reads (of the whole object until that is
+known, a moment after the mount): a random-order epoch gets there within its
+first few hundred files, while `ls`, a `cat` of a few files or the frames of one
+sequence (contiguous) never do — and brings what the epoch reads: the records, then the
+values their rows point at (lmdbfs/remote/served.py), not a keyed DB's `md5(path)`
+copies of its inline files. Either way only when the cache can hold what it brings
+(docs/remote.md, "When the whole DB is streamed").
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ from collections import OrderedDict
 from collections.abc import Iterator
 
 from .client import release_free_memory
-from .source import SETTINGS, RemoteSource, loop
+from .served import Spread, value_spans
+from .source import SETTINGS, RemoteSource, block_runs, loop
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +71,12 @@ class Fetcher:
         self._tasks: set[asyncio.Future] = set()
         self.requests = 0  # block numbers received from C
         self.streaming = False
-        blocks = src.cache.blocks
-        self._regions = min(AUTO_REGIONS, blocks)
-        self._need = max(self._regions // 2, blocks // AUTO_SHARE)
-        # auto: the distinct blocks C asked for and the slices they lie in (None: decided)
+        # auto: the distinct blocks C asked for and the slices they lie in (None: decided),
+        # slices of the whole object until the runs the mount reads are known (_plan)
         self._asked: set[int] | None = set() if SETTINGS.fetch_all == "auto" else None
         self._slices: set[int] = set()
+        self._spread = Spread([(0, src.cache.blocks)], AUTO_REGIONS, AUTO_SHARE)
+        self._planned: asyncio.Future | None = None  # -> mount_runs()
 
     def describe(self) -> dict:
         """The layer's "remote" entry for the C server."""
@@ -97,11 +101,13 @@ class Fetcher:
         loop().call_soon_threadsafe(self._trim)
         if SETTINGS.fetch_all == "on":
             loop().call_soon_threadsafe(self._begin, True)
+        elif SETTINGS.fetch_all == "auto":
+            loop().call_soon_threadsafe(self._plan)
 
-    def room(self) -> str | None:
-        """Why the cache cannot hold the whole object (None: it can). With --cache-size:
-        at least twice the object. Without: the free disk must take what is missing of
-        it and still keep RESERVE and 5 % of the file system free."""
+    def room(self, need: int) -> str | None:
+        """Why the cache cannot take the stream's ``need`` bytes (None: it can). With
+        --cache-size: at least twice the object. Without: the free disk must take what
+        is missing of them and still keep RESERVE and 5 % of the file system free."""
         src = self.src
         limit = SETTINGS.cache_size
         if limit is not None:
@@ -111,45 +117,74 @@ class Fetcher:
             held = os.fstat(src.fd).st_blocks * 512
         except OSError as exc:
             return f"the cache folder cannot be measured ({exc.strerror})"
-        missing = max(0, src.size - held)
+        missing = max(0, need - held)
         keep = max(RESERVE, fs.f_blocks * fs.f_frsize // 20)
         if fs.f_bavail * fs.f_frsize < missing + keep:
             return "the cache folder's disk lacks room for it"
         return None
 
     def _begin(self, asked: bool) -> None:
-        """On the loop: start the stream when the cache can hold the object."""
+        """On the loop: start the stream (it first sees what it will bring, and whether
+        the cache can hold that)."""
         self._asked = None
-        why = self.room()
-        if why:
-            (log.warning if asked else log.info)(
-                "%s: not streaming the whole DB: %s; fetching on demand", self.src.url, why
-            )
-            return
-        log.info("%s: streaming the whole DB into the cache (%s)", self.src.url, "--fetch-all" if asked else "an epoch")
         self.streaming = True
-        task = asyncio.ensure_future(self._stream())
+        task = asyncio.ensure_future(self._stream(asked))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _plan(self) -> None:
+        """On the loop, auto: find the runs the mount reads (in a thread: it reads every
+        record's rows), then count the epoch's spread over them."""
+
+        async def plan() -> list[tuple[int, int]] | None:
+            try:
+                runs = await asyncio.to_thread(self.mount_runs)
+            except Exception:  # noqa: BLE001 - then the stream brings the whole object
+                log.exception("%s: cannot list what the mount reads", self.src.url)
+                return None
+            if runs is not None and self._asked is not None:
+                self._spread = Spread(runs, AUTO_REGIONS, AUTO_SHARE)
+                asked, self._asked, self._slices = self._asked, set(), set()
+                for block in asked:
+                    self._note(block)
+            return runs
+
+        self._planned = asyncio.ensure_future(plan())
+
     def _note(self, block: int) -> None:
         """auto: one block C asked for; start the stream once they show an epoch."""
-        asked = self._asked
-        asked.add(block)
-        self._slices.add(block * self._regions // self.src.cache.blocks)
-        if len(asked) >= self._need and 2 * len(self._slices) >= self._regions:
+        spread = self._spread
+        where = spread.slice(block)
+        if where is None or self._asked is None:
+            return
+        self._asked.add(block)
+        self._slices.add(where)
+        if len(self._asked) >= spread.need and 2 * len(self._slices) >= spread.regions:
             self._begin(False)
 
-    async def _stream(self) -> None:
-        """The whole object, a few large GETs at a time beside the readers' (a cold
-        epoch in random order then reads at the link's speed, not at one round trip per
-        file): the directory records' blocks first, where a tiny-file tree's bytes lie
-        (the `md5(path)` copies of those files, which the mount never reads, come last),
-        then the rest in order. Blocks present or claimed by a reader are skipped."""
+    async def _stream(self, asked: bool) -> None:
+        """The object, a few large GETs at a time beside the readers' (a cold epoch in
+        random order then reads at the link's speed, not at one round trip per file):
+        the directory records' blocks first, where a tiny-file tree's bytes lie, then
+        the values their rows point at; for `--fetch-all`, then the rest in order (the
+        `md5(path)` copies of the inline files, which the mount never reads). Blocks
+        present or claimed by a reader are skipped."""
         src, cache = self.src, self.src.cache
+        runs = None if asked or self._planned is None else await self._planned
+        need = src.size if runs is None else min(src.size, sum(hi - lo for lo, hi in runs) * src.block_size)
+        why = self.room(need)
+        if why:
+            (log.warning if asked else log.info)(
+                "%s: not streaming the DB into the cache: %s; fetching on demand", src.url, why
+            )
+            self.streaming = False
+            return
+        what = "the whole DB" if runs is None else f"what the mount reads of the DB ({need / 1e6:,.0f} MB)"
+        log.info("%s: streaming %s into the cache (%s)", src.url, what, "--fetch-all" if asked else "an epoch")
         per = src.max_blocks if cache.bounded else STREAM_GET // src.block_size
         gate = asyncio.Semaphore(STREAM_INFLIGHT)
-        for first, end in self.order(per):
+        tasks = []
+        for first, end in self.order(per, runs):
             await gate.acquire()  # claimed only when its GET can go out: a reader meanwhile claims its own
             claimed = cache.claim(first, end - first)
             if not claimed:
@@ -159,12 +194,24 @@ class Fetcher:
             task.add_done_callback(lambda _t: gate.release())
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+            tasks.append(task)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        log.info("%s: the stream is over: %d of %d blocks in the cache", src.url, cache.tally()[0], cache.blocks)
 
-    def order(self, per: int) -> Iterator[tuple[int, int]]:
-        """The stream's GETs, as block ranges [first, end) of at most ``per``: the
-        records' runs, then every block in order (what the first pass took is present
-        or in flight by then, and skipped)."""
-        for lo, hi in [*self.src.record_runs, (0, self.src.cache.blocks)]:
+    def mount_runs(self) -> list[tuple[int, int]] | None:
+        """The block runs of what the mount reads (records, then the values their rows
+        point at), in the stream's order; None: the whole object (a value is found by key)."""
+        src = self.src
+        values = value_spans(src.fd, src.size, [tuple(span) for span in src.record_spans.tolist()])
+        if values is None:
+            return None
+        return [*src.record_runs, *block_runs(values, src.block_size)]
+
+    def order(self, per: int, runs: list[tuple[int, int]] | None = None) -> Iterator[tuple[int, int]]:
+        """The stream's GETs, as block ranges [first, end) of at most ``per``: ``runs``
+        (None: the records' runs, then every block in order; what an earlier run took is
+        present or in flight by then, and skipped)."""
+        for lo, hi in runs if runs is not None else [*self.src.record_runs, (0, self.src.cache.blocks)]:
             for first in range(lo, hi, per):
                 yield first, min(hi, first + per)
 

@@ -84,8 +84,9 @@ def walk(src) -> list[tuple[int, int]]:
     """The one walk over "which pages are the index": pins them on a `RemoteSource`,
     records them on a `LocalIndex`. ``src`` gives ``shown``, ``size``, ``fd``,
     ``ensure_pinned(ranges)`` and ``is_pinned(start, end)``. Returns the byte spans
-    [start, end) of the values on overflow pages of the named databases, heads and
-    tails, in file order: the directory records, where a tiny-file tree's bytes lie."""
+    [start, end) of the values of the named databases (on overflow pages, heads and
+    tails, or in leaf pages), in file order: the directory records (and the meta
+    record), where a tiny-file tree's bytes lie."""
     shown = src.shown
 
     def pinned(start: int, end: int) -> bytes:
@@ -130,6 +131,7 @@ def walk(src) -> list[tuple[int, int]]:
     # Every page of the named databases; their values on overflow pages, noted.
     level = [t.root for t in trees.values() if t.root != btree._P_INVALID]  # noqa: SLF001
     big: list[btree.Node] = []
+    small: list[tuple[int, int]] = []  # values in leaf pages (small records): their spans
     seen = 0
     while level:
         seen += len(level)
@@ -141,6 +143,8 @@ def walk(src) -> list[tuple[int, int]]:
             leaf, nodes = btree.page_nodes(page, pgno, psize, last, shown)
             if leaf:
                 big.extend(n for n in nodes if n.flags & btree._F_BIGDATA)  # noqa: SLF001
+                at = pgno * psize
+                small.extend((at + n.at, at + n.at + n.size) for n in nodes if not n.flags and n.size)
             else:
                 level.extend(n.child for n in nodes)
 
@@ -159,7 +163,8 @@ def walk(src) -> list[tuple[int, int]]:
         guess = min(-(-(guess * 5 // 4) // PIN_PAGE) * PIN_PAGE, _GUESS_MAX)  # a quarter more, in whole pages
         src.ensure_pinned([_value_span(n, psize, guess) for n in unknown])
     src.ensure_pinned([_head(src, n, psize, shown) for n in big])
-    return [(n.child * psize, min(src.size, n.child * psize + btree._PAGE_HEADER + n.size)) for n in big]  # noqa: SLF001
+    at = btree._PAGE_HEADER  # noqa: SLF001 - the value's bytes follow its first page's header
+    return sorted([*small, *((n.child * psize + at, min(src.size, n.child * psize + at + n.size)) for n in big)])
 
 
 def identity_ranges(read, shown: str) -> list[tuple[int, int]]:

@@ -19,6 +19,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from ..errors import CorruptValue, RemoteChanged, RemoteError
 from .cache import BRIDGE, PIN_PAGE, BlockCache, default_dir, parse_size
 from .client import Client, ObjectInfo, loop, release_free_memory, run
@@ -142,6 +144,8 @@ class RemoteSource:
             self.cache.close()
             raise
         self.record_runs = block_runs(spans, self.block_size)
+        # The records' byte spans, 16 bytes each (what the stream reads of their rows)
+        self.record_spans = np.array(spans, dtype=np.uint64).reshape(-1, 2)
         release_free_memory()  # the index's GETs and parsing are over: their buffers go back
 
     @property
