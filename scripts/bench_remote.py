@@ -9,7 +9,9 @@ and bytes. For each case (added RTT, cap) and reader count and read pattern (uni
 every file once in a seeded random order; seq: runs of 8 consecutive frames of a
 random sequence, as trackers sample), every system reads a cold epoch on a fresh mount
 and an empty cache (page cache dropped), then the cached systems a warm one on a
-remount. Then N simulated nodes: N mounts, separate cache dirs, reading at once.
+remount. Then N simulated nodes: N mounts, separate cache dirs, reading at once: sharing
+the machine's cores, and each in a CPU budget of its own (a cgroup quota, --node-cpus), as
+on machines of their own.
 
 Results: a section of docs/benchmarks.md (kept when scripts/bench.py rewrites the
 rest) and results-remote-<size>.json in the work dir.
@@ -48,7 +50,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchkit.config import DEFAULT_WORKDIR, REPO, log  # noqa: E402 - after the path insert
 from benchkit.machine import _git_rev  # noqa: E402
 from benchkit.proc import run  # noqa: E402
-from benchkit.remote import REMOTE_SYSTEMS, RemoteEnv, nodes_run, one_run  # noqa: E402
+from benchkit.remote import REMOTE_SYSTEMS, RemoteEnv, one_run  # noqa: E402
+from benchkit.remote_nodes import nodes_run  # noqa: E402
 from benchkit.remote_report import ratios, verdict, write_section  # noqa: E402
 from benchkit.remote_walk import walk_run  # noqa: E402
 from benchkit.trees import Tree, ensure_tree, walk_stat  # noqa: E402
@@ -72,6 +75,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--cap-systems", default="http,s3", help="systems run in the capped case")
     ap.add_argument("--nodes", type=int, default=4, help="simulated nodes (0: none)")
     ap.add_argument("--nodes-system", default="http")
+    ap.add_argument(
+        "--node-cpus",
+        default="0,0.35",
+        help="the nodes' runs, a comma list of cores per node: 0 shares this machine's cores among all, "
+        "0.35 gives each node's daemon and readers a cgroup CPU quota of 0.35 core, alone as beside the others",
+    )
     ap.add_argument("--sample", type=int, default=None, help="files per epoch, a seeded sample (default: all)")
     ap.add_argument(
         "--slow-sample",
@@ -121,7 +130,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if bad:
         ap.error(f"unknown systems {sorted(bad)}; choose from {','.join(REMOTE_SYSTEMS)}")
     a.readers = [int(x) for x in a.readers.split(",")]
-    a.rtts, a.caps = floats(a.rtt_ms), floats(a.cap_mbit)
+    a.rtts, a.caps, a.node_cpus = floats(a.rtt_ms), floats(a.cap_mbit), floats(a.node_cpus)
     a.patterns = [p for p in a.patterns.split(",") if p]
     a.cap_systems = [s for s in a.cap_systems.split(",") if s in a.systems]
     if a.db and not a.tree:
@@ -163,7 +172,7 @@ def merged(old: dict, new: dict) -> dict:
     out["runs"] = [r for r in old["runs"] if key(r) not in fresh] + new["runs"]
     for field in ("systems", "readers", "rtts", "caps", "patterns"):
         out[field] = sorted(set(old.get(field, [])) | set(new[field]))
-    for field in ("nodes_run", "walk_runs", "random_reads"):
+    for field in ("nodes_runs", "walk_runs", "random_reads"):
         if field not in new and field in old:
             out[field] = old[field]
     out["started"] = f"{old['started']} and {new['started']}" if old["started"] != new["started"] else new["started"]
@@ -329,10 +338,19 @@ def main(argv=None) -> int:
             res["runs"].append(r)
         if a.nodes and a.nodes_system in a.systems:
             readers = max(1, max(a.readers) // a.nodes)
-            log.info("%d nodes over %s, %d readers each", a.nodes, a.nodes_system, readers)
-            res["nodes_run"] = nodes_run(
-                env, a.nodes_system, epoch_files, a.nodes, readers, max(a.rtts), None, a.seed, a.timeout
-            )
+            res["nodes_runs"] = []
+            for cpus in a.node_cpus:
+                log.info(
+                    "%d nodes over %s, %d readers each, %s",
+                    *(a.nodes, a.nodes_system, readers),
+                    f"{cpus:g} core each" if cpus else "sharing the machine",
+                )
+                res["nodes_runs"].append(
+                    nodes_run(
+                        *(env, a.nodes_system, epoch_files, a.nodes, readers, max(a.rtts), None, a.seed, a.timeout),
+                        cpus=cpus or None,
+                    )
+                )
     finally:
         env.close()
     res["load"]["end"] = round(os.getloadavg()[0], 1)
@@ -350,8 +368,7 @@ def main(argv=None) -> int:
         for r in res["runs"]
         if "error" in r
     ]
-    if "error" in res.get("nodes_run", {}):
-        errors.append(f"nodes: {res['nodes_run']['error']}")
+    errors += [f"nodes: {n['error']}" for n in res.get("nodes_runs", []) if "error" in n]
     if errors:
         print("errors:")
         for e in errors:

@@ -127,12 +127,19 @@ def test_bench_remote_quick_runs_every_kind_of_case(tmp_path: Path) -> None:
         assert x["mount_gets"] >= 1 and x["mount_bytes"] + x["cold"]["bytes_fetched"] >= res["db_bytes"] // 2
         assert x["warm"]["files"] == res["epoch_files"]
     assert runs[("http", None)]["warm"]["gets"] == 0  # a remount reads the cache
-    nodes = res["nodes_run"]
-    assert "error" not in nodes and set(nodes["per_node"]) == {"node0", "node1"}
-    assert all(p["files"] == res["epoch_files"] for p in nodes["per_node"].values())
+    shared, budgeted = res["nodes_runs"]  # the nodes sharing the machine's cores, then in CPU budgets of their own
+    assert shared["cpus_per_node"] is None and budgeted["cpus_per_node"] == 0.35
+    for nodes in (shared, budgeted):
+        assert "error" not in nodes and set(nodes["per_node"]) == {"node0", "node1"}
+        assert all(p["files"] == res["epoch_files"] for p in nodes["per_node"].values())
+    # each budgeted node's daemon ran in its group, and the groups are gone after the run
+    assert all(p["budget_procs"] == 1 for p in budgeted["per_node"].values())
+    groups = ("/sys/fs/cgroup/cpu", "/sys/fs/cgroup")  # cgroup v1's cpu hierarchy, or v2's
+    assert not [g for root in groups if os.path.isdir(root) for g in os.listdir(root) if "lmdbfs-bench" in g]
     text = doc.read_text()
     assert "## Remote DBs" in text and text.index("## Remote DBs") < text.index("## How to reproduce")
-    assert "| http | 2 | uniform |" in text and "### 2 nodes" in text
+    assert "| http | 2 | uniform |" in text and "readers per node, sharing the machine" in text
+    assert "readers per node, 0.35 core each" in text
     # The run says the load it ran at: numbers compare only with others taken at a like load.
     start = text.index("## Remote DBs")
     section = text[start : text.index("### ", start)]

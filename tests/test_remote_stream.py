@@ -178,7 +178,8 @@ def test_faults_during_the_stream_cost_no_byte_and_no_daemon(big_db, tmp_path: P
 def test_a_read_goes_before_the_stream_and_no_block_comes_twice(bigger_db, tmp_path: Path, mounts) -> None:  # noqa: F811
     tree, db, names = bigger_db
     faultproxy = load_script("faultproxy")
-    last = names[len(names) * 3 // 5]  # past the middle, well before the records at the end, which the stream brings first
+    # A file past the middle, well before the records at the end (the stream brings those first)
+    last = names[len(names) * 3 // 5]
     content = (tree / last).read_bytes()
     # A byte in the middle of the file (its first page is pinned at mount, with the index)
     at = db.read_bytes().find(content[:4096]) + 150_000

@@ -5,6 +5,7 @@ modules above it in this list (no cycles):
 
 config    constants: paths, systems, phases, tree sizes, targets; the "bench" logger
 docblocks the marked sections of benchmarks.md that one script writes and the others keep
+cpubudget a simulated node's CPU quota (a cgroup its daemon and readers join)
 proc      child processes and measurement: drop_caches, run_measured, run, RSS of a process tree
 trees     the fake GOT-10k tree, walk+stat, mount-point helpers, Ctx (what a run shares)
 systems   System and a subclass per way of storing the tree: pack, mount, unmount

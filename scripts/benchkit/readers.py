@@ -15,14 +15,17 @@ from pathlib import Path
 from typing import Any
 
 from .config import SEQ_RUN
+from .cpubudget import join
 from .proc import now
 
 # --------------------------------------------------------------------------- readers
 
 
-def _reader(mode: str, root: str, rels: list[str], barrier: Any, q: Any) -> None:
-    """One reader process: read its share of the files, report count/bytes/times."""
+def _reader(mode: str, root: str, rels: list[str], barrier: Any, q: Any, group: str | None = None) -> None:
+    """One reader process: read its share of the files, report count/bytes/times (in the
+    CPU budget ``group`` of its simulated node, if any: benchkit.cpubudget)."""
     try:
+        join(group)
         if mode == "seed":
             import lmdb
 
@@ -93,9 +96,17 @@ def seq_shares(files: list[str], readers: int, seed: int) -> list[list[str]]:
 
 
 def read_epoch(
-    mode: str, root: Path, files: list[str], readers: int, seed: int, timeout: float, pattern: str = "uniform"
+    mode: str,
+    root: Path,
+    files: list[str],
+    readers: int,
+    seed: int,
+    timeout: float,
+    pattern: str = "uniform",
+    group: str | None = None,
 ) -> dict[str, Any]:
-    """Read every file once in a seeded random order (or in sequence runs), split over N processes."""
+    """Read every file once in a seeded random order (or in sequence runs), split over N
+    processes (joining the CPU budget whose procs file is ``group``, if given)."""
     if pattern == "seq":
         shares = seq_shares(files, readers, seed)
     else:
@@ -105,7 +116,7 @@ def read_epoch(
     ctx = mp.get_context("fork")
     barrier = ctx.Barrier(readers)
     q = ctx.Queue()
-    procs = [ctx.Process(target=_reader, args=(mode, str(root), shares[i], barrier, q)) for i in range(readers)]
+    procs = [ctx.Process(target=_reader, args=(mode, str(root), shares[i], barrier, q, group)) for i in range(readers)]
     for p in procs:
         p.start()
     outs = []

@@ -43,6 +43,16 @@ def _case(r: dict[str, Any]) -> str:
     return f"RTT +{r['rtt_ms']:g} ms" + (f", {r['mbit']:g} Mbit/s cap" if r.get("mbit") else "")
 
 
+def nodes_runs(res: dict[str, Any]) -> list[dict[str, Any]]:
+    """The simulated nodes' runs (results stored before 12/2026 hold one, "nodes_run")."""
+    return res.get("nodes_runs") or ([res["nodes_run"]] if res.get("nodes_run") else [])
+
+
+def _cpus(n: dict[str, Any]) -> str:
+    cpus = n.get("cpus_per_node")
+    return f"{cpus:g} core each" if cpus else "sharing the machine"
+
+
 def find(res: dict[str, Any], system: str, readers: int, pattern: str, rtt: float, mbit: float | None = None):
     for r in res["runs"]:
         if (r["system"], r["readers"], r["pattern"], r["rtt_ms"], r.get("mbit")) == (
@@ -97,7 +107,7 @@ def walk_ratios(res: dict[str, Any]) -> list[tuple[str, float | None, str, float
 
 def ratios(res: dict[str, Any]) -> list[tuple[str, float | None, str, float]]:
     """(what, value, comparison, target) for issue 20's goals that this run measured."""
-    if not res["runs"] and not res.get("nodes_run"):
+    if not res["runs"] and not nodes_runs(res):
         return walk_ratios(res)
     rd = max(res["readers"])
     rtt = max(res["rtts"])
@@ -145,16 +155,14 @@ def ratios(res: dict[str, Any]) -> list[tuple[str, float | None, str, float]]:
                 )
         if r:
             out.append((f"{proto}: daemon RSS after the cold epoch (MB)", r.get("rss_mb"), "<=", 150.0))
-    n = res.get("nodes_run")
-    if n and "alone" in n:
+    for n in nodes_runs(res):
+        if "alone" not in n:
+            continue
         worst_bytes = max((p.get("bytes_fetched", 0) for p in n["per_node"].values()), default=0)
         slowest = min((p.get("files_per_s", 0) for p in n["per_node"].values()), default=0)
-        out.append(
-            (f"{n['nodes']} nodes: most bytes one node fetched / DB size", worst_bytes / res["db_bytes"], "<=", 1.2)
-        )
-        out.append(
-            (f"{n['nodes']} nodes: slowest node / one node alone", _div(slowest, n["alone"]["files_per_s"]), ">=", 0.8)
-        )
+        what = f"{n['nodes']} nodes ({_cpus(n)})"
+        out.append((f"{what}: most bytes one node fetched / DB size", worst_bytes / res["db_bytes"], "<=", 1.2))
+        out.append((f"{what}: slowest node / one node alone", _div(slowest, n["alone"]["files_per_s"]), ">=", 0.8))
     return out + walk_ratios(res)
 
 
@@ -214,9 +222,10 @@ def render(res: dict[str, Any]) -> str:
             )
         L.append("")
     L.extend(_walk_table(res))
-    n = res.get("nodes_run")
-    if n:
-        L.append(f"### {n['nodes']} nodes: {n['system']}, {_case(n)}, {n['readers_per_node']} readers per node")
+    for n in nodes_runs(res):
+        L.append(
+            f"### {n['nodes']} nodes: {n['system']}, {_case(n)}, {n['readers_per_node']} readers per node, {_cpus(n)}"
+        )
         L.append("")
         if "error" in n:
             L.append(f"failed: {n['error']}")
@@ -317,7 +326,7 @@ def write_section(md_path: Path, res: dict[str, Any]) -> None:
     reproduce'. A walk-only run replaces only its own block inside the section."""
     text = md_path.read_text() if md_path.exists() else "# Benchmarks\n"
     section = kept_block(text, REMOTE_BEGIN, REMOTE_END)
-    if not res["runs"] and not res.get("nodes_run"):  # a walk-only run: its own block alone
+    if not res["runs"] and not nodes_runs(res):  # a walk-only run: its own block alone
         section = section or f"{REMOTE_BEGIN}\n## Remote DBs (scripts/bench_remote.py)\n{REMOTE_END}"
         section = replace_block(section, render_walk(res), WALK_BEGIN, WALK_END, before=REMOTE_END)
     else:
