@@ -35,8 +35,8 @@ from collections import OrderedDict
 from collections.abc import Iterator
 
 from .client import release_free_memory
-from .served import Spread, value_spans
-from .source import SETTINGS, RemoteSource, block_runs, loop
+from .served import Spread, value_runs
+from .source import SETTINGS, RemoteSource, loop
 
 log = logging.getLogger(__name__)
 
@@ -202,10 +202,8 @@ class Fetcher:
         """The block runs of what the mount reads (records, then the values their rows
         point at), in the stream's order; None: the whole object (a value is found by key)."""
         src = self.src
-        values = value_spans(src.fd, src.size, [tuple(span) for span in src.record_spans.tolist()])
-        if values is None:
-            return None
-        return [*src.record_runs, *block_runs(values, src.block_size)]
+        values = value_runs(src.fd, src.size, src.record_spans, src.block_size)
+        return None if values is None else [*src.record_runs, *values]
 
     def order(self, per: int, runs: list[tuple[int, int]] | None = None) -> Iterator[tuple[int, int]]:
         """The stream's GETs, as block ranges [first, end) of at most ``per``: ``runs``

@@ -36,12 +36,15 @@ from ..format.records import (
 )
 
 
-def value_spans(fd: int, size: int, records: list[tuple[int, int]]) -> list[tuple[int, int]] | None:
-    """The byte spans [start, end) of the values the rows of ``records`` (the records'
-    spans in the cache file ``fd`` of a ``size``-byte DB) point at, sorted; None when a
-    file's value must be looked up by key (the whole DB may then be read)."""
-    spans: list[tuple[int, int]] = []
-    for start, end in records:
+def value_runs(fd: int, size: int, records: np.ndarray, block_size: int) -> list[tuple[int, int]] | None:
+    """The cache blocks [first, end) of the values the rows of ``records`` (the records'
+    byte spans, an (n, 2) array, in the cache file ``fd`` of a ``size``-byte DB) point
+    at, as sorted runs; None when a file's value must be looked up by key (the whole DB
+    may then be read). Each record's rows become runs at once (a sequence's frames lie
+    together: a run or two), so the list holds about a run per directory, not a span
+    per file (GOT-10k: 1.4 million frames)."""
+    runs: list[tuple[int, int]] = []
+    for start, end in records.tolist():
         rows, blob = _rows(fd, start, end)
         if rows is None:
             continue  # not a directory record (the meta record), or a damaged one: C refuses it
@@ -50,13 +53,37 @@ def value_spans(fd: int, size: int, records: list[tuple[int, int]]) -> list[tupl
         whole = files[~split]
         if (whole["data_off"] == 0).any():
             return None
-        spans.extend(zip(whole["data_off"].tolist(), (whole["data_off"] + whole["size"]).tolist()))
+        lo, hi = whole["data_off"], np.minimum(whole["data_off"] + whole["size"], size)
+        keep = (lo > 0) & (lo < hi)
+        spans = [np.stack([lo[keep], hi[keep]], axis=1)]
         for row in files[split]:
-            got = _pieces(row, blob)
+            got = _pieces(row, blob, size)
             if got is None:
                 return None
-            spans.extend(got)
-    return sorted((a, min(b, size)) for a, b in spans if 0 < a < min(b, size))
+            spans.append(np.array(got, dtype=np.uint64).reshape(-1, 2))
+        runs.extend(_merged(np.concatenate(spans), block_size))
+    runs.sort()
+    out: list[tuple[int, int]] = []
+    for lo, hi in runs:
+        if out and lo <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
+
+
+def _merged(spans: np.ndarray, block_size: int) -> list[tuple[int, int]]:
+    """Byte spans as runs of the blocks that hold them, touching runs merged."""
+    if not len(spans):
+        return []
+    first = spans[:, 0] // block_size
+    end = (spans[:, 1] - 1) // block_size + 1
+    order = np.argsort(first, kind="stable")
+    first, end = first[order], np.maximum.accumulate(end[order])
+    cut = np.flatnonzero(first[1:] > end[:-1]) + 1  # a run ends where the next starts past it
+    starts = np.concatenate([[0], cut])
+    ends = np.concatenate([cut - 1, [len(first) - 1]])
+    return list(zip(first[starts].tolist(), end[ends].tolist()))
 
 
 def _rows(fd: int, start: int, end: int) -> tuple[np.ndarray | None, bytes]:
@@ -76,21 +103,23 @@ def _rows(fd: int, start: int, end: int) -> tuple[np.ndarray | None, bytes]:
     return np.frombuffer(raw, dtype=ENTRY_DTYPE, count=count, offset=rows_at), raw[blob_at:]
 
 
-def _pieces(row: np.void, blob: bytes) -> list[tuple[int, int]] | None:
+def _pieces(row: np.void, blob: bytes, size: int) -> list[tuple[int, int]] | None:
     """A split file's pieces, as spans; None when one must be looked up by key."""
     at = int(row["name_off"]) + int(row["name_len"])
     table = blob[at : at + int(row["target_len"])]
     if len(table) < 16 or len(table) % 8:
         return []  # a damaged table: C refuses the file
     piece, *offsets = split_pieces(table)
-    size = int(row["size"])
+    length = int(row["size"])
     if piece <= 0:
         return []
     out = []
     for k, off in enumerate(offsets):
         if off == 0:
             return None
-        out.append((off, off + max(0, min(piece, size - k * piece))))
+        end = min(size, off + max(0, min(piece, length - k * piece)))
+        if 0 < off < end:
+            out.append((off, end))
     return out
 
 
