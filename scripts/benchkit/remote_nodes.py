@@ -10,7 +10,7 @@ from typing import Any
 
 from .config import log
 from .cpubudget import CpuBudget
-from .proc import drop_caches
+from .proc import cpu_seconds, drop_caches
 from .readers import read_epoch
 from .remote import SYSTEMS, Proxy, RemoteEnv, RemoteSystem
 from .trees import fuse_unmount, is_mounted
@@ -80,6 +80,8 @@ def nodes_run(
         for t in threads:
             t.join()
         for obj in objs:
+            user, system = (sum(t) for t in zip(*(cpu_seconds(pid) for pid in obj.pids))) if obj.pids else (0, 0)
+            results[obj.label].update(daemon_user_s=user, daemon_sys_s=system)
             if obj.label in budgets:  # the daemon is still in its group (the readers have ended)
                 results[obj.label]["budget_procs"] = len(budgets[obj.label].members())
             if "error" not in results[obj.label]:
@@ -94,6 +96,8 @@ def nodes_run(
         proxy.reset()
         try:
             out["alone"] = read_epoch("fs", alone.root(), files, readers, seed, timeout, group=group(alone))
+            user, system = (sum(t) for t in zip(*(cpu_seconds(pid) for pid in alone.pids))) if alone.pids else (0, 0)
+            out["alone"].update(daemon_user_s=user, daemon_sys_s=system)
             proxy.count_into(out["alone"], alone.label)
         finally:
             alone.umount()

@@ -230,18 +230,15 @@ def render(res: dict[str, Any]) -> str:
         if "error" in n:
             L.append(f"failed: {n['error']}")
         else:
-            L.append("| node | files/s | GETs | bytes fetched / DB size | cache MB |")
-            L.append("|---|---:|---:|---:|---:|")
-            for label, p in n["per_node"].items():
+            L.append("| node | files/s | GETs | bytes fetched / DB size | daemon CPU s (user + system) | cache MB |")
+            L.append("|---|---:|---:|---:|---:|---:|")
+            for label, p in [*n["per_node"].items(), ("one node alone", n.get("alone", {}))]:
+                cpu = f"{p['daemon_user_s']:.1f} + {p['daemon_sys_s']:.1f}" if "daemon_user_s" in p else "–"
                 L.append(
                     f"| {label} | {_f(p.get('files_per_s'), 0)} | {_f(p.get('gets'))} | "
-                    f"{_f(p.get('bytes_fetched', 0) / res['db_bytes'], 2)} | {_f(p.get('cache_bytes', 0) / 1e6, 0)} |"
+                    f"{_f(p.get('bytes_fetched', 0) / res['db_bytes'], 2)} | {cpu} | "
+                    f"{_f(p['cache_bytes'] / 1e6, 0) if 'cache_bytes' in p else ''} |"
                 )
-            a = n.get("alone", {})
-            L.append(
-                f"| one node alone | {_f(a.get('files_per_s'), 0)} | {_f(a.get('gets'))} | "
-                f"{_f(a.get('bytes_fetched', 0) / res['db_bytes'], 2)} | |"
-            )
         L.append("")
     L.append("### Against issue 20's targets")
     L.append("")
