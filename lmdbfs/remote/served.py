@@ -32,6 +32,7 @@ from ..format.records import (
     FLAG_INLINE,
     FLAG_SPLIT,
     KIND_FILE,
+    RECORD_MAX,
     split_pieces,
 )
 
@@ -94,7 +95,7 @@ def _rows(fd: int, start: int, end: int) -> tuple[np.ndarray | None, bytes]:
     magic, count, own_len, blob_len = DIR_HEADER.unpack_from(first)
     rows_at = DIR_HEADER.size + own_len
     head = rows_at + count * ENTRY_DTYPE.itemsize + blob_len
-    if magic not in (DIR_MAGIC, DIR_MAGIC_V3) or start + head > end:
+    if magic not in (DIR_MAGIC, DIR_MAGIC_V3) or start + head > end or head > RECORD_MAX:
         return None, b""
     raw = os.pread(fd, head, start)
     if len(raw) < head:
