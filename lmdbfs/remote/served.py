@@ -63,12 +63,16 @@ def value_runs(fd: int, size: int, records: np.ndarray, block_size: int) -> list
                 return None
             spans.append(np.array(got, dtype=np.uint64).reshape(-1, 2))
         runs.extend(_merged(np.concatenate(spans), block_size))
-    runs.sort()
+    return union(runs)
+
+
+def union(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Runs [lo, hi) sorted, the overlapping or touching ones merged, the empty left out."""
     out: list[tuple[int, int]] = []
-    for lo, hi in runs:
+    for lo, hi in sorted(runs):
         if out and lo <= out[-1][1]:
             out[-1] = (out[-1][0], max(out[-1][1], hi))
-        else:
+        elif hi > lo:
             out.append((lo, hi))
     return out
 
@@ -130,12 +134,7 @@ class Spread:
     whose records are a third of it as in one that is all values."""
 
     def __init__(self, runs: list[tuple[int, int]], regions: int, share: int) -> None:
-        merged: list[tuple[int, int]] = []
-        for lo, hi in sorted(runs):
-            if merged and lo <= merged[-1][1]:
-                merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
-            elif hi > lo:
-                merged.append((lo, hi))
+        merged = union(runs)
         self._starts = [lo for lo, _hi in merged]
         self._runs = merged
         self._before: list[int] = []  # blocks of the runs before each run
