@@ -15,7 +15,7 @@ the whole object, the rest in order after the records. "auto" (the default) star
 once the readers' requests show an epoch under way — at least `blocks / AUTO_SHARE`
 distinct blocks asked for by C (and AUTO_REGIONS / 2 at least), spread over half of the
 AUTO_REGIONS equal slices of what the mount reads (of the whole object until that is
-known, a moment after the mount): a random-order epoch gets there within its
+known, a moment after the first read): a random-order epoch gets there within its
 first few hundred files, while `ls`, a `cat` of a few files or the frames of one
 sequence (contiguous) never do — and brings what the epoch reads: the records, then the
 values their rows point at (lmdbfs/remote/served.py), not a keyed DB's `md5(path)`
@@ -101,8 +101,6 @@ class Fetcher:
         loop().call_soon_threadsafe(self._trim)
         if SETTINGS.fetch_all == "on":
             loop().call_soon_threadsafe(self._begin, True)
-        elif SETTINGS.fetch_all == "auto":
-            loop().call_soon_threadsafe(self._plan)
 
     def room(self, need: int) -> str | None:
         """Why the cache cannot take the stream's ``need`` bytes (None: it can). With
@@ -133,8 +131,9 @@ class Fetcher:
         task.add_done_callback(self._tasks.discard)
 
     def _plan(self) -> None:
-        """On the loop, auto: find the runs the mount reads (in a thread: it reads every
-        record's rows), then count the epoch's spread over them."""
+        """On the loop, auto, at the first block C asks for: find the runs the mount reads
+        (in a thread: it reads every record's rows, 2.3 s at full size), then count the
+        epoch's spread over them."""
 
         async def plan() -> list[tuple[int, int]] | None:
             try:
@@ -280,6 +279,8 @@ class Fetcher:
                 continue
             claimed.append((i, w))
             if self._asked is not None:
+                if self._planned is None:  # the first read: list what the mount reads (not at mount: `ls` needs none)
+                    self._plan()
                 self._note(i)
             prev = self._streams.pop(i, None)
             if prev is None:
