@@ -16,6 +16,12 @@ from .remote import SYSTEMS, Proxy, RemoteEnv, RemoteSystem
 from .trees import fuse_unmount, is_mounted
 
 
+def daemon_cpu(obj: RemoteSystem) -> dict[str, float]:
+    """The CPU a node's mount daemon has used (user and system seconds)."""
+    used = [cpu_seconds(pid) for pid in obj.pids]
+    return {"daemon_user_s": sum(u for u, _s in used), "daemon_sys_s": sum(s for _u, s in used)}
+
+
 def nodes_run(
     env: RemoteEnv,
     system: str,
@@ -80,8 +86,7 @@ def nodes_run(
         for t in threads:
             t.join()
         for obj in objs:
-            user, system = (sum(t) for t in zip(*(cpu_seconds(pid) for pid in obj.pids))) if obj.pids else (0, 0)
-            results[obj.label].update(daemon_user_s=user, daemon_sys_s=system)
+            results[obj.label].update(daemon_cpu(obj))
             if obj.label in budgets:  # the daemon is still in its group (the readers have ended)
                 results[obj.label]["budget_procs"] = len(budgets[obj.label].members())
             if "error" not in results[obj.label]:
@@ -96,8 +101,7 @@ def nodes_run(
         proxy.reset()
         try:
             out["alone"] = read_epoch("fs", alone.root(), files, readers, seed, timeout, group=group(alone))
-            user, system = (sum(t) for t in zip(*(cpu_seconds(pid) for pid in alone.pids))) if alone.pids else (0, 0)
-            out["alone"].update(daemon_user_s=user, daemon_sys_s=system)
+            out["alone"].update(daemon_cpu(alone))
             proxy.count_into(out["alone"], alone.label)
         finally:
             alone.umount()
